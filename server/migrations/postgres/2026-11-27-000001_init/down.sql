@@ -1,0 +1,1 @@
+DROP TABLE inventories; DROP TABLE commands; DROP TABLE agents;

@@ -1,0 +1,259 @@
+//! Assembly: builds the shared state, binds the listener, runs the background tasks and
+//! the drain sequence.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Tokens;
+use crate::config::{Config, Secret, SecretKeySource, load_or_create_secret};
+use crate::http::error::error_chain;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{CommandStatus, Store, StoreError, now_ms};
+use crate::ws::protocol;
+
+/// Everything a request or session needs; cloned per connection (an `Arc`).
+pub type AppState = Arc<State>;
+
+pub struct State {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub hub: Hub,
+    pub tokens: Tokens,
+    pub metrics: Arc<Metrics>,
+    /// Set at SIGTERM: readiness fails and new WebSocket upgrades get 503.
+    pub draining: AtomicBool,
+    /// Every WebSocket session and background task; shutdown waits for them.
+    pub tasks: TaskTracker,
+    /// Cancelled at the end of shutdown to stop background tasks.
+    pub stop: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not read or create the signing key: {0}")]
+    Secret(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Resolves the signing key: SECRET_KEY, or the embedded default's generated file.
+pub fn signing_key(config: &Config) -> Result<Secret, StartError> {
+    match &config.secret_key {
+        SecretKeySource::Given(secret) => Ok(secret.clone()),
+        SecretKeySource::DataDir(path) => load_or_create_secret(path).map_err(StartError::Secret),
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens the store (running migrations) and binds the listener; port 0 picks a free port.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let secret = signing_key(&config)?;
+        let store = {
+            let (url, size) = (config.database.clone(), config.database_pool_size);
+            tokio::task::spawn_blocking(move || Store::open(&url, size))
+                .await
+                .map_err(|_| StoreError::Task)??
+        };
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let metrics = Arc::new(Metrics::new());
+        let state = Arc::new(State {
+            tokens: Tokens::new(&secret, config.jwt_algorithm),
+            hub: Hub::new(metrics.clone()),
+            config: Arc::new(config),
+            store,
+            metrics,
+            draining: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        });
+        Ok(Application { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains: readiness fails at once, agents are
+    /// closed with 1012 over DRAIN_WINDOW, in-flight requests finish, all within
+    /// SHUTDOWN_TIMEOUT. Returns whether everything finished in time.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> bool {
+        let Application { listener, state } = self;
+        spawn_background(&state);
+
+        let stop_accepting = CancellationToken::new();
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            state.clone(),
+            stop_accepting.clone(),
+        ));
+
+        shutdown.await;
+        let started = Instant::now();
+        let deadline = started + state.config.shutdown_timeout;
+        tracing::info!(
+            agents = state.hub.len(),
+            timeout = ?state.config.shutdown_timeout,
+            "shutdown requested; draining"
+        );
+        state.draining.store(true, Ordering::SeqCst);
+        state.metrics.draining.set(1);
+
+        // Requests keep being served while agents leave: in Kubernetes the endpoint is
+        // being removed concurrently, and in-flight API calls must still succeed.
+        tokio::time::sleep(state.config.drain_delay).await;
+        close_sessions_gradually(&state, state.config.drain_window).await;
+
+        stop_accepting.cancel();
+        let connections = server.await.ok();
+        state.stop.cancel();
+        state.tasks.close();
+        let finished = tokio::time::timeout_at(deadline, async {
+            if let Some(connections) = connections {
+                connections.wait().await;
+            }
+            state.tasks.wait().await;
+        })
+        .await
+        .is_ok();
+        if finished {
+            tracing::info!(elapsed = ?started.elapsed(), "drained; exiting");
+        } else {
+            tracing::warn!(
+                sessions = state.hub.len(),
+                "shutdown timeout reached with work still in flight; exiting anyway"
+            );
+        }
+        finished
+    }
+}
+
+/// Closes every session with 1012, spread evenly over `window` so agents do not all
+/// reconnect in the same second. Sessions that arrive meanwhile (an upgrade that passed
+/// the draining check just before it was set) are closed at the end.
+async fn close_sessions_gradually(state: &AppState, window: Duration) {
+    let sessions = state.hub.sessions();
+    let start = Instant::now();
+    let n = sessions.len().max(1) as u32;
+    for (i, session) in sessions.iter().enumerate() {
+        tokio::time::sleep_until(start + window * i as u32 / n).await;
+        session.close(protocol::DRAINING);
+    }
+    for session in state.hub.sessions() {
+        session.close(protocol::DRAINING);
+    }
+}
+
+/// Presence refresh and the periodic sweep, both stopped by `state.stop`.
+fn spawn_background(state: &AppState) {
+    let s = state.clone();
+    state.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(s.config.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = s.stop.cancelled() => return,
+                _ = tick.tick() => refresh_presence(&s).await,
+            }
+        }
+    });
+    let s = state.clone();
+    state.tasks.spawn(async move {
+        let period = s
+            .config
+            .command_sweep_interval
+            .min(s.config.offline_timeout);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = s.stop.cancelled() => return,
+                _ = tick.tick() => sweep(&s).await,
+            }
+        }
+    });
+}
+
+/// Writes `last_seen` for the agents heard from since the last refresh.
+async fn refresh_presence(state: &AppState) {
+    let ids: Vec<String> = state
+        .hub
+        .sessions()
+        .into_iter()
+        .filter(|s| s.take_active())
+        .map(|s| s.client_id.clone())
+        .collect();
+    if let Err(e) = state.store.touch_agents(ids, now_ms()).await {
+        state.metrics.store_errors.inc();
+        tracing::error!(error = %error_chain(&e), "presence refresh failed");
+    }
+}
+
+/// Marks agents of dead pods offline, expires commands past their TTL, and wakes local
+/// sessions that still have pending commands (a wake-up may have been lost).
+async fn sweep(state: &AppState) {
+    let now = now_ms();
+    let grace = (state.config.offline_timeout + state.config.heartbeat_interval).as_millis() as i64;
+    let result = async {
+        let offline = state.store.mark_stale_offline(now - grace).await?;
+        if offline > 0 {
+            tracing::info!(
+                agents = offline,
+                "marked agents offline after missed presence refreshes"
+            );
+        }
+        let expired = state.store.expire_commands(now).await?;
+        if expired > 0 {
+            state
+                .metrics
+                .command(CommandStatus::Expired, expired as u64);
+            tracing::info!(commands = expired, "expired commands past their TTL");
+        }
+        let local: Vec<String> = state
+            .hub
+            .sessions()
+            .iter()
+            .map(|s| s.client_id.clone())
+            .collect();
+        for id in state.store.agents_with_pending(local).await? {
+            state.hub.wake(&id);
+        }
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        state.metrics.store_errors.inc();
+        tracing::error!(error = %error_chain(&e), "sweep failed");
+    }
+}

@@ -1,0 +1,641 @@
+//! Configuration: parsed once, from an injectable source, into one typed [`Config`].
+//!
+//! Every key of the seed's ConfigMap and Secret is read under its seed name. Values are
+//! validated here and nowhere else; an invalid one is a [`ConfigError`] naming the variable
+//! and what is accepted, which `main` turns into exit status 64.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+
+/// Where configuration values come from. Production reads the process environment; tests
+/// pass a map so they never touch (or race on) process-wide state.
+pub trait Source {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct Env;
+
+impl Source for Env {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Source for F {
+    fn get(&self, key: &str) -> Option<String> {
+        self(key)
+    }
+}
+
+/// A value that must never appear in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Which database the store talks to.
+#[derive(Clone, Debug)]
+pub enum DatabaseUrl {
+    /// `postgres://` or `postgresql://`; the URL may carry a password, hence `Secret`.
+    Postgres(Secret),
+    /// A file path (from `sqlite://PATH`, or the embedded default in the data directory).
+    Sqlite(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Redis connection settings; present only when REDIS_HOST is set (cluster mode).
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    pub host: String,
+    pub port: u16,
+    pub db: i64,
+    pub password: Option<Secret>,
+    /// Prefix of every key and channel, so several installations can share one Redis.
+    pub key_prefix: String,
+}
+
+/// Where the JWT signing key comes from.
+#[derive(Clone, Debug)]
+pub enum SecretKeySource {
+    /// SECRET_KEY was given (required whenever several replicas must agree on it).
+    Given(Secret),
+    /// Embedded default: a random key generated once and kept in the data directory.
+    DataDir(PathBuf),
+}
+
+/// The whole configuration of one server process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// SERVER_HOST:SERVER_PORT; port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// SERVER_URL: the public URL agents and browsers use; its origin is the only one
+    /// allowed for browser requests (CORS on /api, Origin on /ws).
+    pub server_url: String,
+    /// `scheme://host[:port]` of `server_url`, precomputed for Origin comparisons.
+    pub public_origin: String,
+    pub redis: Option<RedisConfig>,
+    /// WS_HEARTBEAT_INTERVAL: how often the server pings each agent, so that proxies see
+    /// traffic in both directions.
+    pub heartbeat_interval: Duration,
+    /// WS_OFFLINE_TIMEOUT: silence after which an agent is disconnected and marked offline.
+    pub offline_timeout: Duration,
+    pub binary_storage_path: PathBuf,
+    /// LOG_LEVEL: a level (`info`) or a full `tracing` filter directive.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub database: DatabaseUrl,
+    pub secret_key: SecretKeySource,
+    pub jwt_algorithm: Algorithm,
+    /// POD_ID: this replica's name (the downward API's `metadata.name`).
+    pub pod_id: String,
+    pub pod_ip: Option<IpAddr>,
+    /// DATA_DIR: the embedded SQLite database and generated secret live here.
+    pub data_dir: PathBuf,
+    /// DRAIN_DELAY: time to keep serving with readiness 503 before closing agents, for
+    /// clusters without the native preStop sleep.
+    pub drain_delay: Duration,
+    /// DRAIN_WINDOW: agents are closed with 1012 spread over this window so that they do
+    /// not all reconnect in the same second.
+    pub drain_window: Duration,
+    /// SHUTDOWN_TIMEOUT: bound on the whole shutdown after SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// MAX_INVENTORY_BYTES: bound on an inventory request body.
+    pub max_inventory_bytes: usize,
+    /// WS_MAX_MESSAGE_BYTES: bound on one WebSocket message (large inventories use HTTP).
+    pub ws_max_message_bytes: usize,
+    /// WS_SEND_TIMEOUT: an agent that cannot take a frame within this time is closed.
+    pub ws_send_timeout: Duration,
+    /// HTTP_HEADER_TIMEOUT: slowloris bound on reading request headers.
+    pub http_header_timeout: Duration,
+    /// DATABASE_POOL_SIZE: connections per process.
+    pub database_pool_size: u32,
+    /// COMMAND_SWEEP_INTERVAL: how often this pod re-checks pending commands of its agents
+    /// (a safety net for lost wake-ups) and expires commands past their TTL.
+    pub command_sweep_interval: Duration,
+}
+
+/// An invalid configuration value.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Minimum SECRET_KEY length: HMAC keys shorter than the hash output weaken the signature.
+pub const MIN_SECRET_KEY_BYTES: usize = 32;
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&Env)
+    }
+
+    /// Parses and validates every key. Does no I/O.
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        // Empty values count as unset: the seed's Secret ships `REDIS_PASSWORD: ""`.
+        let get = |k: &str| src.get(k).filter(|v| !v.trim().is_empty());
+
+        let host: IpAddr = parse_or(&get, "SERVER_HOST", "0.0.0.0".parse().unwrap(), |v| {
+            v.parse()
+                .map_err(|_| "an IP address such as 0.0.0.0 or ::".into())
+        })?;
+        let port: u16 = parse_or(&get, "SERVER_PORT", 8080, |v| {
+            v.parse().map_err(|_| "a TCP port number (0-65535)".into())
+        })?;
+        let listen = SocketAddr::new(host, port);
+
+        let server_url = get("SERVER_URL").unwrap_or_else(|| format!("http://localhost:{port}"));
+        let public_origin = origin_of(&server_url).ok_or_else(|| {
+            ConfigError::new(
+                "SERVER_URL",
+                format!("`{server_url}` is not an http:// or https:// URL such as https://agent.example.com"),
+            )
+        })?;
+
+        let heartbeat_interval = duration(&get, "WS_HEARTBEAT_INTERVAL", Duration::from_secs(15))?;
+        let offline_timeout = duration(&get, "WS_OFFLINE_TIMEOUT", Duration::from_secs(60))?;
+        if heartbeat_interval.is_zero() {
+            return Err(ConfigError::new(
+                "WS_HEARTBEAT_INTERVAL",
+                "must be greater than zero",
+            ));
+        }
+        if offline_timeout <= heartbeat_interval {
+            return Err(ConfigError::new(
+                "WS_OFFLINE_TIMEOUT",
+                format!(
+                    "must be longer than WS_HEARTBEAT_INTERVAL ({}), or every agent would time out between pings",
+                    human(heartbeat_interval)
+                ),
+            ));
+        }
+
+        let data_dir = PathBuf::from(get("DATA_DIR").unwrap_or_else(|| "./data".into()));
+        let binary_storage_path = get("BINARY_STORAGE_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_dir.join("binaries"));
+
+        let log_level = get("LOG_LEVEL").unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|_| {
+            ConfigError::new(
+                "LOG_LEVEL",
+                format!("`{log_level}` is not one of trace, debug, info, warn, error (or a tracing filter directive)"),
+            )
+        })?;
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("`{other}` is not `text` or `json`"),
+                ));
+            }
+        };
+
+        let database = match get("DATABASE_URL") {
+            None => DatabaseUrl::Sqlite(data_dir.join("agent-server.db")),
+            Some(url) => parse_database_url(&url)?,
+        };
+
+        let redis = match get("REDIS_HOST") {
+            None => None,
+            Some(host) => Some(RedisConfig {
+                host,
+                port: parse_or(&get, "REDIS_PORT", 6379, |v| {
+                    v.parse().map_err(|_| "a TCP port number".into())
+                })?,
+                db: parse_or(&get, "REDIS_DB", 0, |v| match v.parse::<i64>() {
+                    Ok(n) if n >= 0 => Ok(n),
+                    _ => Err("a database index such as 0".into()),
+                })?,
+                password: get("REDIS_PASSWORD").map(Secret),
+                key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_else(|| "agent-server:".into()),
+            }),
+        };
+
+        let clustered = redis.is_some() || matches!(database, DatabaseUrl::Postgres(_));
+        let secret_key = match get("SECRET_KEY") {
+            Some(key) if key.len() < MIN_SECRET_KEY_BYTES => {
+                return Err(ConfigError::new(
+                    "SECRET_KEY",
+                    format!(
+                        "is {} bytes; at least {MIN_SECRET_KEY_BYTES} are required (for example `openssl rand -hex 32`)",
+                        key.len()
+                    ),
+                ));
+            }
+            Some(key) => SecretKeySource::Given(Secret(key)),
+            None if clustered => {
+                return Err(ConfigError::new(
+                    "SECRET_KEY",
+                    "is required with PostgreSQL or Redis: every replica must sign and check tokens with the same key",
+                ));
+            }
+            None => SecretKeySource::DataDir(data_dir.join("secret_key")),
+        };
+
+        let jwt_algorithm = match get("JWT_ALGORITHM").as_deref() {
+            None | Some("HS256") => Algorithm::HS256,
+            Some("HS384") => Algorithm::HS384,
+            Some("HS512") => Algorithm::HS512,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "JWT_ALGORITHM",
+                    format!("`{other}` is not accepted; use HS256, HS384 or HS512"),
+                ));
+            }
+        };
+
+        let pod_id = get("POD_ID")
+            .or_else(|| get("HOSTNAME"))
+            .unwrap_or_else(|| "local".into());
+        let pod_ip =
+            match get("POD_IP") {
+                None => None,
+                Some(v) => Some(v.parse().map_err(|_| {
+                    ConfigError::new("POD_IP", format!("`{v}` is not an IP address"))
+                })?),
+            };
+
+        let drain_delay = duration(&get, "DRAIN_DELAY", Duration::ZERO)?;
+        let drain_window = duration(&get, "DRAIN_WINDOW", Duration::from_secs(10))?;
+        let shutdown_timeout = duration(&get, "SHUTDOWN_TIMEOUT", Duration::from_secs(20))?;
+        if drain_delay + drain_window >= shutdown_timeout {
+            return Err(ConfigError::new(
+                "SHUTDOWN_TIMEOUT",
+                format!(
+                    "({}) must be longer than DRAIN_DELAY + DRAIN_WINDOW ({}), or draining could never finish",
+                    human(shutdown_timeout),
+                    human(drain_delay + drain_window)
+                ),
+            ));
+        }
+
+        Ok(Config {
+            listen,
+            server_url,
+            public_origin,
+            redis,
+            heartbeat_interval,
+            offline_timeout,
+            binary_storage_path,
+            log_level,
+            log_format,
+            database,
+            secret_key,
+            jwt_algorithm,
+            pod_id,
+            pod_ip,
+            data_dir,
+            drain_delay,
+            drain_window,
+            shutdown_timeout,
+            max_inventory_bytes: bytes(&get, "MAX_INVENTORY_BYTES", 10 * 1024 * 1024)?,
+            ws_max_message_bytes: bytes(&get, "WS_MAX_MESSAGE_BYTES", 64 * 1024)?,
+            ws_send_timeout: duration(&get, "WS_SEND_TIMEOUT", Duration::from_secs(10))?,
+            http_header_timeout: duration(&get, "HTTP_HEADER_TIMEOUT", Duration::from_secs(10))?,
+            database_pool_size: parse_or(&get, "DATABASE_POOL_SIZE", 16, |v| {
+                match v.parse::<u32>() {
+                    Ok(n) if (1..=512).contains(&n) => Ok(n),
+                    _ => Err("a number of connections between 1 and 512".into()),
+                }
+            })?,
+            command_sweep_interval: duration(
+                &get,
+                "COMMAND_SWEEP_INTERVAL",
+                Duration::from_secs(30),
+            )?,
+        })
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.database, DatabaseUrl::Sqlite(_))
+    }
+}
+
+fn parse_or<T>(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: T,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    match get(var) {
+        None => Ok(default),
+        Some(v) => parse(v.trim())
+            .map_err(|expected| ConfigError::new(var, format!("`{v}` is not {expected}"))),
+    }
+}
+
+fn duration(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    parse_or(get, var, default, |v| {
+        parse_duration(v).ok_or_else(|| {
+            "a duration: seconds (\"15\") or a number with ms, s, m or h (\"500ms\", \"2m\")".into()
+        })
+    })
+}
+
+fn bytes(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    parse_or(get, var, default, |v| match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("a positive number of bytes".into()),
+    })
+}
+
+/// Parses `15` (seconds, the seed's form), `500ms`, `15s`, `2m`, `1h`, `30d`.
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        "d" => Duration::from_secs(n.checked_mul(86400)?),
+        _ => return None,
+    };
+    Some(d)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn human(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.is_zero() {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(DatabaseUrl::Postgres(Secret(url.to_string())));
+    }
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        if path.is_empty() {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "sqlite:// needs a file path, e.g. sqlite://./data/agent-server.db",
+            ));
+        }
+        return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+    }
+    // Never echo the URL: it may carry a password.
+    Err(ConfigError::new(
+        "DATABASE_URL",
+        "must start with postgres://, postgresql:// or sqlite://",
+    ))
+}
+
+/// `scheme://host[:port]` of an http(s) URL, lower-cased, default ports dropped, as browsers
+/// send it in the `Origin` header.
+pub fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let authority = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let authority = match (scheme.as_str(), authority.rsplit_once(':')) {
+        ("http", Some((h, "80"))) | ("https", Some((h, "443"))) => h.to_string(),
+        _ => authority,
+    };
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// Reads the embedded-mode signing key, generating it on first use (mode 0600).
+pub fn load_or_create_secret(path: &Path) -> std::io::Result<Secret> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().len() >= MIN_SECRET_KEY_BYTES => return Ok(Secret(s.trim().to_string())),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} holds a key shorter than {MIN_SECRET_KEY_BYTES} bytes; delete it to generate a new one",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let key: [u8; 32] = rand::random();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    // create_new: if two processes race, one wins and the other reads the winner's key.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.write_all(hex.as_bytes())?;
+            f.sync_all()?;
+            Ok(Secret(hex))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_secret(path),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_source(&move |k: &str| map.get(k).cloned())
+    }
+
+    #[test]
+    fn no_environment_gives_the_embedded_default() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert!(
+            matches!(c.database, DatabaseUrl::Sqlite(ref p) if p == Path::new("./data/agent-server.db"))
+        );
+        assert!(matches!(c.secret_key, SecretKeySource::DataDir(_)));
+        assert!(c.redis.is_none());
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(c.offline_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn seed_configmap_and_secret_are_accepted_as_written() {
+        let c = parse(&[
+            ("SERVER_HOST", "0.0.0.0"),
+            ("SERVER_PORT", "8080"),
+            ("SERVER_URL", "https://agent.myelintek.com"),
+            ("REDIS_HOST", "redis-service"),
+            ("REDIS_PORT", "6379"),
+            ("REDIS_DB", "0"),
+            ("REDIS_PASSWORD", ""),
+            ("WS_HEARTBEAT_INTERVAL", "15"),
+            ("WS_OFFLINE_TIMEOUT", "60"),
+            ("BINARY_STORAGE_PATH", "/storage/binaries"),
+            ("LOG_LEVEL", "info"),
+            (
+                "DATABASE_URL",
+                "postgresql://user:password@postgres-service:5432/agentdb",
+            ),
+            ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+            ("JWT_ALGORITHM", "HS256"),
+            ("POD_ID", "agent-server-7d9f-abc"),
+            ("POD_IP", "10.1.2.3"),
+        ])
+        .unwrap();
+        assert_eq!(c.public_origin, "https://agent.myelintek.com");
+        let redis = c.redis.unwrap();
+        assert_eq!(redis.host, "redis-service");
+        assert!(
+            redis.password.is_none(),
+            "an empty REDIS_PASSWORD means no password"
+        );
+        assert!(matches!(c.database, DatabaseUrl::Postgres(_)));
+        assert_eq!(c.pod_id, "agent-server-7d9f-abc");
+        assert_eq!(c.binary_storage_path, PathBuf::from("/storage/binaries"));
+    }
+
+    #[test]
+    fn short_secret_key_is_refused_with_its_length() {
+        let e = parse(&[("SECRET_KEY", "your-secret-key-change")]).unwrap_err();
+        assert_eq!(e.var, "SECRET_KEY");
+        assert!(e.problem.contains("22 bytes"), "{e}");
+    }
+
+    #[test]
+    fn only_hmac_algorithms_are_accepted() {
+        for bad in ["none", "RS256", "hs256"] {
+            let e = parse(&[("JWT_ALGORITHM", bad)]).unwrap_err();
+            assert_eq!(e.var, "JWT_ALGORITHM");
+        }
+        assert_eq!(
+            parse(&[("JWT_ALGORITHM", "HS512")]).unwrap().jwt_algorithm,
+            Algorithm::HS512
+        );
+    }
+
+    #[test]
+    fn postgres_without_secret_key_is_refused() {
+        let e = parse(&[("DATABASE_URL", "postgres://db/x")]).unwrap_err();
+        assert_eq!(e.var, "SECRET_KEY");
+    }
+
+    #[test]
+    fn database_url_errors_never_echo_the_url() {
+        let e = parse(&[("DATABASE_URL", "mysql://u:hunter2@db/x")]).unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
+        assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn offline_timeout_must_exceed_heartbeat() {
+        let e = parse(&[
+            ("WS_HEARTBEAT_INTERVAL", "60"),
+            ("WS_OFFLINE_TIMEOUT", "60"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "WS_OFFLINE_TIMEOUT");
+    }
+
+    #[test]
+    fn invalid_numbers_name_the_variable_and_the_accepted_form() {
+        let e = parse(&[("SERVER_PORT", "eighty")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "SERVER_PORT: `eighty` is not a TCP port number (0-65535)"
+        );
+        let e = parse(&[("WS_HEARTBEAT_INTERVAL", "fast")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("WS_HEARTBEAT_INTERVAL: `fast` is not a duration")
+        );
+    }
+
+    #[test]
+    fn durations_accept_seconds_and_suffixes() {
+        assert_eq!(parse_duration("15"), Some(Duration::from_secs(15)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("-1"), None);
+    }
+
+    #[test]
+    fn origins_are_normalised_like_browsers_send_them() {
+        assert_eq!(
+            origin_of("https://Agent.Example.com/").as_deref(),
+            Some("https://agent.example.com")
+        );
+        assert_eq!(
+            origin_of("https://a.example:443/x").as_deref(),
+            Some("https://a.example")
+        );
+        assert_eq!(
+            origin_of("http://localhost:8080").as_deref(),
+            Some("http://localhost:8080")
+        );
+        assert_eq!(origin_of("ftp://x"), None);
+    }
+
+    #[test]
+    fn secret_debug_output_is_redacted() {
+        let c = parse(&[("SECRET_KEY", "0123456789abcdef0123456789abcdef-supersecret")]).unwrap();
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+}

@@ -1,0 +1,60 @@
+//! Liveness, readiness and metrics endpoints.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::json;
+
+use super::error::error_chain;
+use super::{Response, json, text};
+use crate::app::AppState;
+
+/// 200 while the process serves requests: liveness must not depend on anything else, or
+/// a database outage would restart every pod.
+pub fn health() -> Response {
+    json(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// How long readiness waits for a dependency before calling it down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// 200 when the database answers and the process is not draining; else 503 with a reason
+/// per dependency.
+pub async fn readiness(state: &AppState) -> Response {
+    let draining = state.draining.load(Ordering::Relaxed);
+    let database = match tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => json!({"ok": true, "backend": state.store.backend_name()}),
+        Ok(Err(e)) => {
+            json!({"ok": false, "backend": state.store.backend_name(), "error": error_chain(&e)})
+        }
+        Err(_) => {
+            json!({"ok": false, "backend": state.store.backend_name(), "error": "no answer within 2s"})
+        }
+    };
+    let ready = !draining && database["ok"] == true;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        status,
+        &json!({
+            "status": if ready { "ready" } else { "not_ready" },
+            "pod": state.config.pod_id,
+            "checks": {
+                "draining": {"ok": !draining},
+                "database": database,
+            }
+        }),
+    )
+}
+
+pub fn metrics(state: &AppState) -> Response {
+    text(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        state.metrics.encode(),
+    )
+}

@@ -1,0 +1,206 @@
+//! The hub: which agents are connected to this process, and how to reach them.
+//!
+//! A [`SessionHandle`] is the only way other parts of the server touch a live WebSocket
+//! session: they may wake it (new commands are in the store) or close it with a reason.
+//! Waking carries no data on purpose: the store is the source of truth, so a wake-up that
+//! is lost or duplicated costs latency, never a command.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::ws::protocol::{self, Close};
+
+/// One live session, shared between its task and the hub.
+pub struct SessionHandle {
+    pub client_id: String,
+    /// The connection's epoch from the store; the highest epoch wins.
+    pub epoch: i64,
+    /// Signalled when commands may be waiting; coalesces, so it never queues.
+    wake: Notify,
+    /// Cancelled to make the session close itself with `close_reason`.
+    closing: CancellationToken,
+    close_reason: OnceLock<Close>,
+    /// Milliseconds since the epoch of the last frame received.
+    last_inbound_ms: AtomicI64,
+    /// Set by inbound frames, cleared by the presence refresher.
+    active: AtomicBool,
+}
+
+impl SessionHandle {
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// Asks the session to close; the first reason given wins.
+    pub fn close(&self, reason: Close) {
+        let _ = self.close_reason.set(reason);
+        self.closing.cancel();
+    }
+
+    pub async fn closing(&self) -> Close {
+        self.closing.cancelled().await;
+        *self.close_reason.get().unwrap_or(&protocol::DRAINING)
+    }
+
+    pub fn touch(&self, now_ms: i64) {
+        self.last_inbound_ms.store(now_ms, Ordering::Relaxed);
+        self.active.store(true, Ordering::Relaxed);
+    }
+
+    pub fn last_inbound_ms(&self) -> i64 {
+        self.last_inbound_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether a frame arrived since the last call.
+    pub fn take_active(&self) -> bool {
+        self.active.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Registry of this process's sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    sessions: Arc<Mutex<HashMap<String, Arc<SessionHandle>>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A newer connection of the same agent is already registered here.
+#[derive(Debug)]
+pub struct Superseded;
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Hub {
+            sessions: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Registers a session. An older session of the same agent is closed as replaced; if
+    /// the registered one is newer (a race between two handshakes), this one loses.
+    pub fn register(
+        &self,
+        client_id: &str,
+        epoch: i64,
+        now_ms: i64,
+    ) -> Result<Arc<SessionHandle>, Superseded> {
+        let handle = Arc::new(SessionHandle {
+            client_id: client_id.to_string(),
+            epoch,
+            wake: Notify::new(),
+            closing: CancellationToken::new(),
+            close_reason: OnceLock::new(),
+            last_inbound_ms: AtomicI64::new(now_ms),
+            active: AtomicBool::new(true),
+        });
+        let previous = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            match sessions.get(client_id) {
+                Some(existing) if existing.epoch > epoch => return Err(Superseded),
+                _ => sessions.insert(client_id.to_string(), handle.clone()),
+            }
+        };
+        match previous {
+            Some(old) => old.close(protocol::REPLACED),
+            None => {
+                self.metrics.connected_agents.inc();
+            }
+        }
+        Ok(handle)
+    }
+
+    /// Removes the session if it is still the registered one.
+    pub fn unregister(&self, handle: &SessionHandle) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions
+            .get(&handle.client_id)
+            .is_some_and(|s| s.epoch == handle.epoch)
+        {
+            sessions.remove(&handle.client_id);
+            self.metrics.connected_agents.dec();
+        }
+    }
+
+    pub fn get(&self, client_id: &str) -> Option<Arc<SessionHandle>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(client_id)
+            .cloned()
+    }
+
+    /// Wakes the agent's session if it is connected here.
+    pub fn wake(&self, client_id: &str) -> bool {
+        self.get(client_id).map(|s| s.wake()).is_some()
+    }
+
+    /// Closes the agent's session if it is connected here.
+    pub fn close(&self, client_id: &str, reason: Close) -> bool {
+        self.get(client_id).map(|s| s.close(reason)).is_some()
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        Hub::new(Arc::new(Metrics::new()))
+    }
+
+    #[tokio::test]
+    async fn newer_connection_replaces_older_and_older_is_told_why() {
+        let hub = hub();
+        let old = hub.register("a", 1, 0).unwrap();
+        let new = hub.register("a", 2, 0).unwrap();
+        assert_eq!(old.closing().await, protocol::REPLACED);
+        assert_eq!(hub.get("a").unwrap().epoch, new.epoch);
+        assert_eq!(hub.len(), 1);
+    }
+
+    #[test]
+    fn older_epoch_cannot_displace_a_newer_session() {
+        let hub = hub();
+        hub.register("a", 5, 0).unwrap();
+        assert!(hub.register("a", 4, 0).is_err());
+        assert_eq!(hub.get("a").unwrap().epoch, 5);
+    }
+
+    #[test]
+    fn stale_session_unregistering_leaves_the_newer_one() {
+        let hub = hub();
+        let old = hub.register("a", 1, 0).unwrap();
+        hub.register("a", 2, 0).unwrap();
+        hub.unregister(&old);
+        assert_eq!(hub.get("a").unwrap().epoch, 2);
+    }
+}

@@ -1,0 +1,70 @@
+//! Identifier rules shared by the WebSocket path, the API and the token minter.
+
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// A client_id is 1 to 128 characters of `[A-Za-z0-9._-]`: safe in URLs, file names, log
+/// lines and Redis keys without escaping.
+pub fn check_client_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
+        return Err(format!(
+            "client_id must be 1 to {MAX_CLIENT_ID_LEN} characters long (got {})",
+            id.len()
+        ));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "client_id may contain only letters, digits, '.', '_' and '-' (found {bad:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm), valid for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_follow_the_documented_charset_and_length() {
+        assert!(check_client_id("host-01.example_a").is_ok());
+        assert!(check_client_id(&"a".repeat(128)).is_ok());
+        assert!(check_client_id("").is_err());
+        assert!(check_client_id(&"a".repeat(129)).is_err());
+        for bad in ["a b", "a/b", "a%2Fb", "ä", "a:b"] {
+            assert!(check_client_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_format_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_796_000_000_123), "2026-11-29T01:33:20.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,99 @@
+//! `agent-server`: load config, init tracing, build the app, serve until SIGTERM/SIGINT,
+//! drain within a bound. Exit 64 on bad configuration or usage.
+
+use std::process::ExitCode;
+
+use agent_server::cli::{self, Command};
+use agent_server::{Application, Config, telemetry};
+
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let command = match cli::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent-server: {e}\n{}", cli::USAGE);
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let config = match command {
+        Command::Help => {
+            println!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Command::Version => {
+            println!("agent-server {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        _ => match Config::from_env() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("agent-server: invalid configuration: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match command {
+        Command::Token { sub, role, ttl } => match cli::mint(&config, &sub, role, ttl) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("agent-server: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check { url, timeout } => {
+            match runtime.block_on(cli::check(&config, &url, timeout)) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agent-server check: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        _ => runtime.block_on(serve(config)),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    telemetry::init(&config);
+    let app = match Application::build(config.clone()).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %agent_server::http::error::error_chain(&e), "could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        addr = %app.local_addr(),
+        pod = %config.pod_id,
+        database = app.state().store.backend_name(),
+        heartbeat = ?config.heartbeat_interval,
+        offline_timeout = ?config.offline_timeout,
+        "agent-server listening"
+    );
+    if config.is_sqlite() {
+        tracing::info!(
+            "embedded mode (SQLite in {}); mint an admin token with: agent-server token --sub admin --role admin",
+            config.data_dir.display()
+        );
+    }
+    app.run_until_stopped(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

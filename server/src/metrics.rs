@@ -1,0 +1,236 @@
+//! Prometheus metrics. Every name is `agent_server_*`; label values come from enums or
+//! static route templates, never from user input, so cardinality stays bounded.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::CommandStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// WebSocket message kinds, as in `docs/protocol.md`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum MessageType {
+    Welcome,
+    Hello,
+    Heartbeat,
+    HeartbeatAck,
+    Inventory,
+    Command,
+    Result,
+    Ack,
+    Error,
+    Ping,
+    Pong,
+    Close,
+    Invalid,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WsLabels {
+    pub direction: Direction,
+    pub r#type: MessageType,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: &'static str,
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum StatusLabel {
+    Pending,
+    Delivered,
+    Succeeded,
+    Failed,
+    Expired,
+}
+
+impl From<CommandStatus> for StatusLabel {
+    fn from(s: CommandStatus) -> Self {
+        match s {
+            CommandStatus::Pending => StatusLabel::Pending,
+            CommandStatus::Delivered => StatusLabel::Delivered,
+            CommandStatus::Succeeded => StatusLabel::Succeeded,
+            CommandStatus::Failed => StatusLabel::Failed,
+            CommandStatus::Expired => StatusLabel::Expired,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub status: StatusLabel,
+}
+
+/// Why a WebSocket session ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum CloseReason {
+    ClientClosed,
+    Replaced,
+    Deleted,
+    HeartbeatTimeout,
+    TokenExpired,
+    SlowConsumer,
+    Draining,
+    Rebalance,
+    ProtocolError,
+    StoreError,
+    NetworkError,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub reason: CloseReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~8 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+/// All metrics of one process; cheap to share behind an `Arc`.
+pub struct Metrics {
+    pub registry: Registry,
+    pub connected_agents: Gauge,
+    pub ws_messages: Family<WsLabels, Counter>,
+    pub ws_closes: Family<CloseLabels, Counter>,
+    pub ws_rejected_upgrades: Counter,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Transitions into each status (a counter, not a census of the table).
+    pub commands: Family<CommandLabels, Counter>,
+    pub draining: Gauge,
+    pub store_errors: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("agent_server");
+        let connected_agents = Gauge::default();
+        registry.register(
+            "connected_agents",
+            "WebSocket sessions currently open on this process",
+            connected_agents.clone(),
+        );
+        let ws_messages = Family::<WsLabels, Counter>::default();
+        registry.register(
+            "ws_messages",
+            "WebSocket messages by direction and type",
+            ws_messages.clone(),
+        );
+        let ws_closes = Family::<CloseLabels, Counter>::default();
+        registry.register(
+            "ws_sessions_closed",
+            "WebSocket sessions ended, by reason",
+            ws_closes.clone(),
+        );
+        let ws_rejected_upgrades = Counter::default();
+        registry.register(
+            "ws_rejected_upgrades",
+            "WebSocket upgrade requests refused (bad id, token, origin, draining)",
+            ws_rejected_upgrades.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route and status",
+            http_requests.clone(),
+        );
+        let http_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register_with_unit(
+            "http_request_duration",
+            "HTTP request handling time by route",
+            prometheus_client::registry::Unit::Seconds,
+            http_duration.clone(),
+        );
+        let commands = Family::<CommandLabels, Counter>::default();
+        registry.register("commands", "Command status transitions", commands.clone());
+        let draining = Gauge::default();
+        registry.register(
+            "draining",
+            "1 while this process is draining for shutdown",
+            draining.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Database operations that failed",
+            store_errors.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information; always 1", build_info);
+        Metrics {
+            registry,
+            connected_agents,
+            ws_messages,
+            ws_closes,
+            ws_rejected_upgrades,
+            http_requests,
+            http_duration,
+            commands,
+            draining,
+            store_errors,
+        }
+    }
+
+    pub fn ws(&self, direction: Direction, r#type: MessageType) {
+        self.ws_messages
+            .get_or_create(&WsLabels { direction, r#type })
+            .inc();
+    }
+
+    pub fn command(&self, status: CommandStatus, n: u64) {
+        self.commands
+            .get_or_create(&CommandLabels {
+                status: status.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn closed(&self, reason: CloseReason) {
+        self.ws_closes.get_or_create(&CloseLabels { reason }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

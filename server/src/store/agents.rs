@@ -1,0 +1,278 @@
+//! Agents: identity, presence columns and the connection epoch.
+
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+
+use super::schema::{agents, inventories};
+use super::{Store, StoreError, now_ms, with_conn};
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = agents)]
+pub struct AgentRow {
+    pub id: String,
+    pub created_at: i64,
+    pub online: bool,
+    pub pod: Option<String>,
+    pub epoch: i64,
+    pub connected_at: Option<i64>,
+    pub last_seen: Option<i64>,
+    pub version: Option<String>,
+    pub hostname: Option<String>,
+    pub os: Option<String>,
+    pub arch: Option<String>,
+}
+
+/// What an agent reports about itself in its `hello` message.
+#[derive(Debug, Clone, Default, AsChangeset)]
+#[diesel(table_name = agents)]
+pub struct Hello {
+    pub version: Option<String>,
+    pub hostname: Option<String>,
+    pub os: Option<String>,
+    pub arch: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter {
+    pub online: Option<bool>,
+    /// Substring of the id or hostname.
+    pub search: Option<String>,
+    /// Keyset pagination: ids strictly greater than this.
+    pub after: Option<String>,
+    pub limit: i64,
+}
+
+#[derive(Debug)]
+pub struct AgentPage {
+    pub agents: Vec<AgentRow>,
+    /// Matches of the filter, ignoring pagination.
+    pub total: i64,
+    pub online: i64,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = agents)]
+struct NewConnection<'a> {
+    id: &'a str,
+    created_at: i64,
+    online: bool,
+    pod: &'a str,
+    epoch: i64,
+    connected_at: i64,
+    last_seen: i64,
+}
+
+/// Inventory size and time, shown with an agent without loading the body.
+pub type InventorySummary = Option<(i64, i64)>;
+
+impl Store {
+    /// Records a new connection and returns its epoch, one more than any earlier
+    /// connection of this agent. Creates the agent on first contact.
+    pub async fn agent_connected(&self, id: String, pod: String) -> Result<i64, StoreError> {
+        self.run(move |pool| {
+            let now = now_ms();
+            let row = NewConnection {
+                id: &id,
+                created_at: now,
+                online: true,
+                pod: &pod,
+                epoch: 1,
+                connected_at: now,
+                last_seen: now,
+            };
+            with_conn!(pool, c => Ok(diesel::insert_into(agents::table)
+                .values(&row)
+                .on_conflict(agents::id)
+                .do_update()
+                .set((
+                    agents::online.eq(true),
+                    agents::pod.eq(excluded(agents::pod)),
+                    agents::epoch.eq(agents::epoch + 1),
+                    agents::connected_at.eq(excluded(agents::connected_at)),
+                    agents::last_seen.eq(excluded(agents::last_seen)),
+                ))
+                .returning(agents::epoch)
+                .get_result::<i64>(c)?))
+        })
+        .await
+    }
+
+    /// Marks a connection closed, unless a newer one has already taken over.
+    pub async fn agent_disconnected(
+        &self,
+        id: String,
+        epoch: i64,
+        last_seen: i64,
+    ) -> Result<bool, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(diesel::update(agents::table)
+                .filter(agents::id.eq(&id).and(agents::epoch.eq(epoch)))
+                .set((agents::online.eq(false), agents::pod.eq(None::<String>), agents::last_seen.eq(last_seen)))
+                .execute(c)? == 1))
+        })
+        .await
+    }
+
+    pub async fn agent_hello(
+        &self,
+        id: String,
+        epoch: i64,
+        hello: Hello,
+    ) -> Result<(), StoreError> {
+        if hello.version.is_none()
+            && hello.hostname.is_none()
+            && hello.os.is_none()
+            && hello.arch.is_none()
+        {
+            return Ok(());
+        }
+        self.run(move |pool| {
+            with_conn!(pool, c => diesel::update(agents::table)
+                .filter(agents::id.eq(&id).and(agents::epoch.eq(epoch)))
+                .set(&hello)
+                .execute(c)?);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Refreshes `last_seen` for agents this pod heard from, in chunks that keep each
+    /// statement small.
+    pub async fn touch_agents(&self, ids: Vec<String>, now: i64) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.run(move |pool| {
+            for chunk in ids.chunks(500) {
+                with_conn!(pool, c => diesel::update(agents::table)
+                    .filter(agents::id.eq_any(chunk).and(agents::online.eq(true)))
+                    .set(agents::last_seen.eq(now))
+                    .execute(c)?);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Marks offline every agent whose pod stopped refreshing it before `cutoff`: the
+    /// agents of a pod that died without closing its connections.
+    pub async fn mark_stale_offline(&self, cutoff: i64) -> Result<usize, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(diesel::update(agents::table)
+                .filter(agents::online.eq(true).and(agents::last_seen.lt(cutoff)))
+                .set((agents::online.eq(false), agents::pod.eq(None::<String>)))
+                .execute(c)?))
+        })
+        .await
+    }
+
+    /// Registers an agent that has not connected yet (token minting for enrollment).
+    pub async fn ensure_agent(&self, id: String) -> Result<(), StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => diesel::insert_into(agents::table)
+                .values((agents::id.eq(&id), agents::created_at.eq(now_ms())))
+                .on_conflict_do_nothing()
+                .execute(c)?);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_agent(
+        &self,
+        id: String,
+    ) -> Result<Option<(AgentRow, InventorySummary)>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                let agent = agents::table
+                    .find(&id)
+                    .select(AgentRow::as_select())
+                    .first(c)
+                    .optional()?;
+                let Some(agent) = agent else { return Ok(None) };
+                let inventory = inventories::table
+                    .find(&id)
+                    .select((inventories::size_bytes, inventories::received_at))
+                    .first::<(i64, i64)>(c)
+                    .optional()?;
+                Ok(Some((agent, inventory)))
+            })
+        })
+        .await
+    }
+
+    pub async fn agent_exists(&self, id: String) -> Result<bool, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(diesel::select(diesel::dsl::exists(agents::table.find(&id))).get_result(c)?))
+        })
+        .await
+    }
+
+    pub async fn list_agents(&self, filter: AgentFilter) -> Result<AgentPage, StoreError> {
+        self.run(move |pool| {
+            let pattern = filter
+                .search
+                .as_ref()
+                .map(|s| format!("%{}%", escape_like(s)));
+            // Boxed queries let the optional filters compose; rebuilt per use because a
+            // boxed query is consumed.
+            macro_rules! filtered {
+                () => {{
+                    let mut q = agents::table.into_boxed();
+                    if let Some(online) = filter.online {
+                        q = q.filter(agents::online.eq(online));
+                    }
+                    if let Some(p) = &pattern {
+                        q = q.filter(
+                            agents::id
+                                .like(p.clone())
+                                .escape('\\')
+                                .or(agents::hostname.like(p.clone()).escape('\\')),
+                        );
+                    }
+                    q
+                }};
+            }
+            with_conn!(pool, c => {
+                let mut page = filtered!();
+                if let Some(after) = &filter.after {
+                    page = page.filter(agents::id.gt(after.clone()));
+                }
+                let agents = page
+                    .order(agents::id.asc())
+                    .limit(filter.limit)
+                    .select(AgentRow::as_select())
+                    .load(c)?;
+                let total = filtered!().count().get_result(c)?;
+                let online = filtered!().filter(agents::online.eq(true)).count().get_result(c)?;
+                Ok(AgentPage { agents, total, online })
+            })
+        })
+        .await
+    }
+
+    /// Deletes an agent with its commands and inventory. Returns whether it existed.
+    pub async fn delete_agent(&self, id: String) -> Result<bool, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => c.transaction::<bool, StoreError, _>(|c| {
+                // Explicit child deletes: SQLite enforces the cascade only when the
+                // connection enabled foreign keys, and this must not depend on it.
+                diesel::delete(super::schema::commands::table.filter(super::schema::commands::agent_id.eq(&id))).execute(c)?;
+                diesel::delete(inventories::table.find(&id)).execute(c)?;
+                Ok(diesel::delete(agents::table.find(&id)).execute(c)? == 1)
+            }))
+        })
+        .await
+    }
+}
+
+fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}

@@ -1,0 +1,251 @@
+//! Commands: stored before anyone is told of them, delivered at least once.
+
+use diesel::prelude::*;
+use serde::Serialize;
+
+use super::schema::{agents, commands};
+use super::{Store, StoreError, with_conn};
+
+/// Lifecycle: `pending` → `delivered` → `succeeded` | `failed`; `pending`/`delivered` →
+/// `expired` once past the optional TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandStatus {
+    Pending,
+    Delivered,
+    Succeeded,
+    Failed,
+    Expired,
+}
+
+impl CommandStatus {
+    pub const ALL: [CommandStatus; 5] = [
+        CommandStatus::Pending,
+        CommandStatus::Delivered,
+        CommandStatus::Succeeded,
+        CommandStatus::Failed,
+        CommandStatus::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStatus::Pending => "pending",
+            CommandStatus::Delivered => "delivered",
+            CommandStatus::Succeeded => "succeeded",
+            CommandStatus::Failed => "failed",
+            CommandStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = commands)]
+pub struct CommandRow {
+    pub id: String,
+    pub agent_id: String,
+    pub name: String,
+    /// JSON object, stored as text.
+    pub args: String,
+    pub status: String,
+    pub output: Option<String>,
+    pub created_at: i64,
+    pub delivered_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub attempts: i32,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = commands)]
+pub struct NewCommand {
+    pub id: String,
+    pub agent_id: String,
+    pub name: String,
+    pub args: String,
+    pub status: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// What became of a `result` an agent sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultOutcome {
+    Stored(CommandStatus),
+    /// No such command, or it belongs to another agent (indistinguishable on purpose).
+    UnknownCommand,
+    /// A newer connection of the same agent exists; this one is fenced off.
+    StaleConnection,
+    /// The command already has a final status (a duplicate result, or it expired).
+    AlreadyFinal(CommandStatus),
+}
+
+const OPEN: [&str; 2] = ["pending", "delivered"];
+
+impl Store {
+    pub async fn insert_command(&self, cmd: NewCommand) -> Result<(), StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => diesel::insert_into(commands::table).values(&cmd).execute(c)?);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_command(&self, id: String) -> Result<Option<CommandRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(commands::table.find(&id).select(CommandRow::as_select()).first(c).optional()?))
+        })
+        .await
+    }
+
+    /// Newest first; `before` is a command id from a previous page.
+    pub async fn list_commands(
+        &self,
+        agent_id: String,
+        before: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                let mut q = commands::table.filter(commands::agent_id.eq(&agent_id)).into_boxed();
+                if let Some((at, id)) = &before {
+                    q = q.filter(
+                        commands::created_at
+                            .lt(*at)
+                            .or(commands::created_at.eq(*at).and(commands::id.lt(id.clone()))),
+                    );
+                }
+                Ok(q.order((commands::created_at.desc(), commands::id.desc()))
+                    .limit(limit)
+                    .select(CommandRow::as_select())
+                    .load(c)?)
+            })
+        })
+        .await
+    }
+
+    /// The next commands to send on a connection, oldest first. On a fresh connection
+    /// `include_delivered` resends those delivered earlier without a result.
+    pub async fn commands_to_send(
+        &self,
+        agent_id: String,
+        include_delivered: bool,
+        after: Option<(i64, String)>,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                let statuses: &[&str] = if include_delivered { &OPEN } else { &OPEN[..1] };
+                let mut q = commands::table
+                    .filter(commands::agent_id.eq(&agent_id))
+                    .filter(commands::status.eq_any(statuses))
+                    .filter(commands::expires_at.is_null().or(commands::expires_at.gt(now)))
+                    .into_boxed();
+                if let Some((at, id)) = &after {
+                    q = q.filter(
+                        commands::created_at
+                            .gt(*at)
+                            .or(commands::created_at.eq(*at).and(commands::id.gt(id.clone()))),
+                    );
+                }
+                Ok(q.order((commands::created_at.asc(), commands::id.asc()))
+                    .limit(limit)
+                    .select(CommandRow::as_select())
+                    .load(c)?)
+            })
+        })
+        .await
+    }
+
+    pub async fn mark_delivered(&self, ids: Vec<String>, now: i64) -> Result<usize, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(diesel::update(commands::table)
+                .filter(commands::id.eq_any(&ids).and(commands::status.eq_any(OPEN)))
+                .set((
+                    commands::status.eq("delivered"),
+                    commands::delivered_at.eq(now),
+                    commands::attempts.eq(commands::attempts + 1),
+                ))
+                .execute(c)?))
+        })
+        .await
+    }
+
+    /// Stores an agent's result if the command is its own, still open, and the reporting
+    /// connection is the agent's current one.
+    pub async fn record_result(
+        &self,
+        agent_id: String,
+        epoch: i64,
+        command_id: String,
+        status: CommandStatus,
+        output: Option<String>,
+        now: i64,
+    ) -> Result<ResultOutcome, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => c.transaction::<ResultOutcome, StoreError, _>(|c| {
+                let current: Option<i64> = agents::table.find(&agent_id).select(agents::epoch).first(c).optional()?;
+                if current != Some(epoch) {
+                    return Ok(ResultOutcome::StaleConnection);
+                }
+                let existing: Option<String> = commands::table
+                    .filter(commands::id.eq(&command_id).and(commands::agent_id.eq(&agent_id)))
+                    .select(commands::status)
+                    .first(c)
+                    .optional()?;
+                let Some(existing) = existing else { return Ok(ResultOutcome::UnknownCommand) };
+                if !OPEN.contains(&existing.as_str()) {
+                    let st = CommandStatus::parse(&existing).unwrap_or(CommandStatus::Failed);
+                    return Ok(ResultOutcome::AlreadyFinal(st));
+                }
+                let updated = diesel::update(commands::table)
+                    .filter(commands::id.eq(&command_id).and(commands::status.eq_any(OPEN)))
+                    .set((
+                        commands::status.eq(status.as_str()),
+                        commands::output.eq(output),
+                        commands::completed_at.eq(now),
+                    ))
+                    .execute(c)?;
+                Ok(if updated == 1 { ResultOutcome::Stored(status) } else { ResultOutcome::UnknownCommand })
+            }))
+        })
+        .await
+    }
+
+    /// Moves open commands past their TTL to `expired`; returns how many.
+    pub async fn expire_commands(&self, now: i64) -> Result<usize, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(diesel::update(commands::table)
+                .filter(commands::status.eq_any(OPEN).and(commands::expires_at.le(now)))
+                .set((commands::status.eq("expired"), commands::completed_at.eq(now)))
+                .execute(c)?))
+        })
+        .await
+    }
+
+    /// Ids of agents with commands still waiting to be sent.
+    pub async fn agents_with_pending(
+        &self,
+        agent_ids: Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        if agent_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(move |pool| {
+            let mut out = Vec::new();
+            for chunk in agent_ids.chunks(500) {
+                with_conn!(pool, c => out.extend(commands::table
+                    .filter(commands::agent_id.eq_any(chunk).and(commands::status.eq("pending")))
+                    .select(commands::agent_id)
+                    .distinct()
+                    .load::<String>(c)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

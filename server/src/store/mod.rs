@@ -1,0 +1,195 @@
+//! The store: PostgreSQL or SQLite through diesel + r2d2, the source of truth for agents,
+//! commands and inventories.
+//!
+//! diesel is blocking, so every query runs inside [`Store::run`], which checks a connection
+//! out of the pool on a `spawn_blocking` thread and returns it before the future resolves:
+//! no connection is ever held across an `.await`. Queries are written once and compiled for
+//! both backends by the [`with_conn!`] macro.
+
+pub mod agents;
+pub mod commands;
+pub mod inventory;
+pub mod schema;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PoolError};
+use diesel::{PgConnection, SqliteConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use crate::config::DatabaseUrl;
+
+pub use agents::{AgentFilter, AgentPage, AgentRow, Hello};
+pub use commands::{CommandRow, CommandStatus, NewCommand, ResultOutcome};
+pub use inventory::InventoryRow;
+
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// Key of the PostgreSQL advisory lock held while migrating, so that replicas starting
+/// together do not race on the schema.
+const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7473_7276; // "agentsrv"
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no database connection available: {0}")]
+    Unavailable(#[from] PoolError),
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("could not open the database: {0}")]
+    Open(String),
+    #[error("database task panicked or was cancelled")]
+    Task,
+}
+
+pub(crate) enum DbPool {
+    Postgres(Pool<ConnectionManager<PgConnection>>),
+    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+}
+
+/// Runs `$body` with `$conn` bound to a `&mut` connection of whichever backend the pool
+/// holds. The body is compiled once per backend, so it must be backend-generic diesel.
+macro_rules! with_conn {
+    ($pool:expr, $conn:ident => $body:expr) => {
+        match $pool {
+            $crate::store::DbPool::Postgres(pool) => {
+                let mut guard = pool.get()?;
+                let $conn = &mut *guard;
+                $body
+            }
+            $crate::store::DbPool::Sqlite(pool) => {
+                let mut guard = pool.get()?;
+                let $conn = &mut *guard;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_conn;
+
+/// Cheap-to-clone handle on the connection pool.
+#[derive(Clone)]
+pub struct Store {
+    pool: Arc<DbPool>,
+}
+
+/// SQLite pragmas applied to every pooled connection: WAL lets readers run beside the
+/// writer, busy_timeout turns lock contention into a short wait instead of an error, and
+/// foreign keys make `ON DELETE CASCADE` work.
+#[derive(Debug)]
+struct SqlitePragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(
+            "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+impl Store {
+    /// Opens the pool and runs pending migrations. Blocking: call before serving.
+    pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StoreError> {
+        let timeout = Duration::from_secs(5);
+        let pool = match url {
+            DatabaseUrl::Postgres(url) => {
+                let pool = Pool::builder()
+                    .max_size(pool_size)
+                    .min_idle(Some(1))
+                    .connection_timeout(timeout)
+                    .build(ConnectionManager::<PgConnection>::new(url.expose()))
+                    .map_err(|e| StoreError::Open(e.to_string()))?;
+                DbPool::Postgres(pool)
+            }
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StoreError::Open(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+                }
+                let pool = Pool::builder()
+                    .max_size(pool_size.min(8))
+                    .min_idle(Some(1))
+                    .connection_timeout(timeout)
+                    .connection_customizer(Box::new(SqlitePragmas))
+                    .build(ConnectionManager::<SqliteConnection>::new(sqlite_url(path)))
+                    .map_err(|e| StoreError::Open(e.to_string()))?;
+                DbPool::Sqlite(pool)
+            }
+        };
+        let store = Store {
+            pool: Arc::new(pool),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let migration_error =
+            |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
+        match &*self.pool {
+            DbPool::Postgres(pool) => {
+                let mut conn = pool.get()?;
+                conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))?;
+                let result = conn
+                    .run_pending_migrations(POSTGRES_MIGRATIONS)
+                    .map(|_| ())
+                    .map_err(migration_error);
+                conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))?;
+                result
+            }
+            DbPool::Sqlite(pool) => {
+                let mut conn = pool.get()?;
+                conn.run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map(|_| ())
+                    .map_err(migration_error)
+            }
+        }
+    }
+
+    /// Runs blocking diesel work on the blocking pool.
+    pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&DbPool) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || f(&pool))
+            .await
+            .map_err(|_| StoreError::Task)?
+    }
+
+    /// Round trip used by readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run(
+            |pool| with_conn!(pool, c => c.batch_execute("SELECT 1").map_err(StoreError::from)),
+        )
+        .await
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match &*self.pool {
+            DbPool::Postgres(_) => "postgres",
+            DbPool::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+fn sqlite_url(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// Milliseconds since the Unix epoch: the unit of every timestamp column.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
