@@ -1,0 +1,407 @@
+{{/*
+Names, labels and the decisions that more than one template depends on.
+*/}}
+
+{{/* Chart name, overridable. */}}
+{{- define "agent-server.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Release-qualified base name of every resource. Names are cut to 63 characters
+because some Kubernetes name fields are limited to that (DNS labels).
+*/}}
+{{- define "agent-server.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Names of the bundled services; the suffix must survive the 63-character cut. */}}
+{{- define "agent-server.redis.fullname" -}}
+{{- printf "%s-redis" (include "agent-server.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "agent-server.postgresql.fullname" -}}
+{{- printf "%s-postgresql" (include "agent-server.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+
+{{/* Chart name and version, as used by the chart label. */}}
+{{- define "agent-server.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels every resource carries. Each workload's selector is the recommended
+name + instance pair; the bundled services are distinct applications
+(`app.kubernetes.io/name: redis` / `postgresql`) that are `part-of` this one,
+so the server's selector never matches their pods.
+*/}}
+{{- define "agent-server.commonLabels" -}}
+helm.sh/chart: {{ include "agent-server.chart" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: {{ include "agent-server.name" . }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "agent-server.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "agent-server.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "agent-server.labels" -}}
+{{ include "agent-server.commonLabels" . }}
+{{ include "agent-server.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "agent-server.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "agent-server.redis.selectorLabels" -}}
+app.kubernetes.io/name: redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "agent-server.redis.labels" -}}
+{{ include "agent-server.commonLabels" . }}
+{{ include "agent-server.redis.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.redis.image.tag | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/component: cache
+{{- end }}
+
+{{- define "agent-server.postgresql.selectorLabels" -}}
+app.kubernetes.io/name: postgresql
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "agent-server.postgresql.labels" -}}
+{{ include "agent-server.commonLabels" . }}
+{{ include "agent-server.postgresql.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.postgresql.image.tag | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/component: database
+{{- end }}
+
+{{/* Labels of the `helm test` pod: deliberately outside every selector above. */}}
+{{- define "agent-server.test.labels" -}}
+{{ include "agent-server.commonLabels" . }}
+app.kubernetes.io/name: {{ printf "%s-test" (include "agent-server.name" .) }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{/* `metadata.annotations` content shared by every resource (may be empty). */}}
+{{- define "agent-server.annotations" -}}
+{{- with .Values.commonAnnotations }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "agent-server.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "agent-server.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Images: registry/repository, then @digest or :tag. */}}
+{{- define "agent-server.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- end }}
+
+{{- define "agent-server.imageRef" -}}
+{{- $repo := .image.repository }}
+{{- if .image.registry }}
+{{- $repo = printf "%s/%s" .image.registry .image.repository }}
+{{- end }}
+{{- if .image.digest }}
+{{- printf "%s@%s" $repo .image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (toString .tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "agent-server.image" -}}
+{{- include "agent-server.imageRef" (dict "image" .Values.image "tag" (include "agent-server.imageTag" .)) }}
+{{- end }}
+
+{{- define "agent-server.redis.image" -}}
+{{- include "agent-server.imageRef" (dict "image" .Values.redis.image "tag" .Values.redis.image.tag) }}
+{{- end }}
+
+{{- define "agent-server.postgresql.image" -}}
+{{- include "agent-server.imageRef" (dict "image" .Values.postgresql.image "tag" .Values.postgresql.image.tag) }}
+{{- end }}
+
+{{/* The Secret the server reads with envFrom: the user's, or the chart's. */}}
+{{- define "agent-server.secretName" -}}
+{{- default (include "agent-server.fullname" .) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/*
+A secret value that must not change between upgrades. In order of preference:
+the value given in values, the value already stored in the cluster (`lookup`;
+empty under `helm template`), or a fresh random string. The result is memoised
+for the rest of this render, so every template that includes it (the Secret,
+the bundled service, the checksum annotation) sees the same value.
+Arguments: dict with ctx, key (memo key), secret (Secret name), field
+(key in that Secret), given (value from values), length.
+*/}}
+{{- define "agent-server.persistentSecret" -}}
+{{- $ctx := .ctx }}
+{{- if not (hasKey $ctx.Values "__generatedSecrets") }}
+{{- $_ := set $ctx.Values "__generatedSecrets" dict }}
+{{- end }}
+{{- $memo := $ctx.Values.__generatedSecrets }}
+{{- if not (hasKey $memo .key) }}
+{{- $value := toString (default "" .given) }}
+{{- if not $value }}
+{{- $existing := lookup "v1" "Secret" $ctx.Release.Namespace .secret | default dict }}
+{{- $value = dig "data" .field "" $existing | b64dec }}
+{{- end }}
+{{- if not $value }}
+{{- $value = randAlphaNum (int .length) }}
+{{- end }}
+{{- $_ := set $memo .key $value }}
+{{- end }}
+{{- get $memo .key }}
+{{- end }}
+
+{{- define "agent-server.secretKey" -}}
+{{- include "agent-server.persistentSecret" (dict "ctx" . "key" "secretKey" "secret" (include "agent-server.fullname" .) "field" "SECRET_KEY" "given" .Values.auth.secretKey "length" 64) }}
+{{- end }}
+
+{{- define "agent-server.postgresql.password" -}}
+{{- include "agent-server.persistentSecret" (dict "ctx" . "key" "postgresqlPassword" "secret" (include "agent-server.postgresql.fullname" .) "field" "password" "given" .Values.postgresql.auth.password "length" 32) }}
+{{- end }}
+
+{{- define "agent-server.redis.password" -}}
+{{- include "agent-server.persistentSecret" (dict "ctx" . "key" "redisPassword" "secret" (include "agent-server.redis.fullname" .) "field" "password" "given" .Values.redis.auth.password "length" 32) }}
+{{- end }}
+
+{{/*
+Where DATABASE_URL comes from:
+  inline      - the chart's Secret holds the complete URL
+  envUrl      - a `secretKeyRef` to a complete URL in externalDatabase.existingSecret
+  envPassword - the password comes from a Secret through DATABASE_PASSWORD and the
+                URL is composed in the pod spec with `$(DATABASE_PASSWORD)`
+  user        - the user's auth.existingSecret holds DATABASE_URL
+*/}}
+{{- define "agent-server.database.mode" -}}
+{{- if .Values.postgresql.enabled }}
+{{- if or .Values.postgresql.auth.existingSecret .Values.auth.existingSecret }}envPassword{{ else }}inline{{ end }}
+{{- else if .Values.externalDatabase.existingSecret }}
+{{- if .Values.externalDatabase.existingSecretUrlKey }}envUrl{{ else }}envPassword{{ end }}
+{{- else if .Values.auth.existingSecret }}user
+{{- else if or .Values.externalDatabase.url .Values.externalDatabase.host }}inline
+{{- else }}none
+{{- end }}
+{{- end }}
+
+{{/* The Secret and key of the database password in `envPassword` mode. */}}
+{{- define "agent-server.database.passwordRef" -}}
+{{- if .Values.postgresql.enabled }}
+{{- if .Values.postgresql.auth.existingSecret }}
+name: {{ .Values.postgresql.auth.existingSecret }}
+key: {{ .Values.postgresql.auth.existingSecretPasswordKey }}
+{{- else }}
+name: {{ include "agent-server.postgresql.fullname" . }}
+key: password
+{{- end }}
+{{- else }}
+name: {{ .Values.externalDatabase.existingSecret }}
+key: {{ .Values.externalDatabase.existingSecretPasswordKey }}
+{{- end }}
+{{- end }}
+
+{{/* A postgresql:// URL around the given (already URL-safe) password. */}}
+{{- define "agent-server.database.composeUrl" -}}
+{{- $v := .ctx.Values }}
+{{- if $v.postgresql.enabled }}
+{{- printf "postgresql://%s:%s@%s:5432/%s" ($v.postgresql.auth.username | urlquery) .password (include "agent-server.postgresql.fullname" .ctx) ($v.postgresql.auth.database | urlquery) }}
+{{- else }}
+{{- $url := printf "postgresql://%s:%s@%s:%d/%s" ($v.externalDatabase.user | urlquery) .password $v.externalDatabase.host (int $v.externalDatabase.port) ($v.externalDatabase.database | urlquery) }}
+{{- if $v.externalDatabase.sslMode }}
+{{- $url = printf "%s?sslmode=%s" $url $v.externalDatabase.sslMode }}
+{{- end }}
+{{- $url }}
+{{- end }}
+{{- end }}
+
+{{/* DATABASE_URL for the chart's Secret (`inline` mode). */}}
+{{- define "agent-server.database.inlineUrl" -}}
+{{- if .Values.postgresql.enabled }}
+{{- include "agent-server.database.composeUrl" (dict "ctx" . "password" (include "agent-server.postgresql.password" . | urlquery)) }}
+{{- else if .Values.externalDatabase.url }}
+{{- .Values.externalDatabase.url }}
+{{- else if .Values.externalDatabase.password }}
+{{- include "agent-server.database.composeUrl" (dict "ctx" . "password" (.Values.externalDatabase.password | urlquery)) }}
+{{- else }}
+{{- /* No password: libpq then uses client certificates or a .pgpass file. */}}
+{{- include "agent-server.database.composeUrl" (dict "ctx" . "password" "") | replace ":@" "@" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where REDIS_PASSWORD comes from: inline (the chart's Secret; possibly empty),
+env (a `secretKeyRef`), or user (the user's auth.existingSecret).
+*/}}
+{{- define "agent-server.redis.passwordMode" -}}
+{{- if .Values.redis.enabled }}
+{{- if not .Values.redis.auth.enabled }}inline
+{{- else if or .Values.redis.auth.existingSecret .Values.auth.existingSecret }}env
+{{- else }}inline
+{{- end }}
+{{- else if .Values.externalRedis.existingSecret }}env
+{{- else if .Values.auth.existingSecret }}user
+{{- else }}inline
+{{- end }}
+{{- end }}
+
+{{- define "agent-server.redis.passwordRef" -}}
+{{- if .Values.redis.enabled }}
+{{- if .Values.redis.auth.existingSecret }}
+name: {{ .Values.redis.auth.existingSecret }}
+key: {{ .Values.redis.auth.existingSecretPasswordKey }}
+{{- else }}
+name: {{ include "agent-server.redis.fullname" . }}
+key: password
+{{- end }}
+{{- else }}
+name: {{ .Values.externalRedis.existingSecret }}
+key: {{ .Values.externalRedis.existingSecretPasswordKey }}
+{{- end }}
+{{- end }}
+
+{{- define "agent-server.redis.inlinePassword" -}}
+{{- if .Values.redis.enabled }}
+{{- if .Values.redis.auth.enabled }}{{ include "agent-server.redis.password" . }}{{ end }}
+{{- else }}
+{{- .Values.externalRedis.password }}
+{{- end }}
+{{- end }}
+
+{{/* REDIS_HOST: empty means "no Redis", which the server accepts for one replica. */}}
+{{- define "agent-server.redis.host" -}}
+{{- if .Values.redis.enabled }}
+{{- include "agent-server.redis.fullname" . }}
+{{- else }}
+{{- .Values.externalRedis.host }}
+{{- end }}
+{{- end }}
+
+{{- define "agent-server.redis.port" -}}
+{{- if .Values.redis.enabled }}6379{{ else }}{{ .Values.externalRedis.port }}{{ end }}
+{{- end }}
+
+{{/*
+Graceful shutdown. The image has no shell, so the preStop pause is either the
+native `sleep` action (Kubernetes >= 1.30, or forced by preStop.nativeSleep)
+or, where that is missing, the server's own DRAIN_DELAY: it keeps serving
+with /readiness at 503 for that long after SIGTERM. Either way the pod keeps
+answering while endpoint removal reaches every proxy.
+*/}}
+{{- define "agent-server.nativePreStop" -}}
+{{- $mode := .Values.preStop.nativeSleep }}
+{{- $native := false }}
+{{- if kindIs "bool" $mode }}
+{{- $native = $mode }}
+{{- else }}
+{{- $native = semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}
+{{- end }}
+{{- if and $native (gt (int .Values.preStop.sleepSeconds) 0) }}true{{ end }}
+{{- end }}
+
+{{- define "agent-server.preStopSeconds" -}}
+{{- if include "agent-server.nativePreStop" . }}{{ int .Values.preStop.sleepSeconds }}{{ else }}0{{ end }}
+{{- end }}
+
+{{- define "agent-server.drainDelay" -}}
+{{- if include "agent-server.nativePreStop" . }}0{{ else }}{{ int .Values.preStop.sleepSeconds }}{{ end }}
+{{- end }}
+
+{{- define "agent-server.shutdownTimeout" -}}
+{{- if kindIs "invalid" .Values.config.shutdownTimeout }}
+{{- sub (int .Values.terminationGracePeriodSeconds) (add (int (include "agent-server.preStopSeconds" .)) 5) }}
+{{- else }}
+{{- int .Values.config.shutdownTimeout }}
+{{- end }}
+{{- end }}
+
+{{/* Public URL of the server (SERVER_URL). */}}
+{{- define "agent-server.serverUrl" -}}
+{{- if .Values.config.serverUrl }}
+{{- .Values.config.serverUrl }}
+{{- else if .Values.ingress.enabled }}
+{{- printf "%s://%s" (ternary "https" "http" .Values.ingress.tls.enabled) .Values.ingress.host }}
+{{- else if .Values.gatewayApi.enabled }}
+{{- printf "https://%s" (first (default (list .Values.ingress.host) .Values.gatewayApi.hostnames)) }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "agent-server.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Combinations the schema cannot express. Rendering fails with a message that
+names the values to change, rather than producing pods that crash-loop.
+*/}}
+{{- define "agent-server.validate" -}}
+{{- $errors := list }}
+{{- $replicasMayExceedOne := or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}
+{{- if and $replicasMayExceedOne (not (include "agent-server.redis.host" .)) }}
+{{- $errors = append $errors "more than one replica (replicaCount > 1 or autoscaling.enabled) needs Redis: set redis.enabled=true or externalRedis.host" }}
+{{- end }}
+{{- if and $replicasMayExceedOne (not .Values.postgresql.enabled) (hasPrefix "sqlite:" .Values.externalDatabase.url) }}
+{{- $errors = append $errors "SQLite (externalDatabase.url=sqlite://...) serves a single replica only: set replicaCount=1 and autoscaling.enabled=false" }}
+{{- end }}
+{{- $dbMode := include "agent-server.database.mode" . }}
+{{- if eq $dbMode "none" }}
+{{- $errors = append $errors "no database: enable postgresql, or set externalDatabase.url, externalDatabase.host or externalDatabase.existingSecret" }}
+{{- end }}
+{{- if and (eq $dbMode "user") (or .Values.externalDatabase.url .Values.externalDatabase.host) }}
+{{- $errors = append $errors "externalDatabase.url/host are not used with auth.existingSecret: put DATABASE_URL in that Secret, or give the password through externalDatabase.existingSecret" }}
+{{- end }}
+{{- if and (eq $dbMode "envPassword") (not .Values.postgresql.enabled) (not .Values.externalDatabase.host) }}
+{{- $errors = append $errors "externalDatabase.host is required with externalDatabase.existingSecret, unless externalDatabase.existingSecretUrlKey names a complete URL" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- $errors = append $errors "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- $grace := int .Values.terminationGracePeriodSeconds }}
+{{- $preStop := int (include "agent-server.preStopSeconds" .) }}
+{{- $drainDelay := int (include "agent-server.drainDelay" .) }}
+{{- $shutdown := int (include "agent-server.shutdownTimeout" .) }}
+{{- $window := int .Values.config.drainWindow }}
+{{- if le $shutdown (add $drainDelay $window) }}
+{{- $errors = append $errors (printf "SHUTDOWN_TIMEOUT (%d s) must exceed DRAIN_DELAY (%d s) + config.drainWindow (%d s): raise terminationGracePeriodSeconds or config.shutdownTimeout, or lower config.drainWindow" $shutdown $drainDelay $window) }}
+{{- end }}
+{{- if ge (add $preStop $shutdown) $grace }}
+{{- $errors = append $errors (printf "the preStop sleep (%d s) + SHUTDOWN_TIMEOUT (%d s) must be shorter than terminationGracePeriodSeconds (%d s), or the kubelet kills the server mid-drain" $preStop $shutdown $grace) }}
+{{- end }}
+{{- if and .Values.gatewayApi.enabled (not .Values.gatewayApi.parentRefs) }}
+{{- $errors = append $errors "gatewayApi.parentRefs must name at least one Gateway" }}
+{{- end }}
+{{- if and .Values.auth.existingSecret .Values.auth.secretKey }}
+{{- $errors = append $errors "auth.secretKey is not used with auth.existingSecret: put SECRET_KEY in that Secret" }}
+{{- end }}
+{{- if $errors }}
+{{- fail (printf "\n\nagent-server chart: invalid values:\n  - %s\n" (join "\n  - " $errors)) }}
+{{- end }}
+{{- end }}
+
+{{/* storageClassName of a claim: empty leaves the cluster default, `-` asks for none. */}}
+{{- define "agent-server.storageClass" -}}
+{{- if eq . "-" }}
+storageClassName: ""
+{{- else if . }}
+storageClassName: {{ . | quote }}
+{{- end }}
+{{- end }}
