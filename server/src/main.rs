@@ -70,6 +70,12 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if config.is_sqlite() {
+        tracing::info!(
+            "embedded mode (SQLite in {}); mint an admin token with: agent-server token --sub admin --role admin",
+            config.data_dir.display()
+        );
+    }
     tracing::info!(
         addr = %app.local_addr(),
         pod = %config.pod_id,
@@ -78,12 +84,6 @@ async fn serve(config: Config) -> ExitCode {
         offline_timeout = ?config.offline_timeout,
         "agent-server listening"
     );
-    if config.is_sqlite() {
-        tracing::info!(
-            "embedded mode (SQLite in {}); mint an admin token with: agent-server token --sub admin --role admin",
-            config.data_dir.display()
-        );
-    }
     app.run_until_stopped(shutdown_signal()).await;
     ExitCode::SUCCESS
 }

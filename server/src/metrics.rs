@@ -1,7 +1,7 @@
 //! Prometheus metrics. Every name is `agent_server_*`; label values come from enums or
 //! static route templates, never from user input, so cardinality stays bounded.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -10,28 +10,50 @@ use prometheus_client::registry::Registry;
 
 use crate::store::CommandStatus;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum Direction {
-    Inbound,
-    Outbound,
+/// A label enum whose values render in snake_case, as Prometheus conventions want.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),*
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                use std::fmt::Write;
+                encoder.write_str(match self {
+                    $($name::$variant => $text),*
+                })
+            }
+        }
+    };
 }
 
-/// WebSocket message kinds, as in `docs/protocol.md`.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum MessageType {
-    Welcome,
-    Hello,
-    Heartbeat,
-    HeartbeatAck,
-    Inventory,
-    Command,
-    Result,
-    Ack,
-    Error,
-    Ping,
-    Pong,
-    Close,
-    Invalid,
+label_enum! {
+    Direction {
+        Inbound => "inbound",
+        Outbound => "outbound",
+    }
+}
+
+label_enum! {
+    /// WebSocket message kinds, as in `docs/protocol.md`.
+    MessageType {
+        Welcome => "welcome",
+        Hello => "hello",
+        Heartbeat => "heartbeat",
+        HeartbeatAck => "heartbeat_ack",
+        Inventory => "inventory",
+        Command => "command",
+        Result => "result",
+        Ack => "ack",
+        Error => "error",
+        Ping => "ping",
+        Pong => "pong",
+        Close => "close",
+        Invalid => "invalid",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,13 +74,14 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum StatusLabel {
-    Pending,
-    Delivered,
-    Succeeded,
-    Failed,
-    Expired,
+label_enum! {
+    StatusLabel {
+        Pending => "pending",
+        Delivered => "delivered",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Expired => "expired",
+    }
 }
 
 impl From<CommandStatus> for StatusLabel {
@@ -78,20 +101,21 @@ pub struct CommandLabels {
     pub status: StatusLabel,
 }
 
-/// Why a WebSocket session ended.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum CloseReason {
-    ClientClosed,
-    Replaced,
-    Deleted,
-    HeartbeatTimeout,
-    TokenExpired,
-    SlowConsumer,
-    Draining,
-    Rebalance,
-    ProtocolError,
-    StoreError,
-    NetworkError,
+label_enum! {
+    /// Why a WebSocket session ended.
+    CloseReason {
+        ClientClosed => "client_closed",
+        Replaced => "replaced",
+        Deleted => "deleted",
+        HeartbeatTimeout => "heartbeat_timeout",
+        TokenExpired => "token_expired",
+        SlowConsumer => "slow_consumer",
+        Draining => "draining",
+        Rebalance => "rebalance",
+        ProtocolError => "protocol_error",
+        StoreError => "store_error",
+        NetworkError => "network_error",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -54,26 +54,48 @@ pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Byte
     resp
 }
 
-/// Reads a body of at most `limit` bytes. A declared Content-Length over the limit is
-/// refused before reading anything; an undeclared one is cut off at the limit.
+/// Reads a body of at most `limit` bytes; over the limit it is a 413 and nothing is kept.
 pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
     if declared.is_some_and(|n| n > limit as u64) {
+        discard(&mut body, limit).await;
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::PayloadTooLarge { limit })
+    let mut collected = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request(
+                "body_read_failed",
+                format!("could not read the request body: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if collected.len() + data.len() > limit {
+                discard(&mut body, limit).await;
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            collected.extend_from_slice(&data);
         }
-        Err(e) => Err(ApiError::bad_request(
-            "body_read_failed",
-            format!("could not read the request body: {e}"),
-        )),
+    }
+    Ok(Bytes::from(collected))
+}
+
+/// Reads and drops what remains of an oversized body, up to a bound, so that the client
+/// (usually still sending) reads our 413 instead of a broken pipe. Past the bound the
+/// connection is closed, as proxies do.
+async fn discard(body: &mut Incoming, limit: usize) {
+    let mut budget = limit.saturating_mul(4).max(1024 * 1024);
+    while let Some(Ok(frame)) = body.frame().await {
+        let n = frame.data_ref().map_or(0, |d| d.len());
+        if n >= budget {
+            return;
+        }
+        budget -= n;
     }
 }
 

@@ -1,0 +1,412 @@
+//! Test harness: each test gets its own server on a free port, its own database (a fresh
+//! SQLite file or a fresh PostgreSQL database) and typed clients.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agent_server::auth::{Role, Tokens};
+use agent_server::config::Secret;
+use agent_server::{Application, Config};
+use diesel::Connection;
+use diesel::connection::SimpleConnection;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+/// Bound on every wait for an event; tests never sleep to wait.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One `#[tokio::test]` running `$scenario` against a fresh app on `$backend`.
+macro_rules! scenario_test {
+    ($test:ident, $backend:ident, $scenario:path, [$(($k:literal, $v:literal)),*]) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            let vars: &[(&str, &str)] = &[$(($k, $v)),*];
+            if let Some(app) = $crate::helpers::spawn_app_with($crate::helpers::Backend::$backend, vars).await {
+                $scenario(app).await;
+            }
+        }
+    };
+}
+pub(crate) use scenario_test;
+
+/// For each `async fn(TestApp)` scenario, a module with one test per backend, each with
+/// the default test configuration plus the given overrides.
+macro_rules! on_both_backends {
+    ($($scenario:ident $(with [$($k:literal = $v:literal),* $(,)?])?;)*) => {$(
+        mod $scenario {
+            $crate::helpers::scenario_test!(sqlite, Sqlite, super::$scenario, [$($(($k, $v)),*)?]);
+            $crate::helpers::scenario_test!(postgres, Postgres, super::$scenario, [$($(($k, $v)),*)?]);
+        }
+    )*};
+}
+pub(crate) use on_both_backends;
+
+/// Like [`on_both_backends`], for behaviour that does not touch the database.
+macro_rules! on_sqlite {
+    ($($scenario:ident $(with [$($k:literal = $v:literal),* $(,)?])?;)*) => {$(
+        mod $scenario {
+            $crate::helpers::scenario_test!(sqlite, Sqlite, super::$scenario, [$($(($k, $v)),*)?]);
+        }
+    )*};
+}
+pub(crate) use on_sqlite;
+
+/// A database that exists for one test.
+pub enum TestDb {
+    /// Kept for its lifetime: the directory is removed on drop.
+    Sqlite {
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        admin_url: String,
+        name: String,
+    },
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { admin_url, name } = self
+            && let Ok(mut c) = diesel::PgConnection::establish(admin_url)
+        {
+            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        }
+    }
+}
+
+fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A PostgreSQL database for this test, or `None` (a loud skip) when PostgreSQL is not
+/// reachable outside CI. In CI a missing PostgreSQL fails the test.
+pub fn postgres_db() -> Option<(String, TestDb)> {
+    let admin_url = postgres_admin_url();
+    let mut conn = match diesel::PgConnection::establish(&admin_url) {
+        Ok(c) => c,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "SKIPPED: PostgreSQL not reachable at {admin_url} ({e}); set TEST_POSTGRES_URL"
+            );
+            return None;
+        }
+        Err(e) => panic!("PostgreSQL not reachable at {admin_url}: {e}"),
+    };
+    let name = format!("agent_it_{}", uuid::Uuid::new_v4().simple());
+    conn.batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("create test database");
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("URL with a database path");
+    Some((
+        format!("{base}/{name}"),
+        TestDb::Postgres { admin_url, name },
+    ))
+}
+
+pub fn test_config(
+    database_url: &str,
+    data_dir: &std::path::Path,
+    overrides: &[(&str, &str)],
+) -> Config {
+    let mut vars: HashMap<String, String> = [
+        ("SERVER_HOST", "127.0.0.1"),
+        ("SERVER_PORT", "0"),
+        ("SERVER_URL", "https://agents.example.com"),
+        ("SECRET_KEY", SECRET),
+        ("WS_HEARTBEAT_INTERVAL", "15"),
+        ("WS_OFFLINE_TIMEOUT", "60"),
+        ("DRAIN_WINDOW", "1"),
+        ("SHUTDOWN_TIMEOUT", "10"),
+        ("POD_ID", "pod-test"),
+        ("DATABASE_POOL_SIZE", "4"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    vars.insert("DATABASE_URL".into(), database_url.to_string());
+    vars.insert("DATA_DIR".into(), data_dir.display().to_string());
+    for (k, v) in overrides {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    Config::from_source(&move |k: &str| vars.get(k).cloned()).expect("valid test configuration")
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub admin: String,
+    tokens: Tokens,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub server: Option<JoinHandle<bool>>,
+    _data_dir: tempfile::TempDir,
+    _db: TestDb,
+}
+
+pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Option<TestApp> {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (url, db) = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            (
+                format!("sqlite://{}", dir.path().join("test.db").display()),
+                TestDb::Sqlite { _dir: dir },
+            )
+        }
+        Backend::Postgres => postgres_db()?,
+    };
+    let config = test_config(&url, data_dir.path(), overrides);
+    let app = Application::build(config).await.expect("app builds");
+    let addr = app.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    let tokens = Tokens::new(&Secret::new(SECRET), jsonwebtoken::Algorithm::HS256);
+    Some(TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        admin: tokens.mint("admin", Role::Admin, Duration::from_secs(3600)),
+        http: reqwest::Client::new(),
+        tokens,
+        shutdown: Some(tx),
+        server: Some(server),
+        _data_dir: data_dir,
+        _db: db,
+    })
+}
+
+impl TestApp {
+    pub fn agent_token(&self, id: &str) -> String {
+        self.tokens.mint(id, Role::Agent, Duration::from_secs(3600))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Connects as `id` with a valid token and reads the welcome message.
+    pub async fn connect(&self, id: &str) -> Agent {
+        let token = self.agent_token(id);
+        self.connect_with(id, &[("authorization", &format!("Bearer {token}"))], "")
+            .await
+            .expect("agent connects")
+    }
+
+    /// Attempts a WebSocket handshake; on refusal returns the HTTP status and body.
+    pub async fn connect_with(
+        &self,
+        id: &str,
+        headers: &[(&str, &str)],
+        query: &str,
+    ) -> Result<Agent, (u16, String)> {
+        let mut req = format!("ws://{}/ws/{id}{query}", self.addr)
+            .into_client_request()
+            .unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => {
+                let mut agent = Agent {
+                    ws,
+                    welcome: Value::Null,
+                };
+                agent.welcome = agent.recv().await;
+                assert_eq!(
+                    agent.welcome["type"], "welcome",
+                    "first message is the welcome"
+                );
+                Ok(agent)
+            }
+            Err(tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((status, body))
+            }
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap();
+        status_json(resp).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.admin)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        status_json(resp).await
+    }
+
+    /// Registers an agent (as token minting for enrollment does).
+    pub async fn enroll(&self, id: &str) {
+        let (status, _) = self.post("/api/v1/tokens", &json!({"client_id": id})).await;
+        assert_eq!(status, 201);
+    }
+
+    /// Queues a command and returns its id.
+    pub async fn command(&self, agent: &str, name: &str, args: Value) -> String {
+        let (status, body) = self
+            .post(
+                &format!("/api/v1/agents/{agent}/commands"),
+                &json!({"name": name, "args": args}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn command_status(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/commands/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls `path` until `check` holds, within [`WAIT`].
+    pub async fn eventually(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, body) = self.get(path).await;
+            if check(&body) {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition on {path} not met within {WAIT:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Triggers the drain sequence (as SIGTERM does) and returns the server task.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<bool> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.take().expect("server still running")
+    }
+}
+
+pub async fn status_json(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A protocol-speaking test agent.
+pub struct Agent {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+}
+
+#[derive(Debug)]
+pub enum Frame {
+    Json(Value),
+    Ping,
+    Close(Option<(u16, String)>),
+}
+
+impl Agent {
+    /// The next frame of any kind (pongs are answered by tungstenite), within [`WAIT`].
+    pub async fn next_frame(&mut self) -> Frame {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within the wait bound");
+            match msg {
+                None => return Frame::Close(None),
+                Some(Err(_)) => return Frame::Close(None),
+                Some(Ok(Message::Text(t))) => {
+                    return Frame::Json(serde_json::from_str(t.as_str()).unwrap());
+                }
+                Some(Ok(Message::Ping(_))) => return Frame::Ping,
+                Some(Ok(Message::Close(frame))) => {
+                    return Frame::Close(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next JSON message, skipping pings.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.next_frame().await {
+                Frame::Json(v) => return v,
+                Frame::Ping => continue,
+                Frame::Close(c) => panic!("connection closed while waiting for a message: {c:?}"),
+            }
+        }
+    }
+
+    /// The next message of `type`, skipping others.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// Waits for the server's close frame, skipping other frames.
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            if let Frame::Close(c) = self.next_frame().await {
+                return c.expect("a close frame with a code");
+            }
+        }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    pub async fn result(&mut self, id: &str, status: &str, output: Value) {
+        self.send(json!({"type": "result", "id": id, "status": status, "output": output}))
+            .await;
+    }
+
+    /// Drops the TCP connection without a close handshake, as a crashed host would.
+    pub fn kill(self) {
+        drop(self.ws);
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests over real sockets, on SQLite and on PostgreSQL (TEST_POSTGRES_URL,
+//! default postgres://postgres@127.0.0.1:5432/postgres; each test gets its own database).
+
+mod helpers;
+
+mod api;
+mod commands;
+mod drain;
+mod process;
+mod websocket;
