@@ -1,0 +1,25 @@
+# agent-server: `just` lists the recipes.
+
+# Put the repository's shared tools (a real Helm engine) on PATH when helm is missing.
+export PATH := env_var('PATH') + ":" + justfile_directory() + "/../shared/tools"
+
+default:
+    @just --list
+
+# Serve on the embedded default (SQLite and a generated key in ./data).
+run:
+    cargo run --release -p agent-server
+
+# Everything CI runs: formatting, lints, unit and integration tests, chart checks.
+test: lint
+    cargo test --workspace --locked
+    just chart-lint
+
+# rustfmt and clippy, warnings are errors.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# helm lint, render every chart/ci values file, validate against Kubernetes schemas, scan.
+chart-lint:
+    bash scripts/chart-check.sh
