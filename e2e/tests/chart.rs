@@ -1,0 +1,1407 @@
+//! What the Helm chart in `chart/` renders, asserted on typed Kubernetes objects.
+//!
+//! Each test runs `helm template` with some values, parses the multi-document
+//! output into k8s-openapi types (custom resources stay JSON) and checks one
+//! behaviour the chart promises: probes, rollout, shutdown timing, security
+//! context, NetworkPolicy rules, autoscaling, ingress annotations, secrets.
+//!
+//! `helm` is taken from PATH, else from `../shared/tools/helm` beside the
+//! workspace. Without it the tests fail when `CI` is set and skip loudly
+//! otherwise.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVar, PodSpec, Secret, SecurityContext, Service,
+};
+use k8s_openapi::api::networking::v1::{
+    Ingress, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const RELEASE: &str = "agent-server";
+const NAMESPACE: &str = "agent-system";
+
+// ---------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e lives inside the workspace")
+        .to_path_buf()
+}
+
+fn chart_dir() -> PathBuf {
+    workspace_root().join("chart")
+}
+
+/// `helm` on PATH, else the copy CI keeps in `../shared/tools` beside the repository.
+fn find_helm() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("helm"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.or_else(|| {
+        let shared = workspace_root().join("../shared/tools/helm");
+        shared.is_file().then_some(shared)
+    })
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The helm binary, or `None` after a loud skip notice (a failure under CI).
+fn helm_or_skip() -> Option<PathBuf> {
+    match find_helm() {
+        Some(helm) => Some(helm),
+        None if in_ci() => panic!(
+            "helm not found on PATH nor at {}: the chart tests cannot run",
+            workspace_root().join("../shared/tools/helm").display()
+        ),
+        None => {
+            eprintln!(
+                "\n*** SKIPPED: helm not found on PATH nor in ../shared/tools; \
+                 the chart was NOT checked. Install helm to run these tests. ***\n"
+            );
+            None
+        }
+    }
+}
+
+fn helm_template(helm: &Path, args: &[&str]) -> std::process::Output {
+    let chart = chart_dir();
+    Command::new(helm)
+        .arg("template")
+        .arg(RELEASE)
+        .arg(&chart)
+        .args(["--namespace", NAMESPACE])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", helm.display()))
+}
+
+/// The manifests `helm template` renders with these extra arguments, or `None`
+/// when helm is missing outside CI.
+fn render(args: &[&str]) -> Option<Manifests> {
+    let helm = helm_or_skip()?;
+    let output = helm_template(&helm, args);
+    assert!(
+        output.status.success(),
+        "helm template {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(Manifests::parse(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// The error message of a `helm template` that must fail.
+fn render_error(args: &[&str]) -> Option<String> {
+    let helm = helm_or_skip()?;
+    let output = helm_template(&helm, args);
+    assert!(
+        !output.status.success(),
+        "helm template {args:?} should have failed, but rendered:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    Some(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+fn ci_values(name: &str) -> String {
+    chart_dir()
+        .join("ci")
+        .join(format!("{name}-values.yaml"))
+        .display()
+        .to_string()
+}
+
+/// Renders, or returns from the calling test when helm is missing.
+macro_rules! render {
+    ($($arg:expr),* $(,)?) => {
+        match render(&[$($arg),*]) {
+            Some(manifests) => manifests,
+            None => return,
+        }
+    };
+}
+
+struct Manifests {
+    docs: Vec<Value>,
+}
+
+impl Manifests {
+    fn parse(text: &str) -> Self {
+        let docs = serde_yaml_ng::Deserializer::from_str(text)
+            .map(|doc| Value::deserialize(doc).expect("helm template printed invalid YAML"))
+            .filter(|doc| !doc.is_null())
+            .collect();
+        Manifests { docs }
+    }
+
+    fn raw_all(&self, kind: &str) -> impl Iterator<Item = &Value> {
+        let kind = kind.to_string();
+        self.docs.iter().filter(move |d| d["kind"] == kind.as_str())
+    }
+
+    fn raw(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.raw_all(kind).find(|d| d["metadata"]["name"] == name)
+    }
+
+    fn all<T: DeserializeOwned>(&self, kind: &str) -> Vec<T> {
+        self.raw_all(kind)
+            .map(|d| {
+                serde_json::from_value(d.clone())
+                    .unwrap_or_else(|e| panic!("{kind} does not parse as the Kubernetes type: {e}"))
+            })
+            .collect()
+    }
+
+    fn get<T: DeserializeOwned>(&self, kind: &str, name: &str) -> Option<T> {
+        self.raw(kind, name).map(|d| {
+            serde_json::from_value(d.clone()).unwrap_or_else(|e| {
+                panic!("{kind}/{name} does not parse as the Kubernetes type: {e}")
+            })
+        })
+    }
+
+    fn one<T: DeserializeOwned>(&self, kind: &str, name: &str) -> T {
+        self.get(kind, name)
+            .unwrap_or_else(|| panic!("no {kind}/{name} rendered; kinds: {:?}", self.kinds()))
+    }
+
+    fn kinds(&self) -> Vec<String> {
+        self.docs
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}/{}",
+                    d["kind"].as_str().unwrap_or("?"),
+                    d["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    }
+
+    fn deployment(&self) -> Deployment {
+        self.one("Deployment", RELEASE)
+    }
+
+    fn pod_spec(&self) -> PodSpec {
+        self.deployment()
+            .spec
+            .template
+            .spec
+            .expect("the Deployment has a pod spec")
+    }
+
+    fn server(&self) -> Container {
+        self.pod_spec()
+            .containers
+            .into_iter()
+            .find(|c| c.name == "server")
+            .expect("a container named server")
+    }
+
+    fn pod_annotations(&self) -> BTreeMap<String, String> {
+        self.deployment()
+            .spec
+            .template
+            .metadata
+            .and_then(|m| m.annotations)
+            .unwrap_or_default()
+    }
+
+    fn server_policy(&self) -> NetworkPolicy {
+        self.one("NetworkPolicy", RELEASE)
+    }
+
+    fn secret_data(&self, name: &str) -> BTreeMap<String, String> {
+        let secret: Secret = self.one("Secret", name);
+        secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v.0).expect("secret values are UTF-8")))
+            .collect()
+    }
+}
+
+fn env_value(container: &Container, name: &str) -> Option<String> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
+fn env_var<'a>(container: &'a Container, name: &str) -> Option<&'a EnvVar> {
+    container.env.iter().flatten().find(|e| e.name == name)
+}
+
+fn seconds(container: &Container, name: &str) -> i64 {
+    env_value(container, name)
+        .unwrap_or_else(|| panic!("{name} is not set on the server container"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number of seconds"))
+}
+
+fn ports(ports: &Option<Vec<NetworkPolicyPort>>) -> Vec<(String, i32)> {
+    ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let port = match p.port.as_ref().expect("every rule names its port") {
+                IntOrString::Int(n) => *n,
+                IntOrString::String(s) => panic!("named port {s}: rules use numbers"),
+            };
+            (p.protocol.clone().unwrap_or_else(|| "TCP".into()), port)
+        })
+        .collect()
+}
+
+fn namespace_names(peer: &NetworkPolicyPeer) -> Vec<String> {
+    let Some(selector) = &peer.namespace_selector else {
+        return vec![];
+    };
+    let mut names: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() == "kubernetes.io/metadata.name")
+        .map(|(_, v)| v.clone())
+        .collect();
+    for expr in selector.match_expressions.iter().flatten() {
+        assert_eq!(
+            expr.key, "kubernetes.io/metadata.name",
+            "namespaces are selected by the label Kubernetes sets on every namespace"
+        );
+        assert_eq!(expr.operator, "In");
+        names.extend(expr.values.iter().flatten().cloned());
+    }
+    names
+}
+
+fn egress_rule_for_port(
+    policy: &NetworkPolicy,
+    protocol: &str,
+    port: i32,
+) -> NetworkPolicyEgressRule {
+    policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.egress.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|rule| ports(&rule.ports).contains(&(protocol.to_string(), port)))
+        .cloned()
+        .unwrap_or_else(|| panic!("no egress rule for {protocol}/{port}"))
+}
+
+// ---------------------------------------------------------------------------
+// Server Deployment
+// ---------------------------------------------------------------------------
+
+#[test]
+fn server_probes_use_health_and_readiness_with_the_design_timings() {
+    let m = render!();
+    let server = m.server();
+
+    let liveness = server.liveness_probe.expect("a liveness probe");
+    let http = liveness.http_get.expect("liveness is an HTTP GET");
+    assert_eq!(http.path.as_deref(), Some("/health"));
+    assert_eq!(http.port, IntOrString::String("http".into()));
+    assert_eq!(liveness.initial_delay_seconds, Some(30));
+    assert_eq!(liveness.period_seconds, Some(10));
+    assert_eq!(liveness.timeout_seconds, Some(5));
+    assert_eq!(liveness.failure_threshold, Some(3));
+
+    let readiness = server.readiness_probe.expect("a readiness probe");
+    let http = readiness.http_get.expect("readiness is an HTTP GET");
+    assert_eq!(http.path.as_deref(), Some("/readiness"));
+    assert_eq!(http.port, IntOrString::String("http".into()));
+    assert_eq!(readiness.initial_delay_seconds, Some(10));
+    assert_eq!(readiness.period_seconds, Some(5));
+    assert_eq!(readiness.timeout_seconds, Some(3));
+    assert_eq!(readiness.failure_threshold, Some(2));
+
+    let port = server
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("http"));
+    assert_eq!(
+        port.map(|p| p.container_port),
+        Some(8080),
+        "the probes' named port is 8080"
+    );
+}
+
+#[test]
+fn rolling_update_surges_one_pod_and_never_drops_below_the_desired_count() {
+    let m = render!();
+    let spec = m.deployment().spec;
+    assert_eq!(spec.replicas, Some(2));
+    let strategy = spec.strategy.expect("an update strategy");
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.expect("rolling update parameters");
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+}
+
+#[test]
+fn pods_learn_their_name_and_ip_from_the_downward_api() {
+    let m = render!();
+    let server = m.server();
+    for (name, field) in [("POD_ID", "metadata.name"), ("POD_IP", "status.podIP")] {
+        let var = env_var(&server, name).unwrap_or_else(|| panic!("{name} is set"));
+        let path = var
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(path, Some(field), "{name} comes from {field}");
+    }
+}
+
+#[test]
+fn server_reads_the_configmap_and_secret_through_env_from() {
+    let m = render!();
+    let server = m.server();
+    let sources = server.env_from.expect("envFrom sources");
+    let config = sources
+        .iter()
+        .find_map(|s| s.config_map_ref.as_ref())
+        .expect("a ConfigMap source");
+    let secret = sources
+        .iter()
+        .find_map(|s| s.secret_ref.as_ref())
+        .expect("a Secret source");
+    assert_eq!(config.name, RELEASE);
+    assert_eq!(secret.name, RELEASE);
+
+    let config_map: ConfigMap = m.one("ConfigMap", RELEASE);
+    let data = config_map.data.expect("ConfigMap data");
+    for key in [
+        "SERVER_HOST",
+        "SERVER_PORT",
+        "SERVER_URL",
+        "REDIS_HOST",
+        "REDIS_PORT",
+        "REDIS_DB",
+        "WS_HEARTBEAT_INTERVAL",
+        "WS_OFFLINE_TIMEOUT",
+        "BINARY_STORAGE_PATH",
+        "LOG_LEVEL",
+        "DATA_DIR",
+        "LOG_FORMAT",
+    ] {
+        assert!(data.contains_key(key), "the ConfigMap holds {key}");
+    }
+    assert_eq!(data["REDIS_HOST"], "agent-server-redis");
+    assert_eq!(data["LOG_FORMAT"], "json");
+
+    let secret = m.secret_data(RELEASE);
+    for key in [
+        "DATABASE_URL",
+        "SECRET_KEY",
+        "JWT_ALGORITHM",
+        "REDIS_PASSWORD",
+    ] {
+        assert!(secret.contains_key(key), "the Secret holds {key}");
+    }
+}
+
+#[test]
+fn pod_template_checksums_change_when_config_or_secret_change() {
+    // Fixed passwords: generated ones differ on every `helm template` (in a
+    // cluster, `lookup` keeps them), which would change the checksum anyway.
+    const FIXED: &str = "postgresql.auth.password=pg-password,redis.auth.password=redis-password";
+    let base = render!(
+        "--set",
+        FIXED,
+        "--set",
+        "auth.secretKey=0123456789abcdef0123456789abcdef-base"
+    );
+    let config_changed = render!(
+        "--set",
+        FIXED,
+        "--set",
+        "auth.secretKey=0123456789abcdef0123456789abcdef-base",
+        "--set",
+        "config.logLevel=debug"
+    );
+    let secret_changed = render!(
+        "--set",
+        FIXED,
+        "--set",
+        "auth.secretKey=0123456789abcdef0123456789abcdef-next"
+    );
+
+    let a = base.pod_annotations();
+    let b = config_changed.pod_annotations();
+    let c = secret_changed.pod_annotations();
+    for key in ["checksum/config", "checksum/secret"] {
+        assert_eq!(a[key].len(), 64, "{key} is a sha256");
+    }
+    assert_ne!(
+        a["checksum/config"], b["checksum/config"],
+        "a config change rolls the pods"
+    );
+    assert_eq!(a["checksum/secret"], b["checksum/secret"]);
+    assert_ne!(
+        a["checksum/secret"], c["checksum/secret"],
+        "a secret change rolls the pods"
+    );
+    assert_eq!(a["checksum/config"], c["checksum/config"]);
+}
+
+#[test]
+fn pods_advertise_prometheus_scraping() {
+    let m = render!();
+    let annotations = m.pod_annotations();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "8080");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+}
+
+fn assert_hardened(context: &SecurityContext, who: &str) {
+    assert_eq!(context.run_as_non_root, Some(true), "{who}: runAsNonRoot");
+    assert_eq!(
+        context.allow_privilege_escalation,
+        Some(false),
+        "{who}: no privilege escalation"
+    );
+    assert_eq!(
+        context.read_only_root_filesystem,
+        Some(true),
+        "{who}: read-only root filesystem"
+    );
+    let drop = context.capabilities.as_ref().and_then(|c| c.drop.clone());
+    assert_eq!(
+        drop,
+        Some(vec!["ALL".to_string()]),
+        "{who}: drops all capabilities"
+    );
+    assert!(
+        context
+            .capabilities
+            .as_ref()
+            .and_then(|c| c.add.as_ref())
+            .is_none(),
+        "{who}: adds no capability"
+    );
+    assert_eq!(
+        context.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault"),
+        "{who}: RuntimeDefault seccomp"
+    );
+}
+
+#[test]
+fn server_runs_as_65532_with_a_read_only_root_and_writable_volumes_only_where_it_writes() {
+    let m = render!();
+    let pod = m.pod_spec();
+    let pod_context = pod
+        .security_context
+        .clone()
+        .expect("a pod security context");
+    assert_eq!(pod_context.run_as_non_root, Some(true));
+    assert_eq!(pod_context.run_as_user, Some(65532));
+    assert_eq!(pod_context.fs_group, Some(65532));
+    assert_eq!(
+        pod_context.seccomp_profile.map(|s| s.type_),
+        Some("RuntimeDefault".to_string())
+    );
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(false),
+        "no API token in the pod"
+    );
+
+    let server = m.server();
+    let context = server
+        .security_context
+        .clone()
+        .expect("a container security context");
+    assert_hardened(&context, "server");
+    assert_eq!(context.run_as_user, Some(65532));
+
+    let mounts: BTreeMap<String, String> = server
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|v| (v.mount_path.clone(), v.name.clone()))
+        .collect();
+    assert_eq!(
+        mounts.get("/storage/binaries").map(String::as_str),
+        Some("binaries")
+    );
+    assert_eq!(
+        mounts.get("/var/lib/agent-server").map(String::as_str),
+        Some("data")
+    );
+    assert_eq!(mounts.get("/tmp").map(String::as_str), Some("tmp"));
+
+    let volumes = pod.volumes.unwrap_or_default();
+    let binaries = volumes
+        .iter()
+        .find(|v| v.name == "binaries")
+        .expect("a binaries volume");
+    assert_eq!(
+        binaries
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.as_str()),
+        Some("agent-server-binaries")
+    );
+    for name in ["data", "tmp"] {
+        let volume = volumes
+            .iter()
+            .find(|v| v.name == name)
+            .expect("the volume exists");
+        assert!(volume.empty_dir.is_some(), "{name} is an emptyDir");
+    }
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    assert_eq!(config.data.unwrap()["DATA_DIR"], "/var/lib/agent-server");
+
+    let service_account: k8s_openapi::api::core::v1::ServiceAccount =
+        m.one("ServiceAccount", RELEASE);
+    assert_eq!(service_account.automount_service_account_token, Some(false));
+}
+
+#[test]
+fn binaries_claim_is_read_write_many_by_default_and_storage_is_configurable() {
+    let m = render!();
+    let claim: k8s_openapi::api::core::v1::PersistentVolumeClaim =
+        m.one("PersistentVolumeClaim", "agent-server-binaries");
+    let spec = claim.spec.expect("a claim spec");
+    assert_eq!(spec.access_modes, Some(vec!["ReadWriteMany".to_string()]));
+    assert_eq!(spec.storage_class_name, None, "the cluster default class");
+
+    let kind = render!("-f", &ci_values("kind"));
+    let claim: k8s_openapi::api::core::v1::PersistentVolumeClaim =
+        kind.one("PersistentVolumeClaim", "agent-server-binaries");
+    let spec = claim.spec.expect("a claim spec");
+    assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_string()]));
+    assert_eq!(spec.storage_class_name.as_deref(), Some("standard"));
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown: preStop sleep or DRAIN_DELAY, by Kubernetes version
+// ---------------------------------------------------------------------------
+
+#[test]
+fn kubernetes_1_30_and_later_get_the_native_pre_stop_sleep() {
+    for version in ["1.30.0", "1.31.0", "1.37.0"] {
+        let m = render!("--kube-version", version);
+        let server = m.server();
+        let sleep = server
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .unwrap_or_else(|| panic!("Kubernetes {version}: a native preStop sleep"));
+        assert_eq!(sleep.seconds, 10);
+        let pre_stop = server
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .unwrap();
+        assert!(
+            pre_stop.exec.is_none(),
+            "the distroless image has no shell for exec: sleep"
+        );
+        assert_eq!(
+            seconds(&server, "DRAIN_DELAY"),
+            0,
+            "Kubernetes {version}: the hook does the waiting"
+        );
+        assert_eq!(m.pod_spec().termination_grace_period_seconds, Some(30));
+    }
+}
+
+#[test]
+fn older_kubernetes_gets_the_server_drain_delay_instead_of_a_pre_stop_hook() {
+    let m = render!("--kube-version", "1.29.0");
+    let server = m.server();
+    assert!(
+        server.lifecycle.is_none(),
+        "no lifecycle hook before 1.30: {:?}",
+        server.lifecycle
+    );
+    assert_eq!(seconds(&server, "DRAIN_DELAY"), 10);
+    assert_eq!(m.pod_spec().termination_grace_period_seconds, Some(30));
+}
+
+#[test]
+fn native_pre_stop_sleep_can_be_forced_either_way_by_value() {
+    let off = render!(
+        "--kube-version",
+        "1.33.0",
+        "--set",
+        "preStop.nativeSleep=false"
+    );
+    assert!(off.server().lifecycle.is_none());
+    assert_eq!(seconds(&off.server(), "DRAIN_DELAY"), 10);
+
+    let on = render!(
+        "--kube-version",
+        "1.29.0",
+        "--set",
+        "preStop.nativeSleep=true"
+    );
+    assert!(
+        on.server()
+            .lifecycle
+            .and_then(|l| l.pre_stop)
+            .and_then(|h| h.sleep)
+            .is_some()
+    );
+    assert_eq!(seconds(&on.server(), "DRAIN_DELAY"), 0);
+}
+
+#[test]
+fn shutdown_fits_in_the_grace_period_on_every_kubernetes_version() {
+    for version in ["1.29.0", "1.31.0"] {
+        let m = render!("--kube-version", version);
+        let server = m.server();
+        let grace = m.pod_spec().termination_grace_period_seconds.unwrap();
+        let pre_stop = server
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .map_or(0, |s| s.seconds);
+        let drain_delay = seconds(&server, "DRAIN_DELAY");
+        let drain_window = seconds(&server, "DRAIN_WINDOW");
+        let shutdown = seconds(&server, "SHUTDOWN_TIMEOUT");
+        assert_eq!(
+            pre_stop + drain_delay,
+            10,
+            "Kubernetes {version}: 10 s of serving while endpoints go"
+        );
+        assert!(
+            pre_stop + shutdown < grace,
+            "Kubernetes {version}: preStop {pre_stop} + SHUTDOWN_TIMEOUT {shutdown} < grace {grace}"
+        );
+        assert!(
+            drain_delay + drain_window < shutdown,
+            "Kubernetes {version}: DRAIN_DELAY {drain_delay} + DRAIN_WINDOW {drain_window} < SHUTDOWN_TIMEOUT {shutdown}"
+        );
+    }
+}
+
+#[test]
+fn a_shutdown_timeout_that_overruns_the_grace_period_is_refused() {
+    let Some(error) = render_error(&["--set", "config.shutdownTimeout=25"]) else {
+        return;
+    };
+    assert!(error.contains("terminationGracePeriodSeconds"), "{error}");
+}
+
+// ---------------------------------------------------------------------------
+// Service, Ingress, Gateway API
+// ---------------------------------------------------------------------------
+
+#[test]
+fn service_is_cluster_ip_without_session_affinity() {
+    let m = render!();
+    let service: Service = m.one("Service", RELEASE);
+    let spec = service.spec.expect("a Service spec");
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.session_affinity.as_deref(), Some("None"));
+    let port = &spec.ports.expect("ports")[0];
+    assert_eq!(port.port, 80);
+    assert_eq!(port.target_port, Some(IntOrString::String("http".into())));
+    let selector = spec.selector.expect("a selector");
+    assert_eq!(
+        selector.len(),
+        2,
+        "selector is name + instance: {selector:?}"
+    );
+    assert_eq!(selector["app.kubernetes.io/name"], "agent-server");
+    assert_eq!(selector["app.kubernetes.io/instance"], RELEASE);
+}
+
+#[test]
+fn ingress_nginx_preset_raises_timeouts_and_never_emits_websocket_services() {
+    let m = render!("-f", &ci_values("seed"));
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    let annotations = ingress.metadata.annotations.clone().expect("annotations");
+    let expected = [
+        ("cert-manager.io/cluster-issuer", "letsencrypt-prod"),
+        ("nginx.ingress.kubernetes.io/proxy-read-timeout", "3600"),
+        ("nginx.ingress.kubernetes.io/proxy-send-timeout", "3600"),
+        ("nginx.ingress.kubernetes.io/proxy-connect-timeout", "30"),
+        ("nginx.ingress.kubernetes.io/proxy-body-size", "10m"),
+        ("nginx.ingress.kubernetes.io/ssl-redirect", "true"),
+        ("nginx.ingress.kubernetes.io/force-ssl-redirect", "true"),
+        ("nginx.ingress.kubernetes.io/enable-cors", "true"),
+        (
+            "nginx.ingress.kubernetes.io/cors-allow-origin",
+            "https://agent.myelintek.com",
+        ),
+    ];
+    for (key, value) in expected {
+        assert_eq!(
+            annotations.get(key).map(String::as_str),
+            Some(value),
+            "{key}"
+        );
+    }
+    assert!(
+        !annotations
+            .keys()
+            .any(|k| k.ends_with("websocket-services")),
+        "websocket-services is not an ingress-nginx annotation: {annotations:?}"
+    );
+}
+
+#[test]
+fn ingress_routes_websocket_api_and_ui_paths_over_tls_for_the_host() {
+    let m = render!("-f", &ci_values("seed"));
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    let spec = ingress.spec.expect("an Ingress spec");
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("nginx"));
+    let tls = &spec.tls.expect("TLS")[0];
+    assert_eq!(tls.hosts, Some(vec!["agent.myelintek.com".to_string()]));
+    assert_eq!(tls.secret_name.as_deref(), Some("agent-tls-cert"));
+    let rule = &spec.rules.expect("rules")[0];
+    assert_eq!(rule.host.as_deref(), Some("agent.myelintek.com"));
+    let paths = &rule.http.as_ref().expect("HTTP paths").paths;
+    let prefixes: Vec<&str> = paths.iter().filter_map(|p| p.path.as_deref()).collect();
+    assert_eq!(prefixes, ["/ws", "/api", "/"]);
+    for path in paths {
+        assert_eq!(path.path_type, "Prefix");
+        let backend = path.backend.service.as_ref().expect("a Service backend");
+        assert_eq!(backend.name, RELEASE);
+    }
+}
+
+#[test]
+fn traefik_preset_uses_traefik_annotations_and_no_nginx_ones() {
+    let m = render!("-f", &ci_values("traefik"));
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    let annotations = ingress.metadata.annotations.expect("annotations");
+    assert_eq!(
+        annotations["traefik.ingress.kubernetes.io/router.entrypoints"],
+        "websecure"
+    );
+    assert_eq!(
+        annotations["traefik.ingress.kubernetes.io/router.tls"],
+        "true"
+    );
+    assert!(
+        !annotations.keys().any(|k| k.starts_with("nginx.")),
+        "{annotations:?}"
+    );
+    assert_eq!(
+        ingress.spec.unwrap().ingress_class_name.as_deref(),
+        Some("traefik")
+    );
+}
+
+#[test]
+fn gateway_route_gives_websockets_their_own_timeouts() {
+    let m = render!("-f", &ci_values("gateway"));
+    assert!(
+        m.raw("Ingress", RELEASE).is_none(),
+        "the route replaces the Ingress"
+    );
+    let route = m.raw("HTTPRoute", RELEASE).expect("an HTTPRoute");
+    assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(route["spec"]["parentRefs"][0]["name"], "eg");
+    let rules = route["spec"]["rules"].as_array().expect("rules");
+    let ws = rules
+        .iter()
+        .find(|r| r["matches"][0]["path"]["value"] == "/ws")
+        .expect("a /ws rule");
+    assert_eq!(ws["timeouts"]["request"], "0s");
+    let rest = rules
+        .iter()
+        .find(|r| {
+            r["matches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["path"]["value"] == "/api")
+        })
+        .expect("an /api rule");
+    assert_eq!(rest["timeouts"]["request"], "60s");
+    assert_eq!(rest["backendRefs"][0]["name"], RELEASE);
+    assert_eq!(rest["backendRefs"][0]["port"], 80);
+}
+
+// ---------------------------------------------------------------------------
+// NetworkPolicy
+// ---------------------------------------------------------------------------
+
+#[test]
+fn network_policy_admits_the_ingress_controller_and_prometheus_by_namespace_name() {
+    let m = render!();
+    let policy = m.server_policy();
+    let spec = policy.spec.expect("a policy spec");
+    assert_eq!(
+        spec.policy_types,
+        Some(vec!["Ingress".to_string(), "Egress".to_string()])
+    );
+    let rules = spec.ingress.expect("ingress rules");
+    let admitted: Vec<String> = rules
+        .iter()
+        .flat_map(|r| r.from.iter().flatten())
+        .flat_map(namespace_names)
+        .collect();
+    assert!(
+        admitted.contains(&"ingress-nginx".to_string()),
+        "{admitted:?}"
+    );
+    assert!(
+        admitted.contains(&"monitoring".to_string()),
+        "Prometheus may scrape: {admitted:?}"
+    );
+    for rule in &rules {
+        assert_eq!(ports(&rule.ports), [("TCP".to_string(), 8080)]);
+        for peer in rule.from.iter().flatten() {
+            if let Some(selector) = &peer.namespace_selector {
+                let labels = selector.match_labels.clone().unwrap_or_default();
+                assert!(
+                    !labels.contains_key("name"),
+                    "the design's `name` label is not set by Kubernetes"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn network_policy_allows_dns_over_udp_and_tcp_to_the_cluster_dns() {
+    let m = render!();
+    let policy = m.server_policy();
+    let udp = egress_rule_for_port(&policy, "UDP", 53);
+    let tcp = egress_rule_for_port(&policy, "TCP", 53);
+    assert_eq!(udp, tcp, "one rule for both protocols");
+    let peer = &udp.to.expect("a DNS destination")[0];
+    assert_eq!(namespace_names(peer), ["kube-system"]);
+    let pods = peer
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    assert_eq!(pods.get("k8s-app").map(String::as_str), Some("kube-dns"));
+}
+
+#[test]
+fn network_policy_allows_redis_and_postgresql_only_towards_the_bundled_pods() {
+    let m = render!();
+    let policy = m.server_policy();
+    for (port, name) in [(6379, "redis"), (5432, "postgresql")] {
+        let rule = egress_rule_for_port(&policy, "TCP", port);
+        let peers = rule.to.expect("a destination");
+        assert_eq!(peers.len(), 1);
+        let labels = peers[0]
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .expect("pod labels");
+        assert_eq!(labels["app.kubernetes.io/name"], name);
+        assert_eq!(labels["app.kubernetes.io/instance"], RELEASE);
+        assert!(peers[0].namespace_selector.is_none(), "this namespace only");
+    }
+
+    for (name, port) in [
+        ("agent-server-redis", 6379),
+        ("agent-server-postgresql", 5432),
+    ] {
+        let policy: NetworkPolicy = m.one("NetworkPolicy", name);
+        let spec = policy.spec.expect("a spec");
+        let rules = spec.ingress.expect("ingress rules");
+        assert_eq!(rules.len(), 1, "{name} answers the server only");
+        assert_eq!(ports(&rules[0].ports), [("TCP".to_string(), port)]);
+        let from = rules[0].from.as_ref().unwrap()[0]
+            .pod_selector
+            .clone()
+            .unwrap()
+            .match_labels
+            .unwrap();
+        assert_eq!(from["app.kubernetes.io/name"], "agent-server");
+        assert_eq!(spec.egress, Some(vec![]), "{name} opens no connections");
+    }
+}
+
+#[test]
+fn network_policy_allows_https_outside_the_cluster_only_when_enabled() {
+    let m = render!();
+    let egress = m.server_policy().spec.unwrap().egress.unwrap();
+    assert!(
+        !egress
+            .iter()
+            .any(|r| ports(&r.ports).contains(&("TCP".to_string(), 443))),
+        "no HTTPS egress by default"
+    );
+
+    let m = render!("--set", "networkPolicy.externalHttps.enabled=true");
+    let rule = egress_rule_for_port(&m.server_policy(), "TCP", 443);
+    let peers = rule.to.expect("a destination");
+    let block = peers[0]
+        .ip_block
+        .as_ref()
+        .expect("an ipBlock: podSelector {} would mean this namespace");
+    assert_eq!(block.cidr, "0.0.0.0/0");
+    assert!(
+        block
+            .except
+            .as_ref()
+            .unwrap()
+            .contains(&"10.0.0.0/8".to_string())
+    );
+}
+
+#[test]
+fn network_policy_follows_external_services_to_their_ports() {
+    let m = render!("-f", &ci_values("external"));
+    let policy = m.server_policy();
+    let redis = egress_rule_for_port(&policy, "TCP", 6380);
+    assert_eq!(
+        redis.to.unwrap()[0].ip_block.as_ref().unwrap().cidr,
+        "10.21.0.0/16"
+    );
+    let database = egress_rule_for_port(&policy, "TCP", 5432);
+    assert_eq!(
+        database.to.unwrap()[0].ip_block.as_ref().unwrap().cidr,
+        "10.20.0.0/16"
+    );
+    assert!(m.raw("NetworkPolicy", "agent-server-redis").is_none());
+}
+
+// ---------------------------------------------------------------------------
+// Autoscaling and disruption
+// ---------------------------------------------------------------------------
+
+#[test]
+fn hpa_scales_two_to_ten_pods_on_cpu_70_and_memory_80_with_the_design_behaviour() {
+    let m = render!("-f", &ci_values("seed"));
+    let hpa: HorizontalPodAutoscaler = m.one("HorizontalPodAutoscaler", RELEASE);
+    let spec = hpa.spec;
+    assert_eq!(spec.scale_target_ref.kind, "Deployment");
+    assert_eq!(spec.scale_target_ref.name, RELEASE);
+    assert_eq!(spec.min_replicas, Some(2));
+    assert_eq!(spec.max_replicas, 10);
+    let targets: BTreeMap<String, i32> = spec
+        .metrics
+        .unwrap()
+        .into_iter()
+        .map(|metric| {
+            let resource = metric.resource.expect("resource metrics");
+            (
+                resource.name,
+                resource
+                    .target
+                    .average_utilization
+                    .expect("a utilisation target"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        BTreeMap::from([("cpu".into(), 70), ("memory".into(), 80)])
+    );
+
+    let behavior = spec.behavior.expect("a scaling behaviour");
+    let down = behavior.scale_down.expect("scale-down rules");
+    assert_eq!(down.stabilization_window_seconds, Some(300));
+    let policy = &down.policies.unwrap()[0];
+    assert_eq!(
+        (policy.type_.as_str(), policy.value, policy.period_seconds),
+        ("Percent", 50, 60)
+    );
+    let up = behavior.scale_up.expect("scale-up rules");
+    assert_eq!(up.stabilization_window_seconds, Some(60));
+    let policy = &up.policies.unwrap()[0];
+    assert_eq!(
+        (policy.type_.as_str(), policy.value, policy.period_seconds),
+        ("Percent", 100, 30)
+    );
+
+    assert_eq!(
+        m.deployment().spec.replicas,
+        None,
+        "with an HPA the Deployment leaves replicas alone, or every upgrade would reset them"
+    );
+}
+
+#[test]
+fn disruption_budget_lets_one_server_pod_go_at_a_time() {
+    let m = render!();
+    let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+        m.one("PodDisruptionBudget", RELEASE);
+    let spec = pdb.spec.expect("a PDB spec");
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+    let selector = spec
+        .selector
+        .and_then(|s| s.match_labels)
+        .expect("a selector");
+    assert_eq!(selector["app.kubernetes.io/name"], "agent-server");
+}
+
+#[test]
+fn several_replicas_without_redis_are_refused() {
+    let Some(error) = render_error(&["--set", "redis.enabled=false", "--set", "replicaCount=2"])
+    else {
+        return;
+    };
+    assert!(error.contains("needs Redis"), "{error}");
+}
+
+// ---------------------------------------------------------------------------
+// Secrets
+// ---------------------------------------------------------------------------
+
+#[test]
+fn generated_secret_key_is_random_long_and_never_from_values() {
+    let values = std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap();
+    assert!(
+        values.contains("secretKey: \"\""),
+        "values.yaml ships no secret key"
+    );
+
+    let first = render!();
+    let second = render!();
+    let a = &first.secret_data(RELEASE)["SECRET_KEY"];
+    let b = &second.secret_data(RELEASE)["SECRET_KEY"];
+    assert!(
+        a.len() >= 32,
+        "SECRET_KEY has {} bytes; the server needs 32",
+        a.len()
+    );
+    assert_ne!(a, b, "each install generates its own key");
+    assert_eq!(first.secret_data(RELEASE)["JWT_ALGORITHM"], "HS256");
+}
+
+#[test]
+fn bundled_postgresql_password_is_the_one_in_database_url() {
+    let m = render!();
+    let password = m.secret_data("agent-server-postgresql")["password"].clone();
+    assert!(password.len() >= 32 && password.chars().all(|c| c.is_ascii_alphanumeric()));
+    let url = &m.secret_data(RELEASE)["DATABASE_URL"];
+    assert_eq!(
+        url,
+        &format!("postgresql://postgres:{password}@agent-server-postgresql:5432/agentdb")
+    );
+
+    let statefulset: StatefulSet = m.one("StatefulSet", "agent-server-postgresql");
+    let container = &statefulset.spec.template.spec.as_ref().unwrap().containers[0];
+    let reference = env_var(container, "POSTGRES_PASSWORD")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("the password comes from the Secret");
+    assert_eq!(
+        (reference.name.as_str(), reference.key.as_str()),
+        ("agent-server-postgresql", "password")
+    );
+
+    let secret: Secret = m.one("Secret", "agent-server-postgresql");
+    let annotations = secret.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep"),
+        "the password outlives an uninstall, like the data volume does"
+    );
+    let claims = statefulset
+        .spec
+        .volume_claim_templates
+        .expect("a volumeClaimTemplate");
+    assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
+}
+
+#[test]
+fn existing_secret_replaces_the_chart_secret_for_the_server_and_the_test_pod() {
+    let m = render!("--set", "auth.existingSecret=my-agent-secret");
+    assert!(
+        m.raw("Secret", RELEASE).is_none(),
+        "no chart Secret: {:?}",
+        m.kinds()
+    );
+    let server = m.server();
+    let secret_ref = server
+        .env_from
+        .iter()
+        .flatten()
+        .find_map(|s| s.secret_ref.as_ref())
+        .expect("a Secret source");
+    assert_eq!(secret_ref.name, "my-agent-secret");
+
+    // The bundled PostgreSQL's generated password still reaches the server: the
+    // URL is composed in the pod from its own Secret.
+    let password = env_var(&server, "DATABASE_PASSWORD")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("DATABASE_PASSWORD from a Secret");
+    assert_eq!(password.name, "agent-server-postgresql");
+    assert_eq!(
+        env_value(&server, "DATABASE_URL").as_deref(),
+        Some("postgresql://postgres:$(DATABASE_PASSWORD)@agent-server-postgresql:5432/agentdb")
+    );
+    let position = |name: &str| {
+        server
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .position(|e| e.name == name)
+            .unwrap()
+    };
+    assert!(
+        position("DATABASE_PASSWORD") < position("DATABASE_URL"),
+        "$(VAR) needs VAR first"
+    );
+
+    let test_pod: k8s_openapi::api::core::v1::Pod = m.one("Pod", "agent-server-test");
+    let test_secret = test_pod.spec.unwrap().containers[0]
+        .env_from
+        .iter()
+        .flatten()
+        .find_map(|s| s.secret_ref.clone())
+        .expect("the test pod reads the same Secret");
+    assert_eq!(test_secret.name, "my-agent-secret");
+}
+
+#[test]
+fn external_services_take_their_passwords_from_existing_secrets() {
+    let m = render!("-f", &ci_values("external"));
+    assert!(m.raw("StatefulSet", "agent-server-redis").is_none());
+    assert!(m.raw("StatefulSet", "agent-server-postgresql").is_none());
+    let secret = m.secret_data(RELEASE);
+    assert!(
+        !secret.contains_key("DATABASE_URL"),
+        "the URL is composed in the pod"
+    );
+    assert!(
+        !secret.contains_key("REDIS_PASSWORD"),
+        "the password comes from its own Secret"
+    );
+
+    let server = m.server();
+    let reference = |name: &str| {
+        let r = env_var(&server, name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .unwrap_or_else(|| panic!("{name} from a Secret"));
+        (r.name.clone(), r.key.clone())
+    };
+    assert_eq!(
+        reference("REDIS_PASSWORD"),
+        ("agent-server-redis".into(), "redis-password".into())
+    );
+    assert_eq!(
+        reference("DATABASE_PASSWORD"),
+        ("agent-server-db".into(), "db-password".into())
+    );
+    assert_eq!(
+        env_value(&server, "DATABASE_URL").as_deref(),
+        Some(
+            "postgresql://agent:$(DATABASE_PASSWORD)@pg.example.internal:5432/agentdb?sslmode=verify-full"
+        )
+    );
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    let data = config.data.unwrap();
+    assert_eq!(data["REDIS_HOST"], "redis.example.internal");
+    assert_eq!(data["REDIS_PORT"], "6380");
+}
+
+#[test]
+fn external_database_url_in_a_secret_is_used_as_is() {
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.existingSecret=db",
+        "--set",
+        "externalDatabase.existingSecretUrlKey=url",
+    );
+    let server = m.server();
+    let reference = env_var(&server, "DATABASE_URL")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("DATABASE_URL from the Secret");
+    assert_eq!(
+        (reference.name.as_str(), reference.key.as_str()),
+        ("db", "url")
+    );
+    assert!(env_var(&server, "DATABASE_PASSWORD").is_none());
+}
+
+// ---------------------------------------------------------------------------
+// Bundled Redis and PostgreSQL
+// ---------------------------------------------------------------------------
+
+#[test]
+fn bundled_redis_never_evicts_session_keys() {
+    let m = render!();
+    let config: ConfigMap = m.one("ConfigMap", "agent-server-redis");
+    let conf = &config.data.expect("data")["redis.conf"];
+    assert!(
+        conf.lines().any(|l| l == "maxmemory-policy noeviction"),
+        "{conf}"
+    );
+    assert!(!conf.contains("allkeys"), "{conf}");
+    assert!(
+        !conf.contains("requirepass"),
+        "the password is never in the ConfigMap"
+    );
+
+    let Some(error) = render_error(&["--set", "redis.maxmemoryPolicy=allkeys-lru"]) else {
+        return;
+    };
+    assert!(error.contains("maxmemoryPolicy"), "{error}");
+}
+
+#[test]
+fn bundled_redis_and_postgresql_run_hardened_as_uid_999_from_official_images() {
+    let m = render!();
+    for (name, image) in [
+        ("agent-server-redis", "docker.io/library/redis:"),
+        ("agent-server-postgresql", "docker.io/library/postgres:"),
+    ] {
+        let statefulset: StatefulSet = m.one("StatefulSet", name);
+        let pod = statefulset.spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false), "{name}");
+        let pod_context = pod.security_context.expect("a pod security context");
+        assert_eq!(pod_context.run_as_user, Some(999), "{name}");
+        assert_eq!(pod_context.fs_group, Some(999), "{name}");
+        let container = &pod.containers[0];
+        assert!(
+            container.image.as_deref().unwrap().starts_with(image),
+            "{name}: {:?}",
+            container.image
+        );
+        let context = container
+            .security_context
+            .clone()
+            .expect("a container security context");
+        assert_hardened(&context, name);
+        assert!(
+            container.liveness_probe.is_some() && container.readiness_probe.is_some(),
+            "{name} is probed"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// helm test, namespace, and the design as a whole
+// ---------------------------------------------------------------------------
+
+#[test]
+fn helm_test_pod_runs_the_server_check_through_the_service() {
+    let m = render!();
+    let pod: k8s_openapi::api::core::v1::Pod = m.one("Pod", "agent-server-test");
+    let annotations = pod.metadata.annotations.clone().unwrap();
+    assert_eq!(annotations["helm.sh/hook"], "test");
+    let labels = pod.metadata.labels.clone().unwrap();
+    assert_ne!(
+        labels["app.kubernetes.io/name"], "agent-server",
+        "the Service must not select the test pod"
+    );
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let container = &spec.containers[0];
+    assert_eq!(
+        container.image,
+        m.server().image,
+        "the server image, so nothing else is pulled"
+    );
+    assert_eq!(
+        container.args.clone().unwrap(),
+        ["check", "--url", "http://agent-server.agent-system.svc:80"]
+    );
+    assert!(
+        container.command.is_none(),
+        "the image's entrypoint is the server binary"
+    );
+    assert_hardened(container.security_context.as_ref().unwrap(), "test pod");
+}
+
+#[test]
+fn namespace_is_created_only_on_request_and_survives_uninstall() {
+    let m = render!();
+    assert!(m.raw_all("Namespace").next().is_none());
+    let m = render!("--set", "namespace.create=true");
+    let namespace = m
+        .raw("Namespace", NAMESPACE)
+        .expect("the release namespace");
+    assert_eq!(
+        namespace["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
+}
+
+#[test]
+fn the_design_values_render_every_resource_of_the_design() {
+    let m = render!("-f", &ci_values("seed"));
+    for (kind, name) in [
+        ("Namespace", NAMESPACE),
+        ("ConfigMap", RELEASE),
+        ("Secret", RELEASE),
+        ("PersistentVolumeClaim", "agent-server-binaries"),
+        ("Deployment", RELEASE),
+        ("Service", RELEASE),
+        ("Ingress", RELEASE),
+        ("StatefulSet", "agent-server-redis"),
+        ("Service", "agent-server-redis"),
+        ("StatefulSet", "agent-server-postgresql"),
+        ("Service", "agent-server-postgresql"),
+        ("Secret", "agent-server-postgresql"),
+        ("HorizontalPodAutoscaler", RELEASE),
+        ("NetworkPolicy", RELEASE),
+        ("ServiceMonitor", RELEASE),
+    ] {
+        assert!(
+            m.raw(kind, name).is_some(),
+            "{kind}/{name} missing; rendered: {:?}",
+            m.kinds()
+        );
+    }
+    let monitor = m.raw("ServiceMonitor", RELEASE).unwrap();
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+    assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "30s");
+    let image = m.server().image.unwrap();
+    assert_eq!(image, "your-registry/agent-server:v1.0.0");
+
+    // Every object parses as its Kubernetes type.
+    let _: Vec<Deployment> = m.all("Deployment");
+    let _: Vec<StatefulSet> = m.all("StatefulSet");
+    let _: Vec<Service> = m.all("Service");
+    let _: Vec<NetworkPolicy> = m.all("NetworkPolicy");
+    let _: Vec<Secret> = m.all("Secret");
+}
+
+#[test]
+fn values_schema_refuses_unknown_keys_and_impossible_replica_counts() {
+    for (args, needle) in [
+        (vec!["--set", "replicas=3"], "replicas"),
+        (vec!["--set", "replicaCount=0"], "replicaCount"),
+        (vec!["--set", "ingress.className=Not_Valid"], "className"),
+        (vec!["--set-string", "service.port=eighty"], "port"),
+    ] {
+        let Some(error) = render_error(&args) else {
+            return;
+        };
+        assert!(error.contains(needle), "{args:?}: {error}");
+    }
+}
