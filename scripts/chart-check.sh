@@ -18,8 +18,9 @@
 #        scripts/chart-check.sh --readme   rewrite the values table in chart/README.md
 #
 # Needs python3 and helm. When helm is not on PATH, the one in ../shared/tools
-# beside the repository is used. kubernetes-validate and checkov are installed
-# with pip into target/chart-venv on first use, and reused afterwards.
+# beside the repository is used. kubernetes-validate and checkov come from
+# target/chart-venv, else from PATH; when neither has them they are installed
+# with pip into target/chart-venv, which later runs reuse.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,16 +49,25 @@ fi
 
 # --- tools -------------------------------------------------------------------
 
-step "Python tools (kubernetes-validate, checkov) in ${venv#"$repo"/}"
-if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/checkov" ]; then
-  echo "  installing with pip (first run only)..."
-  python3 -m venv "$venv"
+step "Python tools (kubernetes-validate, checkov)"
+if [ -x "$venv/bin/kubernetes-validate" ] && [ -x "$venv/bin/checkov" ]; then
+  py="$venv/bin/python" kubernetes_validate="$venv/bin/kubernetes-validate" checkov="$venv/bin/checkov"
+elif command -v kubernetes-validate >/dev/null 2>&1 && command -v checkov >/dev/null 2>&1 &&
+  python3 -c 'import yaml, kubernetes_validate' 2>/dev/null; then
+  py=python3 kubernetes_validate=kubernetes-validate checkov=checkov
+else
+  echo "  installing into ${venv#"$repo"/} with pip (first run only)..."
+  if ! python3 -m venv "$venv"; then
+    echo "chart-check: python3 -m venv failed; install python3-venv (Debian/Ubuntu)," \
+      "or pip install kubernetes-validate checkov" >&2
+    exit 2
+  fi
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     'kubernetes-validate>=1.31' 'checkov>=3'
+  py="$venv/bin/python" kubernetes_validate="$venv/bin/kubernetes-validate" checkov="$venv/bin/checkov"
 fi
-py="$venv/bin/python"
 latest_kube="$("$py" -c 'import kubernetes_validate.utils as u; print(u.latest_version())')"
-ok "helm $(helm version 2>/dev/null | sed -n 's/^[^"]*Version:"\([^"]*\)".*/\1/p'), kubernetes-validate $("$venv/bin/kubernetes-validate" --version), $("$venv/bin/checkov" --version | sed 's/^/checkov /'), schemas up to $latest_kube"
+ok "helm $(helm version 2>/dev/null | sed -n 's/^[^"]*Version:"\([^"]*\)".*/\1/p'), kubernetes-validate $("$kubernetes_validate" --version), $("$checkov" --version | sed 's/^/checkov /'), schemas up to $latest_kube"
 
 # Python used by several steps: CRD checks and the README values table.
 helper="$out/chart_check.py"
@@ -336,7 +346,7 @@ render_and_validate() {
   fi
   # --quiet prints only failures and warnings; with the custom resources
   # removed, a warning (no schema for a kind) is a failure too.
-  if ! log="$("$venv/bin/kubernetes-validate" --strict --quiet -k "$kube" "${file%.yaml}.core.yaml" 2>&1)" || [ -n "$log" ]; then
+  if ! log="$("$kubernetes_validate" --strict --quiet -k "$kube" "${file%.yaml}.core.yaml" 2>&1)" || [ -n "$log" ]; then
     bad "kubernetes-validate --strict $name (Kubernetes $kube)"
     printf '%s\n' "$log" | sed 's/^/        /'
     return 1
@@ -376,7 +386,7 @@ fi
 # --- 4. checkov ---------------------------------------------------------------
 
 step "checkov (kubernetes framework) on the rendered manifests"
-if log="$("$venv/bin/checkov" -d "$out/checkov" --config-file "$chart/.checkov.yaml" 2>&1)"; then
+if log="$("$checkov" -d "$out/checkov" --config-file "$chart/.checkov.yaml" 2>&1)"; then
   ok "$(grep -E 'Passed checks' <<<"$log" | head -n 1 | sed 's/^ *//')"
 else
   bad "checkov"
