@@ -150,17 +150,19 @@ app.kubernetes.io/component: test
 A secret value that must not change between upgrades. In order of preference:
 the value given in values, the value already stored in the cluster (`lookup`;
 empty under `helm template`), or a fresh random string. The result is memoised
-for the rest of this render, so every template that includes it (the Secret,
-the bundled service, the checksum annotation) sees the same value.
+for the rest of this render on the root template context, which Helm shares
+between the templates of a chart, so every template that includes it (the
+Secret, the bundled service, the checksum annotation) sees the same value.
+`.Values` is left untouched: it must never carry keys the schema forbids.
 Arguments: dict with ctx, key (memo key), secret (Secret name), field
 (key in that Secret), given (value from values), length.
 */}}
 {{- define "agent-server.persistentSecret" -}}
 {{- $ctx := .ctx }}
-{{- if not (hasKey $ctx.Values "__generatedSecrets") }}
-{{- $_ := set $ctx.Values "__generatedSecrets" dict }}
+{{- if not (hasKey $ctx "__generatedSecrets") }}
+{{- $_ := set $ctx "__generatedSecrets" dict }}
 {{- end }}
-{{- $memo := $ctx.Values.__generatedSecrets }}
+{{- $memo := get $ctx "__generatedSecrets" }}
 {{- if not (hasKey $memo .key) }}
 {{- $value := toString (default "" .given) }}
 {{- if not $value }}
