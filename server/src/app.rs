@@ -15,7 +15,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Tokens;
 use crate::config::{Config, Secret, SecretKeySource, load_or_create_secret};
 use crate::http::error::error_chain;
-use crate::hub::Hub;
+use crate::hub::cluster::Cluster;
+use crate::hub::{Hub, rebalance};
 use crate::metrics::Metrics;
 use crate::store::{CommandStatus, Store, StoreError, now_ms};
 use crate::ws::protocol;
@@ -43,6 +44,8 @@ pub enum StartError {
     Secret(#[source] std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("invalid Redis settings: {0}")]
+    Redis(#[source] redis::RedisError),
     #[error("could not listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -82,9 +85,22 @@ impl Application {
                     source,
                 })?;
         let metrics = Arc::new(Metrics::new());
+        let cluster = match &config.redis {
+            None => None,
+            Some(redis) => Some(Arc::new(
+                Cluster::new(
+                    redis,
+                    config.pod_id.clone(),
+                    config.heartbeat_interval,
+                    config.offline_timeout,
+                    metrics.clone(),
+                )
+                .map_err(StartError::Redis)?,
+            )),
+        };
         let state = Arc::new(State {
             tokens: Tokens::new(&secret, config.jwt_algorithm),
-            hub: Hub::new(metrics.clone()),
+            hub: Hub::new(metrics.clone(), cluster),
             config: Arc::new(config),
             store,
             metrics,
@@ -199,10 +215,47 @@ fn spawn_background(state: &AppState) {
         loop {
             tokio::select! {
                 _ = s.stop.cancelled() => return,
-                _ = tick.tick() => sweep(&s).await,
+                _ = tick.tick() => {}
+                // After a Redis outage or resubscription, wake-ups may have been lost.
+                _ = resynced(&s) => {}
+            }
+            sweep(&s).await;
+        }
+    });
+    let Some(cluster) = state.hub.cluster().cloned() else {
+        return;
+    };
+    state.tasks.spawn(
+        cluster
+            .clone()
+            .run_subscriber(state.hub.clone(), state.stop.clone()),
+    );
+    state.tasks.spawn(rebalance::run(state.clone()));
+    let s = state.clone();
+    state.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(s.config.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = s.stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = cluster.resync.notified() => {}
+            }
+            // Re-claims every entry: this is also how a flushed or restarted Redis is
+            // repopulated within one heartbeat interval.
+            for stale in cluster.refresh(&s.hub.sessions()).await {
+                stale.close(protocol::REPLACED);
             }
         }
     });
+}
+
+/// Resolves when the cluster asks for a resync; never in single-replica mode.
+async fn resynced(state: &AppState) {
+    match state.hub.cluster() {
+        Some(cluster) => cluster.resync.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Writes `last_seen` for the agents heard from since the last refresh.

@@ -135,6 +135,13 @@ pub struct Config {
     /// COMMAND_SWEEP_INTERVAL: how often this pod re-checks pending commands of its agents
     /// (a safety net for lost wake-ups) and expires commands past their TTL.
     pub command_sweep_interval: Duration,
+    /// REBALANCE: whether a replica above the cluster average sheds agents (cluster mode).
+    pub rebalance: bool,
+    /// REBALANCE_RATE: most agents closed per second while shedding.
+    pub rebalance_rate: u32,
+    /// REBALANCE_TOLERANCE (percent): how far above the average a replica may be before
+    /// it sheds.
+    pub rebalance_tolerance: f64,
 }
 
 /// An invalid configuration value.
@@ -339,6 +346,21 @@ impl Config {
                 "COMMAND_SWEEP_INTERVAL",
                 Duration::from_secs(30),
             )?,
+            rebalance: parse_or(&get, "REBALANCE", true, |v| match v {
+                "true" | "1" | "on" => Ok(true),
+                "false" | "0" | "off" => Ok(false),
+                _ => Err("true or false".into()),
+            })?,
+            rebalance_rate: parse_or(&get, "REBALANCE_RATE", 10, |v| match v.parse::<u32>() {
+                Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+                _ => Err("a number of agents per second from 1 to 10000".into()),
+            })?,
+            rebalance_tolerance: parse_or(&get, "REBALANCE_TOLERANCE", 0.1, |v| {
+                match v.parse::<u32>() {
+                    Ok(n) if n <= 1000 => Ok(f64::from(n) / 100.0),
+                    _ => Err("a whole percentage such as 10".into()),
+                }
+            })?,
         })
     }
 

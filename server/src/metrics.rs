@@ -146,6 +146,16 @@ pub struct Metrics {
     pub commands: Family<CommandLabels, Counter>,
     pub draining: Gauge,
     pub store_errors: Counter,
+    /// Cluster mode: 1 while Redis answers.
+    pub redis_up: Gauge,
+    pub redis_errors: Counter,
+    pub wakeups_sent: Counter,
+    pub wakeups_received: Counter,
+    /// Registry entries refreshed (one per agent per heartbeat interval).
+    pub presence_refreshes: Counter,
+    pub rebalance_closes: Counter,
+    /// Replicas that reported their agent count recently.
+    pub cluster_pods: Gauge,
 }
 
 impl Metrics {
@@ -205,6 +215,49 @@ impl Metrics {
             "Database operations that failed",
             store_errors.clone(),
         );
+        let redis_up = Gauge::default();
+        redis_up.set(1);
+        registry.register(
+            "redis_up",
+            "1 while Redis answers (cluster mode)",
+            redis_up.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis operations that failed",
+            redis_errors.clone(),
+        );
+        let wakeups_sent = Counter::default();
+        registry.register(
+            "wakeups_sent",
+            "Wake-ups published to other replicas",
+            wakeups_sent.clone(),
+        );
+        let wakeups_received = Counter::default();
+        registry.register(
+            "wakeups_received",
+            "Wake-ups received from other replicas",
+            wakeups_received.clone(),
+        );
+        let presence_refreshes = Counter::default();
+        registry.register(
+            "presence_refreshes",
+            "Agent registry entries refreshed",
+            presence_refreshes.clone(),
+        );
+        let rebalance_closes = Counter::default();
+        registry.register(
+            "rebalance_closes",
+            "Agents closed to rebalance replicas",
+            rebalance_closes.clone(),
+        );
+        let cluster_pods = Gauge::default();
+        registry.register(
+            "cluster_pods",
+            "Replicas that reported their agent count recently",
+            cluster_pods.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -223,6 +276,13 @@ impl Metrics {
             commands,
             draining,
             store_errors,
+            redis_up,
+            redis_errors,
+            wakeups_sent,
+            wakeups_received,
+            presence_refreshes,
+            rebalance_closes,
+            cluster_pods,
         }
     }
 

@@ -15,7 +15,6 @@ use crate::ids::{check_client_id, rfc3339};
 use crate::store::{
     AgentFilter, AgentRow, CommandRow, CommandStatus, InventoryRow, NewCommand, now_ms,
 };
-use crate::ws::protocol;
 
 /// Who may call an endpoint.
 pub enum Access<'a> {
@@ -221,7 +220,7 @@ pub async fn delete_agent(state: &AppState, id: &str, req: Request<Incoming>) ->
     if !state.store.delete_agent(id.to_string()).await? {
         return Err(unknown_agent(id));
     }
-    state.hub.close(id, protocol::DELETED);
+    state.hub.route_delete(id).await;
     tracing::info!(agent = id, "agent deleted");
     Ok(json(
         StatusCode::OK,
@@ -343,7 +342,7 @@ pub async fn create_command(
         .await?;
     state.metrics.command(CommandStatus::Pending, 1);
     // Stored first, then the session is told: a wake-up is only a hint to look.
-    state.hub.wake(id);
+    state.hub.route_wake(id).await;
     tracing::info!(agent = id, command = %command_id, name, "command queued");
     let mut resp = json(
         StatusCode::ACCEPTED,

@@ -32,6 +32,15 @@ pub async fn readiness(state: &AppState) -> Response {
             json!({"ok": false, "backend": state.store.backend_name(), "error": "no answer within 2s"})
         }
     };
+    // Redis is reported but not required: a Redis blip must not pull every replica out
+    // of the load balancer while their agents and the database are fine.
+    let redis = match state.hub.cluster() {
+        None => serde_json::Value::Null,
+        Some(cluster) => match cluster.ping().await {
+            Ok(()) => json!({"ok": true, "required": false}),
+            Err(e) => json!({"ok": false, "required": false, "error": e}),
+        },
+    };
     let ready = !draining && database["ok"] == true;
     let status = if ready {
         StatusCode::OK
@@ -46,6 +55,7 @@ pub async fn readiness(state: &AppState) -> Response {
             "checks": {
                 "draining": {"ok": !draining},
                 "database": database,
+                "redis": redis,
             }
         }),
     )

@@ -4,6 +4,12 @@
 //! session: they may wake it (new commands are in the store) or close it with a reason.
 //! Waking carries no data on purpose: the store is the source of truth, so a wake-up that
 //! is lost or duplicated costs latency, never a command.
+//!
+//! In cluster mode the hub also consults the [`cluster::Cluster`] registry: `route_wake`
+//! and `route_close` reach an agent on whichever replica holds it.
+
+pub mod cluster;
+pub mod rebalance;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -14,12 +20,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::ws::protocol::{self, Close};
+use cluster::{BusMessage, Claim, Cluster};
 
 /// One live session, shared between its task and the hub.
 pub struct SessionHandle {
     pub client_id: String,
     /// The connection's epoch from the store; the highest epoch wins.
     pub epoch: i64,
+    /// Milliseconds since the epoch when the session was registered.
+    pub connected_at_ms: i64,
     /// Signalled when commands may be waiting; coalesces, so it never queues.
     wake: Notify,
     /// Cancelled to make the session close itself with `close_reason`.
@@ -71,6 +80,8 @@ impl SessionHandle {
 pub struct Hub {
     sessions: Arc<Mutex<HashMap<String, Arc<SessionHandle>>>>,
     metrics: Arc<Metrics>,
+    /// Present in cluster mode (REDIS_HOST set).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A newer connection of the same agent is already registered here.
@@ -78,11 +89,16 @@ pub struct Hub {
 pub struct Superseded;
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, cluster: Option<Arc<Cluster>>) -> Self {
         Hub {
             sessions: Arc::default(),
             metrics,
+            cluster,
         }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Registers a session. An older session of the same agent is closed as replaced; if
@@ -96,6 +112,7 @@ impl Hub {
         let handle = Arc::new(SessionHandle {
             client_id: client_id.to_string(),
             epoch,
+            connected_at_ms: now_ms,
             wake: Notify::new(),
             closing: CancellationToken::new(),
             close_reason: OnceLock::new(),
@@ -148,6 +165,93 @@ impl Hub {
         self.get(client_id).map(|s| s.close(reason)).is_some()
     }
 
+    /// Registers a new session here and, in cluster mode, in the registry; an older
+    /// connection of the same agent is closed wherever it is.
+    pub async fn connect(
+        &self,
+        client_id: &str,
+        epoch: i64,
+        now_ms: i64,
+    ) -> Result<Arc<SessionHandle>, Superseded> {
+        let handle = self.register(client_id, epoch, now_ms)?;
+        // While Redis is down, handshakes do not wait on it: the refresh loop registers
+        // every session once it is back, and the database epoch fences meanwhile.
+        if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_healthy()) {
+            match cluster.claim(client_id, epoch, now_ms).await {
+                Claim::Claimed {
+                    previous: Some(pod),
+                } => {
+                    cluster
+                        .publish(
+                            &pod,
+                            &BusMessage::Replaced {
+                                id: client_id.to_string(),
+                                epoch,
+                            },
+                        )
+                        .await;
+                }
+                Claim::Claimed { previous: None } | Claim::Unknown => {}
+                Claim::Superseded => {
+                    self.unregister(&handle);
+                    return Err(Superseded);
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// Unregisters a session here and its registry entry, if still its own.
+    pub async fn disconnect(&self, handle: &SessionHandle) {
+        self.unregister(handle);
+        if let Some(cluster) = &self.cluster {
+            cluster.release(&handle.client_id, handle.epoch).await;
+        }
+    }
+
+    /// Wakes the agent's session on whichever replica holds it.
+    pub async fn route_wake(&self, client_id: &str) {
+        if self.wake(client_id) {
+            return;
+        }
+        // While Redis is down the periodic sweep delivers instead; API calls do not wait.
+        if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_healthy())
+            && let Some(pod) = cluster
+                .owner(client_id)
+                .await
+                .filter(|p| p != cluster.pod())
+        {
+            cluster
+                .publish(
+                    &pod,
+                    &BusMessage::Wake {
+                        id: client_id.to_string(),
+                    },
+                )
+                .await;
+        }
+    }
+
+    /// Closes a deleted agent's session on whichever replica holds it.
+    pub async fn route_delete(&self, client_id: &str) {
+        self.close(client_id, protocol::DELETED);
+        if let Some(cluster) = &self.cluster
+            && let Some(pod) = cluster
+                .owner(client_id)
+                .await
+                .filter(|p| p != cluster.pod())
+        {
+            cluster
+                .publish(
+                    &pod,
+                    &BusMessage::Deleted {
+                        id: client_id.to_string(),
+                    },
+                )
+                .await;
+        }
+    }
+
     pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
         self.sessions
             .lock()
@@ -174,7 +278,7 @@ mod tests {
     use super::*;
 
     fn hub() -> Hub {
-        Hub::new(Arc::new(Metrics::new()))
+        Hub::new(Arc::new(Metrics::new()), None)
     }
 
     #[tokio::test]

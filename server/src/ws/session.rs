@@ -58,7 +58,7 @@ pub async fn run(state: AppState, mut ws: Socket, client_id: String, token_exp: 
             return;
         }
     };
-    let handle = match state.hub.register(&client_id, epoch, now_ms()) {
+    let handle = match state.hub.connect(&client_id, epoch, now_ms()).await {
         Ok(handle) => handle,
         Err(_) => {
             close_socket(&mut ws, protocol::REPLACED).await;
@@ -84,7 +84,7 @@ pub async fn run(state: AppState, mut ws: Socket, client_id: String, token_exp: 
         End::Network(_) => CloseReason::NetworkError,
     };
 
-    state.hub.unregister(&handle);
+    state.hub.disconnect(&handle).await;
     if let Err(e) = state
         .store
         .agent_disconnected(client_id.clone(), epoch, handle.last_inbound_ms())

@@ -2,8 +2,10 @@
 //! default postgres://postgres@127.0.0.1:5432/postgres; each test gets its own database).
 
 mod helpers;
+mod procs;
 
 mod api;
+mod cluster;
 mod commands;
 mod drain;
 mod process;

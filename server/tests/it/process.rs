@@ -1,84 +1,10 @@
 //! The `agent-server` binary as operators run it: exit codes, the embedded default, the
 //! `token` command, SIGTERM, and what reaches the logs.
 
-use std::path::Path;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::Notify;
-
 use crate::helpers::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_agent-server");
-
-fn command(dir: &Path, env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(BIN);
-    c.current_dir(dir)
-        .env_clear()
-        .envs(env.iter().copied())
-        .kill_on_drop(true);
-    c
-}
-
-/// A running server process whose stderr is collected.
-struct Server {
-    child: Child,
-    port: u16,
-    log: Arc<Mutex<String>>,
-}
-
-async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
-    let mut child = command(dir, env)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let listening = Arc::new(Notify::new());
-    let stderr = child.stderr.take().unwrap();
-    let (log2, listening2) = (log.clone(), listening.clone());
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let is_listening = line.contains("agent-server listening");
-            log2.lock().unwrap().push_str(&(line + "\n"));
-            if is_listening {
-                listening2.notify_one();
-            }
-        }
-    });
-    tokio::time::timeout(WAIT, listening.notified())
-        .await
-        .expect("server starts listening");
-    let text = log.lock().unwrap().clone();
-    let port = text
-        .split("addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("port in the listening line: {text}"));
-    Server { child, port, log }
-}
-
-impl Server {
-    async fn sigterm_and_wait(mut self) -> (i32, String) {
-        let pid = self.child.id().unwrap() as i32;
-        // SAFETY: kill(2) with a pid we own.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
-        // Let the reader drain the pipe.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let log = self.log.lock().unwrap().clone();
-        (status.code().unwrap_or(-1), log)
-    }
-}
+use crate::procs::{ServerProcess, command};
 
 #[tokio::test]
 async fn invalid_configuration_exits_64_naming_the_variable_and_what_is_accepted() {
@@ -123,7 +49,7 @@ async fn invalid_configuration_exits_64_naming_the_variable_and_what_is_accepted
 async fn embedded_default_needs_no_setup_and_the_token_command_uses_its_key() {
     let dir = tempfile::tempdir().unwrap();
     // Only the port is set, so parallel tests do not collide on 8080.
-    let server = start(
+    let server = ServerProcess::start(
         dir.path(),
         &[("SERVER_PORT", "0"), ("SERVER_HOST", "127.0.0.1")],
     )
@@ -165,7 +91,7 @@ async fn embedded_default_needs_no_setup_and_the_token_command_uses_its_key() {
 #[tokio::test]
 async fn tokens_and_query_strings_never_reach_the_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(
+    let server = ServerProcess::start(
         dir.path(),
         &[
             ("SERVER_PORT", "0"),

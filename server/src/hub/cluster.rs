@@ -1,0 +1,411 @@
+//! Cluster mode: the Redis registry that tells every replica where each agent is
+//! connected, and the pub/sub bus that carries wake-ups and kicks between replicas.
+//!
+//! Redis is a routing table, never the source of truth: commands live in the database,
+//! so a lost message or a flushed registry costs latency, not data. Every write to an
+//! agent's entry is compare-and-set on its connection epoch (Lua), so a stale replica can
+//! neither overwrite nor delete a newer connection's entry. Entries expire unless their
+//! replica refreshes them, so a replica killed without grace leaves nothing behind.
+//!
+//! Keys (all under REDIS_KEY_PREFIX):
+//! - `agent:{client_id}` hash `pod`, `epoch`, `since`; TTL about WS_OFFLINE_TIMEOUT.
+//! - `pods` hash `pod_id` → `count:updated_ms`: agents per replica, for rebalancing.
+//! - channel `pod:{pod_id}`: one per replica (not per agent), JSON [`BusMessage`]s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, IntoConnectionInfo, RedisResult, Script};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{Hub, SessionHandle};
+use crate::config::RedisConfig;
+use crate::http::error::error_chain;
+use crate::metrics::Metrics;
+use crate::store::now_ms;
+use crate::ws::protocol;
+
+/// Sets the entry if the caller's epoch is at least the stored one; returns
+/// `{claimed (0|1), previous pod, previous epoch}`. Used to register and to refresh.
+const CLAIM: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+local prev = redis.call('HGET', KEYS[1], 'pod') or ''
+if cur > tonumber(ARGV[2]) then return {0, prev, cur} end
+redis.call('HSET', KEYS[1], 'pod', ARGV[1], 'epoch', ARGV[2], 'since', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {1, prev, cur}
+"#;
+
+/// Deletes the entry only if it still belongs to the caller's epoch.
+const RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// A message on a replica's channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum BusMessage {
+    /// Commands may be waiting for this agent.
+    Wake { id: String },
+    /// A connection with this epoch exists elsewhere: close any older one.
+    Replaced { id: String, epoch: i64 },
+    /// An operator deleted the agent.
+    Deleted { id: String },
+}
+
+/// Outcome of registering a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Registered; `previous` is the replica that held the agent before, if another.
+    Claimed { previous: Option<String> },
+    /// A newer connection is registered: this one is stale.
+    Superseded,
+    /// Redis did not answer; the database epoch still fences stale connections.
+    Unknown,
+}
+
+pub struct Cluster {
+    pod: String,
+    prefix: String,
+    client: redis::Client,
+    /// Reconnects by itself; created lazily so the server starts while Redis is down.
+    conn: ConnectionManager,
+    metrics: Arc<Metrics>,
+    /// Whether the last Redis call succeeded; errors are logged once per outage.
+    healthy: AtomicBool,
+    /// When the last outage was logged (ms). The first call on a connection opened before
+    /// a restart fails even though Redis is back; that belongs to the same outage.
+    outage_logged_ms: AtomicI64,
+    /// Signalled when Redis comes back or the subscriber resubscribes: presence is
+    /// re-registered and pending commands are re-checked without waiting for a tick.
+    pub resync: Notify,
+    claim: Script,
+    release: Script,
+    /// Lifetime of an agent entry without refresh.
+    presence_ttl: Duration,
+    /// Entries in `pods` older than this belong to replicas that are gone.
+    pod_stale_after: Duration,
+}
+
+/// Failures this soon after the last logged one are counted but not logged again.
+const OUTAGE_LOG_QUIET: Duration = Duration::from_secs(30);
+
+/// Bound on a single Redis call, so a hung Redis never stalls a request or a session.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Cluster {
+    pub fn new(
+        cfg: &RedisConfig,
+        pod: String,
+        heartbeat: Duration,
+        offline_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> RedisResult<Self> {
+        let info = (cfg.host.as_str(), cfg.port).into_connection_info()?;
+        let mut settings = info.redis_settings().clone().set_db(cfg.db);
+        if let Some(password) = &cfg.password {
+            settings = settings.set_password(password.expose());
+        }
+        let client = redis::Client::open(info.set_redis_settings(settings))?;
+        let conn_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), conn_config)?;
+        Ok(Cluster {
+            pod,
+            prefix: cfg.key_prefix.clone(),
+            client,
+            conn,
+            metrics,
+            healthy: AtomicBool::new(true),
+            outage_logged_ms: AtomicI64::new(i64::MIN / 2),
+            resync: Notify::new(),
+            claim: Script::new(CLAIM),
+            release: Script::new(RELEASE),
+            presence_ttl: offline_timeout + heartbeat,
+            pod_stale_after: (heartbeat * 3).max(Duration::from_secs(5)),
+        })
+    }
+
+    fn agent_key(&self, id: &str) -> String {
+        format!("{}agent:{id}", self.prefix)
+    }
+
+    fn channel(&self, pod: &str) -> String {
+        format!("{}pod:{pod}", self.prefix)
+    }
+
+    fn pods_key(&self) -> String {
+        format!("{}pods", self.prefix)
+    }
+
+    pub fn pod(&self) -> &str {
+        &self.pod
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Counts and logs a failure (once per outage) or notes a recovery.
+    fn track<T>(&self, what: &str, result: RedisResult<T>) -> Option<T> {
+        match result {
+            Ok(v) => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Redis reachable again; re-registering agents");
+                    self.metrics.redis_up.set(1);
+                    self.resync.notify_waiters();
+                }
+                Some(v)
+            }
+            Err(e) => {
+                self.metrics.redis_errors.inc();
+                let now = now_ms();
+                let last = self.outage_logged_ms.load(Ordering::Relaxed);
+                let was_healthy = self.healthy.swap(false, Ordering::Relaxed);
+                if was_healthy {
+                    self.metrics.redis_up.set(0);
+                }
+                if was_healthy && now - last > OUTAGE_LOG_QUIET.as_millis() as i64 {
+                    self.outage_logged_ms.store(now, Ordering::Relaxed);
+                    tracing::error!(
+                        during = what,
+                        error = %error_chain(&e),
+                        "Redis unavailable; agents stay connected and commands are stored, \
+                         cross-replica delivery waits for the periodic sweep until it is back"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    async fn with_timeout<T>(fut: impl Future<Output = RedisResult<T>>) -> RedisResult<T> {
+        tokio::time::timeout(REDIS_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            })
+    }
+
+    /// Registers a connection (compare-and-set on its epoch).
+    pub async fn claim(&self, id: &str, epoch: i64, since_ms: i64) -> Claim {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.claim.key(self.agent_key(id));
+        invocation
+            .arg(&self.pod)
+            .arg(epoch)
+            .arg(since_ms)
+            .arg(self.presence_ttl.as_millis() as u64);
+        let result =
+            Self::with_timeout(invocation.invoke_async::<(i64, String, i64)>(&mut conn)).await;
+        match self.track("claim", result) {
+            Some((1, prev, _)) => Claim::Claimed {
+                previous: (!prev.is_empty() && prev != self.pod).then_some(prev),
+            },
+            Some(_) => Claim::Superseded,
+            None => Claim::Unknown,
+        }
+    }
+
+    /// Removes a connection's entry unless a newer connection already replaced it.
+    pub async fn release(&self, id: &str, epoch: i64) {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.release.key(self.agent_key(id));
+        invocation.arg(epoch);
+        let result = Self::with_timeout(invocation.invoke_async::<i64>(&mut conn)).await;
+        self.track("release", result);
+    }
+
+    /// The replica an agent is connected to, per the registry.
+    pub async fn owner(&self, id: &str) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let key = self.agent_key(id);
+        let result = Self::with_timeout(conn.hget::<_, _, Option<String>>(key, "pod")).await;
+        self.track("lookup", result).flatten()
+    }
+
+    pub async fn publish(&self, pod: &str, msg: &BusMessage) -> bool {
+        let mut conn = self.conn.clone();
+        let payload = serde_json::to_string(msg).unwrap_or_default();
+        let result =
+            Self::with_timeout(conn.publish::<_, _, i64>(self.channel(pod), payload)).await;
+        let sent = self.track("publish", result).is_some();
+        if sent && matches!(msg, BusMessage::Wake { .. }) {
+            self.metrics.wakeups_sent.inc();
+        }
+        sent
+    }
+
+    /// Re-claims every local session's entry (recreating entries lost to a Redis restart
+    /// or FLUSHALL) and returns the sessions that a newer connection has superseded.
+    pub async fn refresh(&self, sessions: &[Arc<SessionHandle>]) -> Vec<Arc<SessionHandle>> {
+        let mut stale = Vec::new();
+        let mut conn = self.conn.clone();
+        // Loading per cycle re-installs the script after a Redis restart emptied its cache.
+        let sha: String = match self.track(
+            "script load",
+            Self::with_timeout(self.claim.prepare_invoke().load_async(&mut conn)).await,
+        ) {
+            Some(sha) => sha,
+            None => return stale,
+        };
+        let ttl = self.presence_ttl.as_millis() as u64;
+        for chunk in sessions.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for s in chunk {
+                pipe.cmd("EVALSHA")
+                    .arg(&sha)
+                    .arg(1)
+                    .arg(self.agent_key(&s.client_id))
+                    .arg(&self.pod)
+                    .arg(s.epoch)
+                    .arg(s.connected_at_ms)
+                    .arg(ttl);
+            }
+            let result =
+                Self::with_timeout(pipe.query_async::<Vec<(i64, String, i64)>>(&mut conn)).await;
+            let Some(outcomes) = self.track("presence refresh", result) else {
+                return stale;
+            };
+            self.metrics.presence_refreshes.inc_by(chunk.len() as u64);
+            for (s, (claimed, _, _)) in chunk.iter().zip(outcomes) {
+                if claimed == 0 {
+                    stale.push(s.clone());
+                }
+            }
+        }
+        stale
+    }
+
+    /// Publishes this replica's agent count and returns every live replica's count.
+    pub async fn exchange_counts(&self, mine: usize) -> Option<HashMap<String, u64>> {
+        let mut conn = self.conn.clone();
+        let now = now_ms();
+        let key = self.pods_key();
+        let write = conn.hset::<_, _, _, ()>(&key, &self.pod, format!("{mine}:{now}"));
+        self.track("pod count", Self::with_timeout(write).await)?;
+        let all = self.track(
+            "pod counts",
+            Self::with_timeout(conn.hgetall::<_, HashMap<String, String>>(&key)).await,
+        )?;
+        let cutoff = now - self.pod_stale_after.as_millis() as i64;
+        let mut live = HashMap::new();
+        let mut gone = Vec::new();
+        for (pod, value) in all {
+            let parsed = value
+                .split_once(':')
+                .and_then(|(c, t)| Some((c.parse::<u64>().ok()?, t.parse::<i64>().ok()?)));
+            match parsed {
+                Some((count, at)) if at >= cutoff => {
+                    live.insert(pod, count);
+                }
+                _ => gone.push(pod),
+            }
+        }
+        if !gone.is_empty() {
+            let _ = Self::with_timeout(conn.hdel::<_, _, ()>(&key, gone)).await;
+        }
+        Some(live)
+    }
+
+    /// Takes this replica out of the counts (it is draining).
+    pub async fn leave(&self) {
+        let mut conn = self.conn.clone();
+        let result = Self::with_timeout(conn.hdel::<_, _, ()>(self.pods_key(), &self.pod)).await;
+        self.track("leave", result);
+    }
+
+    pub async fn ping(&self) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        let result = Self::with_timeout(redis::cmd("PING").query_async::<String>(&mut conn)).await;
+        let ok = result.as_ref().map(|_| ()).map_err(|e| error_chain(e));
+        self.track("ping", result);
+        ok
+    }
+
+    /// Listens on this replica's channel until `stop`, resubscribing after any failure
+    /// on a connection of its own (a subscribed connection can issue no other command).
+    pub async fn run_subscriber(self: Arc<Self>, hub: Hub, stop: CancellationToken) {
+        let channel = self.channel(&self.pod);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let subscribed = async {
+                let mut pubsub = Self::with_timeout(self.client.get_async_pubsub()).await?;
+                Self::with_timeout(pubsub.subscribe(&channel)).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            }
+            .await;
+            if let Some(pubsub) = self.track("subscribe", subscribed) {
+                backoff = Duration::from_millis(200);
+                tracing::info!(channel, "subscribed to this replica's channel");
+                // Wake-ups published while we were not listening are gone: re-check.
+                self.resync.notify_waiters();
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        msg = messages.next() => match msg {
+                            Some(msg) => self.handle(&hub, msg.get_payload_bytes()),
+                            None => break,
+                        },
+                    }
+                }
+                self.track::<()>(
+                    "subscription",
+                    Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()),
+                );
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn handle(&self, hub: &Hub, payload: &[u8]) {
+        match serde_json::from_slice::<BusMessage>(payload) {
+            Ok(BusMessage::Wake { id }) => {
+                self.metrics.wakeups_received.inc();
+                hub.wake(&id);
+            }
+            Ok(BusMessage::Replaced { id, epoch }) => {
+                if let Some(session) = hub.get(&id).filter(|s| s.epoch < epoch) {
+                    session.close(protocol::REPLACED);
+                }
+            }
+            Ok(BusMessage::Deleted { id }) => {
+                hub.close(&id, protocol::DELETED);
+            }
+            Err(e) => tracing::warn!(error = %e, "ignored a malformed cluster message"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_messages_are_tagged_json() {
+        let m = BusMessage::Replaced {
+            id: "a".into(),
+            epoch: 3,
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(text, r#"{"op":"replaced","id":"a","epoch":3}"#);
+        assert_eq!(serde_json::from_str::<BusMessage>(&text).unwrap(), m);
+    }
+}

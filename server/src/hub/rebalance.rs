@@ -1,0 +1,105 @@
+//! Rebalancing. Long-lived connections do not move when replicas are added, so new
+//! replicas would sit idle while old ones stay hot. Every replica publishes its agent
+//! count each second; one holding clearly more than the average closes its excess with
+//! 1012 at a bounded rate, and the load balancer spreads the reconnections. Commands are
+//! not at risk: they live in the database and are delivered on the next connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::app::AppState;
+use crate::ws::protocol;
+
+/// How many agents this replica should shed now: the amount above the cluster average,
+/// if it exceeds the average by more than `tolerance` (0.1 = 10 %). `counts` holds every
+/// live replica's count, this one's included.
+pub fn excess(mine: usize, counts: &HashMap<String, u64>, tolerance: f64) -> usize {
+    if counts.len() < 2 {
+        return 0;
+    }
+    let total: u64 = counts.values().sum();
+    let average = total as f64 / counts.len() as f64;
+    if (mine as f64) <= average * (1.0 + tolerance) {
+        return 0;
+    }
+    mine.saturating_sub(average.ceil() as usize)
+}
+
+/// Publishes counts and sheds excess once per second until the app stops. Runs in
+/// cluster mode only.
+pub async fn run(state: AppState) {
+    let Some(cluster) = state.hub.cluster().cloned() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let config = &state.config;
+    loop {
+        tokio::select! {
+            _ = state.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if state.draining.load(Ordering::Relaxed) {
+            // A draining replica is leaving: it must not attract or count agents.
+            cluster.leave().await;
+            continue;
+        }
+        let Some(mut counts) = cluster.exchange_counts(state.hub.len()).await else {
+            continue;
+        };
+        let mine = state.hub.len();
+        counts.insert(cluster.pod().to_string(), mine as u64);
+        state.metrics.cluster_pods.set(counts.len() as i64);
+        if !config.rebalance {
+            continue;
+        }
+        let shed =
+            excess(mine, &counts, config.rebalance_tolerance).min(config.rebalance_rate as usize);
+        if shed == 0 {
+            continue;
+        }
+        // The longest-connected agents go first: the ones that just moved here stay.
+        let mut sessions = state.hub.sessions();
+        sessions.sort_by_key(|s| s.connected_at_ms);
+        for s in sessions.iter().take(shed) {
+            s.close(protocol::REBALANCE);
+        }
+        state.metrics.rebalance_closes.inc_by(shed as u64);
+        tracing::info!(
+            shed,
+            mine,
+            pods = counts.len(),
+            "rebalancing: closed agents above the cluster average"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
+        pairs.iter().map(|(p, c)| (p.to_string(), *c)).collect()
+    }
+
+    #[test]
+    fn a_lone_replica_never_sheds() {
+        assert_eq!(excess(1000, &counts(&[("a", 1000)]), 0.1), 0);
+    }
+
+    #[test]
+    fn after_scale_out_old_replicas_shed_down_to_the_average() {
+        let c = counts(&[("a", 500), ("b", 500), ("c", 0), ("d", 0)]);
+        assert_eq!(excess(500, &c, 0.1), 250);
+        assert_eq!(excess(0, &c, 0.1), 0);
+    }
+
+    #[test]
+    fn replicas_within_the_tolerance_stay_put() {
+        let c = counts(&[("a", 108), ("b", 92)]);
+        assert_eq!(excess(108, &c, 0.1), 0);
+        let c = counts(&[("a", 130), ("b", 70)]);
+        assert_eq!(excess(130, &c, 0.1), 30);
+    }
+}

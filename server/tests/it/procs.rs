@@ -1,0 +1,343 @@
+//! Real processes: `agent-server` replicas, a `redis-server` the test owns (so it can be
+//! flushed, stopped and restarted), and agents that reconnect through a round-robin
+//! "load balancer" over the replicas, as they would behind a Service.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::helpers::WAIT;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_agent-server");
+
+pub fn command(dir: &Path, env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir)
+        .env_clear()
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    c
+}
+
+/// A running server process whose stderr is collected.
+pub struct ServerProcess {
+    child: Child,
+    pub port: u16,
+    pub log: Arc<Mutex<String>>,
+    reader: JoinHandle<()>,
+}
+
+impl ServerProcess {
+    pub async fn start(dir: &Path, env: &[(&str, &str)]) -> ServerProcess {
+        let mut child = command(dir, env)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let listening = Arc::new(Notify::new());
+        let stderr = child.stderr.take().unwrap();
+        let (log2, listening2) = (log.clone(), listening.clone());
+        let reader = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let is_listening = line.contains("agent-server listening");
+                log2.lock().unwrap().push_str(&(line + "\n"));
+                if is_listening {
+                    listening2.notify_one();
+                }
+            }
+        });
+        if tokio::time::timeout(WAIT, listening.notified())
+            .await
+            .is_err()
+        {
+            panic!("server did not start listening:\n{}", log.lock().unwrap());
+        }
+        let text = log.lock().unwrap().clone();
+        let port = text
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("port in the listening line: {text}"));
+        ServerProcess {
+            child,
+            port,
+            log,
+            reader,
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn signal_and_wait(mut self, signal: i32) -> (i32, String) {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: kill(2) on a child we own.
+        unsafe { libc::kill(pid, signal) };
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("process exits")
+            .unwrap();
+        // The pipe reaches EOF once the process is gone.
+        let _ = tokio::time::timeout(WAIT, &mut self.reader).await;
+        let log = self.log.lock().unwrap().clone();
+        (status.code().unwrap_or(-1), log)
+    }
+
+    pub async fn sigterm_and_wait(self) -> (i32, String) {
+        self.signal_and_wait(libc::SIGTERM).await
+    }
+
+    /// Kills without grace, as the OOM killer or a node failure would.
+    pub async fn sigkill(self) {
+        self.signal_and_wait(libc::SIGKILL).await;
+    }
+
+    /// The value of an unlabelled metric.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.base()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A redis-server on a free port, owned by the test.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts redis-server, or returns `None` (a loud skip) outside CI when it is absent.
+    pub async fn start() -> Option<RedisServer> {
+        if which("redis-server").is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is required in CI"
+            );
+            eprintln!("SKIPPED: redis-server not found on PATH");
+            return None;
+        }
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        r.restart().await;
+        Some(r)
+    }
+
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while self.query(&["PING"]).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server answers PING");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    pub async fn query(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
+fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.exists())
+}
+
+/// The replicas a load balancer can route to; agents pick them round-robin.
+#[derive(Clone, Default)]
+pub struct Balancer {
+    inner: Arc<Mutex<(Vec<u16>, usize)>>,
+}
+
+impl Balancer {
+    pub fn set(&self, ports: Vec<u16>) {
+        self.inner.lock().unwrap().0 = ports;
+    }
+
+    fn next(&self) -> u16 {
+        let mut g = self.inner.lock().unwrap();
+        let n = g.0.len();
+        g.1 = g.1.wrapping_add(1);
+        g.0[g.1 % n]
+    }
+}
+
+/// What a [`FleetAgent`] observed.
+#[derive(Default, Debug)]
+pub struct Observed {
+    /// Port of the replica the agent is connected to right now.
+    pub connected_to: Option<u16>,
+    pub connects: usize,
+    /// Command ids received.
+    pub received: HashSet<String>,
+    /// Command ids executed (results sent), deduplicated as the protocol asks.
+    pub executed: HashSet<String>,
+    /// Close codes received from the server.
+    pub closes: Vec<u16>,
+}
+
+/// A protocol-correct agent that executes every command and reconnects through the
+/// balancer whenever its connection ends.
+pub struct FleetAgent {
+    pub id: String,
+    pub seen: Arc<Mutex<Observed>>,
+    /// While set, commands are received but not answered, as by a busy host.
+    pub hold: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl FleetAgent {
+    pub fn spawn(id: &str, token: String, balancer: Balancer) -> FleetAgent {
+        let seen = Arc::new(Mutex::new(Observed::default()));
+        let hold = Arc::new(AtomicBool::new(false));
+        let (id2, seen2, hold2) = (id.to_string(), seen.clone(), hold.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let port = balancer.next();
+                let mut req = format!("ws://127.0.0.1:{port}/ws/{id2}")
+                    .into_client_request()
+                    .unwrap();
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                let Ok((mut ws, _)) = tokio_tungstenite::connect_async(req).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                {
+                    let mut s = seen2.lock().unwrap();
+                    s.connected_to = Some(port);
+                    s.connects += 1;
+                }
+                while let Some(Ok(msg)) = ws.next().await {
+                    match msg {
+                        Message::Text(t) => {
+                            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                            if v["type"] == "command" {
+                                let cid = v["id"].as_str().unwrap().to_string();
+                                seen2.lock().unwrap().received.insert(cid.clone());
+                                if hold2.load(Ordering::Relaxed) {
+                                    continue;
+                                }
+                                seen2.lock().unwrap().executed.insert(cid.clone());
+                                let result = json!({"type": "result", "id": cid, "status": "ok", "output": port});
+                                if ws.send(Message::text(result.to_string())).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Message::Close(Some(f)) => {
+                            seen2.lock().unwrap().closes.push(u16::from(f.code));
+                        }
+                        _ => {}
+                    }
+                }
+                seen2.lock().unwrap().connected_to = None;
+            }
+        });
+        FleetAgent {
+            id: id.to_string(),
+            seen,
+            hold,
+            task,
+        }
+    }
+
+    pub fn connected_to(&self) -> Option<u16> {
+        self.seen.lock().unwrap().connected_to
+    }
+}
+
+impl Drop for FleetAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `check` until it holds, within `bound`; returns how long it took.
+pub async fn within(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < bound, "{what}: not within {bound:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
