@@ -137,7 +137,8 @@ pub struct Config {
     pub command_sweep_interval: Duration,
     /// REBALANCE: whether a replica above the cluster average sheds agents (cluster mode).
     pub rebalance: bool,
-    /// REBALANCE_RATE: most agents closed per second while shedding.
+    /// REBALANCE_RATE: agents closed per second while shedding (more when the excess is
+    /// so large that this rate would take longer than about 30 s).
     pub rebalance_rate: u32,
     /// REBALANCE_TOLERANCE (percent): how far above the average a replica may be before
     /// it sheds.

@@ -26,6 +26,16 @@ pub fn excess(mine: usize, counts: &HashMap<String, u64>, tolerance: f64) -> usi
     mine.saturating_sub(average.ceil() as usize)
 }
 
+/// Shedding moves at least this share of the excess per second, so a large excess is
+/// worked off in about this many seconds (then the reconnections that landed back here
+/// in half that, and so on): fleets of any size even out in about a minute.
+const SHED_HORIZON_SECS: usize = 30;
+
+/// This second's budget: REBALANCE_RATE, or more when the excess is large.
+pub fn budget(excess: usize, rate: u32) -> usize {
+    excess.min((rate as usize).max(excess.div_ceil(SHED_HORIZON_SECS)))
+}
+
 /// Publishes counts and sheds excess once per second until the app stops. Runs in
 /// cluster mode only.
 pub async fn run(state: AppState) {
@@ -54,8 +64,10 @@ pub async fn run(state: AppState) {
         if !config.rebalance {
             continue;
         }
-        let shed =
-            excess(mine, &counts, config.rebalance_tolerance).min(config.rebalance_rate as usize);
+        let shed = budget(
+            excess(mine, &counts, config.rebalance_tolerance),
+            config.rebalance_rate,
+        );
         if shed == 0 {
             continue;
         }
@@ -93,6 +105,13 @@ mod tests {
         let c = counts(&[("a", 500), ("b", 500), ("c", 0), ("d", 0)]);
         assert_eq!(excess(500, &c, 0.1), 250);
         assert_eq!(excess(0, &c, 0.1), 0);
+    }
+
+    #[test]
+    fn shedding_is_gradual_but_keeps_up_with_large_excesses() {
+        assert_eq!(budget(3, 10), 3);
+        assert_eq!(budget(100, 10), 10);
+        assert_eq!(budget(5000, 10), 167);
     }
 
     #[test]
