@@ -80,7 +80,11 @@ pub async fn run(state: AppState, mut ws: Socket, client_id: String, token_exp: 
             close_socket(&mut session.ws, *close).await;
             close.metric
         }
-        End::ClientClosed => CloseReason::ClientClosed,
+        End::ClientClosed => {
+            // tungstenite queued the reply to the agent's close frame; send it.
+            let _ = timeout(CLOSE_GRACE, session.ws.flush()).await;
+            CloseReason::ClientClosed
+        }
         End::Network(_) => CloseReason::NetworkError,
     };
 

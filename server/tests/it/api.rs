@@ -238,24 +238,39 @@ async fn probes_answer_and_metrics_are_exposed(app: TestApp) {
         (200, Some(true))
     );
     let _agent = app.connect("m").await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for name in [
+    let expected = [
         "agent_server_connected_agents 1",
         "agent_server_ws_messages_total{direction=\"outbound\",type=\"welcome\"}",
         "agent_server_http_requests_total{method=\"GET\",route=\"/readiness\",status=\"200\"}",
         "agent_server_http_request_duration_seconds_bucket",
         "agent_server_draining 0",
         "agent_server_build_info{version=",
-    ] {
-        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    ];
+    // The agent may read its welcome before the server has counted it: poll briefly.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let missing: Vec<&str> = expected
+            .iter()
+            .copied()
+            .filter(|n| !text.contains(n))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics lack {missing:?}:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -87,25 +87,90 @@ impl Drop for TestDb {
     }
 }
 
-fn postgres_admin_url() -> String {
-    std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+/// Where to create per-test databases: TEST_POSTGRES_URL, else the local server on
+/// 127.0.0.1:5432, else (where Docker runs and nothing else answers) a disposable
+/// PostgreSQL container shared by this test binary.
+fn postgres_admin_url() -> Result<String, String> {
+    if let Ok(url) = std::env::var("TEST_POSTGRES_URL") {
+        return Ok(url);
+    }
+    let local = "postgres://postgres@127.0.0.1:5432/postgres".to_string();
+    match diesel::PgConnection::establish(&local) {
+        Ok(_) => Ok(local),
+        Err(e) => docker_postgres().clone().ok_or_else(|| {
+            format!("PostgreSQL not reachable at {local} ({e}) and no Docker engine to start one")
+        }),
+    }
+}
+
+/// One PostgreSQL container per test binary, removed when the binary exits.
+fn docker_postgres() -> &'static Option<String> {
+    static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static CONTAINER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    extern "C" fn remove_container() {
+        if let Some(id) = CONTAINER.get() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", id])
+                .output();
+        }
+    }
+    URL.get_or_init(|| {
+        let docker = |args: &[&str]| {
+            std::process::Command::new("docker")
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        docker(&["info", "--format", "{{.ServerVersion}}"])?;
+        eprintln!("starting a disposable PostgreSQL container for the tests");
+        let id = docker(&[
+            "run",
+            "-d",
+            "--rm",
+            "--label",
+            "agent-server-tests",
+            "-e",
+            "POSTGRES_HOST_AUTH_METHOD=trust",
+            "-p",
+            "127.0.0.1::5432",
+            "postgres:16-alpine",
+        ])?;
+        let _ = CONTAINER.set(id.clone());
+        // SAFETY: registers a plain extern "C" function to run at process exit.
+        unsafe { libc::atexit(remove_container) };
+        let port = docker(&["port", &id, "5432/tcp"])?
+            .lines()
+            .next()?
+            .rsplit(':')
+            .next()?
+            .to_string();
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while diesel::PgConnection::establish(&url).is_err() {
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(url)
+    })
 }
 
 /// A PostgreSQL database for this test, or `None` (a loud skip) when PostgreSQL is not
 /// reachable outside CI. In CI a missing PostgreSQL fails the test.
 pub fn postgres_db() -> Option<(String, TestDb)> {
-    let admin_url = postgres_admin_url();
-    let mut conn = match diesel::PgConnection::establish(&admin_url) {
-        Ok(c) => c,
+    let admin_url = match postgres_admin_url() {
+        Ok(url) => url,
         Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "SKIPPED: PostgreSQL not reachable at {admin_url} ({e}); set TEST_POSTGRES_URL"
-            );
+            eprintln!("SKIPPED: {e}; set TEST_POSTGRES_URL");
             return None;
         }
-        Err(e) => panic!("PostgreSQL not reachable at {admin_url}: {e}"),
+        Err(e) => panic!("{e}"),
     };
+    let mut conn = diesel::PgConnection::establish(&admin_url)
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url}: {e}"));
     let name = format!("agent_it_{}", uuid::Uuid::new_v4().simple());
     conn.batch_execute(&format!("CREATE DATABASE {name}"))
         .expect("create test database");

@@ -9,4 +9,5 @@ mod cluster;
 mod commands;
 mod drain;
 mod process;
+mod store;
 mod websocket;
