@@ -334,3 +334,58 @@ on_sqlite! {
     message_over_the_size_limit_closes_with_1009;
     session_ends_with_4003_when_its_token_expires;
 }
+
+async fn agent_that_stops_reading_is_closed_instead_of_buffered(app: TestApp) {
+    // A tiny receive window and no reads: the server's writes stall once the socket
+    // buffers are full, as with a host that hangs or a link that stalls.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/ws/stalled", app.addr),
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", app.agent_token("stalled"))
+            .parse()
+            .unwrap(),
+    );
+    let (_ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    app.eventually("/api/v1/agents/stalled", |a| a["online"] == true)
+        .await;
+
+    let big = "x".repeat(60 * 1024);
+    for _ in 0..120 {
+        app.command("stalled", "bulk", json!({"blob": big})).await;
+    }
+    let body = app
+        .eventually("/api/v1/agents/stalled", |a| a["online"] == false)
+        .await;
+    assert_eq!(body["online"], false);
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("agent_server_ws_sessions_closed_total{reason=\"slow_consumer\"} 1"),
+        "closed as a slow consumer:\n{text}"
+    );
+    let (_, cmds) = app.get("/api/v1/agents/stalled/commands?limit=500").await;
+    let open = cmds["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "pending" || c["status"] == "delivered")
+        .count();
+    assert_eq!(open, 120, "every command is kept for the next connection");
+}
+
+on_sqlite! {
+    agent_that_stops_reading_is_closed_instead_of_buffered with ["WS_SEND_TIMEOUT" = "500ms"];
+}
