@@ -191,63 +191,66 @@ async fn close_sessions_gradually(state: &AppState, window: Duration) {
     }
 }
 
-/// Presence refresh and the periodic sweep, both stopped by `state.stop`.
+/// The periodic tasks, all stopped by `state.stop`.
 fn spawn_background(state: &AppState) {
-    let s = state.clone();
-    state.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(s.config.heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = s.stop.cancelled() => return,
-                _ = tick.tick() => refresh_presence(&s).await,
-            }
-        }
+    let config = &state.config;
+    spawn_periodic(state, config.heartbeat_interval, false, |s| async move {
+        refresh_presence(&s).await
     });
+    // After a Redis outage or resubscription, wake-ups may have been lost: sweep at once.
+    let sweep_period = config.command_sweep_interval.min(config.offline_timeout);
+    spawn_periodic(
+        state,
+        sweep_period,
+        true,
+        |s| async move { sweep(&s).await },
+    );
+    if let Some(cluster) = state.hub.cluster() {
+        state.tasks.spawn(
+            cluster
+                .clone()
+                .run_subscriber(state.hub.clone(), state.stop.clone()),
+        );
+        // Re-claiming every entry is also how a flushed or restarted Redis is repopulated
+        // within one heartbeat interval.
+        spawn_periodic(state, config.heartbeat_interval, true, |s| async move {
+            refresh_registry(&s).await
+        });
+        spawn_periodic(state, Duration::from_secs(1), false, |s| async move {
+            rebalance::tick(&s).await
+        });
+    }
+}
+
+/// Runs `work` every `period` — and at once on a cluster resync when `on_resync` — until
+/// the app stops.
+fn spawn_periodic<F, Fut>(state: &AppState, period: Duration, on_resync: bool, work: F)
+where
+    F: Fn(AppState) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let s = state.clone();
     state.tasks.spawn(async move {
-        let period = s
-            .config
-            .command_sweep_interval
-            .min(s.config.offline_timeout);
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = s.stop.cancelled() => return,
                 _ = tick.tick() => {}
-                // After a Redis outage or resubscription, wake-ups may have been lost.
-                _ = resynced(&s) => {}
+                _ = resynced(&s), if on_resync => {}
             }
-            sweep(&s).await;
+            work(s.clone()).await;
         }
     });
-    let Some(cluster) = state.hub.cluster().cloned() else {
-        return;
-    };
-    state.tasks.spawn(
-        cluster
-            .clone()
-            .run_subscriber(state.hub.clone(), state.stop.clone()),
-    );
-    state.tasks.spawn(rebalance::run(state.clone()));
-    let s = state.clone();
-    state.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(s.config.heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = s.stop.cancelled() => return,
-                _ = tick.tick() => {}
-                _ = cluster.resync.notified() => {}
-            }
-            // Re-claims every entry: this is also how a flushed or restarted Redis is
-            // repopulated within one heartbeat interval.
-            for stale in cluster.refresh(&s.hub.sessions()).await {
-                stale.close(protocol::REPLACED);
-            }
+}
+
+/// Re-claims this replica's registry entries; closes sessions a newer connection replaced.
+async fn refresh_registry(state: &AppState) {
+    if let Some(cluster) = state.hub.cluster() {
+        for stale in cluster.refresh(&state.hub.sessions()).await {
+            stale.close(protocol::REPLACED);
         }
-    });
+    }
 }
 
 /// Resolves when the cluster asks for a resync; never in single-replica mode.

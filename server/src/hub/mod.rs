@@ -211,44 +211,42 @@ impl Hub {
 
     /// Wakes the agent's session on whichever replica holds it.
     pub async fn route_wake(&self, client_id: &str) {
-        if self.wake(client_id) {
-            return;
+        if !self.wake(client_id) {
+            self.tell_owner(
+                client_id,
+                BusMessage::Wake {
+                    id: client_id.to_string(),
+                },
+            )
+            .await;
         }
-        // While Redis is down the periodic sweep delivers instead; API calls do not wait.
+    }
+
+    /// Closes a deleted agent's session on whichever replica holds it.
+    pub async fn route_delete(&self, client_id: &str) {
+        if !self.close(client_id, protocol::DELETED) {
+            self.tell_owner(
+                client_id,
+                BusMessage::Deleted {
+                    id: client_id.to_string(),
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Publishes `msg` to the replica holding the agent, if that is another one. While
+    /// Redis is down nothing is attempted, so API calls do not wait on it: the periodic
+    /// sweep delivers commands instead, and a deleted agent's session is refused at its
+    /// next result.
+    async fn tell_owner(&self, client_id: &str, msg: BusMessage) {
         if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_healthy())
             && let Some(pod) = cluster
                 .owner(client_id)
                 .await
                 .filter(|p| p != cluster.pod())
         {
-            cluster
-                .publish(
-                    &pod,
-                    &BusMessage::Wake {
-                        id: client_id.to_string(),
-                    },
-                )
-                .await;
-        }
-    }
-
-    /// Closes a deleted agent's session on whichever replica holds it.
-    pub async fn route_delete(&self, client_id: &str) {
-        self.close(client_id, protocol::DELETED);
-        if let Some(cluster) = &self.cluster
-            && let Some(pod) = cluster
-                .owner(client_id)
-                .await
-                .filter(|p| p != cluster.pod())
-        {
-            cluster
-                .publish(
-                    &pod,
-                    &BusMessage::Deleted {
-                        id: client_id.to_string(),
-                    },
-                )
-                .await;
+            cluster.publish(&pod, &msg).await;
         }
     }
 

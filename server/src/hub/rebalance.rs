@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use crate::app::AppState;
 use crate::ws::protocol;
@@ -36,55 +35,47 @@ pub fn budget(excess: usize, rate: u32) -> usize {
     excess.min((rate as usize).max(excess.div_ceil(SHED_HORIZON_SECS)))
 }
 
-/// Publishes counts and sheds excess once per second until the app stops. Runs in
-/// cluster mode only.
-pub async fn run(state: AppState) {
-    let Some(cluster) = state.hub.cluster().cloned() else {
+/// One second's work, in cluster mode: publish this replica's count, read everyone's,
+/// and shed the excess if this replica holds clearly more than its share.
+pub async fn tick(state: &AppState) {
+    let Some(cluster) = state.hub.cluster() else {
         return;
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let config = &state.config;
-    loop {
-        tokio::select! {
-            _ = state.stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if state.draining.load(Ordering::Relaxed) {
-            // A draining replica is leaving: it must not attract or count agents.
-            cluster.leave().await;
-            continue;
-        }
-        let Some(mut counts) = cluster.exchange_counts(state.hub.len()).await else {
-            continue;
-        };
-        let mine = state.hub.len();
-        counts.insert(cluster.pod().to_string(), mine as u64);
-        state.metrics.cluster_pods.set(counts.len() as i64);
-        if !config.rebalance {
-            continue;
-        }
-        let shed = budget(
-            excess(mine, &counts, config.rebalance_tolerance),
-            config.rebalance_rate,
-        );
-        if shed == 0 {
-            continue;
-        }
-        // The longest-connected agents go first: the ones that just moved here stay.
-        let mut sessions = state.hub.sessions();
-        sessions.sort_by_key(|s| s.connected_at_ms);
-        for s in sessions.iter().take(shed) {
-            s.close(protocol::REBALANCE);
-        }
-        state.metrics.rebalance_closes.inc_by(shed as u64);
-        tracing::info!(
-            shed,
-            mine,
-            pods = counts.len(),
-            "rebalancing: closed agents above the cluster average"
-        );
+    if state.draining.load(Ordering::Relaxed) {
+        // A draining replica is leaving: it must not attract or count agents.
+        cluster.leave().await;
+        return;
     }
+    let Some(mut counts) = cluster.exchange_counts(state.hub.len()).await else {
+        return;
+    };
+    let mine = state.hub.len();
+    counts.insert(cluster.pod().to_string(), mine as u64);
+    state.metrics.cluster_pods.set(counts.len() as i64);
+    let config = &state.config;
+    if !config.rebalance {
+        return;
+    }
+    let shed = budget(
+        excess(mine, &counts, config.rebalance_tolerance),
+        config.rebalance_rate,
+    );
+    if shed == 0 {
+        return;
+    }
+    // The longest-connected agents go first: the ones that just moved here stay.
+    let mut sessions = state.hub.sessions();
+    sessions.sort_by_key(|s| s.connected_at_ms);
+    for s in sessions.iter().take(shed) {
+        s.close(protocol::REBALANCE);
+    }
+    state.metrics.rebalance_closes.inc_by(shed as u64);
+    tracing::info!(
+        shed,
+        mine,
+        pods = counts.len(),
+        "rebalancing: closed agents above the cluster average"
+    );
 }
 
 #[cfg(test)]
