@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Tokens;
+use crate::binaries::Fleet;
 use crate::config::{Config, Secret, SecretKeySource, load_or_create_secret};
 use crate::http::error::error_chain;
+use crate::http::ui::UiState;
 use crate::hub::cluster::Cluster;
 use crate::hub::{Hub, rebalance};
 use crate::metrics::Metrics;
@@ -36,12 +38,18 @@ pub struct State {
     pub tasks: TaskTracker,
     /// Cancelled at the end of shutdown to stop background tasks.
     pub stop: CancellationToken,
+    /// Binaries on the shared volume and the rollouts of new versions.
+    pub fleet: Fleet,
+    /// The web UI's sign-in and event streams.
+    pub ui: UiState,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("could not read or create the signing key: {0}")]
     Secret(#[source] std::io::Error),
+    #[error("could not read or create the web UI's admin password: {0}")]
+    AdminPassword(#[source] std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("invalid Redis settings: {0}")]
@@ -98,7 +106,10 @@ impl Application {
                 .map_err(StartError::Redis)?,
             )),
         };
+        let ui = UiState::new(&config).map_err(StartError::AdminPassword)?;
         let state = Arc::new(State {
+            fleet: Fleet::new(&config),
+            ui,
             tokens: Tokens::new(&secret, config.jwt_algorithm),
             hub: Hub::new(metrics.clone(), cluster),
             config: Arc::new(config),
@@ -191,8 +202,11 @@ async fn close_sessions_gradually(state: &AppState, window: Duration) {
     }
 }
 
-/// The periodic tasks, all stopped by `state.stop`.
+/// The periodic tasks, all stopped by `state.stop`: presence, the sweep, the cluster's,
+/// rollouts (`binaries::rollout`) and the UI's housekeeping (`http::ui`).
 fn spawn_background(state: &AppState) {
+    crate::binaries::rollout::spawn(state);
+    crate::http::ui::spawn(state);
     let config = &state.config;
     spawn_periodic(state, config.heartbeat_interval, false, |s| async move {
         refresh_presence(&s).await

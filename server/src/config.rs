@@ -143,6 +143,10 @@ pub struct Config {
     /// REBALANCE_TOLERANCE (percent): how far above the average a replica may be before
     /// it sheds.
     pub rebalance_tolerance: f64,
+    /// Agent binaries and fleet updates (MAX_BINARY_BYTES, ROLLOUT_*).
+    pub fleet: FleetConfig,
+    /// The web UI's sign-in (ADMIN_PASSWORD, UI_SESSION_TTL).
+    pub ui: UiConfig,
 }
 
 /// An invalid configuration value.
@@ -313,6 +317,7 @@ impl Config {
             ));
         }
 
+        let ui = UiConfig::parse(&get, &data_dir, clustered)?;
         Ok(Config {
             listen,
             server_url,
@@ -362,6 +367,8 @@ impl Config {
                     _ => Err("a whole percentage such as 10".into()),
                 }
             })?,
+            fleet: FleetConfig::parse(&get)?,
+            ui,
         })
     }
 
@@ -511,6 +518,147 @@ pub fn load_or_create_secret(path: &Path) -> std::io::Result<Secret> {
     }
 }
 
+/// Agent binaries on BINARY_STORAGE_PATH and the paced rollout of new versions.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    /// MAX_BINARY_BYTES: largest binary an upload may carry (413 above).
+    pub max_binary_bytes: u64,
+    /// ROLLOUT_MAX_CONCURRENT: how many agents of one rollout may be updating at once,
+    /// unless the rollout sets its own `max_concurrent`.
+    pub rollout_max_concurrent: u32,
+    /// ROLLOUT_UPDATE_TIMEOUT: an agent that has not come back with the new version this
+    /// long after its `update` message counts as failed and frees its slot.
+    pub rollout_update_timeout: Duration,
+    /// ROLLOUT_CHECK_INTERVAL: how often each replica offers free rollout slots to its
+    /// connected agents and expires updates that timed out.
+    pub rollout_check_interval: Duration,
+}
+
+impl FleetConfig {
+    fn parse(get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let rollout_check_interval =
+            duration(get, "ROLLOUT_CHECK_INTERVAL", Duration::from_secs(5))?;
+        if rollout_check_interval.is_zero() {
+            return Err(ConfigError::new(
+                "ROLLOUT_CHECK_INTERVAL",
+                "must be greater than zero",
+            ));
+        }
+        Ok(FleetConfig {
+            max_binary_bytes: bytes(get, "MAX_BINARY_BYTES", 512 * 1024 * 1024)? as u64,
+            rollout_max_concurrent: parse_or(get, "ROLLOUT_MAX_CONCURRENT", 10, |v| {
+                match v.parse::<u32>() {
+                    Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+                    _ => Err("a number of agents between 1 and 100000".into()),
+                }
+            })?,
+            rollout_update_timeout: duration(
+                get,
+                "ROLLOUT_UPDATE_TIMEOUT",
+                Duration::from_secs(15 * 60),
+            )?,
+            rollout_check_interval,
+        })
+    }
+}
+
+/// Where the web UI's admin password comes from.
+#[derive(Clone, Debug)]
+pub enum AdminPasswordSource {
+    /// ADMIN_PASSWORD was given.
+    Given(Secret),
+    /// Embedded default: a random password generated once and kept in the data directory.
+    DataDir(PathBuf),
+    /// Several replicas and no ADMIN_PASSWORD: sign-in is refused with a message saying so,
+    /// because per-replica generated passwords would differ.
+    Disabled,
+}
+
+/// Sign-in to the web UI.
+#[derive(Clone, Debug)]
+pub struct UiConfig {
+    pub admin_password: AdminPasswordSource,
+    /// UI_SESSION_TTL: how long a sign-in lasts.
+    pub session_ttl: Duration,
+}
+
+/// Minimum ADMIN_PASSWORD length.
+pub const MIN_ADMIN_PASSWORD_CHARS: usize = 12;
+
+impl UiConfig {
+    fn parse(
+        get: &impl Fn(&str) -> Option<String>,
+        data_dir: &Path,
+        clustered: bool,
+    ) -> Result<Self, ConfigError> {
+        let admin_password = match get("ADMIN_PASSWORD") {
+            Some(p) if p.chars().count() < MIN_ADMIN_PASSWORD_CHARS => {
+                return Err(ConfigError::new(
+                    "ADMIN_PASSWORD",
+                    format!(
+                        "is {} characters; at least {MIN_ADMIN_PASSWORD_CHARS} are required (for example `openssl rand -base64 18`)",
+                        p.chars().count()
+                    ),
+                ));
+            }
+            Some(p) => AdminPasswordSource::Given(Secret(p)),
+            None if clustered => AdminPasswordSource::Disabled,
+            None => AdminPasswordSource::DataDir(data_dir.join("admin_password")),
+        };
+        let session_ttl = duration(get, "UI_SESSION_TTL", Duration::from_secs(12 * 3600))?;
+        if session_ttl < Duration::from_secs(60) {
+            return Err(ConfigError::new("UI_SESSION_TTL", "must be at least 60s"));
+        }
+        Ok(UiConfig {
+            admin_password,
+            session_ttl,
+        })
+    }
+}
+
+/// Reads the embedded-mode admin password, generating it on first use (mode 0600): 24
+/// characters from an alphabet without look-alikes, so a person can type it.
+pub fn load_or_create_admin_password(path: &Path) -> std::io::Result<Secret> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().chars().count() >= MIN_ADMIN_PASSWORD_CHARS => {
+            return Ok(Secret(s.trim().to_string()));
+        }
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} holds a password shorter than {MIN_ADMIN_PASSWORD_CHARS} characters; delete it to generate a new one",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ23456789";
+    let password: String = (0..24)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.write_all(password.as_bytes())?;
+            f.sync_all()?;
+            Ok(Secret(password))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            load_or_create_admin_password(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,6 +802,54 @@ mod tests {
             Some("http://localhost:8080")
         );
         assert_eq!(origin_of("ftp://x"), None);
+    }
+
+    #[test]
+    fn admin_password_is_generated_embedded_required_to_be_long_and_disabled_in_a_cluster() {
+        assert!(matches!(
+            parse(&[]).unwrap().ui.admin_password,
+            AdminPasswordSource::DataDir(ref p) if p == Path::new("./data/admin_password")
+        ));
+        let e = parse(&[("ADMIN_PASSWORD", "hunter2")]).unwrap_err();
+        assert_eq!(e.var, "ADMIN_PASSWORD");
+        assert!(e.problem.contains("7 characters"), "{e}");
+        let clustered = parse(&[
+            ("DATABASE_URL", "postgres://db/x"),
+            ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            clustered.ui.admin_password,
+            AdminPasswordSource::Disabled
+        ));
+    }
+
+    #[test]
+    fn fleet_settings_have_defaults_and_name_the_variable_when_invalid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.fleet.max_binary_bytes, 512 * 1024 * 1024);
+        assert_eq!(c.fleet.rollout_max_concurrent, 10);
+        assert_eq!(c.fleet.rollout_update_timeout, Duration::from_secs(900));
+        let e = parse(&[("ROLLOUT_MAX_CONCURRENT", "0")]).unwrap_err();
+        assert_eq!(e.var, "ROLLOUT_MAX_CONCURRENT");
+        let e = parse(&[("MAX_BINARY_BYTES", "lots")]).unwrap_err();
+        assert_eq!(e.var, "MAX_BINARY_BYTES");
+    }
+
+    #[test]
+    fn generated_admin_password_is_private_and_stable() {
+        let dir = std::env::temp_dir().join(format!("agent-server-pw-{}", std::process::id()));
+        let path = dir.join("admin_password");
+        let _ = std::fs::remove_file(&path);
+        let first = load_or_create_admin_password(&path).unwrap();
+        let again = load_or_create_admin_password(&path).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(first.expose().len(), 24);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -48,6 +48,7 @@ label_enum! {
         Command => "command",
         Result => "result",
         Ack => "ack",
+        Update => "update",
         Error => "error",
         Ping => "ping",
         Pong => "pong",
@@ -123,6 +124,68 @@ pub struct CloseLabels {
     pub reason: CloseReason,
 }
 
+label_enum! {
+    /// How a binary upload ended.
+    UploadOutcome {
+        Stored => "stored",
+        Invalid => "invalid",
+        Duplicate => "duplicate",
+        TooLarge => "too_large",
+        ChecksumMismatch => "checksum_mismatch",
+        StorageFull => "storage_full",
+        Incomplete => "incomplete",
+        Failed => "failed",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UploadLabels {
+    pub outcome: UploadOutcome,
+}
+
+label_enum! {
+    /// What a binary download answered.
+    DownloadKind {
+        Full => "full",
+        Partial => "partial",
+        NotModified => "not_modified",
+        Unsatisfiable => "unsatisfiable",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DownloadLabels {
+    pub kind: DownloadKind,
+}
+
+label_enum! {
+    /// How an agent's update within a rollout ended.
+    UpdateOutcome {
+        Updated => "updated",
+        TimedOut => "timed_out",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateOutcomeLabels {
+    pub outcome: UpdateOutcome,
+}
+
+label_enum! {
+    /// How a web UI sign-in attempt ended.
+    SignInOutcome {
+        Ok => "ok",
+        WrongPassword => "wrong_password",
+        RateLimited => "rate_limited",
+        Disabled => "disabled",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignInLabels {
+    pub outcome: SignInOutcome,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
@@ -156,6 +219,14 @@ pub struct Metrics {
     pub rebalance_closes: Counter,
     /// Replicas that reported their agent count recently.
     pub cluster_pods: Gauge,
+    pub binary_uploads: Family<UploadLabels, Counter>,
+    pub binary_downloads: Family<DownloadLabels, Counter>,
+    /// Bytes of binaries sent to clients (ranges included).
+    pub binary_download_bytes: Counter,
+    pub updates_offered: Counter,
+    pub update_outcomes: Family<UpdateOutcomeLabels, Counter>,
+    pub ui_sign_ins: Family<SignInLabels, Counter>,
+    pub ui_event_streams: Gauge,
 }
 
 impl Metrics {
@@ -258,6 +329,49 @@ impl Metrics {
             "Replicas that reported their agent count recently",
             cluster_pods.clone(),
         );
+        let binary_uploads = Family::<UploadLabels, Counter>::default();
+        registry.register(
+            "binary_uploads",
+            "Binary uploads by outcome",
+            binary_uploads.clone(),
+        );
+        let binary_downloads = Family::<DownloadLabels, Counter>::default();
+        registry.register(
+            "binary_downloads",
+            "Binary download responses by kind",
+            binary_downloads.clone(),
+        );
+        let binary_download_bytes = Counter::default();
+        registry.register_with_unit(
+            "binary_download",
+            "Bytes of binaries sent",
+            prometheus_client::registry::Unit::Bytes,
+            binary_download_bytes.clone(),
+        );
+        let updates_offered = Counter::default();
+        registry.register(
+            "updates_offered",
+            "update messages sent to agents",
+            updates_offered.clone(),
+        );
+        let update_outcomes = Family::<UpdateOutcomeLabels, Counter>::default();
+        registry.register(
+            "update_outcomes",
+            "Agent updates that ended, by outcome",
+            update_outcomes.clone(),
+        );
+        let ui_sign_ins = Family::<SignInLabels, Counter>::default();
+        registry.register(
+            "ui_sign_ins",
+            "Web UI sign-in attempts by outcome",
+            ui_sign_ins.clone(),
+        );
+        let ui_event_streams = Gauge::default();
+        registry.register(
+            "ui_event_streams",
+            "Open /api/v1/events streams on this process",
+            ui_event_streams.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -283,6 +397,13 @@ impl Metrics {
             presence_refreshes,
             rebalance_closes,
             cluster_pods,
+            binary_uploads,
+            binary_downloads,
+            binary_download_bytes,
+            updates_offered,
+            update_outcomes,
+            ui_sign_ins,
+            ui_event_streams,
         }
     }
 
@@ -298,6 +419,30 @@ impl Metrics {
                 status: status.into(),
             })
             .inc_by(n);
+    }
+
+    pub fn upload(&self, outcome: UploadOutcome) {
+        self.binary_uploads
+            .get_or_create(&UploadLabels { outcome })
+            .inc();
+    }
+
+    pub fn download(&self, kind: DownloadKind) {
+        self.binary_downloads
+            .get_or_create(&DownloadLabels { kind })
+            .inc();
+    }
+
+    pub fn update_outcome(&self, outcome: UpdateOutcome) {
+        self.update_outcomes
+            .get_or_create(&UpdateOutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn sign_in(&self, outcome: SignInOutcome) {
+        self.ui_sign_ins
+            .get_or_create(&SignInLabels { outcome })
+            .inc();
     }
 
     pub fn closed(&self, reason: CloseReason) {

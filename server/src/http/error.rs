@@ -5,6 +5,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 
 use super::{Response, json};
 use crate::auth::AuthError;
+use crate::binaries::StorageError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,22 @@ pub enum ApiError {
     MethodNotAllowed { allowed: &'static [Method] },
     #[error("send the body as application/json")]
     UnsupportedMediaType,
+    #[error("{0}")]
+    UnsupportedUpload(String),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error("the requested range is outside the {size} bytes of this file")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after: u64 },
+    #[error("sign-in is disabled: set ADMIN_PASSWORD (the same on every replica) to enable it")]
+    SignInDisabled,
+    #[error("wrong password")]
+    WrongPassword,
+    #[error("this replica already serves {limit} event streams; retry shortly")]
+    TooManyStreams { limit: usize },
     #[error("this server is shutting down; retry and you will reach another replica")]
     Draining,
     #[error("expected a WebSocket upgrade request (Upgrade: websocket, Sec-WebSocket-Version: 13)")]
@@ -83,7 +100,25 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedUpload(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Storage(e) => match e {
+                StorageError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                StorageError::Empty
+                | StorageError::ChecksumMismatch { .. }
+                | StorageError::Incomplete(_) => StatusCode::BAD_REQUEST,
+                StorageError::Full { .. } => StatusCode::INSUFFICIENT_STORAGE,
+                StorageError::Missing { .. } | StorageError::Io { .. } => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::SignInDisabled => StatusCode::FORBIDDEN,
+            ApiError::WrongPassword => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyStreams { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Draining | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -98,7 +133,24 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedUpload(_) => {
+                "unsupported_media_type"
+            }
+            ApiError::Conflict { code, .. } => code,
+            ApiError::Storage(e) => match e {
+                StorageError::TooLarge { .. } => "payload_too_large",
+                StorageError::Empty => "empty_body",
+                StorageError::ChecksumMismatch { .. } => "checksum_mismatch",
+                StorageError::Full { .. } => "insufficient_storage",
+                StorageError::Incomplete(_) => "upload_incomplete",
+                StorageError::Missing { .. } => "binary_file_missing",
+                StorageError::Io { .. } => "storage_error",
+            },
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
+            ApiError::SignInDisabled => "sign_in_disabled",
+            ApiError::WrongPassword => "wrong_password",
+            ApiError::TooManyStreams { .. } => "too_many_streams",
             ApiError::Draining => "draining",
             ApiError::NotWebSocket => "not_websocket",
             ApiError::StoreUnavailable(_) => "store_unavailable",
@@ -108,8 +160,18 @@ impl ApiError {
 
     /// The response; server-side failures are logged here, once, with their source chain.
     pub fn into_response(self) -> Response {
-        if let ApiError::StoreUnavailable(e) | ApiError::Internal(e) = &self {
-            tracing::error!(error = %error_chain(e), "request failed");
+        match &self {
+            ApiError::StoreUnavailable(e) | ApiError::Internal(e) => {
+                tracing::error!(error = %error_chain(e), "request failed");
+            }
+            ApiError::Storage(
+                e @ (StorageError::Missing { .. }
+                | StorageError::Io { .. }
+                | StorageError::Full { .. }),
+            ) => {
+                tracing::error!(error = %error_chain(e), "binary storage failed");
+            }
+            _ => {}
         }
         let mut body =
             serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
@@ -133,8 +195,18 @@ impl ApiError {
                     headers.insert(header::ALLOW, v);
                 }
             }
-            ApiError::Draining | ApiError::StoreUnavailable(_) => {
+            ApiError::Draining
+            | ApiError::StoreUnavailable(_)
+            | ApiError::TooManyStreams { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            }
+            ApiError::TooManyRequests { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ApiError::RangeNotSatisfiable { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
             }
             _ => {}
         }

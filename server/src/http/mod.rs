@@ -2,9 +2,14 @@
 //! knows status codes.
 
 pub mod api;
+pub mod binaries;
 pub mod error;
+pub mod events;
+pub mod fleet;
 pub mod health;
+pub mod rollouts;
 pub mod router;
+pub mod ui;
 
 use std::convert::Infallible;
 use std::time::Duration;

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 
 use super::error::ApiError;
+use super::fleet::FleetRoute;
 use super::{Response, api, health};
 use crate::app::AppState;
 use crate::metrics::{HttpLabels, RouteLabels};
@@ -26,6 +27,8 @@ pub enum Route {
     AgentInventory(String),
     Command(String),
     Tokens,
+    /// The web UI, binaries and rollouts (`http/fleet.rs`).
+    Fleet(FleetRoute),
     NotFound,
 }
 
@@ -43,7 +46,7 @@ impl Route {
             ["api", "v1", "agents", id, "inventory"] => Route::AgentInventory(id.to_string()),
             ["api", "v1", "commands", id] => Route::Command(id.to_string()),
             ["api", "v1", "tokens"] => Route::Tokens,
-            _ => Route::NotFound,
+            other => FleetRoute::parse(other).map_or(Route::NotFound, Route::Fleet),
         }
     }
 
@@ -60,6 +63,7 @@ impl Route {
             Route::AgentInventory(_) => "/api/v1/agents/{id}/inventory",
             Route::Command(_) => "/api/v1/commands/{id}",
             Route::Tokens => "/api/v1/tokens",
+            Route::Fleet(r) => r.template(),
             Route::NotFound => "unmatched",
         }
     }
@@ -75,6 +79,7 @@ impl Route {
             Route::Agent(_) => &[Method::GET, Method::DELETE],
             Route::AgentCommands(_) | Route::AgentInventory(_) => &[Method::GET, Method::POST],
             Route::Tokens => &[Method::POST],
+            Route::Fleet(r) => r.allowed(),
             Route::NotFound => &[],
         }
     }
@@ -152,6 +157,12 @@ async fn dispatch(
     req: Request<Incoming>,
 ) -> Result<Response, ApiError> {
     let m = req.method().clone();
+    // The web UI's session cookie stands in for a bearer token on API routes.
+    let req = if route.is_api() {
+        super::ui::session_auth(state, req).await?
+    } else {
+        req
+    };
     match route {
         Route::Health if m == Method::GET || m == Method::HEAD => Ok(health::health()),
         Route::Readiness if m == Method::GET || m == Method::HEAD => {
@@ -170,6 +181,7 @@ async fn dispatch(
         Route::AgentInventory(id) if m == Method::GET => api::get_inventory(state, id, req).await,
         Route::Command(id) if m == Method::GET => api::get_command(state, id, req).await,
         Route::Tokens if m == Method::POST => api::create_token(state, req).await,
+        Route::Fleet(r) => r.dispatch(state, req).await,
         Route::NotFound => Err(ApiError::NotFound(format!(
             "no route for {}",
             req.uri().path()

@@ -4,7 +4,7 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 
 use super::schema::{agents, inventories};
-use super::{Store, StoreError, now_ms, with_conn};
+use super::{Change, Store, StoreError, now_ms, with_conn};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = agents)]
@@ -69,18 +69,20 @@ impl Store {
     /// Records a new connection and returns its epoch, one more than any earlier
     /// connection of this agent. Creates the agent on first contact.
     pub async fn agent_connected(&self, id: String, pod: String) -> Result<i64, StoreError> {
-        self.run(move |pool| {
-            let now = now_ms();
-            let row = NewConnection {
-                id: &id,
-                created_at: now,
-                online: true,
-                pod: &pod,
-                epoch: 1,
-                connected_at: now,
-                last_seen: now,
-            };
-            with_conn!(pool, c => Ok(diesel::insert_into(agents::table)
+        let announced = id.clone();
+        let epoch = self
+            .run(move |pool| {
+                let now = now_ms();
+                let row = NewConnection {
+                    id: &id,
+                    created_at: now,
+                    online: true,
+                    pod: &pod,
+                    epoch: 1,
+                    connected_at: now,
+                    last_seen: now,
+                };
+                with_conn!(pool, c => Ok(diesel::insert_into(agents::table)
                 .values(&row)
                 .on_conflict(agents::id)
                 .do_update()
@@ -93,8 +95,10 @@ impl Store {
                 ))
                 .returning(agents::epoch)
                 .get_result::<i64>(c)?))
-        })
-        .await
+            })
+            .await?;
+        self.announce(|| Change::Agent(announced));
+        Ok(epoch)
     }
 
     /// Marks a connection closed, unless a newer one has already taken over.
@@ -104,13 +108,18 @@ impl Store {
         epoch: i64,
         last_seen: i64,
     ) -> Result<bool, StoreError> {
-        self.run(move |pool| {
+        let announced = id.clone();
+        let current = self.run(move |pool| {
             with_conn!(pool, c => Ok(diesel::update(agents::table)
                 .filter(agents::id.eq(&id).and(agents::epoch.eq(epoch)))
                 .set((agents::online.eq(false), agents::pod.eq(None::<String>), agents::last_seen.eq(last_seen)))
                 .execute(c)? == 1))
         })
-        .await
+        .await?;
+        if current {
+            self.announce(|| Change::Agent(announced));
+        }
+        Ok(current)
     }
 
     pub async fn agent_hello(
@@ -126,6 +135,7 @@ impl Store {
         {
             return Ok(());
         }
+        let announced = id.clone();
         self.run(move |pool| {
             with_conn!(pool, c => diesel::update(agents::table)
                 .filter(agents::id.eq(&id).and(agents::epoch.eq(epoch)))
@@ -133,7 +143,9 @@ impl Store {
                 .execute(c)?);
             Ok(())
         })
-        .await
+        .await?;
+        self.announce(|| Change::Agent(announced));
+        Ok(())
     }
 
     /// Refreshes `last_seen` for agents this pod heard from, in chunks that keep each
@@ -157,25 +169,35 @@ impl Store {
     /// Marks offline every agent whose pod stopped refreshing it before `cutoff`: the
     /// agents of a pod that died without closing its connections.
     pub async fn mark_stale_offline(&self, cutoff: i64) -> Result<usize, StoreError> {
-        self.run(move |pool| {
-            with_conn!(pool, c => Ok(diesel::update(agents::table)
-                .filter(agents::online.eq(true).and(agents::last_seen.lt(cutoff)))
-                .set((agents::online.eq(false), agents::pod.eq(None::<String>)))
-                .execute(c)?))
-        })
-        .await
+        let n = self
+            .run(move |pool| {
+                with_conn!(pool, c => Ok(diesel::update(agents::table)
+                    .filter(agents::online.eq(true).and(agents::last_seen.lt(cutoff)))
+                    .set((agents::online.eq(false), agents::pod.eq(None::<String>)))
+                    .execute(c)?))
+            })
+            .await?;
+        if n > 0 {
+            self.announce(|| Change::Agents);
+        }
+        Ok(n)
     }
 
     /// Registers an agent that has not connected yet (token minting for enrollment).
     pub async fn ensure_agent(&self, id: String) -> Result<(), StoreError> {
-        self.run(move |pool| {
-            with_conn!(pool, c => diesel::insert_into(agents::table)
-                .values((agents::id.eq(&id), agents::created_at.eq(now_ms())))
-                .on_conflict_do_nothing()
-                .execute(c)?);
-            Ok(())
-        })
-        .await
+        let announced = id.clone();
+        let created = self
+            .run(move |pool| {
+                with_conn!(pool, c => Ok(diesel::insert_into(agents::table)
+                    .values((agents::id.eq(&id), agents::created_at.eq(now_ms())))
+                    .on_conflict_do_nothing()
+                    .execute(c)? == 1))
+            })
+            .await?;
+        if created {
+            self.announce(|| Change::Agent(announced));
+        }
+        Ok(())
     }
 
     pub async fn get_agent(
@@ -253,16 +275,23 @@ impl Store {
 
     /// Deletes an agent with its commands and inventory. Returns whether it existed.
     pub async fn delete_agent(&self, id: String) -> Result<bool, StoreError> {
-        self.run(move |pool| {
+        let announced = id.clone();
+        let existed = self.run(move |pool| {
             with_conn!(pool, c => c.transaction::<bool, StoreError, _>(|c| {
                 // Explicit child deletes: SQLite enforces the cascade only when the
                 // connection enabled foreign keys, and this must not depend on it.
                 diesel::delete(super::schema::commands::table.filter(super::schema::commands::agent_id.eq(&id))).execute(c)?;
                 diesel::delete(inventories::table.find(&id)).execute(c)?;
+                diesel::delete(super::schema::agent_labels::table.filter(super::schema::agent_labels::agent_id.eq(&id))).execute(c)?;
+                diesel::delete(super::schema::rollout_agents::table.filter(super::schema::rollout_agents::agent_id.eq(&id))).execute(c)?;
                 Ok(diesel::delete(agents::table.find(&id)).execute(c)? == 1)
             }))
         })
-        .await
+        .await?;
+        if existed {
+            self.announce(|| Change::Agent(announced));
+        }
+        Ok(existed)
     }
 }
 

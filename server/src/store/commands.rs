@@ -4,7 +4,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 
 use super::schema::{agents, commands};
-use super::{Store, StoreError, with_conn};
+use super::{Change, Store, StoreError, with_conn};
 
 /// Lifecycle: `pending` → `delivered` → `succeeded` | `failed`; `pending`/`delivered` →
 /// `expired` once past the optional TTL.
@@ -87,11 +87,14 @@ const OPEN: [&str; 2] = ["pending", "delivered"];
 
 impl Store {
     pub async fn insert_command(&self, cmd: NewCommand) -> Result<(), StoreError> {
+        let (id, agent_id) = (cmd.id.clone(), cmd.agent_id.clone());
         self.run(move |pool| {
             with_conn!(pool, c => diesel::insert_into(commands::table).values(&cmd).execute(c)?);
             Ok(())
         })
-        .await
+        .await?;
+        self.announce(|| Change::Command { id, agent_id });
+        Ok(())
     }
 
     pub async fn get_command(&self, id: String) -> Result<Option<CommandRow>, StoreError> {
@@ -162,17 +165,20 @@ impl Store {
     }
 
     pub async fn mark_delivered(&self, ids: Vec<String>, now: i64) -> Result<usize, StoreError> {
-        self.run(move |pool| {
-            with_conn!(pool, c => Ok(diesel::update(commands::table)
-                .filter(commands::id.eq_any(&ids).and(commands::status.eq_any(OPEN)))
-                .set((
-                    commands::status.eq("delivered"),
-                    commands::delivered_at.eq(now),
-                    commands::attempts.eq(commands::attempts + 1),
-                ))
-                .execute(c)?))
-        })
-        .await
+        let n = self
+            .run(move |pool| {
+                with_conn!(pool, c => Ok(diesel::update(commands::table)
+                    .filter(commands::id.eq_any(&ids).and(commands::status.eq_any(OPEN)))
+                    .set((
+                        commands::status.eq("delivered"),
+                        commands::delivered_at.eq(now),
+                        commands::attempts.eq(commands::attempts + 1),
+                    ))
+                    .execute(c)?))
+            })
+            .await?;
+        self.announce(|| Change::Commands);
+        Ok(n)
     }
 
     /// Stores an agent's result if the command is its own, still open, and the reporting
@@ -186,7 +192,8 @@ impl Store {
         output: Option<String>,
         now: i64,
     ) -> Result<ResultOutcome, StoreError> {
-        self.run(move |pool| {
+        let announced = (command_id.clone(), agent_id.clone());
+        let outcome = self.run(move |pool| {
             with_conn!(pool, c => c.transaction::<ResultOutcome, StoreError, _>(|c| {
                 let current: Option<i64> = agents::table.find(&agent_id).select(agents::epoch).first(c).optional()?;
                 if current != Some(epoch) {
@@ -213,18 +220,28 @@ impl Store {
                 Ok(if updated == 1 { ResultOutcome::Stored(status) } else { ResultOutcome::UnknownCommand })
             }))
         })
-        .await
+        .await?;
+        if let ResultOutcome::Stored(_) = outcome {
+            let (id, agent_id) = announced;
+            self.announce(|| Change::Command { id, agent_id });
+        }
+        Ok(outcome)
     }
 
     /// Moves open commands past their TTL to `expired`; returns how many.
     pub async fn expire_commands(&self, now: i64) -> Result<usize, StoreError> {
-        self.run(move |pool| {
-            with_conn!(pool, c => Ok(diesel::update(commands::table)
-                .filter(commands::status.eq_any(OPEN).and(commands::expires_at.le(now)))
-                .set((commands::status.eq("expired"), commands::completed_at.eq(now)))
-                .execute(c)?))
-        })
-        .await
+        let n = self
+            .run(move |pool| {
+                with_conn!(pool, c => Ok(diesel::update(commands::table)
+                    .filter(commands::status.eq_any(OPEN).and(commands::expires_at.le(now)))
+                    .set((commands::status.eq("expired"), commands::completed_at.eq(now)))
+                    .execute(c)?))
+            })
+            .await?;
+        if n > 0 {
+            self.announce(|| Change::Commands);
+        }
+        Ok(n)
     }
 
     /// Ids of agents with commands still waiting to be sent.

@@ -7,9 +7,12 @@
 //! both backends by the [`with_conn!`] macro.
 
 pub mod agents;
+pub mod binaries;
 pub mod commands;
 pub mod inventory;
+pub mod rollouts;
 pub mod schema;
+pub mod ui_sessions;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,8 +26,12 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use crate::config::DatabaseUrl;
 
 pub use agents::{AgentFilter, AgentPage, AgentRow, Hello};
+pub use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
 pub use commands::{CommandRow, CommandStatus, NewCommand, ResultOutcome};
 pub use inventory::InventoryRow;
+pub use rollouts::{
+    ActiveRollout, Claim, RolloutRow, RolloutStart, RolloutStatus, UpdateCounts, UpdateStatus,
+};
 
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -76,7 +83,32 @@ pub(crate) use with_conn;
 #[derive(Clone)]
 pub struct Store {
     pool: Arc<DbPool>,
+    /// Committed changes, announced in-process for live views (the UI's event stream).
+    changes: tokio::sync::broadcast::Sender<Change>,
 }
+
+/// A change the store has committed, announced after the write so that live views can
+/// refresh. It carries ids only: whoever listens reads the data from the store, so a
+/// missed announcement costs freshness, never correctness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// An agent connected, disconnected, said hello, was enrolled or deleted.
+    Agent(String),
+    /// Several agents at once (marked offline after their pod stopped refreshing them).
+    Agents,
+    /// A command was queued or got its result.
+    Command {
+        id: String,
+        agent_id: String,
+    },
+    /// Several commands at once (delivered, expired).
+    Commands,
+    Binaries,
+    Rollouts,
+}
+
+/// Announcements buffered per listener; one that falls further behind is told to resync.
+const CHANGE_BUFFER: usize = 1024;
 
 /// SQLite pragmas applied to every pooled connection: WAL lets readers run beside the
 /// writer, busy_timeout turns lock contention into a short wait instead of an error, and
@@ -126,6 +158,7 @@ impl Store {
         };
         let store = Store {
             pool: Arc::new(pool),
+            changes: tokio::sync::broadcast::channel(CHANGE_BUFFER).0,
         };
         store.migrate()?;
         Ok(store)
@@ -164,6 +197,18 @@ impl Store {
         tokio::task::spawn_blocking(move || f(&pool))
             .await
             .map_err(|_| StoreError::Task)?
+    }
+
+    /// Listens to committed changes from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Tells listeners about a committed change; free when nobody listens.
+    pub(crate) fn announce(&self, change: impl FnOnce() -> Change) {
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(change());
+        }
     }
 
     /// Round trip used by readiness.

@@ -44,3 +44,72 @@ diesel::table! {
 diesel::joinable!(commands -> agents (agent_id));
 diesel::joinable!(inventories -> agents (agent_id));
 diesel::allow_tables_to_appear_in_same_query!(agents, commands, inventories);
+
+diesel::table! {
+    binaries (id) {
+        id -> Text,
+        name -> Text,
+        version -> Text,
+        os -> Text,
+        arch -> Text,
+        notes -> Nullable<Text>,
+        size_bytes -> BigInt,
+        sha256 -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    rollouts (id) {
+        id -> Text,
+        binary_id -> Text,
+        os -> Text,
+        arch -> Text,
+        version -> Text,
+        label -> Nullable<Text>,
+        percentage -> Integer,
+        max_concurrent -> Integer,
+        status -> Text,
+        created_at -> BigInt,
+        ended_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    rollout_agents (rollout_id, agent_id) {
+        rollout_id -> Text,
+        agent_id -> Text,
+        status -> Text,
+        from_version -> Nullable<Text>,
+        offered_at -> BigInt,
+        offered_epoch -> BigInt,
+        finished_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    agent_labels (agent_id, label) {
+        agent_id -> Text,
+        label -> Text,
+    }
+}
+
+diesel::table! {
+    ui_sessions (id_hash) {
+        id_hash -> Text,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+    }
+}
+
+diesel::joinable!(rollouts -> binaries (binary_id));
+diesel::joinable!(rollout_agents -> rollouts (rollout_id));
+diesel::joinable!(rollout_agents -> agents (agent_id));
+diesel::joinable!(agent_labels -> agents (agent_id));
+diesel::allow_tables_to_appear_in_same_query!(
+    agents,
+    binaries,
+    rollouts,
+    rollout_agents,
+    agent_labels
+);

@@ -20,6 +20,9 @@ pub enum Inbound {
         os: Option<String>,
         #[serde(default)]
         arch: Option<String>,
+        /// Free-form tags (`canary`, `region:eu`); a rollout may target one.
+        #[serde(default)]
+        labels: Option<Vec<String>>,
     },
     /// A small inventory; large ones go to `POST /api/v1/agents/{id}/inventory`.
     Inventory {
@@ -82,6 +85,19 @@ pub enum Outbound<'a> {
     HeartbeatAck {
         ts: i64,
     },
+    /// Download this build (with the agent's own token), check its sha256, install it and
+    /// reconnect: a hello reporting `version` completes the update.
+    Update {
+        rollout_id: &'a str,
+        binary_id: &'a str,
+        name: &'a str,
+        version: &'a str,
+        os: &'a str,
+        arch: &'a str,
+        url: &'a str,
+        sha256: &'a str,
+        size: i64,
+    },
     /// A message was refused; the connection stays open.
     Error {
         code: &'static str,
@@ -98,6 +114,7 @@ impl Outbound<'_> {
             Outbound::Command { .. } => MessageType::Command,
             Outbound::Ack { .. } => MessageType::Ack,
             Outbound::HeartbeatAck { .. } => MessageType::HeartbeatAck,
+            Outbound::Update { .. } => MessageType::Update,
             Outbound::Error { .. } => MessageType::Error,
         }
     }

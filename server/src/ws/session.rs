@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use super::protocol::{self, Close, Inbound, Outbound, PROTOCOL_VERSION, ResultStatus};
 use crate::app::AppState;
 use crate::auth::unix_now;
+use crate::binaries::rollout;
 use crate::http::error::error_chain;
 use crate::hub::SessionHandle;
 use crate::metrics::{CloseReason, Direction, MessageType};
@@ -165,6 +166,10 @@ impl Session {
                     if let Err(end) = self.deliver(false).await {
                         return end;
                     }
+                    let offer = rollout::pending_offer(&self.state, &self.handle.client_id, self.handle.epoch).await;
+                    if let Err(end) = self.send_update(offer).await {
+                        return end;
+                    }
                 }
                 _ = ping.tick() => {
                     if now_ms() - self.handle.last_inbound_ms() >= offline_ms {
@@ -296,19 +301,32 @@ impl Session {
                 hostname,
                 os,
                 arch,
+                labels,
             } => {
                 tracing::info!(agent = %id, ?version, ?hostname, ?os, ?arch, "agent hello");
+                let facts = rollout::AgentFacts {
+                    version: version.clone(),
+                    os: os.clone(),
+                    arch: arch.clone(),
+                    labels,
+                };
                 let hello = Hello {
                     version,
                     hostname,
                     os,
                     arch,
                 };
-                if let Err(e) = self.state.store.agent_hello(id, epoch, hello).await {
+                if let Err(e) = self.state.store.agent_hello(id.clone(), epoch, hello).await {
                     self.state.metrics.store_errors.inc();
                     tracing::error!(agent = %self.handle.client_id, error = %error_chain(&e), "could not store hello");
+                    return Ok(());
                 }
-                Ok(())
+                // Once the hello is stored: an agent on an older version may be due an update.
+                let outcome = rollout::after_hello(&self.state, &id, epoch, facts).await;
+                if let Some(problem) = outcome.problem {
+                    self.error("invalid_message", problem, None).await?;
+                }
+                self.send_update(outcome.offer).await
             }
             Inbound::Inventory { data } => {
                 let body = data.to_string();
@@ -378,6 +396,22 @@ impl Session {
                 }
             }
         }
+    }
+
+    async fn send_update(&mut self, offer: Option<rollout::Offer>) -> Result<(), End> {
+        let Some(o) = offer else { return Ok(()) };
+        self.send(&Outbound::Update {
+            rollout_id: &o.rollout_id,
+            binary_id: &o.binary_id,
+            name: &o.name,
+            version: &o.version,
+            os: &o.os,
+            arch: &o.arch,
+            url: &o.url,
+            sha256: &o.sha256,
+            size: o.size,
+        })
+        .await
     }
 
     async fn error(

@@ -216,11 +216,14 @@ pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
     pub admin: String,
+    /// The configuration it runs with (replicas start from it).
+    pub config: Config,
     tokens: Tokens,
     shutdown: Option<oneshot::Sender<()>>,
     pub server: Option<JoinHandle<bool>>,
-    _data_dir: tempfile::TempDir,
-    _db: TestDb,
+    /// Owned by the first app; replicas share it.
+    _data_dir: Option<tempfile::TempDir>,
+    _db: Option<TestDb>,
 }
 
 pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Option<TestApp> {
@@ -236,27 +239,44 @@ pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Opt
         Backend::Postgres => postgres_db()?,
     };
     let config = test_config(&url, data_dir.path(), overrides);
-    let app = Application::build(config).await.expect("app builds");
+    let mut app = start(config).await;
+    app._data_dir = Some(data_dir);
+    app._db = Some(db);
+    Some(app)
+}
+
+async fn start(config: Config) -> TestApp {
+    let app = Application::build(config.clone())
+        .await
+        .expect("app builds");
     let addr = app.local_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
     let tokens = Tokens::new(&Secret::new(SECRET), jsonwebtoken::Algorithm::HS256);
-    Some(TestApp {
+    TestApp {
         addr,
         base: format!("http://{addr}"),
         admin: tokens.mint("admin", Role::Admin, Duration::from_secs(3600)),
         http: reqwest::Client::new(),
+        config,
         tokens,
         shutdown: Some(tx),
         server: Some(server),
-        _data_dir: data_dir,
-        _db: db,
-    })
+        _data_dir: None,
+        _db: None,
+    }
 }
 
 impl TestApp {
+    /// Another replica: the same database, binary volume and key, its own port and pod.
+    pub async fn spawn_replica(&self, pod: &str) -> TestApp {
+        let mut config = self.config.clone();
+        config.pod_id = pod.to_string();
+        start(config).await
+    }
+
     pub fn agent_token(&self, id: &str) -> String {
         self.tokens.mint(id, Role::Agent, Duration::from_secs(3600))
     }
@@ -336,6 +356,58 @@ impl TestApp {
             .await
             .unwrap();
         status_json(resp).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap();
+        status_json(resp).await
+    }
+
+    /// Uploads `body` as a binary; returns the status and the JSON answer.
+    pub async fn upload(&self, query: &str, body: Vec<u8>) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.url(&format!("/api/v1/binaries?{query}")))
+            .bearer_auth(&self.admin)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        status_json(resp).await
+    }
+
+    /// Uploads a binary that must be accepted; returns its id.
+    pub async fn uploaded(&self, name: &str, version: &str, os: &str, arch: &str) -> String {
+        let (status, body) = self
+            .upload(
+                &format!("name={name}&version={version}&os={os}&arch={arch}"),
+                format!("{name} {version} {os} {arch}").into_bytes(),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Starts a rollout; returns its JSON.
+    pub async fn rollout(&self, body: Value) -> Value {
+        let (status, resp) = self.post("/api/v1/rollouts", &body).await;
+        assert_eq!(status, 201, "{resp}");
+        resp
+    }
+
+    /// Connects as `id` and says hello with this version, os and arch.
+    pub async fn connect_as(&self, id: &str, version: &str, labels: &[&str]) -> Agent {
+        let mut agent = self.connect(id).await;
+        agent
+            .send(json!({"type": "hello", "version": version, "os": "linux", "arch": "x86_64", "labels": labels}))
+            .await;
+        agent
     }
 
     /// Registers an agent (as token minting for enrollment does).
@@ -449,6 +521,20 @@ impl Agent {
             if v["type"] == kind {
                 return v;
             }
+        }
+    }
+
+    /// Sends a heartbeat and returns every message that arrived before its answer: the
+    /// session handles messages in order, so this shows what an earlier message caused.
+    pub async fn until_heartbeat_ack(&mut self) -> Vec<Value> {
+        self.send(json!({"type": "heartbeat"})).await;
+        let mut before = Vec::new();
+        loop {
+            let v = self.recv().await;
+            if v["type"] == "heartbeat_ack" {
+                return before;
+            }
+            before.push(v);
         }
     }
 

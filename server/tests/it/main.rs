@@ -5,9 +5,13 @@ mod helpers;
 mod procs;
 
 mod api;
+mod binaries;
+mod browser;
 mod cluster;
 mod commands;
 mod drain;
 mod process;
+mod rollouts;
 mod store;
+mod ui;
 mod websocket;

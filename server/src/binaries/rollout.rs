@@ -1,0 +1,460 @@
+//! Paced rollouts: which agents get an `update` message, and when.
+//!
+//! An operator makes a binary the desired version of its os/arch (optionally for agents
+//! with a label, or a percentage of them). An agent whose `hello` reports an older
+//! version is sent an `update` if the rollout has a free slot: at most `max_concurrent`
+//! agents of a rollout are updating at once. A slot is freed when the agent comes back
+//! reporting the new version, or after ROLLOUT_UPDATE_TIMEOUT.
+//!
+//! Slots are claimed in the store (see `store/rollouts.rs`), so replicas agree. Each
+//! replica offers free slots to its own connected agents: at once after a hello, and on
+//! each tick of its rollout task (ROLLOUT_CHECK_INTERVAL, or sooner when a slot is freed
+//! here). Like commands, an update is never pushed through the hub: the task claims a
+//! slot in the store and wakes the session, which reads it from the store and sends it.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::version;
+use crate::app::AppState;
+use crate::http::error::error_chain;
+use crate::metrics::UpdateOutcome;
+use crate::store::{ActiveRollout, Claim, RolloutRow, RolloutStatus, StoreError, now_ms};
+
+/// What an agent said about itself in its hello, as far as rollouts care.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFacts {
+    pub version: Option<String>,
+    pub os: Option<String>,
+    pub arch: Option<String>,
+    /// `None`: the hello carried no labels (the stored ones stay).
+    pub labels: Option<Vec<String>>,
+}
+
+/// An `update` to send: everything an agent needs to fetch and check the binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub rollout_id: String,
+    pub binary_id: String,
+    pub name: String,
+    pub version: String,
+    pub os: String,
+    pub arch: String,
+    /// Absolute download URL, under SERVER_URL.
+    pub url: String,
+    pub sha256: String,
+    pub size: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct HelloOutcome {
+    /// Send this update now.
+    pub offer: Option<Offer>,
+    /// Part of the hello was refused (invalid labels); tell the agent.
+    pub problem: Option<String>,
+}
+
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_LEN: usize = 64;
+
+/// Keeps the valid labels (deduplicated) and describes the invalid ones.
+pub fn check_labels(reported: Vec<String>) -> (Vec<String>, Option<String>) {
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= MAX_LABEL_LEN
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b))
+    };
+    let mut valid = Vec::new();
+    let mut refused = Vec::new();
+    for label in reported {
+        if valid.contains(&label) {
+            continue;
+        }
+        if valid_label(&label) && valid.len() < MAX_LABELS {
+            valid.push(label);
+        } else {
+            refused.push(label);
+        }
+    }
+    let problem = (!refused.is_empty()).then(|| {
+        format!(
+            "labels ignored: {refused:?}; a hello may carry up to {MAX_LABELS} labels of 1 to {MAX_LABEL_LEN} letters, digits, '.', '_', ':', '/' or '-'"
+        )
+    });
+    (valid, problem)
+}
+
+/// Whether `agent` is within the first `percentage` of agents for this binary. The hash
+/// is stable, so raising the percentage of a rollout of the same binary only adds agents.
+pub fn selected(binary_id: &str, agent: &str, percentage: i32) -> bool {
+    if percentage >= 100 {
+        return true;
+    }
+    let digest = Sha256::new()
+        .chain_update(binary_id.as_bytes())
+        .chain_update(b"\n")
+        .chain_update(agent.as_bytes())
+        .finalize();
+    let bucket = u64::from_be_bytes(digest[..8].try_into().unwrap_or_default()) % 100;
+    (bucket as i64) < i64::from(percentage)
+}
+
+fn offer_for(state: &AppState, target: &ActiveRollout) -> Offer {
+    let r = &target.rollout;
+    Offer {
+        rollout_id: r.id.clone(),
+        binary_id: r.binary_id.clone(),
+        name: target.name.clone(),
+        version: r.version.clone(),
+        os: r.os.clone(),
+        arch: r.arch.clone(),
+        url: format!(
+            "{}/api/v1/binaries/{}/download",
+            state.config.server_url.trim_end_matches('/'),
+            r.binary_id
+        ),
+        sha256: target.sha256.clone(),
+        size: target.size_bytes,
+    }
+}
+
+/// Called by a session once its hello is stored: records the labels, notices an agent
+/// that came back updated (freeing its slot), and decides whether to send an update now.
+pub async fn after_hello(
+    state: &AppState,
+    agent: &str,
+    epoch: i64,
+    facts: AgentFacts,
+) -> HelloOutcome {
+    let mut outcome = HelloOutcome::default();
+    let mut labels = None;
+    if let Some(reported) = facts.labels {
+        let (valid, problem) = check_labels(reported);
+        outcome.problem = problem;
+        if let Err(e) = state
+            .store
+            .set_agent_labels(agent.to_string(), valid.clone())
+            .await
+        {
+            state.metrics.store_errors.inc();
+            tracing::error!(agent, error = %error_chain(&e), "could not store labels");
+        }
+        labels = Some(valid);
+    }
+    let (Some(current), Some(os), Some(arch)) = (facts.version, facts.os, facts.arch) else {
+        return outcome;
+    };
+    let active = state.fleet.active();
+    let (os, arch) = (os.to_lowercase(), arch.to_lowercase());
+    let Some(target) = active
+        .iter()
+        .find(|r| r.rollout.os == os && r.rollout.arch == arch)
+    else {
+        return outcome;
+    };
+    match decide(state, target, agent, epoch, &current, labels).await {
+        Ok(offer) => outcome.offer = offer,
+        Err(e) => {
+            state.metrics.store_errors.inc();
+            tracing::error!(agent, error = %error_chain(&e), "could not check the agent's rollout");
+        }
+    }
+    outcome
+}
+
+async fn decide(
+    state: &AppState,
+    target: &ActiveRollout,
+    agent: &str,
+    epoch: i64,
+    current: &str,
+    labels: Option<Vec<String>>,
+) -> Result<Option<Offer>, StoreError> {
+    let r = &target.rollout;
+    if !version::is_older(current, &r.version) {
+        if state
+            .store
+            .finish_update(r.id.clone(), agent.to_string(), now_ms())
+            .await?
+        {
+            state.metrics.update_outcome(UpdateOutcome::Updated);
+            tracing::info!(agent, version = current, rollout = %r.id, "agent updated");
+            state.fleet.kick();
+        }
+        return Ok(None);
+    }
+    if let Some(label) = &r.label {
+        let labels = match labels {
+            Some(l) => l,
+            None => state.store.agent_labels(agent.to_string()).await?,
+        };
+        if !labels.contains(label) {
+            return Ok(None);
+        }
+    }
+    if !selected(&r.binary_id, agent, r.percentage) {
+        return Ok(None);
+    }
+    let claim = state
+        .store
+        .claim_update(
+            r.id.clone(),
+            agent.to_string(),
+            epoch,
+            Some(current.to_string()),
+            now_ms(),
+        )
+        .await?;
+    Ok((claim == Claim::Offer).then(|| offered(state, target, agent)))
+}
+
+fn offered(state: &AppState, target: &ActiveRollout, agent: &str) -> Offer {
+    state.metrics.updates_offered.inc();
+    tracing::info!(agent, version = %target.rollout.version, rollout = %target.rollout.id, "update offered");
+    offer_for(state, target)
+}
+
+/// Called by a session when woken: the update this agent holds a slot for, if it has
+/// not been sent on this connection yet.
+pub async fn pending_offer(state: &AppState, agent: &str, epoch: i64) -> Option<Offer> {
+    let active = state.fleet.active();
+    if active.is_empty() {
+        return None;
+    }
+    match state.store.pending_update(agent.to_string(), epoch).await {
+        Ok(Some(rollout_id)) => active
+            .iter()
+            .find(|r| r.rollout.id == rollout_id)
+            .map(|target| offered(state, target, agent)),
+        Ok(None) => None,
+        Err(e) => {
+            state.metrics.store_errors.inc();
+            tracing::error!(agent, error = %error_chain(&e), "could not check for a pending update");
+            None
+        }
+    }
+}
+
+/// Re-reads the active rollouts into the cache.
+pub async fn refresh(state: &AppState) -> Result<(), StoreError> {
+    let active = state.store.active_rollouts().await?;
+    state.fleet.set_active(active);
+    Ok(())
+}
+
+/// Candidates read per query.
+const PAGE: i64 = 500;
+
+/// Offers each active rollout's free slots to agents connected to this replica, and
+/// wakes agents here that hold a slot but were not sent the update on their current
+/// connection. Returns how many slots were claimed.
+pub async fn dispatch(state: &AppState) -> Result<usize, StoreError> {
+    let mut claimed = 0;
+    let pod = state.config.pod_id.clone();
+    for target in state.fleet.active().iter() {
+        let r = &target.rollout;
+        let counts = state.store.update_counts(r.id.clone()).await?;
+        for agent in &counts.updating_agents {
+            if let Some(session) = state.hub.get(agent) {
+                session.wake();
+            }
+        }
+        let mut free = i64::from(r.max_concurrent) - counts.updating;
+        let mut after = None;
+        'pages: while free > 0 {
+            let page = state
+                .store
+                .rollout_candidates(r.clone(), pod.clone(), after.clone(), PAGE)
+                .await?;
+            after = page.last().map(|(id, _)| id.clone());
+            for (agent, current) in &page {
+                if !version::is_older(current, &r.version)
+                    || !selected(&r.binary_id, agent, r.percentage)
+                {
+                    continue;
+                }
+                let Some(session) = state.hub.get(agent) else {
+                    continue;
+                };
+                let claim = state
+                    .store
+                    .claim_update(
+                        r.id.clone(),
+                        agent.clone(),
+                        0,
+                        Some(current.clone()),
+                        now_ms(),
+                    )
+                    .await?;
+                match claim {
+                    Claim::Offer => {
+                        session.wake();
+                        claimed += 1;
+                        free -= 1;
+                        if free == 0 {
+                            break 'pages;
+                        }
+                    }
+                    Claim::Full | Claim::Inactive => break 'pages,
+                    Claim::AlreadySent | Claim::Finished => {}
+                }
+            }
+            if (page.len() as i64) < PAGE {
+                break;
+            }
+        }
+    }
+    Ok(claimed)
+}
+
+/// One round of the rollout task: time out stuck updates, refresh the cache, dispatch.
+async fn run_once(state: &AppState) -> Result<(), StoreError> {
+    let now = now_ms();
+    let timeout = state.config.fleet.rollout_update_timeout.as_millis() as i64;
+    let timed_out = state.store.expire_updates(now - timeout, now).await?;
+    for _ in 0..timed_out {
+        state.metrics.update_outcome(UpdateOutcome::TimedOut);
+    }
+    if timed_out > 0 {
+        tracing::warn!(
+            agents = timed_out,
+            "updates timed out (agents did not come back with the new version); their slots are free"
+        );
+    }
+    refresh(state).await?;
+    dispatch(state).await?;
+    Ok(())
+}
+
+/// How old a temporary upload file must be before it counts as abandoned.
+const STALE_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The rollout task: a round every ROLLOUT_CHECK_INTERVAL, or at once when kicked.
+pub fn spawn(state: &AppState) {
+    let s = state.clone();
+    state.tasks.spawn(async move {
+        let removed = s.fleet.storage.remove_stale_uploads(STALE_UPLOAD_AGE).await;
+        if removed > 0 {
+            tracing::info!(files = removed, "removed abandoned temporary upload files");
+        }
+        let mut tick = tokio::time::interval(s.config.fleet.rollout_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = s.stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = s.fleet.kick.notified() => {}
+            }
+            if let Err(e) = run_once(&s).await {
+                s.metrics.store_errors.inc();
+                tracing::error!(error = %error_chain(&e), "rollout round failed");
+            }
+        }
+    });
+}
+
+/// How far a rollout has come.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    /// Agents this rollout concerns: its os/arch (and label), within its percentage.
+    pub targeted: i64,
+    /// Of those, how many report the target version or newer.
+    pub up_to_date: i64,
+    /// Sent the update, not back yet; each holds a slot.
+    pub updating: i64,
+    /// Came back on the new version after this rollout's update.
+    pub updated: i64,
+    /// Did not come back within ROLLOUT_UPDATE_TIMEOUT; not asked again by this rollout.
+    pub timed_out: i64,
+    /// On an older version and not sent the update yet (offline, or waiting for a slot).
+    pub waiting: i64,
+    /// Report no version, so cannot be compared.
+    pub unknown_version: i64,
+    /// Active, and every targeted agent is up to date or timed out.
+    pub complete: bool,
+    /// Some of the agents updating now (up to 100).
+    pub updating_agents: Vec<String>,
+}
+
+/// Counts the rollout's agents. Reads every agent of the rollout's os/arch in pages:
+/// this is for operators, not for hot paths.
+pub async fn progress(state: &AppState, r: &RolloutRow) -> Result<Progress, StoreError> {
+    let counts = state.store.update_counts(r.id.clone()).await?;
+    let mut p = Progress {
+        updating: counts.updating,
+        updated: counts.updated,
+        timed_out: counts.timed_out,
+        updating_agents: counts.updating_agents,
+        ..Progress::default()
+    };
+    let mut older = 0;
+    let mut after = None;
+    loop {
+        let page = state
+            .store
+            .agents_for_target(
+                r.os.clone(),
+                r.arch.clone(),
+                r.label.clone(),
+                after.clone(),
+                1000,
+            )
+            .await?;
+        after = page.last().map(|(id, _)| id.clone());
+        for (agent, current) in &page {
+            if !selected(&r.binary_id, agent, r.percentage) {
+                continue;
+            }
+            p.targeted += 1;
+            match current {
+                Some(v) if !version::is_older(v, &r.version) => p.up_to_date += 1,
+                Some(_) => older += 1,
+                None => p.unknown_version += 1,
+            }
+        }
+        if page.len() < 1000 {
+            break;
+        }
+    }
+    p.waiting = (older - p.updating - p.timed_out).max(0);
+    p.complete = r.status == RolloutStatus::Active.as_str() && p.waiting == 0 && p.updating == 0;
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentage_selection_is_stable_and_grows_monotonically() {
+        let agents: Vec<String> = (0..2000).map(|i| format!("host-{i}")).collect();
+        let count = |pct| agents.iter().filter(|a| selected("bin-1", a, pct)).count();
+        let ten = count(10);
+        assert!((140..=260).contains(&ten), "about 10% of 2000: {ten}");
+        assert_eq!(count(100), 2000);
+        for a in &agents {
+            if selected("bin-1", a, 10) {
+                assert!(selected("bin-1", a, 50), "raising the percentage keeps {a}");
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_labels_are_dropped_with_a_reason() {
+        let (valid, problem) = check_labels(vec![
+            "canary".into(),
+            "region:eu-west/1".into(),
+            "canary".into(),
+            "has space".into(),
+            String::new(),
+        ]);
+        assert_eq!(valid, vec!["canary", "region:eu-west/1"]);
+        let problem = problem.unwrap();
+        assert!(problem.contains("has space"), "{problem}");
+        let (_, none) = check_labels(vec!["ok".into()]);
+        assert!(none.is_none());
+    }
+}
