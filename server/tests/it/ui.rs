@@ -267,6 +267,26 @@ async fn event_stream_reports_agents_commands_and_a_summary(app: TestApp) {
     assert!(seen.contains("event: summary"), "{seen}");
 }
 
+async fn event_streams_end_when_the_replica_drains_so_shutdown_is_not_held_up(mut app: TestApp) {
+    let mut events = app
+        .http
+        .get(app.url("/api/v1/events"))
+        .bearer_auth(&app.admin)
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    read_until(&mut events, &mut seen, "event: ready").await;
+    let server = app.begin_shutdown();
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends once draining starts");
+    let finished = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert!(finished, "shutdown finished within SHUTDOWN_TIMEOUT");
+}
+
 async fn pods_are_listed_with_the_agents_each_holds(app: TestApp) {
     let other = app.spawn_replica("pod-b").await;
     let _a = app.connect("p-1").await;
@@ -308,4 +328,5 @@ on_sqlite! {
     repeated_wrong_passwords_are_rate_limited
         with ["ADMIN_PASSWORD" = "correct horse battery staple"];
     embedded_mode_generates_the_admin_password_in_the_data_dir;
+    event_streams_end_when_the_replica_drains_so_shutdown_is_not_held_up;
 }
