@@ -20,6 +20,11 @@ lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The web UI in headless Chromium (needs chromium and chromedriver); screenshots land in
+# target/ui-artifacts/.
+ui-test:
+    cargo test -p agent-server --test it browser
+
 # helm lint, render every chart/ci values file, validate against Kubernetes schemas, scan.
 chart-lint:
     bash scripts/chart-check.sh
