@@ -181,6 +181,10 @@ Arguments: dict with ctx, key (memo key), secret (Secret name), field
 {{- include "agent-server.persistentSecret" (dict "ctx" . "key" "secretKey" "secret" (include "agent-server.fullname" .) "field" "SECRET_KEY" "given" .Values.auth.secretKey "length" 64) }}
 {{- end }}
 
+{{- define "agent-server.adminPassword" -}}
+{{- include "agent-server.persistentSecret" (dict "ctx" . "key" "adminPassword" "secret" (include "agent-server.fullname" .) "field" "ADMIN_PASSWORD" "given" .Values.auth.adminPassword "length" 24) }}
+{{- end }}
+
 {{- define "agent-server.postgresql.password" -}}
 {{- include "agent-server.persistentSecret" (dict "ctx" . "key" "postgresqlPassword" "secret" (include "agent-server.postgresql.fullname" .) "field" "password" "given" .Values.postgresql.auth.password "length" 32) }}
 {{- end }}
