@@ -3,7 +3,7 @@
 //! An upload is the raw binary as the request body, its metadata in the query string:
 //!
 //! ```text
-//! curl --data-binary @agent -H "X-Checksum-Sha256: $(sha256sum agent | cut -c1-64)" \
+//! curl -T agent -X POST -H "X-Checksum-Sha256: $(sha256sum agent | cut -c1-64)" \
 //!   -H "Authorization: Bearer $ADMIN" \
 //!   "$URL/api/v1/binaries?name=agent&version=2.5.0&os=linux&arch=x86_64&notes=fixes"
 //! ```
@@ -214,8 +214,12 @@ pub async fn upload(state: &AppState, req: Request<Incoming>) -> Result<Response
     match &result {
         Ok(_) => state.metrics.upload(UploadOutcome::Stored),
         Err(e) => {
-            state.metrics.upload(upload_outcome(e));
-            tracing::info!(error = %e, "binary upload refused");
+            let outcome = upload_outcome(e);
+            state.metrics.upload(outcome);
+            // Server-side failures are logged once, as errors, by `ApiError::into_response`.
+            if !matches!(outcome, UploadOutcome::StorageFull | UploadOutcome::Failed) {
+                tracing::info!(error = %e, "binary upload refused");
+            }
         }
     }
     result
@@ -234,7 +238,7 @@ async fn precheck(state: &AppState, parts: &http::request::Parts) -> Result<Uplo
             .starts_with("multipart/")
     {
         return Err(ApiError::UnsupportedUpload(
-            "send the binary itself as the request body (curl --data-binary @FILE), not a multipart form; metadata goes in the query string".into(),
+            "send the binary itself as the request body (curl -T FILE -X POST), not a multipart form; metadata goes in the query string".into(),
         ));
     }
     let limit = state.config.fleet.max_binary_bytes;
