@@ -247,13 +247,46 @@ impl Browser {
         )
         .await;
     }
+}
 
-    async fn close(self) {
-        let _ = self
-            .http
-            .delete(format!("{}/session/{}", self.driver, self.session))
-            .send()
-            .await;
+impl Drop for Browser {
+    /// Ends the browser session, also when the test failed half-way: killing chromedriver
+    /// alone would leave Chromium running. Blocking, and bounded by [`WAIT`], on purpose:
+    /// drop cannot await.
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        let Ok(mut conn) = std::net::TcpStream::connect(self.driver.trim_start_matches("http://"))
+        else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(WAIT));
+        let request = format!(
+            "DELETE /session/{} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
+            self.session
+        );
+        if conn.write_all(request.as_bytes()).is_err() {
+            return;
+        }
+        // chromedriver answers once the browser has quit; read exactly that answer.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while let Ok(n @ 1..) = conn.read(&mut chunk) {
+            got.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -382,7 +415,6 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
 
     browser.click("#sign-out").await;
     browser.find("#password").await;
-    browser.close().await;
     drop(cache);
 }
 
