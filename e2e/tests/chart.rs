@@ -425,7 +425,7 @@ fn server_reads_the_configmap_and_secret_through_env_from() {
 fn pod_template_checksums_change_when_config_or_secret_change() {
     // Fixed passwords: generated ones differ on every `helm template` (in a
     // cluster, `lookup` keeps them), which would change the checksum anyway.
-    const FIXED: &str = "postgresql.auth.password=pg-password,redis.auth.password=redis-password";
+    const FIXED: &str = "postgresql.auth.password=pg-password,redis.auth.password=redis-password,auth.adminPassword=admin-password-1";
     let base = render!(
         "--set",
         FIXED,
