@@ -220,10 +220,15 @@ fn spawn_background(state: &AppState) {
         |s| async move { sweep(&s).await },
     );
     if let Some(cluster) = state.hub.cluster() {
+        state.tasks.spawn(cluster.clone().run_subscriber(
+            state.hub.clone(),
+            state.store.clone(),
+            state.stop.clone(),
+        ));
         state.tasks.spawn(
             cluster
                 .clone()
-                .run_subscriber(state.hub.clone(), state.stop.clone()),
+                .forward_changes(state.store.clone(), state.stop.clone()),
         );
         // Re-claiming every entry is also how a flushed or restarted Redis is repopulated
         // within one heartbeat interval.

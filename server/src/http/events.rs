@@ -2,8 +2,8 @@
 //!
 //! Events carry ids, not data (`agent`, `command`, `commands`, `agents`, `binaries`,
 //! `rollouts`), plus a periodic `summary` of agents per pod. They come from the store's
-//! announcements on this replica; the summary is how a browser learns of changes made on
-//! other replicas. Each stream is bounded: a client that falls behind gets `resync`
+//! announcements: this replica's own and, in cluster mode, those the other replicas
+//! forward over Redis (`hub::cluster`). Each stream is bounded: a client that falls behind gets `resync`
 //! (refetch everything) instead of an ever-growing queue, and a replica serves at most
 //! [`MAX_STREAMS`]. Streams end when the replica starts draining; browsers reconnect
 //! (to another replica) on their own.
@@ -23,7 +23,7 @@ use super::Response;
 use super::api::{Access, authorize};
 use super::error::{ApiError, Result};
 use crate::app::AppState;
-use crate::store::Change;
+use crate::store::{Announcement, Change};
 
 /// Event streams one replica serves at once.
 pub const MAX_STREAMS: usize = 64;
@@ -42,7 +42,7 @@ fn event(name: &str, data: &str) -> Bytes {
 
 fn change_event(change: Change) -> Bytes {
     match change {
-        Change::Agent(id) => event("agent", &serde_json::json!({ "id": id }).to_string()),
+        Change::Agent { id } => event("agent", &serde_json::json!({ "id": id }).to_string()),
         Change::Agents => event("agents", "{}"),
         Change::Command { id, agent_id } => event(
             "command",
@@ -97,7 +97,7 @@ pub async fn stream(state: &AppState, req: Request<Incoming>) -> Result<Response
 async fn write_events(
     state: AppState,
     tx: mpsc::Sender<Bytes>,
-    mut changes: broadcast::Receiver<Change>,
+    mut changes: broadcast::Receiver<Announcement>,
     _slot: Slot,
 ) {
     let send = |bytes: Bytes| {
@@ -126,7 +126,7 @@ async fn write_events(
             _ = tx.closed() => return,
             _ = state.stop.cancelled() => return,
             change = changes.recv() => match change {
-                Ok(change) => change_event(change),
+                                Ok(announced) => change_event(announced.change),
                 Err(broadcast::error::RecvError::Lagged(_)) => event("resync", "{}"),
                 Err(broadcast::error::RecvError::Closed) => return,
             },

@@ -11,6 +11,8 @@
 //! - `agent:{client_id}` hash `pod`, `epoch`, `since`; TTL about WS_OFFLINE_TIMEOUT.
 //! - `pods` hash `pod_id` → `count:updated_ms`: agents per replica, for rebalancing.
 //! - channel `pod:{pod_id}`: one per replica (not per agent), JSON [`BusMessage`]s.
+//! - channel `changes`: committed changes for live views, batched per replica
+//!   ([`ChangeBatch`]), so a browser on any replica sees what happened on every one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use super::{Hub, SessionHandle};
 use crate::config::RedisConfig;
 use crate::http::error::error_chain;
 use crate::metrics::Metrics;
-use crate::store::now_ms;
+use crate::store::{Announcement, Change, Store, now_ms};
 use crate::ws::protocol;
 
 /// Sets the entry if the caller's epoch is at least the stored one; returns
@@ -59,6 +61,18 @@ pub enum BusMessage {
     /// An operator deleted the agent.
     Deleted { id: String },
 }
+
+/// Changes one replica committed within a short window, for the others' live views.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    pub origin: String,
+    pub changes: Vec<Change>,
+}
+
+/// How long a replica collects changes before forwarding them as one message.
+const CHANGE_BATCH_WINDOW: Duration = Duration::from_millis(250);
+/// A busier window is forwarded as "everything changed" instead of item by item.
+const CHANGE_BATCH_MAX: usize = 256;
 
 /// Outcome of registering a connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -142,6 +156,10 @@ impl Cluster {
 
     fn channel(&self, pod: &str) -> String {
         format!("{}pod:{pod}", self.prefix)
+    }
+
+    fn changes_channel(&self) -> String {
+        format!("{}changes", self.prefix)
     }
 
     fn pods_key(&self) -> String {
@@ -337,13 +355,14 @@ impl Cluster {
 
     /// Listens on this replica's channel until `stop`, resubscribing after any failure
     /// on a connection of its own (a subscribed connection can issue no other command).
-    pub async fn run_subscriber(self: Arc<Self>, hub: Hub, stop: CancellationToken) {
+    pub async fn run_subscriber(self: Arc<Self>, hub: Hub, store: Store, stop: CancellationToken) {
         let channel = self.channel(&self.pod);
+        let changes = self.changes_channel();
         let mut backoff = Duration::from_millis(200);
         loop {
             let subscribed = async {
                 let mut pubsub = Self::with_timeout(self.client.get_async_pubsub()).await?;
-                Self::with_timeout(pubsub.subscribe(&channel)).await?;
+                Self::with_timeout(pubsub.subscribe(&[&channel, &changes])).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             }
             .await;
@@ -357,6 +376,9 @@ impl Cluster {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         msg = messages.next() => match msg {
+                                                        Some(msg) if msg.get_channel_name() == changes => {
+                                self.relay_changes(&store, msg.get_payload_bytes());
+                            }
                             Some(msg) => self.handle(&hub, msg.get_payload_bytes()),
                             None => break,
                         },
@@ -372,6 +394,83 @@ impl Cluster {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Re-announces another replica's changes to this replica's live views.
+    fn relay_changes(&self, store: &Store, payload: &[u8]) {
+        match serde_json::from_slice::<ChangeBatch>(payload) {
+            Ok(batch) if batch.origin != self.pod => batch
+                .changes
+                .into_iter()
+                .for_each(|c| store.announce_remote(c)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ignored a malformed change batch"),
+        }
+    }
+
+    /// Forwards this replica's committed changes to the others, batched per
+    /// [`CHANGE_BATCH_WINDOW`], until `stop`.
+    pub async fn forward_changes(self: Arc<Self>, store: Store, stop: CancellationToken) {
+        let mut changes = store.subscribe();
+        let mut batch: std::collections::HashSet<Change> = std::collections::HashSet::new();
+        let add = |batch: &mut std::collections::HashSet<Change>, received| match received {
+            Ok(Announcement {
+                remote: false,
+                change,
+            }) => {
+                batch.insert(change);
+            }
+            Ok(Announcement { remote: true, .. }) => {}
+            // Too many to follow: tell the others that everything may have changed.
+            Err(_) => batch.extend([
+                Change::Agents,
+                Change::Commands,
+                Change::Binaries,
+                Change::Rollouts,
+            ]),
+        };
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                received = changes.recv() => received,
+            };
+            if matches!(first, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                return;
+            }
+            add(&mut batch, first);
+            let window = tokio::time::sleep(CHANGE_BATCH_WINDOW);
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    _ = &mut window => break,
+                    received = changes.recv() => add(&mut batch, received),
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let changes: Vec<Change> = if batch.len() > CHANGE_BATCH_MAX {
+                batch.clear();
+                vec![
+                    Change::Agents,
+                    Change::Commands,
+                    Change::Binaries,
+                    Change::Rollouts,
+                ]
+            } else {
+                batch.drain().collect()
+            };
+            let payload = serde_json::to_string(&ChangeBatch {
+                origin: self.pod.clone(),
+                changes,
+            })
+            .unwrap_or_default();
+            let mut conn = self.conn.clone();
+            let result =
+                Self::with_timeout(conn.publish::<_, _, i64>(self.changes_channel(), payload))
+                    .await;
+            self.track("forward changes", result);
         }
     }
 

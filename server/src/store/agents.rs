@@ -97,7 +97,7 @@ impl Store {
                 .get_result::<i64>(c)?))
             })
             .await?;
-        self.announce(|| Change::Agent(announced));
+        self.announce(|| Change::Agent { id: announced });
         Ok(epoch)
     }
 
@@ -117,7 +117,7 @@ impl Store {
         })
         .await?;
         if current {
-            self.announce(|| Change::Agent(announced));
+            self.announce(|| Change::Agent { id: announced });
         }
         Ok(current)
     }
@@ -144,7 +144,7 @@ impl Store {
             Ok(())
         })
         .await?;
-        self.announce(|| Change::Agent(announced));
+        self.announce(|| Change::Agent { id: announced });
         Ok(())
     }
 
@@ -195,7 +195,7 @@ impl Store {
             })
             .await?;
         if created {
-            self.announce(|| Change::Agent(announced));
+            self.announce(|| Change::Agent { id: announced });
         }
         Ok(())
     }
@@ -289,7 +289,7 @@ impl Store {
         })
         .await?;
         if existed {
-            self.announce(|| Change::Agent(announced));
+            self.announce(|| Change::Agent { id: announced });
         }
         Ok(existed)
     }

@@ -83,17 +83,21 @@ pub(crate) use with_conn;
 #[derive(Clone)]
 pub struct Store {
     pool: Arc<DbPool>,
-    /// Committed changes, announced in-process for live views (the UI's event stream).
-    changes: tokio::sync::broadcast::Sender<Change>,
+    /// Committed changes, announced in-process for live views (the UI's event stream),
+    /// and in cluster mode forwarded to and from the other replicas.
+    changes: tokio::sync::broadcast::Sender<Announcement>,
 }
 
 /// A change the store has committed, announced after the write so that live views can
 /// refresh. It carries ids only: whoever listens reads the data from the store, so a
 /// missed announcement costs freshness, never correctness.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
     /// An agent connected, disconnected, said hello, was enrolled or deleted.
-    Agent(String),
+    Agent {
+        id: String,
+    },
     /// Several agents at once (marked offline after their pod stopped refreshing them).
     Agents,
     /// A command was queued or got its result.
@@ -105,6 +109,14 @@ pub enum Change {
     Commands,
     Binaries,
     Rollouts,
+}
+
+/// A change and where it was committed: replicas forward only their own.
+#[derive(Clone, Debug)]
+pub struct Announcement {
+    pub change: Change,
+    /// Committed on another replica and received over the cluster bus.
+    pub remote: bool,
 }
 
 /// Announcements buffered per listener; one that falls further behind is told to resync.
@@ -200,14 +212,27 @@ impl Store {
     }
 
     /// Listens to committed changes from now on.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Announcement> {
         self.changes.subscribe()
     }
 
     /// Tells listeners about a committed change; free when nobody listens.
     pub(crate) fn announce(&self, change: impl FnOnce() -> Change) {
         if self.changes.receiver_count() > 0 {
-            let _ = self.changes.send(change());
+            let _ = self.changes.send(Announcement {
+                change: change(),
+                remote: false,
+            });
+        }
+    }
+
+    /// Re-announces a change another replica committed (cluster mode).
+    pub fn announce_remote(&self, change: Change) {
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(Announcement {
+                change,
+                remote: true,
+            });
         }
     }
 

@@ -447,3 +447,33 @@ async fn after_scale_out_agents_spread_evenly_with_no_command_lost() {
         commands.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_views_on_one_replica_see_changes_made_on_another() {
+    let Some(c) = cluster(2, &[]).await else {
+        return;
+    };
+    let mut events = c
+        .http
+        .get(format!("{}/api/v1/events", c.pods[1].base()))
+        .bearer_auth(&c.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status().as_u16(), 200);
+    let started = Instant::now();
+    let _agent = c.connect(0, "seen-elsewhere").await;
+    let mut text = String::new();
+    while !(text.contains("event: agent") && text.contains("seen-elsewhere")) {
+        let chunk = tokio::time::timeout(WAIT, events.chunk())
+            .await
+            .expect("an event within the wait bound")
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    eprintln!(
+        "live view on pod-b saw an agent connect on pod-a after {:?}",
+        started.elapsed()
+    );
+}
