@@ -156,6 +156,10 @@ impl Application {
         );
         state.draining.store(true, Ordering::SeqCst);
         state.metrics.draining.set(1);
+        if let Some(cluster) = state.hub.cluster() {
+            // Out of the counts at once, so no replica sheds agents toward this one.
+            cluster.leave().await;
+        }
 
         // Requests keep being served while agents leave: in Kubernetes the endpoint is
         // being removed concurrently, and in-flight API calls must still succeed.

@@ -42,6 +42,10 @@ pub async fn readiness(state: &AppState) -> Response {
         },
     };
     let ready = !draining && database["ok"] == true;
+    if let (true, Some(cluster)) = (ready, state.hub.cluster()) {
+        // The load balancer routes here from now on: the count may count.
+        cluster.mark_routable();
+    }
     let status = if ready {
         StatusCode::OK
     } else {

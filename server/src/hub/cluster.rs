@@ -104,9 +104,19 @@ pub struct Cluster {
     release: Script,
     /// Lifetime of an agent entry without refresh.
     presence_ttl: Duration,
-    /// Entries in `pods` older than this belong to replicas that are gone.
-    pod_stale_after: Duration,
+    /// Set once this replica is routable (its readiness answered 200, or an agent
+    /// reached it): before that its count of zero would make every other replica shed
+    /// agents that cannot reach it yet.
+    routable: AtomicBool,
+    /// Consecutive seconds this replica was above the cluster average: counts are
+    /// published a second apart, so one reading alone may be stale (a fleet connecting
+    /// in a burst); shedding waits for two.
+    pub over_average_streak: std::sync::atomic::AtomicU32,
 }
+
+/// Counts are published every second; one older than this belongs to a replica that is
+/// gone (killed, or exited before its next tick).
+const POD_COUNT_STALE_AFTER: Duration = Duration::from_secs(4);
 
 /// Failures this soon after the last logged one are counted but not logged again.
 const OUTAGE_LOG_QUIET: Duration = Duration::from_secs(30);
@@ -146,7 +156,8 @@ impl Cluster {
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
             presence_ttl: offline_timeout + heartbeat,
-            pod_stale_after: (heartbeat * 3).max(Duration::from_secs(5)),
+            routable: AtomicBool::new(false),
+            over_average_streak: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -307,18 +318,25 @@ impl Cluster {
         stale
     }
 
-    /// Publishes this replica's agent count and returns every live replica's count.
+    pub fn mark_routable(&self) {
+        self.routable.store(true, Ordering::Relaxed);
+    }
+
+    /// Publishes this replica's agent count (once it is routable) and returns every live
+    /// replica's count.
     pub async fn exchange_counts(&self, mine: usize) -> Option<HashMap<String, u64>> {
         let mut conn = self.conn.clone();
         let now = now_ms();
         let key = self.pods_key();
-        let write = conn.hset::<_, _, _, ()>(&key, &self.pod, format!("{mine}:{now}"));
-        self.track("pod count", Self::with_timeout(write).await)?;
+        if self.routable.load(Ordering::Relaxed) || mine > 0 {
+            let write = conn.hset::<_, _, _, ()>(&key, &self.pod, format!("{mine}:{now}"));
+            self.track("pod count", Self::with_timeout(write).await)?;
+        }
         let all = self.track(
             "pod counts",
             Self::with_timeout(conn.hgetall::<_, HashMap<String, String>>(&key)).await,
         )?;
-        let cutoff = now - self.pod_stale_after.as_millis() as i64;
+        let cutoff = now - POD_COUNT_STALE_AFTER.as_millis() as i64;
         let mut live = HashMap::new();
         let mut gone = Vec::new();
         for (pod, value) in all {

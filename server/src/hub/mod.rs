@@ -176,6 +176,9 @@ impl Hub {
         let handle = self.register(client_id, epoch, now_ms)?;
         // While Redis is down, handshakes do not wait on it: the refresh loop registers
         // every session once it is back, and the database epoch fences meanwhile.
+        if let Some(cluster) = &self.cluster {
+            cluster.mark_routable();
+        }
         if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_healthy()) {
             match cluster.claim(client_id, epoch, now_ms).await {
                 Claim::Claimed {

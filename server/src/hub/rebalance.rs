@@ -61,6 +61,10 @@ pub async fn tick(state: &AppState) {
         config.rebalance_rate,
     );
     if shed == 0 {
+        cluster.over_average_streak.store(0, Ordering::Relaxed);
+        return;
+    }
+    if cluster.over_average_streak.fetch_add(1, Ordering::Relaxed) < 1 {
         return;
     }
     // The longest-connected agents go first: the ones that just moved here stay.

@@ -84,8 +84,14 @@ impl TestCluster {
             env.push((k.clone(), v.clone()));
         }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.pods
-            .push(ServerProcess::start(self.dir.path(), &env).await);
+        let pod = ServerProcess::start(self.dir.path(), &env).await;
+        // As the kubelet's readiness probe would: a replica takes part in rebalancing
+        // once it is routable.
+        let ready = reqwest::get(format!("{}/readiness", pod.base()))
+            .await
+            .unwrap();
+        assert_eq!(ready.status().as_u16(), 200);
+        self.pods.push(pod);
         self.pods.len() - 1
     }
 
