@@ -1,0 +1,78 @@
+//! Tokens the way the server checks them (`server/src/auth.rs`): HMAC JWTs with `sub`,
+//! `role`, `iat` and `exp`. The harness holds the deployment's SECRET_KEY (it sets it on
+//! both targets), so it mints its own admin and agent tokens instead of asking a server.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Serialize;
+
+/// The two roles the server knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Admin,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    role: &'a str,
+    iat: u64,
+    exp: u64,
+}
+
+/// Signs tokens with one key. Cheap to clone and shareable across tasks.
+#[derive(Clone)]
+pub struct Minter {
+    key: EncodingKey,
+    algorithm: Algorithm,
+}
+
+impl Minter {
+    /// `secret` is the deployment's SECRET_KEY; the algorithm is the server's default, HS256.
+    pub fn new(secret: &str) -> Self {
+        Self {
+            key: EncodingKey::from_secret(secret.as_bytes()),
+            algorithm: Algorithm::HS256,
+        }
+    }
+
+    pub fn mint(&self, sub: &str, role: Role, ttl: Duration) -> String {
+        let now = unix_now();
+        self.sign(sub, role, now, now + ttl.as_secs().max(1))
+    }
+
+    /// A token that expired an hour ago, well past the server's few seconds of leeway.
+    pub fn expired(&self, sub: &str, role: Role) -> String {
+        let now = unix_now();
+        self.sign(sub, role, now - 7200, now - 3600)
+    }
+
+    fn sign(&self, sub: &str, role: Role, iat: u64, exp: u64) -> String {
+        let claims = Claims {
+            sub,
+            role: role.as_str(),
+            iat,
+            exp,
+        };
+        // HMAC over claims we built cannot fail.
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
+            .expect("HMAC signing")
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
