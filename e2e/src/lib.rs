@@ -1,13 +1,23 @@
-//! The end-to-end harness: the server and the chart proven together.
+//! The end-to-end harness: the server and the chart proven together, on a kind cluster
+//! (`e2e kind`) or on this machine with processes and nginx (`e2e local`).
 //!
 //! - [`agent`]: a protocol-correct simulated agent and fleets of them (also the base of
 //!   load generators);
+//! - [`cluster`]: the [`cluster::Cluster`] trait the scenarios are written against;
+//! - [`local`]: the local target (processes, redis-server, PostgreSQL, nginx);
+//! - [`scenarios`]: websocket, ingress-timeouts, rolling-update, hpa, pod-kill;
 //! - [`api`], [`tokens`], [`endpoint`]: clients of the deployment through its ingress;
-//! - [`report`], [`wait`]: figures and bounded waits.
+//! - [`report`], [`wait`], [`values`]: figures, bounded waits, the chart's values.
+//!
+//! `docs/e2e.md` describes what each target proves and how to run it.
 
 pub mod agent;
 pub mod api;
+pub mod cluster;
 pub mod endpoint;
+pub mod local;
 pub mod report;
+pub mod scenarios;
 pub mod tokens;
+pub mod values;
 pub mod wait;

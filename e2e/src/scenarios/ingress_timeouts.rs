@@ -1,0 +1,235 @@
+//! ingress-timeouts: the ingress's proxy timeouts and body size are applied, and the
+//! server's heartbeat is what keeps idle agents connected through them.
+//!
+//! 1. Ingress read/send timeout set low (3 s by default), server heartbeat below it (1 s):
+//!    idle agents stay connected for four times the timeout.
+//! 2. A 9 MiB inventory passes the ingress; an 11 MiB one gets 413 from the ingress itself
+//!    (its page, not the server's JSON error), so `proxyBodySize: 10m` is what applies.
+//! 3. Same ingress timeout, heartbeat above it (30 s; the server's pings effectively off):
+//!    the ingress cuts the silent connections at about the timeout. This is the proof that
+//!    the timeout value reaches the ingress; without it, part 1 would prove nothing.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use reqwest::Method;
+use tokio::time::Instant;
+
+use super::*;
+use crate::api::Body;
+use crate::cluster::Profile;
+use crate::report::short;
+
+/// Idle agents per part.
+const IDLE_AGENTS: usize = 3;
+
+pub async fn run<C: Cluster>(
+    cluster: &mut C,
+    opts: &Options,
+    report: &mut ScenarioReport,
+) -> Result<()> {
+    let timeout = opts.ingress_timeout;
+    let api = admin_api(cluster);
+
+    section(&format!(
+        "ingress timeout {}, server heartbeat 1s: idle agents stay",
+        short(timeout)
+    ));
+    cluster
+        .apply(&Profile {
+            replicas: opts.replicas,
+            heartbeat: Some(Duration::from_secs(1)),
+            offline_timeout: Some(Duration::from_secs(10)),
+            ingress_timeout: Some(timeout),
+        })
+        .await?;
+    let fleet = start_fleet(cluster, opts, Scenario::IngressTimeouts, "hb", IDLE_AGENTS);
+    report.agents = fleet.len();
+    all_connected(&fleet, "the idle agents to connect", CONNECT_BOUND).await?;
+    let hold = timeout * 4;
+    let since = Instant::now();
+    let drops = wait::until(
+        &format!("idle agents to stay connected for {}", short(hold)),
+        hold + Duration::from_secs(5),
+        Duration::from_millis(100),
+        || async {
+            let drops = fleet.disconnects_since(since);
+            Ok(if !drops.is_empty() || since.elapsed() >= hold {
+                Check::Ready(drops)
+            } else {
+                Check::Pending(format!("connected for {}", short(since.elapsed())))
+            })
+        },
+    )
+    .await?;
+    println!(
+        "  {} of {IDLE_AGENTS} idle agents dropped within {}",
+        drops.len(),
+        short(since.elapsed())
+    );
+    report.check(
+        drops.is_empty(),
+        format!(
+            "with a 1s heartbeat, idle agents were cut by the {} ingress timeout: {:?}",
+            short(timeout),
+            drops.first().map(|d| (&d.detail, d.connected_for))
+        ),
+    );
+    report.figure(
+        "idle with heartbeat",
+        format!("{} without a drop", short(hold)),
+    );
+
+    section("inventory size limit at the ingress");
+    let agent = fleet.agents()[0].client_id().to_string();
+    let agent_token = cluster
+        .minter()
+        .mint(&agent, Role::Agent, Duration::from_secs(3600));
+    let path = format!("/api/v1/agents/{agent}/inventory");
+    let nine = 9 * 1024 * 1024;
+    match api
+        .call(
+            Method::POST,
+            &path,
+            Some(&agent_token),
+            Body::Raw(document(nine)),
+            &[200],
+        )
+        .await
+    {
+        Ok(reply) => {
+            let stored = reply.json()["size_bytes"].as_u64();
+            println!(
+                "  9 MiB inventory: {} (stored {stored:?} bytes)",
+                reply.status
+            );
+            report.check(
+                stored == Some(nine as u64),
+                format!("the 9 MiB inventory was stored as {stored:?} bytes"),
+            );
+        }
+        Err(e) => println!("  9 MiB inventory refused: {e}"),
+    }
+    match api
+        .call(
+            Method::POST,
+            &path,
+            Some(&agent_token),
+            Body::Raw(document(11 * 1024 * 1024)),
+            &[413],
+        )
+        .await
+    {
+        Ok(reply) => {
+            // The server's own 413 is JSON; the ingress answers with its HTML page.
+            let from_ingress = !reply.content_type.contains("application/json");
+            println!(
+                "  11 MiB inventory: 413 from {} ({})",
+                if from_ingress {
+                    "the ingress"
+                } else {
+                    "the server"
+                },
+                reply.content_type
+            );
+            report.check(
+                from_ingress,
+                "the 11 MiB inventory got the server's 413, not the ingress's: proxyBodySize is not applied",
+            );
+        }
+        Err(e) => println!("  11 MiB inventory: {e}"),
+    }
+    stop_fleet(fleet).await;
+
+    section(&format!(
+        "ingress timeout {}, server heartbeat 30s: the ingress cuts silent connections",
+        short(timeout)
+    ));
+    cluster
+        .apply(&Profile {
+            replicas: opts.replicas,
+            heartbeat: Some(Duration::from_secs(30)),
+            offline_timeout: Some(Duration::from_secs(90)),
+            ingress_timeout: Some(timeout),
+        })
+        .await?;
+    let fleet = start_fleet(
+        cluster,
+        opts,
+        Scenario::IngressTimeouts,
+        "silent",
+        IDLE_AGENTS,
+    );
+    all_connected(&fleet, "the silent agents to connect", CONNECT_BOUND).await?;
+    let since = Instant::now();
+    let cuts = wait::until(
+        "the ingress to cut every silent connection",
+        timeout * 4 + Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let cuts: Vec<Duration> = fleet
+                .agents()
+                .iter()
+                .filter_map(|a| {
+                    a.with_stats(|s| {
+                        s.disconnects
+                            .iter()
+                            .find(|d| d.at >= since)
+                            .map(|d| d.connected_for)
+                    })
+                })
+                .collect();
+            Ok(if cuts.len() == fleet.len() {
+                Check::Ready(cuts)
+            } else {
+                Check::Pending(format!("{}/{} cut", cuts.len(), fleet.len()))
+            })
+        },
+    )
+    .await?;
+    let cuts = Latencies::new(cuts);
+    println!("  connections lasted {}", cuts.summary());
+    let (low, high) = (
+        timeout.saturating_sub(Duration::from_millis(500)),
+        timeout + Duration::from_millis(2500),
+    );
+    for cut in [cuts.percentile(1.0), cuts.max()].into_iter().flatten() {
+        report.check(
+            cut >= low && cut <= high,
+            format!(
+                "a silent connection lasted {} (expected the {} ingress timeout, within {}..{})",
+                short(cut),
+                short(timeout),
+                short(low),
+                short(high)
+            ),
+        );
+    }
+    report.figure("cut after", cuts.summary());
+    stop_fleet(fleet).await;
+
+    record_requests(report, &api);
+    Ok(())
+}
+
+/// A JSON document of exactly `size` bytes.
+fn document(size: usize) -> Vec<u8> {
+    const OPEN: &[u8] = br#"{"padding":""#;
+    const CLOSE: &[u8] = br#""}"#;
+    let mut doc = Vec::with_capacity(size);
+    doc.extend_from_slice(OPEN);
+    doc.resize(size - CLOSE.len(), b'x');
+    doc.extend_from_slice(CLOSE);
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn documents_have_the_exact_size_and_parse() {
+        let doc = super::document(1000);
+        assert_eq!(doc.len(), 1000);
+        let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+        assert!(v["padding"].is_string());
+    }
+}
