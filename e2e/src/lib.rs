@@ -4,7 +4,7 @@
 //! - [`agent`]: a protocol-correct simulated agent and fleets of them (also the base of
 //!   load generators);
 //! - [`cluster`]: the [`cluster::Cluster`] trait the scenarios are written against;
-//! - [`local`]: the local target (processes, redis-server, PostgreSQL, nginx);
+//! - [`local`] and [`kind`]: the two targets;
 //! - [`scenarios`]: websocket, ingress-timeouts, rolling-update, hpa, pod-kill;
 //! - [`api`], [`tokens`], [`endpoint`]: clients of the deployment through its ingress;
 //! - [`report`], [`wait`], [`values`]: figures, bounded waits, the chart's values.
@@ -15,6 +15,7 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod endpoint;
+pub mod kind;
 pub mod local;
 pub mod report;
 pub mod scenarios;

@@ -1,4 +1,4 @@
-//! `e2e local`: runs the end-to-end scenarios against one target and ends with a
+//! `e2e local|kind`: runs the end-to-end scenarios against one target and ends with a
 //! table. Exit status: 0 when every scenario passed, 1 when one failed, 2 when the target
 //! could not be set up, 130 when interrupted.
 
@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use e2e::cluster::{Cluster, Profile};
+use e2e::kind::{KindCluster, KindOptions};
 use e2e::local::{LocalCluster, LocalOptions};
 use e2e::report::{ScenarioReport, table};
 use e2e::scenarios::{self, Options, Scenario};
@@ -25,6 +26,8 @@ struct Cli {
 enum Target {
     /// Server processes, redis-server, the local PostgreSQL and nginx on this machine.
     Local(LocalArgs),
+    /// A kind cluster with ingress-nginx and metrics-server, the image and the chart.
+    Kind(KindArgs),
 }
 
 #[derive(Args)]
@@ -70,6 +73,20 @@ struct LocalArgs {
     scale_step: usize,
 }
 
+#[derive(Args)]
+struct KindArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Leave the cluster running at the end (delete it with `just e2e-down`).
+    #[arg(long)]
+    keep: bool,
+    /// Use the agent-server:e2e image already built instead of running docker build.
+    #[arg(long)]
+    skip_build: bool,
+    #[arg(long, default_value = "agent-server-e2e")]
+    cluster_name: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -98,6 +115,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
     let artifacts = target_dir(&repo).join("e2e-artifacts");
     match cli.target {
         Target::Local(args) => run_local(args, repo, artifacts).await,
+        Target::Kind(args) => run_kind(args, repo, artifacts).await,
     }
 }
 
@@ -181,6 +199,47 @@ async fn run_local(args: LocalArgs, repo: PathBuf, artifacts: PathBuf) -> Result
         println!("shutting down the local target: {e:#}");
     }
     Ok(finish("local", &reports, e2e::local::caveats(), &dir))
+}
+
+async fn run_kind(args: KindArgs, repo: PathBuf, artifacts: PathBuf) -> Result<Outcome> {
+    let (opts, scenarios) = options(&args.common, 240)?;
+    let kind = KindOptions {
+        repo,
+        cluster_name: args.cluster_name,
+        artifacts: artifacts.join("kind"),
+        skip_build: args.skip_build,
+        replicas: opts.replicas,
+    };
+    println!(
+        "e2e kind: cluster {}, {} agents, {} server pods (HPA minimum), run {}",
+        kind.cluster_name, opts.agents, opts.replicas, opts.run_id
+    );
+    let dir = kind.artifacts.clone();
+    let mut cluster = match KindCluster::setup(kind).await {
+        Ok(c) => c,
+        Err((e, cluster)) => {
+            if let Some(cluster) = cluster
+                && let Ok(dir) = cluster.collect_artifacts("setup").await
+            {
+                println!("logs and state of the failed setup: {}", dir.display());
+            }
+            return Err(e.context("setting up the kind target"));
+        }
+    };
+    print_caveats(&cluster);
+    let reports = tokio::select! {
+        reports = run_scenarios(&mut cluster, &opts, &scenarios) => Some(reports),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    let teardown = cluster.finish(args.keep).await;
+    let Some(reports) = reports else {
+        println!("\ninterrupted");
+        return Ok(Outcome::Interrupted);
+    };
+    if let Err(e) = teardown {
+        println!("tearing down the kind cluster: {e:#}");
+    }
+    Ok(finish("kind", &reports, &[], &dir))
 }
 
 async fn run_scenarios<C: Cluster>(
