@@ -23,7 +23,13 @@
 //!   short stabilisation windows so the hpa scenario takes minutes, not a quarter hour;
 //! - `podAnnotations`: the image's id (a rebuilt image rolls the pods even though its tag
 //!   stays `e2e`) and, after the rolling-update scenario, its rollout token;
-//! - per scenario: heartbeat, offline timeout and ingress timeouts.
+//! - per scenario: heartbeat, offline timeout and ingress timeouts;
+//! - `config.redisKeyPrefix`: a new one with each of those profiles. The pods a profile
+//!   change replaces hold no agents and exit right after SIGTERM, before their rebalancing
+//!   tick takes their count out of Redis; the server keeps such counts for three
+//!   heartbeats, and the new pods, averaging over phantom pods, would shed agents without
+//!   end. A fresh prefix is what a fresh release sees; rollouts, HPA scaling and kills
+//!   keep the prefix, so the scenarios exercise the registry as deployed.
 
 mod command;
 mod kube;
@@ -86,6 +92,9 @@ pub struct KindCluster {
     image_id: String,
     /// Set by `rollout`, kept in every later upgrade so it does not roll again.
     rollout_token: Option<String>,
+    /// Part of `config.redisKeyPrefix`, bumped with every new profile; see the module
+    /// documentation.
+    registry_generation: u32,
     /// The chart's ingress read timeout, for profiles that keep it.
     chart_read_timeout: Duration,
     profile: Profile,
@@ -178,6 +187,7 @@ impl KindCluster {
             image,
             image_id: String::new(),
             rollout_token: None,
+            registry_generation: 1,
             chart_read_timeout,
         })
     }
@@ -379,6 +389,7 @@ impl KindCluster {
             &self.secret,
             &self.image_id,
             self.rollout_token.as_deref(),
+            self.registry_generation,
         );
         let text = serde_yaml_ng::to_string(&values)?;
         write_private(&values_file, &text)?;
@@ -543,6 +554,7 @@ impl Cluster for KindCluster {
             return self.settle().await;
         }
         step("helm upgrade with the scenario's settings");
+        self.registry_generation += 1;
         self.helm_upgrade(profile).await?;
         self.profile = profile.clone();
         self.wait_rolled_out(profile, 10 * MINUTE).await
@@ -810,6 +822,7 @@ fn overrides(
     secret: &str,
     image_id: &str,
     rollout_token: Option<&str>,
+    generation: u32,
 ) -> Value {
     let min = profile.replicas;
     let mut annotations = json!({"e2e/image-id": image_id});
@@ -818,6 +831,7 @@ fn overrides(
     }
     let mut values = json!({
         "auth": {"secretKey": secret},
+        "config": {"redisKeyPrefix": format!("agent-server-e2e-{generation}:")},
         "persistence": {"enabled": false},
         "replicaCount": min,
         "podAnnotations": annotations,
@@ -959,7 +973,7 @@ mod tests {
     fn overrides_keep_the_chart_settings_unless_the_profile_sets_them() {
         let standard = Profile::standard(3);
         let values = overrides_for_test(&standard);
-        assert!(values["config"].is_null());
+        assert!(values["config"]["wsHeartbeatInterval"].is_null());
         assert!(values["ingress"].is_null());
         assert_eq!(values["autoscaling"]["minReplicas"], 3);
         assert_eq!(values["autoscaling"]["maxReplicas"], 5);
@@ -978,7 +992,7 @@ mod tests {
     fn annotations_stay_strings_in_the_values_file() {
         // The chart's schema wants string annotations; a hex token like `1234e5` must not
         // turn into a number on its way through YAML.
-        let values = overrides(&Profile::standard(2), "k", "sha256:1", Some("1234e5"));
+        let values = overrides(&Profile::standard(2), "k", "sha256:1", Some("1234e5"), 1);
         let text = serde_yaml_ng::to_string(&values).unwrap();
         let back: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(
@@ -992,6 +1006,6 @@ mod tests {
     }
 
     fn overrides_for_test(profile: &Profile) -> Value {
-        overrides(profile, &"s".repeat(64), "sha256:x", None)
+        overrides(profile, &"s".repeat(64), "sha256:x", None, 1)
     }
 }

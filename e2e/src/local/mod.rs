@@ -8,7 +8,7 @@
 //! | bundled Redis / PostgreSQL              | a redis-server started here / a fresh database on the local PostgreSQL |
 //! | rolling update (surge 1, unavailable 0) | start new, wait ready, take the old one out of nginx, SIGTERM it |
 //! | HPA                                     | explicit scale steps                          |
-//! | container killed and restarted          | SIGKILL; restarted on the same port by `settle` |
+//! | container killed and restarted          | SIGKILL, restarted at once on the same port   |
 //!
 //! A pod leaves nginx's upstreams *before* it gets SIGTERM and only once the reload has
 //! taken effect. That is the order Kubernetes guarantees with the preStop sleep (endpoint
@@ -82,10 +82,14 @@ pub struct LocalCluster {
     profile: Profile,
     /// The current rollout revision; pods of older revisions are being replaced.
     revision: u32,
+    /// Bumped whenever `apply` replaces every pod; part of REDIS_KEY_PREFIX (see
+    /// `pod_env`).
+    registry_generation: u32,
     next_ordinal: u32,
     pods: Vec<Pod>,
-    /// Killed pods awaiting their restart in `settle`: (name, revision, port).
-    dead: Vec<(String, u32, u16)>,
+    /// Killed pods being restarted, as the kubelet restarts a killed container at once:
+    /// (name, revision, the restart). `settle` collects them.
+    restarting: Vec<(String, u32, JoinHandle<Result<Pod>>)>,
     /// Pods draining after SIGTERM; `settle` and `apply` collect their exits.
     terminating: Vec<JoinHandle<Result<Exit>>>,
 }
@@ -131,9 +135,10 @@ impl LocalCluster {
             nginx: None,
             profile: profile.clone(),
             revision: 1,
+            registry_generation: 1,
             next_ordinal: 1,
             pods: Vec::new(),
-            dead: Vec::new(),
+            restarting: Vec::new(),
             terminating: Vec::new(),
         };
         step(&format!(
@@ -196,13 +201,29 @@ impl LocalCluster {
                 "SHUTDOWN_TIMEOUT",
                 format!("{}ms", (drain + EXIT_MARGIN / 2).as_millis()),
             ),
-            // Without cluster mode's pub/sub wake-ups a command reaches an agent on another
-            // process at the next sweep; a short sweep keeps that visible but quick.
-            ("COMMAND_SWEEP_INTERVAL", "1s".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+
+    /// What a pod is started with: the profile's environment and this configuration's
+    /// Redis key prefix.
+    ///
+    /// Each `apply` that replaces every pod gives the new set a prefix of its own. The
+    /// replaced pods hold no agents and exit within a second of SIGTERM, before their
+    /// once-a-second rebalancing tick can take their count out of the registry; the
+    /// server then keeps their zero counts for three heartbeats (45-90 s), and the new
+    /// pods, averaging over those phantom pods, shed agents without end. A fresh prefix
+    /// per configuration is what a fresh release would see; rollouts, scaling and kills
+    /// keep the prefix, so the scenarios exercise the registry as deployed.
+    fn pod_env(&self) -> Vec<(String, String)> {
+        let mut env = self.server_env(&self.profile);
+        env.push((
+            "REDIS_KEY_PREFIX".into(),
+            format!("agent-server-e2e-{}:", self.registry_generation),
+        ));
+        env
     }
 
     fn nginx_settings(&self, profile: &Profile) -> nginx::Settings {
@@ -224,7 +245,7 @@ impl LocalCluster {
 
     /// Starts `n` pods of the current revision and profile, concurrently.
     async fn start_pods(&mut self, n: usize) -> Result<Vec<Pod>> {
-        let env = self.server_env(&self.profile);
+        let env = self.pod_env();
         let names: Vec<String> = (0..n)
             .map(|_| {
                 let name = format!("agent-server-r{}-{:02}", self.revision, self.next_ordinal);
@@ -340,6 +361,7 @@ impl Cluster for LocalCluster {
                 profile.replicas
             ));
             self.revision += 1;
+            self.registry_generation += 1;
             let old = std::mem::take(&mut self.pods);
             self.pods = self.start_pods(profile.replicas).await?;
             self.update_ingress().await?;
@@ -377,7 +399,7 @@ impl Cluster for LocalCluster {
                 current: p.revision == self.revision,
             })
             .collect();
-        pods.extend(self.dead.iter().map(|(name, revision, _)| PodInfo {
+        pods.extend(self.restarting.iter().map(|(name, revision, _)| PodInfo {
             name: name.clone(),
             ready: false,
             current: *revision == self.revision,
@@ -450,26 +472,31 @@ impl Cluster for LocalCluster {
         let pod = self.pods.remove(index);
         let (revision, port) = (pod.revision, pod.port);
         pod.kill().await?;
-        // Its upstream stays in nginx, as a dead pod's endpoint does until the kubelet
-        // reports it: connections to it are refused and nginx tries the next pod.
-        self.dead.push((name.to_string(), revision, port));
+        // Restarted at once on the same port, as the kubelet restarts the container in the
+        // same pod (same name, same address). Its upstream stays in nginx meanwhile, as a
+        // dead pod's endpoint does until the kubelet reports it: connections to it are
+        // refused and nginx tries the next pod.
+        let (bin, dir, env) = (
+            self.opts.server_bin.clone(),
+            self.opts.dir.clone(),
+            self.pod_env(),
+        );
+        let pod_name = name.to_string();
+        let restart =
+            tokio::spawn(
+                async move { Pod::start(&bin, &dir, &pod_name, revision, port, &env).await },
+            );
+        self.restarting.push((name.to_string(), revision, restart));
         Ok(())
     }
 
     async fn settle(&mut self) -> Result<()> {
-        let dead = std::mem::take(&mut self.dead);
-        if !dead.is_empty() {
-            let env = self.server_env(&self.profile);
-            let (bin, dir) = (&self.opts.server_bin, &self.opts.dir);
-            let restarted =
-                try_join_all(dead.iter().map(|(name, revision, port)| {
-                    Pod::start(bin, dir, name, *revision, *port, &env)
-                }))
-                .await?;
-            for pod in &restarted {
-                progress(&format!("{} restarted on port {}", pod.name, pod.port));
-            }
-            self.pods.extend(restarted);
+        for (name, _, restart) in std::mem::take(&mut self.restarting) {
+            let pod = restart
+                .await
+                .with_context(|| format!("restarting {name}"))??;
+            progress(&format!("{} restarted on port {}", pod.name, pod.port));
+            self.pods.push(pod);
         }
         self.reap().await
     }

@@ -126,21 +126,7 @@ pub async fn run<C: Cluster>(
             short(t_in.elapsed())
         ),
     );
-    let back = all_connected(
-        &fleet,
-        "every agent to be connected after the scale-in",
-        RECONNECT_BOUND,
-    )
-    .await;
-    report.check(
-        back.is_ok(),
-        format!(
-            "not every agent was back within {} of the scale-in: {}/{} connected",
-            short(RECONNECT_BOUND),
-            fleet.connected(),
-            fleet.len()
-        ),
-    );
+    fleet_settles(report, &fleet, "the scale-in").await;
     let stranded: usize = fleet
         .by_pod()
         .iter()

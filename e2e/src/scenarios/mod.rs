@@ -86,6 +86,10 @@ pub const CONNECT_BOUND: Duration = Duration::from_secs(60);
 /// five seconds after 1012 by protocol; the rest is backoff after connections refused
 /// while a pod dies.
 pub const RECONNECT_BOUND: Duration = Duration::from_secs(20);
+/// Bound on the whole fleet being connected at one instant once a disturbance is over.
+/// Longer than the reconnect bound: rebalancing keeps moving a few agents (each within
+/// the reconnect bound) until the pods hold about the same number.
+pub const SETTLE_BOUND: Duration = Duration::from_secs(60);
 /// Bound on every command of a ledger being acknowledged once the disturbance is over.
 pub const RESULTS_BOUND: Duration = Duration::from_secs(30);
 
@@ -159,6 +163,19 @@ async fn all_connected(fleet: &Fleet, what: &str, bound: Duration) -> Result<Dur
     })
     .await?;
     Ok(start.elapsed())
+}
+
+/// Waits (within [`SETTLE_BOUND`]) until every agent is connected again; a failure to do
+/// so fails the scenario.
+async fn fleet_settles(report: &mut ScenarioReport, fleet: &Fleet, after: &str) {
+    let what = format!("every agent to be connected after {after}");
+    match all_connected(fleet, &what, SETTLE_BOUND).await {
+        Ok(took) => report.figure(
+            format!("all connected after {after} in"),
+            crate::report::short(took),
+        ),
+        Err(e) => report.failures.push(format!("{e:#}")),
+    }
 }
 
 /// Stops the fleet once every other holder of it (traffic tasks) has let go.

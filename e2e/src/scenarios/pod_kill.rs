@@ -99,9 +99,37 @@ pub async fn run<C: Cluster>(
         victims.len()
     );
 
-    let back = all_connected(&fleet, "the victims to reconnect", RECONNECT_BOUND).await;
-    match &back {
-        Ok(took) => report.figure("victims back in", short(*took)),
+    // Each victim's first welcome after the kill. (All agents connected at one instant
+    // is not the measure: rebalancing may be moving others meanwhile.)
+    let back = wait::until(
+        "every victim to be welcomed again",
+        RECONNECT_BOUND,
+        Duration::from_millis(50),
+        || async {
+            let back: Vec<Instant> = victims
+                .iter()
+                .filter_map(|&i| {
+                    fleet.agents()[i].with_stats(|s| {
+                        s.reconnects
+                            .iter()
+                            .find(|r| r.lost_at >= t0)
+                            .map(|r| r.back_at)
+                    })
+                })
+                .collect();
+            Ok(if back.len() == victims.len() {
+                Check::Ready(back.into_iter().max())
+            } else {
+                Check::Pending(format!("{}/{} back", back.len(), victims.len()))
+            })
+        },
+    )
+    .await;
+    match back {
+        Ok(last) => report.figure(
+            "victims back in",
+            short(last.map_or(Duration::ZERO, |l| l.saturating_duration_since(t0))),
+        ),
         Err(e) => report.failures.push(format!("{e:#}")),
     }
     let entries = ledger.entries();
@@ -133,6 +161,7 @@ pub async fn run<C: Cluster>(
         cluster.settle(),
     )
     .await??;
+    fleet_settles(report, &fleet, "the restart").await;
     let pods = cluster.pods().await?;
     report.check(
         pods.iter().all(|p| p.ready),

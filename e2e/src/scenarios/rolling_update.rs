@@ -47,21 +47,7 @@ pub async fn run<C: Cluster>(
     println!("  rollout complete in {}", short(rolled));
     report.figure("rollout", short(rolled));
 
-    let back = all_connected(
-        &fleet,
-        "every agent to be connected after the rollout",
-        RECONNECT_BOUND,
-    )
-    .await;
-    report.check(
-        back.is_ok(),
-        format!(
-            "not every agent was back within {} of the rollout's end: {}/{} connected",
-            short(RECONNECT_BOUND),
-            fleet.connected(),
-            fleet.len()
-        ),
-    );
+    fleet_settles(report, &fleet, "the rollout").await;
     flow.wait_flowing(&fleet, 10, Duration::from_secs(30))
         .await?;
     load.stop().await;
