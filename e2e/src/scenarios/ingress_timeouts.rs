@@ -22,6 +22,8 @@ use crate::report::short;
 
 /// Idle agents per part.
 const IDLE_AGENTS: usize = 3;
+/// Close code of a server restarting or rebalancing.
+const REBALANCED: u16 = 1012;
 
 pub async fn run<C: Cluster>(
     cluster: &mut C,
@@ -53,7 +55,13 @@ pub async fn run<C: Cluster>(
         hold + Duration::from_secs(5),
         Duration::from_millis(100),
         || async {
-            let drops = fleet.disconnects_since(since);
+            // A 1012 is the server rebalancing a few idle agents between pods, not the
+            // ingress; the ingress cuts without a close frame.
+            let drops: Vec<_> = fleet
+                .disconnects_since(since)
+                .into_iter()
+                .filter(|d| d.code != Some(REBALANCED))
+                .collect();
             Ok(if !drops.is_empty() || since.elapsed() >= hold {
                 Check::Ready(drops)
             } else {
@@ -174,7 +182,7 @@ pub async fn run<C: Cluster>(
                     a.with_stats(|s| {
                         s.disconnects
                             .iter()
-                            .find(|d| d.at >= since)
+                            .find(|d| d.at >= since && d.code.is_none())
                             .map(|d| d.connected_for)
                     })
                 })
