@@ -28,3 +28,15 @@ ui-test:
 # helm lint, render every chart/ci values file, validate against Kubernetes schemas, scan.
 chart-lint:
     bash scripts/chart-check.sh
+
+# End-to-end on a kind cluster (Docker, kind, kubectl, helm); flags pass through, e.g. --keep.
+e2e *ARGS:
+    cargo run -p e2e -- kind {{ARGS}}
+
+# End-to-end on this machine: server processes, redis-server, PostgreSQL, nginx as ingress.
+e2e-local *ARGS:
+    cargo run -p e2e -- local {{ARGS}}
+
+# Delete the kind cluster that `just e2e --keep` left behind.
+e2e-down:
+    kind delete cluster --name agent-server-e2e
