@@ -141,29 +141,42 @@ impl LocalCluster {
             restarting: Vec::new(),
             terminating: Vec::new(),
         };
+        match cluster.start_serving(profile).await {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                // Never leave the run's database behind.
+                if let Err(cleanup) = cluster.shutdown().await {
+                    println!("  cleaning up after the failed start: {cleanup:#}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The first pods, then nginx in front of them.
+    async fn start_serving(&mut self, profile: &Profile) -> Result<()> {
         step(&format!(
             "starting {} agent-server processes",
             profile.replicas
         ));
-        let pods = cluster.start_pods(profile.replicas).await?;
-        cluster.pods = pods;
+        self.pods = self.start_pods(profile.replicas).await?;
         step("starting nginx as the ingress");
         let nginx = nginx::Nginx::start(
-            &cluster.opts.nginx_bin,
-            &cluster.opts.dir.join("nginx"),
-            cluster.nginx_port,
-            &cluster.ports(),
-            &cluster.nginx_settings(profile),
+            &self.opts.nginx_bin,
+            &self.opts.dir.join("nginx"),
+            self.nginx_port,
+            &self.ports(),
+            &self.nginx_settings(profile),
         )
         .await?;
         println!(
             "  ingress http://127.0.0.1:{} → {} pods; logs in {}",
-            cluster.nginx_port,
-            cluster.pods.len(),
-            cluster.opts.dir.display()
+            self.nginx_port,
+            self.pods.len(),
+            self.opts.dir.display()
         );
-        cluster.nginx = Some(nginx);
-        Ok(cluster)
+        self.nginx = Some(nginx);
+        Ok(())
     }
 
     /// The environment every pod of `profile` gets (POD_ID, port and data dir aside).
