@@ -97,6 +97,9 @@ pub struct KindCluster {
     registry_generation: u32,
     /// The chart's ingress read timeout, for profiles that keep it.
     chart_read_timeout: Duration,
+    /// Pods whose container was killed, with its restart count before the kill; `settle`
+    /// waits for each to be restarted and ready.
+    killed: Vec<(String, i32)>,
     profile: Profile,
 }
 
@@ -189,6 +192,7 @@ impl KindCluster {
             rollout_token: None,
             registry_generation: 1,
             chart_read_timeout,
+            killed: Vec::new(),
         })
     }
 
@@ -663,12 +667,16 @@ impl Cluster for KindCluster {
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .context("pod not scheduled")?;
-        let container = pod
+        let status = pod
             .status
             .as_ref()
             .and_then(|s| s.container_statuses.as_ref())
             .and_then(|cs| cs.iter().find(|c| c.name == "server"))
-            .and_then(|c| c.container_id.clone())
+            .context("pod has no server container")?;
+        let restarts = status.restart_count;
+        let container = status
+            .container_id
+            .clone()
             .context("pod has no running server container")?;
         let id = container
             .split_once("://")
@@ -681,10 +689,36 @@ impl Cluster for KindCluster {
         )
         .await
         .with_context(|| format!("stopping container {id} of {name} on node {node}"))?;
+        self.killed.push((name.to_string(), restarts));
         Ok(())
     }
 
     async fn settle(&mut self) -> Result<()> {
+        // The Deployment may still look complete before the kubelet has noticed a killed
+        // container; wait for the restart itself first.
+        let api = ::kube::Api::<Pod>::namespaced(self.client.clone(), NAMESPACE);
+        for (name, before) in std::mem::take(&mut self.killed) {
+            wait::until(
+                &format!("{name}'s server container to restart and be ready"),
+                5 * MINUTE,
+                Duration::from_secs(1),
+                || async {
+                    let pod = api.get(&name).await?;
+                    let restarts = pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .and_then(|cs| cs.iter().find(|c| c.name == "server"))
+                        .map_or(before, |c| c.restart_count);
+                    Ok(if restarts > before && pod_ready(&pod) {
+                        Check::Ready(())
+                    } else {
+                        Check::Pending(format!("{} restarts, ready: {}", restarts, pod_ready(&pod)))
+                    })
+                },
+            )
+            .await?;
+        }
         let profile = self.profile.clone();
         self.wait_rolled_out(&profile, 10 * MINUTE).await
     }
