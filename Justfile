@@ -10,10 +10,12 @@ default:
 run:
     cargo run --release -p agent-server
 
-# Everything CI runs: formatting, lints, unit and integration tests, chart checks.
+# Everything CI runs: formatting, lints, unit and integration tests, chart checks, and
+# the end-to-end scenarios on the local target.
 test: lint
     cargo test --workspace --locked
     just chart-lint
+    just e2e-local
 
 # rustfmt and clippy, warnings are errors.
 lint:
