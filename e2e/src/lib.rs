@@ -7,7 +7,8 @@
 //! - [`local`] and [`kind`]: the two targets;
 //! - [`scenarios`]: websocket, ingress-timeouts, rolling-update, hpa, pod-kill;
 //! - [`api`], [`tokens`], [`endpoint`]: clients of the deployment through its ingress;
-//! - [`report`], [`wait`], [`values`]: figures, bounded waits, the chart's values.
+//! - [`report`], [`wait`], [`values`]: figures, bounded waits, the chart's values;
+//! - [`sim`]: the load generator behind `agent-sim` and `bench` (many cheap agents).
 //!
 //! `docs/e2e.md` describes what each target proves and how to run it.
 
@@ -19,6 +20,7 @@ pub mod kind;
 pub mod local;
 pub mod report;
 pub mod scenarios;
+pub mod sim;
 pub mod tokens;
 pub mod values;
 pub mod wait;

@@ -1,0 +1,380 @@
+//! One simulated agent: a single task that connects, speaks protocol version 1
+//! (`docs/protocol.md`) and reconnects, until the fleet stops.
+//!
+//! Per agent it holds the WebSocket (a small read buffer, no write buffer), its client id,
+//! two timer entries and a few integers; everything else is shared by the fleet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::{AUTHORIZATION, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+
+use super::backoff::uniform;
+use super::fleet::{Inventory, Receipt, Shared};
+use super::net::connect_from;
+use super::stats::ConnectFailure;
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How a connection ended.
+enum End {
+    /// The fleet is stopping; we closed with 1000.
+    Stopped,
+    /// Churn mode: we closed after the hold time.
+    Churned,
+    /// The server closed with this code.
+    Closed(u16),
+    /// Lost without a close frame: reset, EOF, a killed server.
+    Dropped,
+}
+
+/// Messages from the server, as far as an agent cares.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Inbound {
+    Welcome {
+        #[serde(default)]
+        heartbeat_interval: f64,
+    },
+    Command {
+        id: String,
+        name: String,
+    },
+    Ack {},
+    HeartbeatAck {},
+    Error {},
+    #[serde(other)]
+    Other,
+}
+
+/// Far enough in the future to mean "never" for a timer.
+const NEVER: Duration = Duration::from_secs(86_400 * 365);
+
+pub(crate) async fn run(shared: Arc<Shared>, index: u32) {
+    let cfg = &shared.cfg;
+    let id = cfg.client_id(index);
+    let mut server = cfg
+        .start_on
+        .unwrap_or(index as usize % cfg.servers.len())
+        .min(cfg.servers.len() - 1);
+    let mut attempt = 0u32;
+    let mut inventory_sent = false;
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        let delay = match connect(&shared, &id, index, server).await {
+            Err(why) => {
+                shared.stats.connect_failed(why);
+                // Another replica may answer: move on, as a client with several
+                // endpoints (or a load balancer that noticed) would.
+                server = (server + 1) % cfg.servers.len();
+                let d = cfg.backoff.delay(attempt);
+                attempt = attempt.saturating_add(1);
+                d
+            }
+            Ok((ws, heartbeat_ms)) => {
+                shared.stats.connected(index as usize, server, heartbeat_ms);
+                let send_inventory = !inventory_sent && shared.inventory.is_some();
+                let end = session(&shared, ws, &id, index, server, send_inventory).await;
+                inventory_sent |= send_inventory;
+                shared.stats.disconnected(index as usize, server);
+                attempt = 0;
+                match end {
+                    End::Stopped => return,
+                    End::Churned => {
+                        shared.stats.churn_cycles.fetch_add(1, RELAXED);
+                        cfg.churn_pause
+                    }
+                    End::Closed(code) => {
+                        shared.stats.closed_by_server(code);
+                        match code {
+                            // Another process uses this id, or an operator deleted the
+                            // agent: the protocol says not to reconnect in a loop.
+                            4001 | 4002 => {
+                                shared.stats.gave_up.fetch_add(1, RELAXED);
+                                return;
+                            }
+                            // Restarting or rebalancing: a short random delay.
+                            1012 => uniform(cfg.restart_delay),
+                            // Token expired: a fresh one is minted on every connection.
+                            4003 => Duration::ZERO,
+                            _ => {
+                                attempt = 1;
+                                cfg.backoff.delay(0)
+                            }
+                        }
+                    }
+                    End::Dropped => {
+                        shared.stats.drops.fetch_add(1, RELAXED);
+                        attempt = 1;
+                        cfg.backoff.delay(0)
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
+
+/// TCP connect from this agent's source address, the upgrade with its token, and the
+/// `welcome`; returns the socket and the server's heartbeat interval in ms.
+async fn connect(
+    shared: &Shared,
+    id: &str,
+    index: u32,
+    server: usize,
+) -> Result<(Ws, u64), ConnectFailure> {
+    let cfg = &shared.cfg;
+    let target = &cfg.servers[server];
+    let source = (!cfg.sources.is_empty()).then(|| cfg.sources[index as usize % cfg.sources.len()]);
+    let token = shared
+        .tokens
+        .agent(id)
+        .await
+        .map_err(|_| ConnectFailure::Other)?;
+    let attempt = async {
+        let stream = connect_from(source, target.addr)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                _ => ConnectFailure::Other,
+            })?;
+        let mut req = format!("ws://{}/ws/{id}", target.addr)
+            .into_client_request()
+            .map_err(|_| ConnectFailure::Other)?;
+        let bearer =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ConnectFailure::Other)?;
+        req.headers_mut().insert(AUTHORIZATION, bearer);
+        let (mut ws, _) = client_async_with_config(req, stream, Some(shared.ws_config))
+            .await
+            .map_err(|e| match e {
+                WsError::Http(resp) => ConnectFailure::Status(resp.status().as_u16()),
+                _ => ConnectFailure::Other,
+            })?;
+        // `welcome` is always the first message.
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => match serde_json::from_str::<Inbound>(&text) {
+                Ok(Inbound::Welcome { heartbeat_interval }) => {
+                    Ok((ws, (heartbeat_interval * 1000.0) as u64))
+                }
+                _ => Err(ConnectFailure::Other),
+            },
+            _ => Err(ConnectFailure::Other),
+        }
+    };
+    match timeout(cfg.connect_timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectFailure::Timeout),
+    }
+}
+
+async fn session(
+    shared: &Shared,
+    mut ws: Ws,
+    id: &str,
+    index: u32,
+    server: usize,
+    send_inventory: bool,
+) -> End {
+    let stats = &shared.stats;
+    let hello = serde_json::json!({
+        "type": "hello", "version": concat!("agent-sim/", env!("CARGO_PKG_VERSION")),
+        "hostname": id, "os": std::env::consts::OS, "arch": std::env::consts::ARCH,
+    });
+    if ws.send(Message::text(hello.to_string())).await.is_err() {
+        return End::Dropped;
+    }
+    if send_inventory && !send_inventory_now(shared, &mut ws, id, server).await {
+        return End::Dropped;
+    }
+
+    let mut heartbeat_rx = shared.heartbeat.subscribe();
+    let mut every = *heartbeat_rx.borrow_and_update();
+    let heartbeat = tokio::time::sleep(first_heartbeat(every));
+    tokio::pin!(heartbeat);
+    let hold = shared
+        .cfg
+        .hold
+        .map_or(NEVER, |h| h.mul_f64(0.5) + uniform(h));
+    let hold = tokio::time::sleep(hold);
+    tokio::pin!(hold);
+
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => {
+                close(&mut ws).await;
+                return End::Stopped;
+            }
+            _ = &mut hold => {
+                close(&mut ws).await;
+                return End::Churned;
+            }
+            changed = heartbeat_rx.changed() => {
+                if changed.is_err() {
+                    // The fleet is gone; the stop signal follows.
+                    continue;
+                }
+                every = *heartbeat_rx.borrow_and_update();
+                heartbeat.as_mut().reset(Instant::now() + first_heartbeat(every));
+            }
+            _ = &mut heartbeat => {
+                heartbeat.as_mut().reset(Instant::now() + if every.is_zero() { NEVER } else { every });
+                stats.heartbeats.fetch_add(1, RELAXED);
+                if ws.send(Message::text(r#"{"type":"heartbeat"}"#)).await.is_err() {
+                    return End::Dropped;
+                }
+            }
+            frame = ws.next() => {
+                let msg = match frame {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(_)) | None => return End::Dropped,
+                };
+                stats.heard(index as usize);
+                match msg {
+                    Message::Text(text) => {
+                        let healthy = on_text(shared, &mut ws, index, &text).await;
+                        if !healthy {
+                            return End::Dropped;
+                        }
+                    }
+                    Message::Ping(_) => {
+                        stats.pings.fetch_add(1, RELAXED);
+                        // tungstenite queued the pong; send it now rather than with the
+                        // next read.
+                        if ws.flush().await.is_err() {
+                            return End::Dropped;
+                        }
+                    }
+                    Message::Close(frame) => {
+                        let code = frame.map_or(1005, |f| u16::from(f.code));
+                        // Let tungstenite send the reply and see the end of the stream.
+                        let _ = timeout(Duration::from_secs(2), async {
+                            while let Some(Ok(_)) = ws.next().await {}
+                        })
+                        .await;
+                        return End::Closed(code);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// A random phase within the first interval, so heartbeats spread over the fleet.
+fn first_heartbeat(every: Duration) -> Duration {
+    if every.is_zero() {
+        NEVER
+    } else {
+        uniform(every)
+    }
+}
+
+/// Handles one server message; false when the connection failed.
+async fn on_text(shared: &Shared, ws: &mut Ws, index: u32, text: &str) -> bool {
+    let stats = &shared.stats;
+    match serde_json::from_str::<Inbound>(text) {
+        Ok(Inbound::Command { id, name }) => {
+            let at = std::time::Instant::now();
+            stats.commands.fetch_add(1, RELAXED);
+            // Running a command is instant and idempotent here, so a command delivered
+            // again (at-least-once delivery) is answered again with the same result,
+            // which is what the protocol asks of agents that already ran it.
+            let result = serde_json::json!({
+                "type": "result", "id": id, "status": "ok", "output": {"ran": name},
+            });
+            let sent = ws.send(Message::text(result.to_string())).await.is_ok();
+            if sent {
+                stats.results.fetch_add(1, RELAXED);
+            }
+            if let Some(tx) = &shared.receipts {
+                let _ = tx.send(Receipt {
+                    agent: index,
+                    command_id: id,
+                    at,
+                });
+            }
+            sent
+        }
+        Ok(Inbound::Ack {}) => {
+            stats.acks.fetch_add(1, RELAXED);
+            true
+        }
+        Ok(Inbound::HeartbeatAck {}) => {
+            stats.heartbeat_acks.fetch_add(1, RELAXED);
+            true
+        }
+        Ok(Inbound::Error {}) => {
+            stats.errors.fetch_add(1, RELAXED);
+            true
+        }
+        Ok(Inbound::Welcome { .. } | Inbound::Other) | Err(_) => true,
+    }
+}
+
+/// Sends the inventory: as a message when small, over HTTP with the agent's own token
+/// when big. False when the WebSocket failed.
+async fn send_inventory_now(shared: &Shared, ws: &mut Ws, id: &str, server: usize) -> bool {
+    let stats = &shared.stats;
+    match &shared.inventory {
+        None => true,
+        Some(Inventory::WebSocket(text)) => {
+            let ok = ws.send(Message::Text(text.clone())).await.is_ok();
+            if ok {
+                stats.inventories.fetch_add(1, RELAXED);
+            }
+            ok
+        }
+        Some(Inventory::Http(body)) => {
+            let server = &shared.cfg.servers[server];
+            let uploaded = async {
+                let token = shared.tokens.agent(id).await.ok()?;
+                let resp = shared
+                    .http
+                    .post(format!("{}/api/v1/agents/{id}/inventory", server.base))
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .ok()?;
+                resp.status().is_success().then_some(())
+            }
+            .await;
+            match uploaded {
+                Some(()) => stats.inventories.fetch_add(1, RELAXED),
+                None => stats.inventory_failures.fetch_add(1, RELAXED),
+            };
+            true
+        }
+    }
+}
+
+/// Closes with 1000 and waits briefly for the server's reply.
+async fn close(ws: &mut Ws) {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    let _ = timeout(Duration::from_secs(2), async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
