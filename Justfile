@@ -42,3 +42,14 @@ e2e-local *ARGS:
 # Delete the kind cluster that `just e2e --keep` left behind.
 e2e-down:
     kind delete cluster --name agent-server-e2e
+
+# Capacity benchmarks 1-6 against release builds (docs/benchmarks.md); about 15 minutes.
+# `just bench idle`, `just bench storm --agents 5000`: one benchmark, other sizes.
+bench what="all" *ARGS:
+    cargo build --release --locked -p agent-server -p e2e --bins
+    cargo run --release --locked -q -p e2e --bin bench -- {{what}} {{ARGS}}
+
+# The benchmarks at tiny sizes, in under a minute: proves they run (CI), measures nothing.
+bench-smoke:
+    cargo build --release --locked -p agent-server -p e2e --bins
+    cargo run --release --locked -q -p e2e --bin bench -- --smoke all

@@ -1,0 +1,159 @@
+//! Benchmark 1: idle agents held by one server process: as many as its open-file limit allows,
+//! every one alive; user-space RSS per agent and kernel socket memory.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::procfs::{max_open_files, open_fds, page_size, rss_kib, sockstat, tcp_slab_bytes};
+use crate::services::SimProc;
+use crate::{Ctx, thousands};
+
+const BENCH: &str = "1 idle";
+
+pub async fn run(ctx: &mut Ctx) -> Result<()> {
+    ctx.header("1. Idle agents held by one server process (15 s heartbeats)");
+    let env = ctx.heartbeat_env();
+    let stack = ctx.stack(1, true, &env).await?;
+    let server = &stack.servers[0];
+    let pid = server.pid();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let limit = max_open_files(pid).unwrap_or(1024);
+    let fds0 = open_fds(pid).unwrap_or(0);
+    // Every agent is a socket. Leave room for the database pool to grow to its 16
+    // connections, Redis, and our own /metrics requests.
+    let ceiling = limit.saturating_sub(fds0 + 16 + 24) as u32;
+    let n = ctx.size(ceiling, 300).min(ceiling);
+    let rss0 = rss_kib(pid).unwrap_or(0);
+    let sock0 = sockstat();
+    let slab0 = tcp_slab_bytes();
+    println!(
+        "  server open-file limit {}, {} open at start: {} agents",
+        thousands(limit),
+        fds0,
+        thousands(u64::from(n))
+    );
+
+    let hb = ctx.heartbeat_secs();
+    let processes = n.div_ceil(10_000).max(1);
+    let args: Vec<String> = [
+        "--server",
+        &server.base(),
+        "--count",
+        &n.to_string(),
+        "--processes",
+        &processes.to_string(),
+        "--rate",
+        "1000",
+        "--heartbeat",
+        &format!("{hb}s"),
+        "--prefix",
+        "idle",
+        "--progress",
+        "500ms",
+        "--duration",
+        "30m",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut sim = SimProc::start(
+        &ctx.sim_bin(),
+        &args,
+        &ctx.secret,
+        &ctx.run_dir.join("idle-sim.log"),
+    )
+    .await?;
+    let ramp = sim
+        .wait_for("every agent connected", Duration::from_secs(300), |s| {
+            s.connected == u64::from(n)
+        })
+        .await?;
+    println!(
+        "  {} agents connected in {:.1} s ({:.0} per second, over {processes} simulator processes)",
+        thousands(u64::from(n)),
+        ramp.as_secs_f64(),
+        f64::from(n) / ramp.as_secs_f64()
+    );
+    // Two heartbeat intervals: every agent has been pinged and has answered, and every
+    // buffer a ping or heartbeat needs has been allocated.
+    tokio::time::sleep(Duration::from_secs(2 * hb + 2)).await;
+
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        samples.push(rss_kib(pid).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    samples.sort_unstable();
+    let rss1 = samples[samples.len() / 2];
+    let sock1 = sockstat();
+    let slab1 = tcp_slab_bytes();
+    let fds1 = open_fds(pid).unwrap_or(0);
+    let snap = sim.latest();
+    let metrics = server.metrics(&ctx.http).await?;
+    let on_server = metrics.sum("agent_server_connected_agents", &[]) as u64;
+
+    let all_alive = snap.alive == u64::from(n) && on_server == u64::from(n) && snap.drops == 0;
+    ctx.figure(
+        BENCH,
+        "idle agents held by one process, all alive",
+        format!(
+            "{} of {} ({} fds open)",
+            thousands(snap.alive),
+            thousands(u64::from(n)),
+            thousands(fds1)
+        ),
+        format!("~{} files", thousands(limit)),
+        Some(all_alive && (ctx.agents.is_some() || ctx.smoke || n + 100 >= limit as u32)),
+    );
+    if !all_alive {
+        println!(
+            "  not all alive: simulator {} server {on_server}",
+            snap.line()
+        );
+    }
+    let per_agent = (rss1.saturating_sub(rss0)) as f64 / f64::from(n.max(1));
+    ctx.figure(
+        BENCH,
+        "server RSS per idle agent",
+        format!("{per_agent:.1} KiB"),
+        "<= 8 KiB",
+        Some(per_agent <= 8.0),
+    );
+    ctx.figure(
+        BENCH,
+        "server RSS, empty -> with agents",
+        format!("{} -> {} MiB", rss0 / 1024, rss1 / 1024),
+        "",
+        None,
+    );
+    // Both ends of every connection are on this machine: half the growth is the server's.
+    let conns = 2.0 * f64::from(n.max(1));
+    let buffers = (sock1.mem_pages.saturating_sub(sock0.mem_pages) * page_size()) as f64 / conns;
+    ctx.figure(
+        BENCH,
+        "kernel socket buffers per connection end",
+        format!("{:.2} KiB", buffers / 1024.0),
+        "",
+        None,
+    );
+    if let (Some(a), Some(b)) = (slab0, slab1) {
+        ctx.figure(
+            BENCH,
+            "kernel TCP socket objects per connection end",
+            format!("{:.2} KiB", b.saturating_sub(a) as f64 / conns / 1024.0),
+            "",
+            None,
+        );
+    }
+    ctx.figure(
+        BENCH,
+        "simulator RSS per agent",
+        format!("{:.1} KiB", snap.rss_kib as f64 / f64::from(n.max(1))),
+        "",
+        None,
+    );
+    sim.stop().await;
+    stack.stop().await;
+    Ok(())
+}

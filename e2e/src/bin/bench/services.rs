@@ -1,0 +1,397 @@
+//! The processes a benchmark runs: a fresh PostgreSQL database, a redis-server on a free
+//! port, agent-server replicas built in release, and agent-sim fleets. Each is stopped
+//! (and the database dropped) when its handle drops, even when a benchmark fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use e2e::sim::Snapshot;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A database of its own on the PostgreSQL server, dropped at the end.
+pub struct Database {
+    /// `postgres://user@host:port` without a database name.
+    server: String,
+    pub name: String,
+}
+
+impl Database {
+    pub fn create(server: &str, name: &str) -> Result<Database> {
+        let db = Database {
+            server: server.trim_end_matches('/').to_string(),
+            name: name.to_string(),
+        };
+        db.admin_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+        db.admin_sql(&format!("CREATE DATABASE {name}"))?;
+        Ok(db)
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.server, self.name)
+    }
+
+    fn admin_sql(&self, sql: &str) -> Result<String> {
+        psql(&format!("{}/postgres", self.server), sql)
+    }
+
+    /// Server processes serving this database's connections.
+    pub fn backend_pids(&self) -> Vec<u32> {
+        self.admin_sql(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE datname = '{}'",
+            self.name
+        ))
+        .map(|out| out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let _ = self.admin_sql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+pub fn psql(url: &str, sql: &str) -> Result<String> {
+    let out = std::process::Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .context("running psql (is the PostgreSQL client installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "psql `{sql}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A redis-server of our own, without persistence.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+}
+
+impl Redis {
+    pub async fn start(bin: &str, dir: &Path) -> Result<Redis> {
+        let port = free_port()?;
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory-policy",
+                "noeviction",
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("redis-server did not listen on {port} within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Redis { port, child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+/// One agent-server replica, its log in a file.
+pub struct ServerProc {
+    pub name: String,
+    pub port: u16,
+    pub log: PathBuf,
+    child: Child,
+    pid: u32,
+}
+
+impl ServerProc {
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        env: &[(String, String)],
+    ) -> Result<Self> {
+        let port = free_port()?;
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data)?;
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let mut child = Command::new(bin)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", port.to_string())
+            .env("POD_ID", name)
+            .env("DATA_DIR", &data)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(&data)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let health = format!("http://127.0.0.1:{port}/health");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited ({status}) at start:\n{}", tail(&log));
+            }
+            if http
+                .get(&health)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not answer /health within 60 s:\n{}", tail(&log));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(ServerProc {
+            name: name.to_string(),
+            port,
+            log,
+            child,
+            pid,
+        })
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self, http: &reqwest::Client) -> Result<Metrics> {
+        let text = http
+            .get(format!("{}/metrics", self.base()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(Metrics(text))
+    }
+
+    /// Kills without grace, as a node failure or the OOM killer would.
+    pub async fn sigkill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then a bounded wait for the drain.
+    pub async fn stop(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// The last lines of a log file, for error messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A scrape of `/metrics`.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// Sum of every sample of `name` whose labels contain all of `labels`
+    /// (`direction="outbound"` …).
+    pub fn sum(&self, name: &str, labels: &[&str]) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (metric, rest) = match series.split_once('{') {
+                    Some((m, rest)) => (m, rest),
+                    None => (series, ""),
+                };
+                (metric == name && labels.iter().all(|want| rest.contains(want)))
+                    .then(|| value.parse::<f64>().ok())
+                    .flatten()
+            })
+            .sum()
+    }
+}
+
+/// An agent-sim process (it may run children of its own), steered over stdin and read
+/// through its JSON snapshots.
+pub struct SimProc {
+    child: Child,
+    stdin: ChildStdin,
+    state: Arc<Mutex<SimState>>,
+}
+
+#[derive(Default)]
+struct SimState {
+    latest: Snapshot,
+    /// Every snapshot with the time it arrived, for time series (reconnect storms).
+    history: Vec<(Instant, Snapshot)>,
+}
+
+impl SimProc {
+    pub async fn start(bin: &Path, args: &[String], secret_key: &str, log: &Path) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .args(["--json", "--stop-on-eof"])
+            .args(args)
+            .env("SECRET_KEY", secret_key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("agent-sim stdout")?;
+        let stdin = child.stdin.take().context("agent-sim stdin")?;
+        let state: Arc<Mutex<SimState>> = Arc::default();
+        let s = state.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(snap) = serde_json::from_str::<Snapshot>(&line) {
+                    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+                    st.history.push((Instant::now(), snap.clone()));
+                    st.latest = snap;
+                }
+            }
+        });
+        Ok(SimProc {
+            child,
+            stdin,
+            state,
+        })
+    }
+
+    pub fn latest(&self) -> Snapshot {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .latest
+            .clone()
+    }
+
+    pub fn history(&self) -> Vec<(Instant, Snapshot)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .history
+            .clone()
+    }
+
+    /// The simulator processes (the supervisor and its children), for CPU figures.
+    pub fn pids(&self) -> Vec<u32> {
+        self.child
+            .id()
+            .map(super::procfs::with_descendants)
+            .unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the fleet's snapshot satisfies `done`; returns how long.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        bound: Duration,
+        done: impl Fn(&Snapshot) -> bool,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let snap = self.latest();
+            if done(&snap) {
+                return Ok(start.elapsed());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("agent-sim exited ({status}) while waiting for {what}");
+            }
+            if start.elapsed() > bound {
+                bail!(
+                    "{what}: not reached within {} s; last: {}",
+                    bound.as_secs(),
+                    snap.line()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn send(&mut self, line: &str) -> Result<()> {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        Ok(())
+    }
+
+    /// Closes every agent and returns the last snapshot.
+    pub async fn stop(mut self) -> Snapshot {
+        let _ = self.send("stop").await;
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.latest()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_summed_over_matching_labels() {
+        let m = Metrics(
+            "# HELP x\nagent_server_ws_messages_total{direction=\"outbound\",type=\"ping\"} 3\n\
+             agent_server_ws_messages_total{direction=\"inbound\",type=\"pong\"} 2\n\
+             agent_server_connected_agents 7\n"
+                .into(),
+        );
+        assert_eq!(m.sum("agent_server_connected_agents", &[]), 7.0);
+        assert_eq!(
+            m.sum("agent_server_ws_messages_total", &["type=\"ping\""]),
+            3.0
+        );
+        assert_eq!(m.sum("agent_server_ws_messages_total", &[]), 5.0);
+    }
+}
