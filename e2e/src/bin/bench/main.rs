@@ -52,11 +52,21 @@ struct Args {
     /// Where agent-server and agent-sim are (default: next to this binary).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
+    /// Extra environment for every agent-server process, `KEY=VALUE` (repeatable): to
+    /// measure a setting, such as `--server-env DATABASE_POOL_SIZE=32`.
+    #[arg(long, global = true, value_parser = key_value)]
+    server_env: Vec<(String, String)>,
     /// Keep server and simulator logs (in target/bench/) after a successful run.
     #[arg(long, global = true)]
     keep_logs: bool,
     #[command(subcommand)]
     command: Bench,
+}
+
+fn key_value(v: &str) -> Result<(String, String), String> {
+    v.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{v}` is not KEY=VALUE"))
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq, Debug)]
@@ -102,6 +112,8 @@ pub struct Ctx {
     pub http: reqwest::Client,
     pub machine: Machine,
     pub figures: Vec<Figure>,
+    /// `--server-env`, applied after each benchmark's own settings.
+    server_env: Vec<(String, String)>,
     databases: u32,
 }
 
@@ -160,6 +172,14 @@ impl Ctx {
             if self.smoke { " (smoke size)" } else { "" }
         );
         println!("{}", self.machine.line());
+        if !self.server_env.is_empty() {
+            let settings: Vec<String> = self
+                .server_env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!("server settings: {}", settings.join(" "));
+        }
     }
 
     /// A database, a redis-server when asked, and `replicas` servers named bench-a,
@@ -188,6 +208,7 @@ impl Ctx {
             common.push(("REDIS_PORT".into(), r.port.to_string()));
         }
         common.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        common.extend(self.server_env.iter().cloned());
         let mut servers = Vec::new();
         for i in 0..replicas {
             let name = format!("bench-{}", (b'a' + i as u8) as char);
@@ -292,6 +313,7 @@ async fn main() -> Result<()> {
             .build()?,
         machine,
         figures: Vec::new(),
+        server_env: args.server_env.clone(),
         databases: 0,
     };
     let benches = match args.command {
