@@ -62,8 +62,8 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     let m0 = server.metrics(&ctx.http).await?;
     let server_cpu = CpuMeter::start(vec![server.pid()]);
     let redis_cpu = CpuMeter::start(stack.redis.as_ref().map(|r| r.pid()).into_iter().collect());
-    let pg_cpu = CpuMeter::start(stack.db.backend_pids());
-    let pg_all = CpuMeter::start(pids_named("postgres"));
+    let pg_cpu = stack.db.cpu_meter();
+    let pg_all = CpuMeter::start_listing(|| pids_named("postgres"));
     let sim_cpu = CpuMeter::start(sim.pids());
     tokio::time::sleep(len).await;
     let (server_pct, redis_pct, pg_pct, pg_all_pct, sim_pct) = (

@@ -30,13 +30,13 @@ async fn window(
     ctx: &Ctx,
     server: &ServerProc,
     redis_pid: u32,
-    pg: Vec<u32>,
+    pg: CpuMeter,
     len: Duration,
 ) -> Result<Window> {
     let before = server.metrics(&ctx.http).await?;
     let s = CpuMeter::start(vec![server.pid()]);
     let r = CpuMeter::start(vec![redis_pid]);
-    let p = CpuMeter::start(pg);
+    let p = pg;
     tokio::time::sleep(len).await;
     let after = server.metrics(&ctx.http).await?;
     let delta = |m: &Metrics, dir: &str, t: &str| {
@@ -69,7 +69,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         ctx,
         server,
         redis_pid,
-        stack.db.backend_pids(),
+        stack.db.cpu_meter(),
         len.min(Duration::from_secs(10)),
     )
     .await?;
@@ -109,12 +109,13 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     // ping timer runs in steady state.
     tokio::time::sleep(Duration::from_secs(hb + 3)).await;
 
-    let pings = window(ctx, server, redis_pid, stack.db.backend_pids(), len).await?;
+    let pings = window(ctx, server, redis_pid, stack.db.cpu_meter(), len).await?;
     sim.send(&format!("heartbeat {hb}s")).await?;
     // Each agent sends its first heartbeat at a random point of the first interval.
     tokio::time::sleep(Duration::from_secs(hb + 1)).await;
-    let both = window(ctx, server, redis_pid, stack.db.backend_pids(), len).await?;
-    let last = sim.stop().await;
+    let both = window(ctx, server, redis_pid, stack.db.cpu_meter(), len).await?;
+    let last = sim.latest();
+    sim.stop().await;
     stack.stop().await;
 
     let scale = 10_000.0 / f64::from(n) * hb as f64 / 15.0;

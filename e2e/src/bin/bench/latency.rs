@@ -39,7 +39,13 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     env.push(("REBALANCE", "false".into()));
     let stack = ctx.stack(2, true, &env).await?;
     let per_pod = ctx.size(1000, 100);
-    let rate: u32 = if ctx.smoke { 200 } else { 1000 };
+    // The rate, and a lower one that shows where the figures stand when the
+    // database is not the bottleneck.
+    let rates: Vec<u32> = match ctx.rate {
+        Some(r) => vec![r],
+        None if ctx.smoke => vec![200],
+        None => vec![200, 1000],
+    };
     let len = ctx.window(30, 2);
 
     let mut servers = Vec::new();
@@ -98,15 +104,18 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     let cross: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
     let api = stack.servers[0].base();
     println!(
-        "  {} agents on each of 2 replicas; commands posted to bench-a at {rate}/s for {} s per case",
+        "  {} agents on each of 2 replicas; commands posted to bench-a for {} s per case",
         thousands(u64::from(per_pod)),
         len.as_secs()
     );
 
     // Warm-up: connections, prepared statements, allocator.
-    load(ctx, &api, &ids, rate, Duration::from_secs(2)).await;
+    load(ctx, &api, &ids, rates[0], Duration::from_secs(2)).await;
     let before = fleet.snapshot();
-    for (case, agents) in [("same pod", &same), ("cross pod", &cross)] {
+    let cases = rates
+        .iter()
+        .flat_map(|r| [(*r, "same pod", &same), (*r, "cross pod", &cross)]);
+    for (rate, case, agents) in cases {
         let (sent, failed) = load(ctx, &api, agents, rate, len).await;
         // Let the stragglers arrive (bounded).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -219,6 +228,7 @@ fn report(
         p(&api, 0.99)
     );
     let bench = BENCH;
+    let case = format!("{case} at {rate}/s");
     let (p50, p99, p999) = (p(&from_202, 0.5), p(&from_202, 0.99), p(&from_202, 0.999));
     ctx.figure(
         bench,

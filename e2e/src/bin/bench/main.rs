@@ -37,6 +37,9 @@ struct Args {
     /// Agents for the selected benchmark instead of its default.
     #[arg(long, global = true)]
     agents: Option<u32>,
+    /// Commands per second for the latency benchmark instead of 200 and 1,000.
+    #[arg(long, global = true)]
+    rate: Option<u32>,
     /// Measurement window in seconds instead of the default.
     #[arg(long, global = true)]
     window: Option<u64>,
@@ -101,6 +104,7 @@ pub struct Figure {
 pub struct Ctx {
     pub smoke: bool,
     pub agents: Option<u32>,
+    pub rate: Option<u32>,
     pub window: Option<u64>,
     pub bin_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -300,6 +304,7 @@ async fn main() -> Result<()> {
     let mut ctx = Ctx {
         smoke: args.smoke,
         agents: args.agents,
+        rate: args.rate,
         window: args.window,
         bin_dir,
         run_dir: run_dir.clone(),

@@ -1,5 +1,6 @@
 //! Figures read from /proc: resident memory, CPU time, kernel socket memory, machine.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// VmRSS of a process, in KiB.
@@ -104,27 +105,45 @@ pub fn max_open_files(pid: u32) -> Option<u64> {
 
 /// CPU used by a set of processes over a window of wall time.
 pub struct CpuMeter {
-    pids: Vec<u32>,
-    start_ticks: u64,
+    /// The processes now; a set that changes (database backends opened during the
+    /// window) is listed again at each reading.
+    list: Box<dyn Fn() -> Vec<u32> + Send + Sync>,
+    start_ticks: HashMap<u32, u64>,
     start: Instant,
 }
 
 impl CpuMeter {
     pub fn start(pids: Vec<u32>) -> Self {
-        let start_ticks = pids.iter().filter_map(|p| cpu_ticks(*p)).sum();
+        Self::start_listing(move || pids.clone())
+    }
+
+    /// Meters whatever `list` returns at each reading: a process that appears during the
+    /// window counts with all its CPU time, one that exits stops counting.
+    pub fn start_listing(list: impl Fn() -> Vec<u32> + Send + Sync + 'static) -> Self {
+        let start_ticks = list()
+            .into_iter()
+            .filter_map(|p| Some((p, cpu_ticks(p)?)))
+            .collect();
         CpuMeter {
-            pids,
+            list: Box::new(list),
             start_ticks,
             start: Instant::now(),
         }
     }
 
-    /// (CPU seconds, wall seconds) since the start. Processes that exited meanwhile
-    /// contribute nothing after their start value, so measure live processes only.
+    /// (CPU seconds, wall seconds) since the start.
     pub fn read(&self) -> (f64, f64) {
-        let now: u64 = self.pids.iter().filter_map(|p| cpu_ticks(*p)).sum();
-        let cpu = now.saturating_sub(self.start_ticks) as f64 / clk_tck() as f64;
-        (cpu, self.start.elapsed().as_secs_f64())
+        let ticks: u64 = (self.list)()
+            .into_iter()
+            .filter_map(|p| {
+                let now = cpu_ticks(p)?;
+                Some(now.saturating_sub(self.start_ticks.get(&p).copied().unwrap_or(0)))
+            })
+            .sum();
+        (
+            ticks as f64 / clk_tck() as f64,
+            self.start.elapsed().as_secs_f64(),
+        )
     }
 
     /// Share of one core used over the window, in percent.

@@ -44,14 +44,10 @@ impl Database {
         psql(&format!("{}/postgres", self.server), sql)
     }
 
-    /// Server processes serving this database's connections.
-    pub fn backend_pids(&self) -> Vec<u32> {
-        self.admin_sql(&format!(
-            "SELECT pid FROM pg_stat_activity WHERE datname = '{}'",
-            self.name
-        ))
-        .map(|out| out.lines().filter_map(|l| l.trim().parse().ok()).collect())
-        .unwrap_or_default()
+    /// CPU of this database's backends, including those opened during the window.
+    pub fn cpu_meter(&self) -> super::procfs::CpuMeter {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        super::procfs::CpuMeter::start_listing(move || backend_pids(&server, &name))
     }
 }
 
@@ -62,6 +58,15 @@ impl Drop for Database {
             self.name
         ));
     }
+}
+
+fn backend_pids(server: &str, db: &str) -> Vec<u32> {
+    psql(
+        &format!("{server}/postgres"),
+        &format!("SELECT pid FROM pg_stat_activity WHERE datname = '{db}'"),
+    )
+    .map(|out| out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    .unwrap_or_default()
 }
 
 pub fn psql(url: &str, sql: &str) -> Result<String> {

@@ -91,7 +91,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     let rss0 = rss_kib(b_pid).unwrap_or(0);
     let server_cpu = CpuMeter::start(vec![b_pid]);
     let redis_cpu = CpuMeter::start(stack.redis.as_ref().map(|r| r.pid()).into_iter().collect());
-    let pg_cpu = CpuMeter::start(stack.db.backend_pids());
+    let pg_cpu = stack.db.cpu_meter();
     let killed = Instant::now();
     stack.servers[0].sigkill().await;
 
