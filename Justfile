@@ -43,13 +43,13 @@ e2e-local *ARGS:
 e2e-down:
     kind delete cluster --name agent-server-e2e
 
-# Capacity benchmarks 1-6 against release builds (docs/benchmarks.md); about 15 minutes.
-# `just bench idle`, `just bench storm --agents 5000`: one benchmark, other sizes.
+# `just bench idle` runs one benchmark; `just bench storm --agents 5000` another size.
+# Capacity benchmarks 1-6 against release builds, about 15 minutes (docs/benchmarks.md).
 bench what="all" *ARGS:
     cargo build --release --locked -p agent-server -p e2e --bins
     cargo run --release --locked -q -p e2e --bin bench -- {{what}} {{ARGS}}
 
-# The benchmarks at tiny sizes, in under a minute: proves they run (CI), measures nothing.
+# The benchmarks at tiny sizes on debug builds, in about a minute: proves they run.
 bench-smoke:
-    cargo build --release --locked -p agent-server -p e2e --bins
-    cargo run --release --locked -q -p e2e --bin bench -- --smoke all
+    cargo build --locked -p agent-server -p e2e --bins
+    cargo run --locked -q -p e2e --bin bench -- --smoke all
