@@ -9,6 +9,7 @@ use agent_server::{Application, Config, telemetry};
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    fix_mmap_threshold();
     let command = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
@@ -95,5 +96,17 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// glibc raises its mmap threshold each time a large block is freed, after which large
+/// request bodies (10 MiB inventories) are carved from the heap and stay resident after
+/// use. A fixed threshold keeps them in their own mappings, returned to the system when
+/// freed (docs/benchmarks.md, benchmark 5).
+fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
