@@ -421,7 +421,7 @@ pub async fn put_inventory(state: &AppState, id: &str, req: Request<Incoming>) -
     }
     // Validate without building a tree: a 10 MiB document would cost several times that.
     serde_json::from_slice::<serde::de::IgnoredAny>(&body)?;
-    let text = String::from_utf8(body.to_vec())
+    let text = String::from_utf8(Vec::from(body))
         .map_err(|_| ApiError::bad_request("invalid_json", "the inventory is not UTF-8"))?;
     if claims.role == Role::Agent {
         // An agent with a valid token may report before its first connection.

@@ -21,12 +21,13 @@ use crate::http::router::origin_allowed;
 use crate::http::{ApiError, Response, full};
 use crate::ids::check_client_id;
 
-/// Buffers sized for very many idle agents: tungstenite's defaults (128 KiB read buffer)
-/// would cost ~135 KiB per connection; these cost a few KiB. Messages are small by
-/// protocol (large inventories go over HTTP), so the bounds can be tight.
+/// Buffers sized for very many idle agents: tungstenite's defaults (128 KiB read buffer,
+/// allocated and zero-filled up front) would cost ~135 KiB per connection. Agent messages
+/// are small by protocol (large inventories go over HTTP) and a larger frame reserves what
+/// it needs, so a 1 KiB read buffer suffices (docs/benchmarks.md, benchmark 1).
 pub fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(config.ws_max_message_bytes))
