@@ -152,7 +152,7 @@ impl Session {
         }
 
         let heartbeat = config.heartbeat_interval;
-        let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let mut ping = tokio::time::interval_at(ping_slot(Instant::now() + heartbeat), heartbeat);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let token_left = Duration::from_secs(self.token_exp.saturating_sub(unix_now()));
         let token_expiry = tokio::time::sleep(token_left);
@@ -446,6 +446,20 @@ impl Session {
     fn metrics_in(&self, kind: MessageType) {
         self.state.metrics.ws(Direction::Inbound, kind);
     }
+}
+
+/// Granularity of ping timers. Sessions keep their spread over the heartbeat interval
+/// but share a few slots per second, so the runtime wakes a few times a second for many
+/// pings instead of once per ping (docs/benchmarks.md, benchmark 2).
+const PING_SLOT: Duration = Duration::from_millis(250);
+
+/// The first slot boundary at or after `at`, on a process-wide grid.
+fn ping_slot(at: Instant) -> Instant {
+    static GRID: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *GRID.get_or_init(Instant::now);
+    let slot = PING_SLOT.as_millis();
+    let since = at.saturating_duration_since(origin).as_millis();
+    origin + Duration::from_millis((since.div_ceil(slot) * slot) as u64)
 }
 
 fn classify(e: WsError) -> End {

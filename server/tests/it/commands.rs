@@ -77,6 +77,11 @@ async fn results_for_unknown_or_foreign_commands_are_refused(app: TestApp) {
     let mut other = app.connect("other").await;
     let foreign = app.command("other", "x", json!({})).await;
     other.recv_type("command").await;
+    // The agent may read its command before the server has marked it delivered.
+    app.eventually(&format!("/api/v1/commands/{foreign}"), |c| {
+        c["status"] == "delivered"
+    })
+    .await;
 
     let mut agent = app.connect("me").await;
     agent.result("no-such-command", "ok", json!(1)).await;
