@@ -11,6 +11,11 @@
 #      reasons, the checks that do not apply);
 #   5. chart/README.md's values table matches the `## @param` lines of
 #      values.yaml, and every value is documented.
+#   6. the PrometheusRule as rendered with chart/ci/monitoring-values.yaml
+#      passes `promtool check rules` and the unit tests in
+#      chart/tests/monitoring; every query of the Grafana dashboard
+#      (chart/files/grafana-dashboard.json) parses; the rules and the dashboard
+#      read only series that server/src/metrics.rs registers.
 # Every step runs even when an earlier one failed; the exit status is non-zero
 # if any failed.
 #
@@ -84,6 +89,7 @@ import yaml
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 PROM_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
 GATEWAY_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
@@ -181,6 +187,26 @@ def check_http_route(doc, services, errors):
                 errors.append("%s: rules[%d].timeouts.backendRequest exceeds request" % (where, i))
 
 
+def check_prometheus_rule(doc, errors):
+    """The resource's shape; the rules themselves are checked by promtool (step 6)."""
+    name = doc.get("metadata", {}).get("name")
+    where = "PrometheusRule/%s" % name
+    if not name:
+        errors.append("%s: metadata.name is required" % where)
+    groups = (doc.get("spec") or {}).get("groups")
+    if not isinstance(groups, list) or not groups:
+        errors.append("%s: spec.groups must list at least one group" % where)
+        groups = []
+    for group in groups:
+        if not group.get("name") or not group.get("rules"):
+            errors.append("%s: every group needs a name and rules" % where)
+        if "interval" in group and not PROM_DURATION.match(str(group["interval"])):
+            errors.append("%s: group interval %r is not a Prometheus duration" % (where, group["interval"]))
+        for rule in group.get("rules") or []:
+            if "alert" in rule and not (rule.get("annotations") or {}).get("runbook_url"):
+                errors.append("%s: alert %s has no runbook_url" % (where, rule["alert"]))
+
+
 def split(rendered, core_path):
     """Writes the built-in kinds to core_path and checks the CRD kinds; prints errors."""
     docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
@@ -197,6 +223,8 @@ def split(rendered, core_path):
             check_service_monitor(doc, services, errors)
         elif key == ("gateway.networking.k8s.io/v1", "HTTPRoute"):
             check_http_route(doc, services, errors)
+        elif key == ("monitoring.coreos.com/v1", "PrometheusRule"):
+            check_prometheus_rule(doc, errors)
         elif "." in str(key[0]).split("/")[0] and not str(key[0]).split("/")[0].endswith(".k8s.io"):
             errors.append("%s %s: a custom resource this script has no check for" % key)
         else:
@@ -400,6 +428,84 @@ if log="$("$py" "$helper" readme "$chart/values.yaml" "$chart/README.md" check 2
   ok "every value documented, table up to date"
 else
   bad "values documentation"
+  printf '%s\n' "$log" | sed 's/^/        /'
+fi
+
+# --- 6. alert rules and dashboard (promtool) --------------------------------------
+
+# promtool comes from PATH, else from target/promtool, where it is unpacked from
+# Debian's `prometheus` package (apt-get download: no root needed, and no
+# Prometheus server installed or started). Without it the step is a loud skip,
+# and a failure in CI.
+step "alert rules and dashboard: promtool check rules, promtool test rules"
+monitoring_values="$chart/ci/monitoring-values.yaml"
+monitoring_tests="$chart/tests/monitoring"
+promdir="$out/promtool"
+promtool_bin=""
+if command -v promtool >/dev/null 2>&1; then
+  promtool_bin="$(command -v promtool)"
+elif [ -x "$repo/target/promtool/usr/bin/promtool" ]; then
+  promtool_bin="$repo/target/promtool/usr/bin/promtool"
+elif command -v apt-get >/dev/null 2>&1; then
+  echo "  unpacking promtool from Debian's prometheus package into target/promtool (first run only)..."
+  mkdir -p "$repo/target/promtool"
+  fetch_promtool() {
+    (cd "$repo/target/promtool" && rm -f prometheus_*.deb && apt-get download -q prometheus >/dev/null 2>&1 &&
+      dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool && rm -f prometheus_*.deb)
+  }
+  # A machine that never ran `apt-get update` has no package lists yet.
+  if fetch_promtool || { [ "$(id -u)" -eq 0 ] && apt-get update -qq && fetch_promtool; }; then
+    promtool_bin="$repo/target/promtool/usr/bin/promtool"
+  fi
+fi
+if [ -z "$promtool_bin" ]; then
+  if [ -n "${CI:-}" ]; then
+    bad "promtool not found (Debian: apt-get install prometheus, or put promtool on PATH)"
+  else
+    echo "  SKIP  promtool not found, alert rules not checked (Debian: apt-get install prometheus, or put promtool on PATH); CI fails here"
+  fi
+else
+  rm -rf "$promdir" && mkdir -p "$promdir"
+  if ! log="$(helm template "$release" "$chart" --namespace "$namespace" -f "$monitoring_values" 2>&1 >"$promdir/rendered.yaml")"; then
+    bad "helm template with ${monitoring_values#"$chart"/}"
+    printf '%s\n' "$log" | sed 's/^/        /'
+  elif ! log="$("$py" "$repo/scripts/monitoring-check.py" rules "$promdir/rendered.yaml" "$promdir/rules.yaml" 2>&1)"; then
+    bad "PrometheusRule in the rendered chart"
+    printf '%s\n' "$log" | sed 's/^/        /'
+  else
+    if log="$("$promtool_bin" check rules "$promdir/rules.yaml" 2>&1)"; then
+      ok "promtool check rules: $(grep -o '[0-9]* rules found' <<<"$log")"
+    else
+      bad "promtool check rules"
+      printf '%s\n' "$log" | sed 's/^/        /'
+    fi
+    # The tests name `rules.yaml` beside them: run them from the render directory.
+    cp "$monitoring_tests"/*.test.yaml "$promdir/"
+    if log="$(cd "$promdir" && "$promtool_bin" test rules ./*.test.yaml 2>&1)"; then
+      ok "promtool test rules: $(grep -c '^  - name:' "$monitoring_tests"/*.test.yaml | awk -F: '{n += $NF} END {print n}') tests of chart/tests/monitoring pass"
+    else
+      bad "promtool test rules (chart/tests/monitoring)"
+      printf '%s\n' "$log" | sed 's/^/        /'
+    fi
+  fi
+  if log="$("$py" "$repo/scripts/monitoring-check.py" dashboard "$chart/files/grafana-dashboard.json" "$promdir/dashboard-rules.yaml" 2>&1)" &&
+    log="$("$promtool_bin" check rules "$promdir/dashboard-rules.yaml" 2>&1)"; then
+    ok "dashboard: JSON parses, all $(grep -o '[0-9]* rules found' <<<"$log" | cut -d' ' -f1) PromQL queries parse"
+  else
+    bad "dashboard chart/files/grafana-dashboard.json"
+    printf '%s\n' "$log" | sed 's/^/        /'
+  fi
+fi
+# Without promtool too: every series the rules and the dashboard read exists.
+if [ -f "$promdir/rules.yaml" ]; then
+  rule_file="$promdir/rules.yaml"
+else
+  rule_file=""
+fi
+if log="$("$py" "$repo/scripts/monitoring-check.py" names "$repo/server/src/metrics.rs" "$chart/files/grafana-dashboard.json" $rule_file 2>&1)"; then
+  ok "every series the alert rules and the dashboard read is registered in server/src/metrics.rs (or comes from Prometheus, kube-state-metrics or process metrics)"
+else
+  bad "series names in the alert rules or the dashboard"
   printf '%s\n' "$log" | sed 's/^/        /'
 fi
 
