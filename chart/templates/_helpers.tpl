@@ -194,27 +194,39 @@ Arguments: dict with ctx, key (memo key), secret (Secret name), field
 {{- end }}
 
 {{/*
-Where DATABASE_URL comes from:
-  inline      - the chart's Secret holds the complete URL
-  envUrl      - a `secretKeyRef` to a complete URL in externalDatabase.existingSecret
-  envPassword - the password comes from a Secret through DATABASE_PASSWORD and the
-                URL is composed in the pod spec with `$(DATABASE_PASSWORD)`
-  user        - the user's auth.existingSecret holds DATABASE_URL
+Where DATABASE_URL and the database password come from. The password never
+goes into the URL: libpq reads it from PGPASSWORD, so a password with
+URL-reserved characters needs no escaping and never shows up in a connection
+error that quotes the URL.
+  bundled      - the chart's PostgreSQL; the URL (no password) is composed here,
+                 PGPASSWORD comes from its Secret
+  externalHost - externalDatabase.host/port/...; the URL is composed here,
+                 PGPASSWORD from externalDatabase.existingSecret or .password
+  externalUrl  - externalDatabase.url, kept in the chart's Secret as written
+  secretUrl    - a complete URL in externalDatabase.existingSecret
+  user         - the user's auth.existingSecret holds DATABASE_URL
+  none         - nothing configured (refused by agent-server.validate)
 */}}
 {{- define "agent-server.database.mode" -}}
-{{- if .Values.postgresql.enabled }}
-{{- if or .Values.postgresql.auth.existingSecret .Values.auth.existingSecret }}envPassword{{ else }}inline{{ end }}
-{{- else if .Values.externalDatabase.existingSecret }}
-{{- if .Values.externalDatabase.existingSecretUrlKey }}envUrl{{ else }}envPassword{{ end }}
+{{- $db := .Values.externalDatabase }}
+{{- if .Values.postgresql.enabled }}bundled
+{{- else if and $db.existingSecret $db.existingSecretUrlKey }}secretUrl
+{{- else if $db.url }}externalUrl
+{{- else if $db.host }}externalHost
 {{- else if .Values.auth.existingSecret }}user
-{{- else if or .Values.externalDatabase.url .Values.externalDatabase.host }}inline
 {{- else }}none
 {{- end }}
 {{- end }}
 
-{{/* The Secret and key of the database password in `envPassword` mode. */}}
+{{/*
+The Secret and key PGPASSWORD comes from, as YAML (`name`, `key`), or empty
+when the database needs no password from the chart (client certificates, a
+URL that carries everything, the user's own Secret).
+*/}}
 {{- define "agent-server.database.passwordRef" -}}
-{{- if .Values.postgresql.enabled }}
+{{- $mode := include "agent-server.database.mode" . }}
+{{- $db := .Values.externalDatabase }}
+{{- if eq $mode "bundled" }}
 {{- if .Values.postgresql.auth.existingSecret }}
 name: {{ .Values.postgresql.auth.existingSecret }}
 key: {{ .Values.postgresql.auth.existingSecretPasswordKey }}
@@ -222,37 +234,61 @@ key: {{ .Values.postgresql.auth.existingSecretPasswordKey }}
 name: {{ include "agent-server.postgresql.fullname" . }}
 key: password
 {{- end }}
-{{- else }}
-name: {{ .Values.externalDatabase.existingSecret }}
-key: {{ .Values.externalDatabase.existingSecretPasswordKey }}
+{{- else if and (has $mode (list "externalHost" "externalUrl")) $db.existingSecret }}
+name: {{ $db.existingSecret }}
+key: {{ $db.existingSecretPasswordKey }}
+{{- else if and (has $mode (list "externalHost" "externalUrl")) $db.password }}
+name: {{ include "agent-server.fullname" . }}
+key: PGPASSWORD
 {{- end }}
 {{- end }}
 
-{{/* A postgresql:// URL around the given (already URL-safe) password. */}}
-{{- define "agent-server.database.composeUrl" -}}
-{{- $v := .ctx.Values }}
+{{/* DATABASE_URL composed by the chart (bundled and externalHost modes): no password in it. */}}
+{{- define "agent-server.database.composedUrl" -}}
+{{- $v := .Values }}
 {{- if $v.postgresql.enabled }}
-{{- printf "postgresql://%s:%s@%s:5432/%s" ($v.postgresql.auth.username | urlquery) .password (include "agent-server.postgresql.fullname" .ctx) ($v.postgresql.auth.database | urlquery) }}
+{{- printf "postgresql://%s@%s:5432/%s" ($v.postgresql.auth.username | urlquery) (include "agent-server.postgresql.fullname" .) ($v.postgresql.auth.database | urlquery) }}
 {{- else }}
-{{- $url := printf "postgresql://%s:%s@%s:%d/%s" ($v.externalDatabase.user | urlquery) .password $v.externalDatabase.host (int $v.externalDatabase.port) ($v.externalDatabase.database | urlquery) }}
-{{- if $v.externalDatabase.sslMode }}
-{{- $url = printf "%s?sslmode=%s" $url $v.externalDatabase.sslMode }}
+{{- $db := $v.externalDatabase }}
+{{- $url := printf "postgresql://%s@%s:%d/%s" ($db.user | urlquery) $db.host (int $db.port) ($db.database | urlquery) }}
+{{- if $db.sslMode }}
+{{- $url = printf "%s?sslmode=%s" $url $db.sslMode }}
 {{- end }}
 {{- $url }}
 {{- end }}
 {{- end }}
 
-{{/* DATABASE_URL for the chart's Secret (`inline` mode). */}}
-{{- define "agent-server.database.inlineUrl" -}}
-{{- if .Values.postgresql.enabled }}
-{{- include "agent-server.database.composeUrl" (dict "ctx" . "password" (include "agent-server.postgresql.password" . | urlquery)) }}
-{{- else if .Values.externalDatabase.url }}
-{{- .Values.externalDatabase.url }}
-{{- else if .Values.externalDatabase.password }}
-{{- include "agent-server.database.composeUrl" (dict "ctx" . "password" (.Values.externalDatabase.password | urlquery)) }}
+{{/*
+The TCP ports the server's database connections go to, one per line: the
+NetworkPolicy opens exactly these. In externalUrl mode they are read from the
+URL the server uses (every host of a multi-host URL, a `port=` parameter, or
+libpq's 5432); where the URL lives in a Secret the chart cannot read, it is
+externalDatabase.port, which the README says must match.
+*/}}
+{{- define "agent-server.database.ports" -}}
+{{- $mode := include "agent-server.database.mode" . }}
+{{- $db := .Values.externalDatabase }}
+{{- if eq $mode "bundled" }}5432
+{{- else if eq $mode "externalUrl" }}
+{{- if not (hasPrefix "sqlite:" $db.url) }}
+{{- $ports := list }}
+{{- $rest := regexReplaceAll "^[A-Za-z][A-Za-z0-9+.-]*://" $db.url "" }}
+{{- $authority := regexReplaceAll "[/?].*$" $rest "" }}
+{{- $hosts := regexReplaceAll "^.*@" $authority "" }}
+{{- $query := regexFind `\?.*$` $rest }}
+{{- $queryPort := regexFind "[?&]port=[0-9]+(,[0-9]+)*" $query | regexFind "[0-9].*" }}
+{{- if $queryPort }}
+{{- $ports = splitList "," $queryPort }}
 {{- else }}
-{{- /* No password: libpq then uses client certificates or a .pgpass file. */}}
-{{- include "agent-server.database.composeUrl" (dict "ctx" . "password" "") | replace ":@" "@" }}
+{{- range splitList "," $hosts }}
+{{- $port := regexFind ":[0-9]+$" (regexReplaceAll `^\[[^]]*\]` . "") | trimPrefix ":" }}
+{{- $ports = append $ports (default "5432" $port) }}
+{{- end }}
+{{- end }}
+{{- $ports | uniq | join "\n" }}
+{{- end }}
+{{- else if ne $mode "none" }}
+{{- $db.port }}
 {{- end }}
 {{- end }}
 
@@ -369,14 +405,18 @@ names the values to change, rather than producing pods that crash-loop.
 {{- $errors = append $errors "SQLite (externalDatabase.url=sqlite://...) serves a single replica only: set replicaCount=1 and autoscaling.enabled=false" }}
 {{- end }}
 {{- $dbMode := include "agent-server.database.mode" . }}
+{{- $db := .Values.externalDatabase }}
 {{- if eq $dbMode "none" }}
-{{- $errors = append $errors "no database: enable postgresql, or set externalDatabase.url, externalDatabase.host or externalDatabase.existingSecret" }}
+{{- $errors = append $errors "no database: enable postgresql, or set externalDatabase.url, externalDatabase.host or externalDatabase.existingSecret with existingSecretUrlKey" }}
 {{- end }}
-{{- if and (eq $dbMode "user") (or .Values.externalDatabase.url .Values.externalDatabase.host) }}
-{{- $errors = append $errors "externalDatabase.url/host are not used with auth.existingSecret: put DATABASE_URL in that Secret, or give the password through externalDatabase.existingSecret" }}
+{{- if and (not .Values.postgresql.enabled) $db.existingSecret (not $db.existingSecretUrlKey) (not $db.host) (not $db.url) }}
+{{- $errors = append $errors "externalDatabase.existingSecret holds only the password: set externalDatabase.host (or url) too, or name a complete URL with externalDatabase.existingSecretUrlKey" }}
 {{- end }}
-{{- if and (eq $dbMode "envPassword") (not .Values.postgresql.enabled) (not .Values.externalDatabase.host) }}
-{{- $errors = append $errors "externalDatabase.host is required with externalDatabase.existingSecret, unless externalDatabase.existingSecretUrlKey names a complete URL" }}
+{{- if and .Values.auth.existingSecret (eq $dbMode "externalUrl") }}
+{{- $errors = append $errors "externalDatabase.url is not used with auth.existingSecret: put DATABASE_URL in that Secret, or put the URL in externalDatabase.existingSecret (existingSecretUrlKey)" }}
+{{- end }}
+{{- if and .Values.auth.existingSecret (has $dbMode (list "externalHost" "externalUrl")) $db.password (not $db.existingSecret) }}
+{{- $errors = append $errors "externalDatabase.password is not used with auth.existingSecret: give the password through externalDatabase.existingSecret" }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- $errors = append $errors "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}

@@ -248,6 +248,14 @@ fn env_var<'a>(container: &'a Container, name: &str) -> Option<&'a EnvVar> {
     container.env.iter().flatten().find(|e| e.name == name)
 }
 
+/// The (Secret, key) an environment variable of the container comes from.
+fn secret_ref(container: &Container, name: &str) -> Option<(String, String)> {
+    env_var(container, name)
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .map(|r| (r.name.clone(), r.key.clone()))
+}
+
 fn seconds(container: &Container, name: &str) -> i64 {
     env_value(container, name)
         .unwrap_or_else(|| panic!("{name} is not set on the server container"))
@@ -411,14 +419,13 @@ fn server_reads_the_configmap_and_secret_through_env_from() {
     assert_eq!(data["LOG_FORMAT"], "json");
 
     let secret = m.secret_data(RELEASE);
-    for key in [
-        "DATABASE_URL",
-        "SECRET_KEY",
-        "JWT_ALGORITHM",
-        "REDIS_PASSWORD",
-    ] {
+    for key in ["SECRET_KEY", "JWT_ALGORITHM", "REDIS_PASSWORD"] {
         assert!(secret.contains_key(key), "the Secret holds {key}");
     }
+    assert!(
+        !secret.contains_key("DATABASE_URL"),
+        "the bundled database's URL holds no secret, so it is a plain variable"
+    );
 }
 
 #[test]
@@ -967,6 +974,61 @@ fn network_policy_allows_https_outside_the_cluster_only_when_enabled() {
 }
 
 #[test]
+fn network_policy_opens_the_database_ports_of_the_url_the_server_uses() {
+    // A managed database on a non-default port: externalDatabase.port (5432)
+    // is not what the server dials, the URL is.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set-string",
+        "externalDatabase.url=postgresql://agent@db.example.com:25060/agentdb?sslmode=require",
+    );
+    let rule = egress_rule_for_port(&m.server_policy(), "TCP", 25060);
+    assert_eq!(ports(&rule.ports), [("TCP".to_string(), 25060)]);
+
+    // Every host of a multi-host URL, libpq's 5432 where a host names no port.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set-string",
+        "externalDatabase.url=postgresql://agent@pg-a:6000\\,pg-b/agentdb",
+    );
+    let rule = egress_rule_for_port(&m.server_policy(), "TCP", 6000);
+    assert_eq!(
+        ports(&rule.ports),
+        [("TCP".to_string(), 6000), ("TCP".to_string(), 5432)]
+    );
+
+    // A `port=` parameter wins over the authority, as in libpq.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set-string",
+        "externalDatabase.url=postgresql:///agentdb?host=/run/pg&port=6432",
+    );
+    egress_rule_for_port(&m.server_policy(), "TCP", 6432);
+
+    // SQLite opens no network connection at all.
+    let m = render!(
+        "--set",
+        "replicaCount=1",
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.url=sqlite:///storage/agent.db",
+    );
+    let egress = m.server_policy().spec.unwrap().egress.unwrap();
+    assert!(
+        egress
+            .iter()
+            .all(|r| ports(&r.ports).iter().all(|(_, p)| *p == 53)),
+        "only DNS: {egress:?}"
+    );
+}
+
+#[test]
 fn network_policy_follows_external_services_to_their_ports() {
     let m = render!("-f", &ci_values("external"));
     let policy = m.server_policy();
@@ -1088,14 +1150,19 @@ fn generated_secret_key_is_random_long_and_never_from_values() {
 }
 
 #[test]
-fn bundled_postgresql_password_is_the_one_in_database_url() {
+fn bundled_postgresql_password_reaches_libpq_as_pgpassword_never_in_the_url() {
     let m = render!();
     let password = m.secret_data("agent-server-postgresql")["password"].clone();
     assert!(password.len() >= 32 && password.chars().all(|c| c.is_ascii_alphanumeric()));
-    let url = &m.secret_data(RELEASE)["DATABASE_URL"];
+    let server = m.server();
     assert_eq!(
-        url,
-        &format!("postgresql://postgres:{password}@agent-server-postgresql:5432/agentdb")
+        env_value(&server, "DATABASE_URL").as_deref(),
+        Some("postgresql://postgres@agent-server-postgresql:5432/agentdb")
+    );
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some(("agent-server-postgresql".into(), "password".into())),
+        "libpq reads the password from PGPASSWORD"
     );
 
     let statefulset: StatefulSet = m.one("StatefulSet", "agent-server-postgresql");
@@ -1142,29 +1209,15 @@ fn existing_secret_replaces_the_chart_secret_for_the_server_and_the_test_pod() {
         .expect("a Secret source");
     assert_eq!(secret_ref.name, "my-agent-secret");
 
-    // The bundled PostgreSQL's generated password still reaches the server: the
-    // URL is composed in the pod from its own Secret.
-    let password = env_var(&server, "DATABASE_PASSWORD")
-        .and_then(|e| e.value_from.as_ref())
-        .and_then(|v| v.secret_key_ref.as_ref())
-        .expect("DATABASE_PASSWORD from a Secret");
-    assert_eq!(password.name, "agent-server-postgresql");
+    // The bundled PostgreSQL's generated password still reaches the server,
+    // from its own Secret, outside the URL.
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some(("agent-server-postgresql".into(), "password".into()))
+    );
     assert_eq!(
         env_value(&server, "DATABASE_URL").as_deref(),
-        Some("postgresql://postgres:$(DATABASE_PASSWORD)@agent-server-postgresql:5432/agentdb")
-    );
-    let position = |name: &str| {
-        server
-            .env
-            .as_ref()
-            .unwrap()
-            .iter()
-            .position(|e| e.name == name)
-            .unwrap()
-    };
-    assert!(
-        position("DATABASE_PASSWORD") < position("DATABASE_URL"),
-        "$(VAR) needs VAR first"
+        Some("postgresql://postgres@agent-server-postgresql:5432/agentdb")
     );
 
     let test_pod: k8s_openapi::api::core::v1::Pod = m.one("Pod", "agent-server-test");
@@ -1205,14 +1258,12 @@ fn external_services_take_their_passwords_from_existing_secrets() {
         ("agent-server-redis".into(), "redis-password".into())
     );
     assert_eq!(
-        reference("DATABASE_PASSWORD"),
+        reference("PGPASSWORD"),
         ("agent-server-db".into(), "db-password".into())
     );
     assert_eq!(
         env_value(&server, "DATABASE_URL").as_deref(),
-        Some(
-            "postgresql://agent:$(DATABASE_PASSWORD)@pg.example.internal:5432/agentdb?sslmode=verify-full"
-        )
+        Some("postgresql://agent@pg.example.internal:5432/agentdb?sslmode=verify-full")
     );
     let config: ConfigMap = m.one("ConfigMap", RELEASE);
     let data = config.data.unwrap();
@@ -1239,7 +1290,43 @@ fn external_database_url_in_a_secret_is_used_as_is() {
         (reference.name.as_str(), reference.key.as_str()),
         ("db", "url")
     );
-    assert!(env_var(&server, "DATABASE_PASSWORD").is_none());
+    assert!(env_var(&server, "PGPASSWORD").is_none());
+}
+
+#[test]
+fn a_password_with_url_reserved_characters_never_enters_the_url() {
+    // A provider-generated password: `#`, `?`, `%` and `:` all mean something in a URL.
+    const PASSWORD: &str = "Vx7#kQ9?mz%2Lr:8";
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.host=pg.example.internal",
+        "--set-string",
+        &format!("externalDatabase.password={PASSWORD}"),
+    );
+    let server = m.server();
+    let url = env_value(&server, "DATABASE_URL").expect("DATABASE_URL");
+    assert_eq!(url, "postgresql://agent@pg.example.internal:5432/agentdb");
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some((RELEASE.into(), "PGPASSWORD".into()))
+    );
+    assert_eq!(m.secret_data(RELEASE)["PGPASSWORD"], PASSWORD, "stored as given");
+    for doc in &m.docs {
+        if doc["kind"] != "Secret" {
+            assert!(
+                !doc.to_string().contains(PASSWORD),
+                "the password appears outside its Secret, in {}",
+                doc["kind"]
+            );
+        }
+    }
+
+    // The bundled PostgreSQL takes any password too: it is no longer placed in a URL.
+    let m = render!("--set-string", &format!("postgresql.auth.password={PASSWORD}"));
+    assert_eq!(m.secret_data("agent-server-postgresql")["password"], PASSWORD);
+    assert!(!env_value(&m.server(), "DATABASE_URL").unwrap().contains('#'));
 }
 
 // ---------------------------------------------------------------------------
