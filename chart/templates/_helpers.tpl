@@ -432,6 +432,9 @@ names the values to change, rather than producing pods that crash-loop.
 {{- if ge (add $preStop $shutdown) $grace }}
 {{- $errors = append $errors (printf "the preStop sleep (%d s) + SHUTDOWN_TIMEOUT (%d s) must be shorter than terminationGracePeriodSeconds (%d s), or the kubelet kills the server mid-drain" $preStop $shutdown $grace) }}
 {{- end }}
+{{- if eq (int .Values.metrics.port) (int .Values.config.serverPort) }}
+{{- $errors = append $errors "metrics.port must differ from config.serverPort: /metrics is served only on its own port, which no Ingress or HTTPRoute routes" }}
+{{- end }}
 {{- if and .Values.gatewayApi.enabled (not .Values.gatewayApi.parentRefs) }}
 {{- $errors = append $errors "gatewayApi.parentRefs must name at least one Gateway" }}
 {{- end }}

@@ -473,12 +473,94 @@ fn pod_template_checksums_change_when_config_or_secret_change() {
 }
 
 #[test]
-fn pods_advertise_prometheus_scraping() {
+fn pods_advertise_prometheus_scraping_on_the_metrics_port() {
     let m = render!();
     let annotations = m.pod_annotations();
     assert_eq!(annotations["prometheus.io/scrape"], "true");
-    assert_eq!(annotations["prometheus.io/port"], "8080");
+    assert_eq!(annotations["prometheus.io/port"], "9090");
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
+}
+
+#[test]
+fn metrics_have_their_own_port_that_no_ingress_or_route_reaches() {
+    let m = render!(
+        "-f",
+        &ci_values("seed"),
+        "--set",
+        "gatewayApi.enabled=true",
+        "--set",
+        "gatewayApi.parentRefs[0].name=eg",
+        "--set",
+        "metrics.port=9464",
+    );
+    let server = m.server();
+    let container_ports: BTreeMap<String, i32> = server
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        container_ports,
+        BTreeMap::from([("http".into(), 8080), ("metrics".into(), 9464)])
+    );
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    assert_eq!(config.data.unwrap()["METRICS_PORT"], "9464");
+    assert_eq!(m.pod_annotations()["prometheus.io/port"], "9464");
+
+    // The main Service (what the Ingress and the HTTPRoute reach) has no metrics port;
+    // a ClusterIP Service of its own has, and the ServiceMonitor selects that one.
+    let main: Service = m.one("Service", RELEASE);
+    let main_ports = main.spec.unwrap().ports.unwrap();
+    assert_eq!(main_ports.len(), 1);
+    assert_eq!(main_ports[0].name.as_deref(), Some("http"));
+    let metrics: Service = m.one("Service", "agent-server-metrics");
+    let metrics_labels = metrics.metadata.labels.clone().unwrap();
+    let spec = metrics.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    let port = &spec.ports.unwrap()[0];
+    assert_eq!((port.name.as_deref(), port.port), (Some("metrics"), 9464));
+    assert_eq!(port.target_port, Some(IntOrString::String("metrics".into())));
+    let monitor = m.raw("ServiceMonitor", RELEASE).expect("a ServiceMonitor");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(metrics_labels.get(key).map(String::as_str), value.as_str());
+    }
+    assert_eq!(
+        main.metadata.labels.unwrap()["app.kubernetes.io/component"],
+        "server",
+        "the ServiceMonitor does not select the main Service"
+    );
+
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    for rule in ingress.spec.unwrap().rules.unwrap() {
+        for path in rule.http.unwrap().paths {
+            let port = path.backend.service.unwrap().port.unwrap();
+            assert_eq!(port.name.as_deref(), Some("http"), "{:?}", path.path);
+        }
+    }
+    let route = m.raw("HTTPRoute", RELEASE).expect("an HTTPRoute");
+    for rule in route["spec"]["rules"].as_array().unwrap() {
+        for backend in rule["backendRefs"].as_array().unwrap() {
+            assert_eq!(backend["name"], RELEASE);
+            assert_eq!(backend["port"], 80);
+        }
+    }
+
+    // Only Prometheus' namespaces reach the metrics port, and only it.
+    let rules = m.server_policy().spec.unwrap().ingress.unwrap();
+    for rule in &rules {
+        let from: Vec<String> = rule.from.iter().flatten().flat_map(namespace_names).collect();
+        if ports(&rule.ports).contains(&("TCP".to_string(), 9464)) {
+            assert_eq!(from, ["monitoring"]);
+            assert_eq!(ports(&rule.ports).len(), 1);
+        }
+    }
+
+    let Some(error) = render_error(&["--set", "metrics.port=8080"]) else {
+        return;
+    };
+    assert!(error.contains("metrics.port"), "{error}");
 }
 
 fn assert_hardened(context: &SecurityContext, who: &str) {
@@ -877,7 +959,13 @@ fn network_policy_admits_the_ingress_controller_and_prometheus_by_namespace_name
         "Prometheus may scrape: {admitted:?}"
     );
     for rule in &rules {
-        assert_eq!(ports(&rule.ports), [("TCP".to_string(), 8080)]);
+        let names: Vec<String> = rule.from.iter().flatten().flat_map(namespace_names).collect();
+        let port = if names.contains(&"monitoring".to_string()) {
+            9090
+        } else {
+            8080
+        };
+        assert_eq!(ports(&rule.ports), [("TCP".to_string(), port)]);
         for peer in rule.from.iter().flatten() {
             if let Some(selector) = &peer.namespace_selector {
                 let labels = selector.match_labels.clone().unwrap_or_default();
@@ -1464,7 +1552,7 @@ fn the_design_values_render_every_resource_of_the_design() {
         );
     }
     let monitor = m.raw("ServiceMonitor", RELEASE).unwrap();
-    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "30s");
     let image = m.server().image.unwrap();
