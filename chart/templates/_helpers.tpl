@@ -418,6 +418,24 @@ names the values to change, rather than producing pods that crash-loop.
 {{- if and .Values.auth.existingSecret (has $dbMode (list "externalHost" "externalUrl")) $db.password (not $db.existingSecret) }}
 {{- $errors = append $errors "externalDatabase.password is not used with auth.existingSecret: give the password through externalDatabase.existingSecret" }}
 {{- end }}
+{{- if and .Values.autoscaling.enabled (eq (int .Values.replicaCount) 0) }}
+{{- $errors = append $errors "replicaCount: 0 parks the server only with autoscaling.enabled=false (an HPA would scale it back up)" }}
+{{- end }}
+{{- range $name, $resources := dict "resources" .Values.resources "redis.resources" .Values.redis.resources "postgresql.resources" .Values.postgresql.resources "tests.resources" .Values.tests.resources }}
+{{- $requests := $resources.requests | default dict }}
+{{- $limits := $resources.limits | default dict }}
+{{- range $resource, $request := $requests }}
+{{- if hasKey $limits $resource }}
+{{- $limit := get $limits $resource }}
+{{- if gt (include "agent-server.quantity" $request | float64) (include "agent-server.quantity" $limit | float64) }}
+{{- $errors = append $errors (printf "%s.requests.%s (%v) exceeds %s.limits.%s (%v), which the API server refuses. Helm merges the chart's default requests under limits you set alone: set %s.requests.%s as well, or null to let Kubernetes use the limit" $name $resource $request $name $resource $limit $name $resource) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with include "agent-server.pdbProblem" . }}
+{{- $errors = append $errors . }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- $errors = append $errors "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
@@ -452,5 +470,60 @@ names the values to change, rather than producing pods that crash-loop.
 storageClassName: ""
 {{- else if . }}
 storageClassName: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity ("500m", "2", 1.5, "512Mi", "1e3") as a plain number
+in base units, so that requests and limits can be compared.
+*/}}
+{{- define "agent-server.quantity" -}}
+{{- $text := toString . }}
+{{- $number := regexFind "^[+]?[0-9]*[.]?[0-9]+" $text | trimPrefix "+" }}
+{{- $suffix := trimPrefix $number (trimPrefix "+" $text) }}
+{{- $factors := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- $factor := 1.0 }}
+{{- if hasKey $factors $suffix }}
+{{- $factor = get $factors $suffix }}
+{{- else if regexMatch "^[eE][0-9]+$" $suffix }}
+{{- range until (int (trimPrefix "e" (lower $suffix))) }}{{ $factor = mulf $factor 10 }}{{ end }}
+{{- end }}
+{{- mulf (float64 $number) $factor }}
+{{- end }}
+
+{{/*
+The least number of server pods that run: the HPA's minimum, or replicaCount.
+*/}}
+{{- define "agent-server.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ int .Values.autoscaling.minReplicas }}{{ else }}{{ int .Values.replicaCount }}{{ end }}
+{{- end }}
+
+{{/*
+Why the PodDisruptionBudget could never allow an eviction (empty when it can).
+Kubernetes rounds both percentages up. Such a budget blocks `kubectl drain`
+and node autoscalers forever, without a word, so it is refused.
+*/}}
+{{- define "agent-server.pdbProblem" -}}
+{{- $replicas := int (include "agent-server.minReplicas" .) }}
+{{- if and .Values.pdb.enabled (gt $replicas 0) }}
+{{- $min := toString .Values.pdb.minAvailable }}
+{{- if ne $min "" }}
+{{- $needed := int $min }}
+{{- if hasSuffix "%" $min }}
+{{- $needed = int (ceil (divf (mulf (float64 (trimSuffix "%" $min)) $replicas) 100)) }}
+{{- end }}
+{{- if ge $needed $replicas }}
+{{- printf "pdb.minAvailable=%s keeps all %d server pod(s) up, so no eviction is ever allowed and `kubectl drain` and node autoscalers block forever: use pdb.maxUnavailable=1 (and pdb.minAvailable=\"\"), or run more replicas than minAvailable (autoscaling.minReplicas with an HPA)" $min $replicas }}
+{{- end }}
+{{- else }}
+{{- $max := toString .Values.pdb.maxUnavailable }}
+{{- $allowed := int $max }}
+{{- if hasSuffix "%" $max }}
+{{- $allowed = int (ceil (divf (mulf (float64 (trimSuffix "%" $max)) $replicas) 100)) }}
+{{- end }}
+{{- if lt $allowed 1 }}
+{{- printf "pdb.maxUnavailable=%s allows no eviction at all, so `kubectl drain` and node autoscalers block forever: use 1 or more" $max }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}

@@ -1204,6 +1204,128 @@ fn disruption_budget_lets_one_server_pod_go_at_a_time() {
 }
 
 #[test]
+fn a_disruption_budget_that_could_never_allow_an_eviction_is_refused() {
+    for args in [
+        vec!["--set", "replicaCount=1", "--set", "pdb.minAvailable=1"],
+        vec!["--set", "pdb.minAvailable=2"],
+        vec!["--set", "pdb.minAvailable=100%"],
+        vec!["--set", "replicaCount=1", "--set", "pdb.minAvailable=50%"],
+        vec!["--set", "pdb.maxUnavailable=0"],
+        vec!["--set-string", "pdb.maxUnavailable=0%"],
+        vec![
+            "--set",
+            "autoscaling.enabled=true",
+            "--set",
+            "autoscaling.minReplicas=1",
+            "--set",
+            "pdb.minAvailable=1",
+        ],
+    ] {
+        let Some(error) = render_error(&args) else {
+            return;
+        };
+        assert!(
+            error.contains("kubectl drain") && error.contains("pdb."),
+            "{args:?}: {error}"
+        );
+    }
+
+    // The safe combinations render: one pod may always go.
+    for args in [
+        vec!["--set", "replicaCount=1"],
+        vec!["--set", "replicaCount=3", "--set", "pdb.minAvailable=2"],
+        vec!["--set", "pdb.minAvailable=50%"],
+        vec![
+            "--set",
+            "autoscaling.enabled=true",
+            "--set",
+            "autoscaling.minReplicas=3",
+            "--set",
+            "pdb.minAvailable=2",
+        ],
+    ] {
+        let m = match render(&args) {
+            Some(m) => m,
+            None => return,
+        };
+        assert!(m.raw("PodDisruptionBudget", RELEASE).is_some(), "{args:?}");
+    }
+}
+
+#[test]
+fn replica_count_zero_parks_the_server_declaratively() {
+    let m = render!("-f", &ci_values("parked"));
+    assert_eq!(m.deployment().spec.unwrap().replicas, Some(0));
+    assert!(m.raw("HorizontalPodAutoscaler", RELEASE).is_none());
+    // Services, routes and the databases stay, so agents find them again on unparking.
+    assert!(m.raw("Service", RELEASE).is_some());
+    assert!(m.raw("StatefulSet", "agent-server-postgresql").is_some());
+
+    let Some(error) = render_error(&[
+        "--set",
+        "replicaCount=0",
+        "--set",
+        "autoscaling.enabled=true",
+    ]) else {
+        return;
+    };
+    assert!(error.contains("autoscaling.enabled=false"), "{error}");
+}
+
+#[test]
+fn limits_alone_never_render_a_request_above_its_limit() {
+    // Helm merges the default requests (500m, 512Mi) under these limits.
+    let Some(error) = render_error(&[
+        "--set",
+        "resources.limits.cpu=250m",
+        "--set",
+        "resources.limits.memory=256Mi",
+    ]) else {
+        return;
+    };
+    assert!(
+        error.contains("resources.requests.cpu (500m) exceeds resources.limits.cpu (250m)"),
+        "{error}"
+    );
+    assert!(error.contains("resources.requests.memory (512Mi)"), "{error}");
+    for (args, needle) in [
+        (
+            vec!["--set", "redis.resources.limits.memory=128Mi"],
+            "redis.resources.requests.memory",
+        ),
+        (
+            vec!["--set", "postgresql.resources.limits.cpu=0.25"],
+            "postgresql.resources.requests.cpu",
+        ),
+    ] {
+        let Some(error) = render_error(&args) else {
+            return;
+        };
+        assert!(error.contains(needle), "{args:?}: {error}");
+    }
+
+    // The supported way: `requests: null` lets Kubernetes set requests to the limits.
+    let m = render!("-f", &ci_values("limits-only"));
+    let resources = m.server().resources.expect("resources");
+    assert!(resources.requests.is_none(), "{resources:?}");
+    let limits = resources.limits.expect("limits");
+    assert_eq!(limits["cpu"].0, "250m");
+    assert_eq!(limits["memory"].0, "256Mi");
+
+    // Equal request and limit, in different notations, are fine.
+    render!(
+        "--set",
+        "resources.limits.memory=1Gi",
+        "--set-string",
+        "resources.requests.memory=1073741824",
+        "--set",
+        "resources.limits.cpu=1",
+        "--set",
+        "resources.requests.cpu=1000m",
+    );
+}
+
+#[test]
 fn several_replicas_without_redis_are_refused() {
     let Some(error) = render_error(&["--set", "redis.enabled=false", "--set", "replicaCount=2"])
     else {
@@ -1570,7 +1692,7 @@ fn the_design_values_render_every_resource_of_the_design() {
 fn values_schema_refuses_unknown_keys_and_impossible_replica_counts() {
     for (args, needle) in [
         (vec!["--set", "replicas=3"], "replicas"),
-        (vec!["--set", "replicaCount=0"], "replicaCount"),
+        (vec!["--set", "replicaCount=-1"], "replicaCount"),
         (vec!["--set", "ingress.className=Not_Valid"], "className"),
         (vec!["--set-string", "service.port=eighty"], "port"),
     ] {
