@@ -527,3 +527,8 @@ and node autoscalers forever, without a word, so it is refused.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* Host names of the Ingress, as a JSON list: ingress.host first, then ingress.extraHosts. */}}
+{{- define "agent-server.ingress.hosts" -}}
+{{- prepend .Values.ingress.extraHosts .Values.ingress.host | uniq | toJson }}
+{{- end }}

@@ -878,6 +878,121 @@ fn ingress_routes_websocket_api_and_ui_paths_over_tls_for_the_host() {
 }
 
 #[test]
+fn ingress_serves_several_hosts_with_their_certificates_and_the_first_sets_the_url() {
+    let m = render!("-f", &ci_values("multihost"));
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    let spec = ingress.spec.expect("an Ingress spec");
+    let hosts: Vec<String> = spec
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.http.unwrap().paths.len(), 3, "every host gets /ws, /api and /");
+            r.host.unwrap()
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        ["agent.example.com", "agents.example.com", "agent.example.eu"]
+    );
+    let tls: Vec<(String, Vec<String>)> = spec
+        .tls
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.secret_name.unwrap(), t.hosts.unwrap()))
+        .collect();
+    assert_eq!(
+        tls,
+        [
+            (
+                "agent-example-com-tls".to_string(),
+                vec!["agent.example.com".to_string(), "agents.example.com".to_string()]
+            ),
+            (
+                "agent-example-eu-tls".to_string(),
+                vec!["agent.example.eu".to_string()]
+            ),
+        ]
+    );
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    assert_eq!(config.data.unwrap()["SERVER_URL"], "https://agent.example.com");
+    let annotations = ingress.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/cors-allow-origin"],
+        "https://agent.example.com"
+    );
+
+    // The HTTPRoute takes the same names when it has none of its own.
+    let m = render!(
+        "-f",
+        &ci_values("multihost"),
+        "--set",
+        "gatewayApi.enabled=true",
+        "--set",
+        "gatewayApi.parentRefs[0].name=eg",
+    );
+    let route = m.raw("HTTPRoute", RELEASE).unwrap();
+    assert_eq!(
+        route["spec"]["hostnames"],
+        serde_json::json!(["agent.example.com", "agents.example.com", "agent.example.eu"])
+    );
+}
+
+#[test]
+fn operator_annotations_replace_the_charts_and_an_empty_value_removes_one() {
+    let m = render!("-f", &ci_values("multihost"));
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    let annotations = ingress.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations.get("cert-manager.io/issuer").map(String::as_str),
+        Some("letsencrypt-namespaced")
+    );
+    assert!(
+        !annotations.contains_key("cert-manager.io/cluster-issuer"),
+        "cert-manager refuses an Issuer and a ClusterIssuer together: {annotations:?}"
+    );
+    assert!(
+        !annotations.contains_key("nginx.ingress.kubernetes.io/force-ssl-redirect"),
+        "\"\" removes a chart annotation: {annotations:?}"
+    );
+    assert_eq!(annotations["nginx.ingress.kubernetes.io/ssl-redirect"], "true");
+
+    // The other way round: the operator's ClusterIssuer replaces a chart-set Issuer.
+    let m = render!(
+        "--set",
+        "ingress.enabled=true",
+        "--set",
+        "ingress.certManager.issuer=chart-issuer",
+        "--set",
+        "ingress.annotations.cert-manager\\.io/cluster-issuer=mine",
+    );
+    let annotations = m
+        .one::<Ingress>("Ingress", RELEASE)
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(annotations["cert-manager.io/cluster-issuer"], "mine");
+    assert!(!annotations.contains_key("cert-manager.io/issuer"));
+
+    // An operator value replaces the preset's value for the same key.
+    let m = render!(
+        "--set",
+        "ingress.enabled=true",
+        "--set-string",
+        "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-read-timeout=7200",
+    );
+    let annotations = m
+        .one::<Ingress>("Ingress", RELEASE)
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"],
+        "7200"
+    );
+}
+
+#[test]
 fn traefik_preset_uses_traefik_annotations_and_no_nginx_ones() {
     let m = render!("-f", &ci_values("traefik"));
     let ingress: Ingress = m.one("Ingress", RELEASE);
