@@ -450,6 +450,13 @@ names the values to change, rather than producing pods that crash-loop.
 {{- if ge (add $preStop $shutdown) $grace }}
 {{- $errors = append $errors (printf "the preStop sleep (%d s) + SHUTDOWN_TIMEOUT (%d s) must be shorter than terminationGracePeriodSeconds (%d s), or the kubelet kills the server mid-drain" $preStop $shutdown $grace) }}
 {{- end }}
+{{- $svc := .Values.service }}
+{{- if and (ne $svc.type "LoadBalancer") (or $svc.loadBalancerSourceRanges $svc.loadBalancerClass) }}
+{{- $errors = append $errors "service.loadBalancerSourceRanges and service.loadBalancerClass need service.type=LoadBalancer" }}
+{{- end }}
+{{- if and (eq $svc.type "ClusterIP") (or $svc.externalTrafficPolicy (not (kindIs "invalid" $svc.nodePort))) }}
+{{- $errors = append $errors "service.externalTrafficPolicy and service.nodePort need service.type=LoadBalancer or NodePort" }}
+{{- end }}
 {{- if eq (int .Values.metrics.port) (int .Values.config.serverPort) }}
 {{- $errors = append $errors "metrics.port must differ from config.serverPort: /metrics is served only on its own port, which no Ingress or HTTPRoute routes" }}
 {{- end }}
@@ -531,4 +538,42 @@ and node autoscalers forever, without a word, so it is refused.
 {{/* Host names of the Ingress, as a JSON list: ingress.host first, then ingress.extraHosts. */}}
 {{- define "agent-server.ingress.hosts" -}}
 {{- prepend .Values.ingress.extraHosts .Values.ingress.host | uniq | toJson }}
+{{- end }}
+
+{{/*
+Namespaces whose pods may reach the server's HTTP port: the ingress
+controller's (networkPolicy.ingressNamespaces) and, with an HTTPRoute, those of
+the Gateways it attaches to (a parentRef without a namespace means the
+release's). JSON list.
+*/}}
+{{- define "agent-server.networkPolicy.ingressNamespaces" -}}
+{{- $names := .Values.networkPolicy.ingressNamespaces | default list }}
+{{- if .Values.gatewayApi.enabled }}
+{{- range .Values.gatewayApi.parentRefs }}
+{{- $names = append $names (default $.Release.Namespace .namespace) }}
+{{- end }}
+{{- end }}
+{{- $names | uniq | toJson }}
+{{- end }}
+
+{{/*
+Sources a LoadBalancer or NodePort Service delivers traffic from, as
+NetworkPolicy peers (JSON list; empty for ClusterIP). With
+externalTrafficPolicy Local clients keep their addresses, so the
+loadBalancerSourceRanges (else everyone) are admitted; with Cluster the
+source is translated to node addresses, which no value names, so everyone is.
+*/}}
+{{- define "agent-server.networkPolicy.serviceSources" -}}
+{{- $svc := .Values.service }}
+{{- $peers := list }}
+{{- if has $svc.type (list "LoadBalancer" "NodePort") }}
+{{- $ranges := list "0.0.0.0/0" "::/0" }}
+{{- if and (eq $svc.externalTrafficPolicy "Local") (eq $svc.type "LoadBalancer") $svc.loadBalancerSourceRanges }}
+{{- $ranges = $svc.loadBalancerSourceRanges }}
+{{- end }}
+{{- range $ranges }}
+{{- $peers = append $peers (dict "ipBlock" (dict "cidr" .)) }}
+{{- end }}
+{{- end }}
+{{- $peers | toJson }}
 {{- end }}

@@ -1093,6 +1093,104 @@ fn network_policy_admits_the_ingress_controller_and_prometheus_by_namespace_name
     }
 }
 
+/// The peers of the server policy's ingress rules that admit `port`.
+fn admitted_on(policy: &NetworkPolicy, port: i32) -> Vec<NetworkPolicyPeer> {
+    policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress.clone())
+        .into_iter()
+        .flatten()
+        .filter(|r| ports(&r.ports).contains(&("TCP".to_string(), port)))
+        .flat_map(|r| r.from.unwrap_or_default())
+        .collect()
+}
+
+fn cidrs(peers: &[NetworkPolicyPeer]) -> Vec<String> {
+    peers
+        .iter()
+        .filter_map(|p| p.ip_block.as_ref().map(|b| b.cidr.clone()))
+        .collect()
+}
+
+#[test]
+fn load_balancer_service_is_complete_and_the_network_policy_admits_its_clients() {
+    let m = render!("-f", &ci_values("loadbalancer"));
+    let service: Service = m.one("Service", RELEASE);
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+    let ranges = vec!["203.0.113.0/24".to_string(), "198.51.100.0/24".to_string()];
+    assert_eq!(spec.load_balancer_source_ranges, Some(ranges.clone()));
+    // Local keeps client addresses, so the policy admits exactly those ranges.
+    assert_eq!(cidrs(&admitted_on(&m.server_policy(), 8080)), ranges);
+    // The metrics Service stays internal.
+    let metrics: Service = m.one("Service", "agent-server-metrics");
+    assert_eq!(metrics.spec.unwrap().type_.as_deref(), Some("ClusterIP"));
+
+    // Cluster translates the source to node addresses: everyone, on the server port only.
+    for args in [
+        vec!["--set", "service.type=LoadBalancer"],
+        vec!["--set", "service.type=NodePort", "--set", "service.nodePort=30080"],
+    ] {
+        let m = match render(&args) {
+            Some(m) => m,
+            None => return,
+        };
+        let policy = m.server_policy();
+        let admitted = cidrs(&admitted_on(&policy, 8080));
+        assert_eq!(admitted, ["0.0.0.0/0", "::/0"], "{args:?}");
+        assert!(cidrs(&admitted_on(&policy, 9090)).is_empty(), "{args:?}");
+    }
+    let m = render!("--set", "service.type=NodePort", "--set", "service.nodePort=30080");
+    let service: Service = m.one("Service", RELEASE);
+    assert_eq!(service.spec.unwrap().ports.unwrap()[0].node_port, Some(30080));
+
+    // A ClusterIP Service admits no addresses, and settings it cannot carry are refused.
+    assert!(cidrs(&admitted_on(&render!().server_policy(), 8080)).is_empty());
+    for args in [
+        vec!["--set", "service.loadBalancerSourceRanges={10.0.0.0/8}"],
+        vec!["--set", "service.externalTrafficPolicy=Local"],
+    ] {
+        let Some(error) = render_error(&args) else {
+            return;
+        };
+        assert!(error.contains("service.type"), "{args:?}: {error}");
+    }
+}
+
+#[test]
+fn network_policy_admits_the_gateways_an_http_route_attaches_to() {
+    let m = render!(
+        "--set",
+        "gatewayApi.enabled=true",
+        "--set",
+        "gatewayApi.parentRefs[0].name=shared",
+        "--set",
+        "gatewayApi.parentRefs[0].namespace=gateways",
+        "--set",
+        "networkPolicy.ingressNamespaces=null",
+    );
+    let admitted: Vec<String> = admitted_on(&m.server_policy(), 8080)
+        .iter()
+        .flat_map(namespace_names)
+        .collect();
+    assert_eq!(admitted, ["gateways"]);
+
+    // A parentRef without a namespace is a Gateway of the release's namespace.
+    let m = render!(
+        "-f",
+        &ci_values("gateway"),
+        "--set-json",
+        r#"gatewayApi.parentRefs=[{"name":"eg","sectionName":"https"}]"#,
+    );
+    let admitted: Vec<String> = admitted_on(&m.server_policy(), 8080)
+        .iter()
+        .flat_map(namespace_names)
+        .collect();
+    assert_eq!(admitted, ["envoy-gateway-system", NAMESPACE]);
+}
+
 #[test]
 fn network_policy_allows_dns_over_udp_and_tcp_to_the_cluster_dns() {
     let m = render!();
