@@ -450,6 +450,14 @@ names the values to change, rather than producing pods that crash-loop.
 {{- if ge (add $preStop $shutdown) $grace }}
 {{- $errors = append $errors (printf "the preStop sleep (%d s) + SHUTDOWN_TIMEOUT (%d s) must be shorter than terminationGracePeriodSeconds (%d s), or the kubelet kills the server mid-drain" $preStop $shutdown $grace) }}
 {{- end }}
+{{- range $name, $ca := dict "externalDatabase.tls.ca" .Values.externalDatabase.tls.ca "externalRedis.tls.ca" .Values.externalRedis.tls.ca }}
+{{- if and $ca.secretName $ca.configMapName }}
+{{- $errors = append $errors (printf "%s: give secretName or configMapName, not both" $name) }}
+{{- end }}
+{{- end }}
+{{- if and (not .Values.externalRedis.tls.enabled) (or .Values.externalRedis.tls.ca.secretName .Values.externalRedis.tls.ca.configMapName) }}
+{{- $errors = append $errors "externalRedis.tls.ca is set but externalRedis.tls.enabled is false: enable TLS, or drop the CA" }}
+{{- end }}
 {{- $svc := .Values.service }}
 {{- if and (ne $svc.type "LoadBalancer") (or $svc.loadBalancerSourceRanges $svc.loadBalancerClass) }}
 {{- $errors = append $errors "service.loadBalancerSourceRanges and service.loadBalancerClass need service.type=LoadBalancer" }}
@@ -576,4 +584,51 @@ source is translated to node addresses, which no value names, so everyone is.
 {{- end }}
 {{- end }}
 {{- $peers | toJson }}
+{{- end }}
+
+{{/*
+TLS material of the external PostgreSQL and Redis, mounted from Secrets or
+ConfigMaps: a list of {name, mountPath, sources (projected volume sources),
+env (variable -> file path)}, as JSON. libpq reads PGSSLROOTCERT, PGSSLCERT
+and PGSSLKEY from the environment; the server reads REDIS_TLS_CA_FILE.
+*/}}
+{{- define "agent-server.tlsMounts" -}}
+{{- $mounts := list }}
+{{- if not .Values.postgresql.enabled }}
+{{- $tls := .Values.externalDatabase.tls }}
+{{- $dir := "/etc/agent-server/postgresql-tls" }}
+{{- $sources := list }}
+{{- $env := dict }}
+{{- with $tls.ca }}
+{{- if .secretName }}
+{{- $sources = append $sources (dict "secret" (dict "name" .secretName "items" (list (dict "key" .key "path" "ca.crt")))) }}
+{{- else if .configMapName }}
+{{- $sources = append $sources (dict "configMap" (dict "name" .configMapName "items" (list (dict "key" .key "path" "ca.crt")))) }}
+{{- end }}
+{{- if or .secretName .configMapName }}
+{{- $_ := set $env "PGSSLROOTCERT" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- end }}
+{{- with $tls.clientCertificate }}
+{{- if .secretName }}
+{{- $sources = append $sources (dict "secret" (dict "name" .secretName "items" (list (dict "key" .certKey "path" "client.crt") (dict "key" .keyKey "path" "client.key")))) }}
+{{- $_ := set $env "PGSSLCERT" (printf "%s/client.crt" $dir) }}
+{{- $_ := set $env "PGSSLKEY" (printf "%s/client.key" $dir) }}
+{{- end }}
+{{- end }}
+{{- if $sources }}
+{{- $mounts = append $mounts (dict "name" "postgresql-tls" "mountPath" $dir "sources" $sources "env" $env) }}
+{{- end }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.tls.enabled }}
+{{- with .Values.externalRedis.tls.ca }}
+{{- $dir := "/etc/agent-server/redis-tls" }}
+{{- if .secretName }}
+{{- $mounts = append $mounts (dict "name" "redis-tls" "mountPath" $dir "sources" (list (dict "secret" (dict "name" .secretName "items" (list (dict "key" .key "path" "ca.crt"))))) "env" (dict "REDIS_TLS_CA_FILE" (printf "%s/ca.crt" $dir))) }}
+{{- else if .configMapName }}
+{{- $mounts = append $mounts (dict "name" "redis-tls" "mountPath" $dir "sources" (list (dict "configMap" (dict "name" .configMapName "items" (list (dict "key" .key "path" "ca.crt"))))) "env" (dict "REDIS_TLS_CA_FILE" (printf "%s/ca.crt" $dir))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $mounts | toJson }}
 {{- end }}

@@ -1694,6 +1694,156 @@ fn external_services_take_their_passwords_from_existing_secrets() {
     assert_eq!(data["REDIS_PORT"], "6380");
 }
 
+/// The files a projected volume of the server pod holds: path -> (source kind, name, key).
+fn projected_files(pod: &PodSpec, volume: &str) -> BTreeMap<String, (String, String, String)> {
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == volume)
+        .unwrap_or_else(|| panic!("a volume {volume}"));
+    let projected = volume.projected.as_ref().expect("a projected volume");
+    assert_eq!(projected.default_mode, Some(0o440), "libpq refuses keys readable by others");
+    let mut files = BTreeMap::new();
+    for source in projected.sources.iter().flatten() {
+        if let Some(secret) = &source.secret {
+            for item in secret.items.iter().flatten() {
+                files.insert(
+                    item.path.clone(),
+                    ("Secret".into(), secret.name.clone(), item.key.clone()),
+                );
+            }
+        }
+        if let Some(config_map) = &source.config_map {
+            for item in config_map.items.iter().flatten() {
+                files.insert(
+                    item.path.clone(),
+                    ("ConfigMap".into(), config_map.name.clone(), item.key.clone()),
+                );
+            }
+        }
+    }
+    files
+}
+
+fn mount_path(container: &Container, volume: &str) -> Option<String> {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume)
+        .map(|m| m.mount_path.clone())
+}
+
+#[test]
+fn external_postgresql_verifies_the_server_with_a_ca_and_presents_a_client_certificate() {
+    let m = render!("-f", &ci_values("external"));
+    let server = m.server();
+    let dir = mount_path(&server, "postgresql-tls").expect("the TLS files are mounted");
+    assert_eq!(dir, "/etc/agent-server/postgresql-tls");
+    for (variable, file) in [
+        ("PGSSLROOTCERT", "ca.crt"),
+        ("PGSSLCERT", "client.crt"),
+        ("PGSSLKEY", "client.key"),
+    ] {
+        assert_eq!(
+            env_value(&server, variable),
+            Some(format!("{dir}/{file}")),
+            "libpq reads {variable}"
+        );
+    }
+    let file = |kind: &str, name: &str, key: &str| (kind.into(), name.into(), key.into());
+    assert_eq!(
+        projected_files(&m.pod_spec(), "postgresql-tls"),
+        BTreeMap::from([
+            ("ca.crt".to_string(), file("ConfigMap", "pg-ca", "ca.pem")),
+            (
+                "client.crt".to_string(),
+                file("Secret", "agent-server-db-client", "tls.crt")
+            ),
+            (
+                "client.key".to_string(),
+                file("Secret", "agent-server-db-client", "tls.key")
+            ),
+        ])
+    );
+    assert!(
+        env_value(&server, "DATABASE_URL")
+            .unwrap()
+            .ends_with("?sslmode=verify-full")
+    );
+
+    // A CA from a Secret instead; nothing is mounted for the bundled database.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.host=db",
+        "--set",
+        "externalDatabase.tls.ca.secretName=db-ca",
+    );
+    assert_eq!(
+        projected_files(&m.pod_spec(), "postgresql-tls"),
+        BTreeMap::from([("ca.crt".to_string(), file("Secret", "db-ca", "ca.crt"))])
+    );
+    assert!(env_var(&m.server(), "PGSSLCERT").is_none());
+    assert!(mount_path(&render!().server(), "postgresql-tls").is_none());
+
+    let Some(error) = render_error(&[
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.host=db",
+        "--set",
+        "externalDatabase.tls.ca.secretName=a",
+        "--set",
+        "externalDatabase.tls.ca.configMapName=b",
+    ]) else {
+        return;
+    };
+    assert!(error.contains("not both"), "{error}");
+}
+
+#[test]
+fn external_redis_speaks_tls_with_a_private_ca_as_an_acl_user() {
+    let m = render!("-f", &ci_values("external"));
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    let data = config.data.unwrap();
+    assert_eq!(data["REDIS_TLS"], "true");
+    assert_eq!(data["REDIS_USERNAME"], "agent-server");
+    assert_eq!(data["REDIS_PORT"], "6380");
+    let server = m.server();
+    assert_eq!(
+        env_value(&server, "REDIS_TLS_CA_FILE").as_deref(),
+        Some("/etc/agent-server/redis-tls/ca.crt")
+    );
+    assert_eq!(
+        projected_files(&m.pod_spec(), "redis-tls")["ca.crt"],
+        ("Secret".into(), "redis-ca".into(), "ca.crt".into())
+    );
+    assert_eq!(
+        secret_ref(&server, "REDIS_PASSWORD"),
+        Some(("agent-server-redis".into(), "redis-password".into()))
+    );
+
+    // TLS with the image's system CAs: no file, no variable.
+    let m = render!(
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "externalRedis.host=cache.example.com",
+        "--set",
+        "externalRedis.tls.enabled=true",
+    );
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    assert_eq!(config.data.unwrap()["REDIS_TLS"], "true");
+    assert!(env_var(&m.server(), "REDIS_TLS_CA_FILE").is_none());
+
+    // The bundled Redis is plain TCP inside the namespace.
+    let config: ConfigMap = render!().one("ConfigMap", RELEASE);
+    assert!(!config.data.unwrap().contains_key("REDIS_TLS"));
+}
+
 #[test]
 fn external_database_url_in_a_secret_is_used_as_is() {
     let m = render!(
