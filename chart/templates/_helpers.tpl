@@ -396,6 +396,7 @@ Combinations the schema cannot express. Rendering fails with a message that
 names the values to change, rather than producing pods that crash-loop.
 */}}
 {{- define "agent-server.validate" -}}
+{{- include "agent-server.checkSecretGeneration" . }}
 {{- $errors := list }}
 {{- $replicasMayExceedOne := or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}
 {{- if and $replicasMayExceedOne (not (include "agent-server.redis.host" .)) }}
@@ -631,4 +632,52 @@ and PGSSLKEY from the environment; the server reads REDIS_TLS_CA_FILE.
 {{- end }}
 {{- end }}
 {{- $mounts | toJson }}
+{{- end }}
+
+{{/*
+Secrets the chart would have to make up, because no value and no Secret gives
+them: a JSON list of {what, how} (how: the values that would give it).
+*/}}
+{{- define "agent-server.secretsToGenerate" -}}
+{{- $missing := list }}
+{{- $v := .Values }}
+{{- if and (not $v.auth.existingSecret) (not $v.auth.secretKey) (not $v.secretFiles.secretKey) }}
+{{- $missing = append $missing (dict "what" "SECRET_KEY" "how" "auth.existingSecret (key SECRET_KEY), auth.secretKey or secretFiles.secretKey") }}
+{{- end }}
+{{- if and (not $v.auth.existingSecret) (not $v.auth.adminPassword) (not $v.secretFiles.adminPassword) (ne (toString $v.secrets.generate) "false") }}
+{{- $missing = append $missing (dict "what" "ADMIN_PASSWORD" "how" "auth.existingSecret (key ADMIN_PASSWORD), auth.adminPassword or secretFiles.adminPassword; with secrets.generate=false and none of them, web UI sign-in is disabled") }}
+{{- end }}
+{{- if and $v.postgresql.enabled (not $v.postgresql.auth.existingSecret) (not $v.postgresql.auth.password) }}
+{{- $missing = append $missing (dict "what" "the bundled PostgreSQL password" "how" "postgresql.auth.existingSecret or postgresql.auth.password") }}
+{{- end }}
+{{- if and $v.redis.enabled $v.redis.auth.enabled (not $v.redis.auth.existingSecret) (not $v.redis.auth.password) }}
+{{- $missing = append $missing (dict "what" "the bundled Redis password" "how" "redis.auth.existingSecret or redis.auth.password") }}
+{{- end }}
+{{- $missing | toJson }}
+{{- end }}
+
+{{/*
+True when this render has a cluster behind it: `lookup` lists the release
+namespace's Secrets (Helm itself keeps its release records there). Under
+`helm template`, Argo CD or a client-side dry run it returns nothing.
+*/}}
+{{- define "agent-server.renderedAgainstCluster" -}}
+{{- if lookup "v1" "Secret" .Release.Namespace "" }}true{{ end }}
+{{- end }}
+
+{{/* Whether this render may generate the secrets nobody gave; fails when it must not. */}}
+{{- define "agent-server.checkSecretGeneration" -}}
+{{- $missing := include "agent-server.secretsToGenerate" . | fromJsonArray }}
+{{- $mode := toString .Values.secrets.generate }}
+{{- if $missing }}
+{{- $lines := list }}
+{{- range $missing }}
+{{- $lines = append $lines (printf "%s: set %s" .what .how) }}
+{{- end }}
+{{- if eq $mode "false" }}
+{{- fail (printf "\n\nagent-server chart: secrets.generate=false, but nothing gives:\n  - %s\n(see \"Secrets and GitOps\" in the chart's README)\n" (join "\n  - " $lines)) }}
+{{- else if and (eq $mode "auto") (or .Release.IsInstall .Release.IsUpgrade) (not (include "agent-server.renderedAgainstCluster" .)) }}
+{{- fail (printf "\n\nagent-server chart: rendered without a cluster (helm template, Argo CD, a client-side dry run), so the secrets below would be generated anew on every render: each sync would change the keys that sign tokens and the database passwords, and break them. Give them instead (then set secrets.generate=false):\n  - %s\nor set secrets.generate=true to render random ones anyway (inspection, CI, a one-off apply). See \"Secrets and GitOps\" in the chart's README.\n" (join "\n  - " $lines)) }}
+{{- end }}
+{{- end }}
 {{- end }}

@@ -79,13 +79,31 @@ fn helm_or_skip() -> Option<PathBuf> {
     }
 }
 
+/// `helm template` has no cluster behind it, so the chart's `lookup` finds
+/// nothing and `secrets.generate: auto` refuses to make up secrets; the tests
+/// stand in for a cluster with `secrets.generate=true` unless they choose.
 fn helm_template(helm: &Path, args: &[&str]) -> std::process::Output {
     let chart = chart_dir();
+    let chooses = args.iter().any(|a| a.contains("secrets.generate"))
+        || args
+            .iter()
+            .filter(|a| a.ends_with(".yaml"))
+            .any(|file| {
+                std::fs::read_to_string(file)
+                    .map(|text| text.lines().any(|l| l.starts_with("secrets:")))
+                    .unwrap_or(false)
+            });
+    let generate: &[&str] = if chooses {
+        &[]
+    } else {
+        &["--set", "secrets.generate=true"]
+    };
     Command::new(helm)
         .arg("template")
         .arg(RELEASE)
         .arg(&chart)
         .args(["--namespace", NAMESPACE])
+        .args(generate)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", helm.display()))
@@ -1570,6 +1588,94 @@ fn generated_secret_key_is_random_long_and_never_from_values() {
     );
     assert_ne!(a, b, "each install generates its own key");
     assert_eq!(first.secret_data(RELEASE)["JWT_ALGORITHM"], "HS256");
+}
+
+#[test]
+fn gitops_renders_are_identical_and_hold_no_generated_secret() {
+    let Some(helm) = helm_or_skip() else {
+        return;
+    };
+    let args = ["-f", &ci_values("gitops")];
+    let first = helm_template(&helm, &args);
+    let second = helm_template(&helm, &args);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(
+        first.stdout, second.stdout,
+        "two renders differ: a sync would change what the cluster holds"
+    );
+    let m = Manifests::parse(&String::from_utf8_lossy(&first.stdout));
+    assert!(
+        m.raw_all("Secret").next().is_none(),
+        "no Secret with made-up values: {:?}",
+        m.kinds()
+    );
+    let server = m.server();
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some(("agent-server-pg".into(), "password".into()))
+    );
+    assert_eq!(
+        secret_ref(&server, "REDIS_PASSWORD"),
+        Some(("agent-server-cache".into(), "password".into()))
+    );
+    let redis: StatefulSet = m.one("StatefulSet", "agent-server-redis");
+    let redis_password = env_var(&redis.spec.template.spec.unwrap().containers[0], "REDIS_PASSWORD")
+        .and_then(|e| e.value_from.clone())
+        .and_then(|v| v.secret_key_ref)
+        .expect("Redis reads the same Secret");
+    assert_eq!(redis_password.name, "agent-server-cache");
+}
+
+#[test]
+fn a_render_without_a_cluster_refuses_to_make_up_secrets_and_names_what_to_give() {
+    // `helm template` and Argo CD: `lookup` finds nothing, so `auto` refuses.
+    let Some(error) = render_error(&["--set", "secrets.generate=auto"]) else {
+        return;
+    };
+    assert!(error.contains("rendered without a cluster"), "{error}");
+    for named in [
+        "auth.existingSecret",
+        "postgresql.auth.existingSecret",
+        "redis.auth.existingSecret",
+        "secrets.generate=true",
+    ] {
+        assert!(error.contains(named), "{named}: {error}");
+    }
+
+    // Nothing to make up: `auto` renders without a cluster too.
+    render!(
+        "--set",
+        "secrets.generate=auto",
+        "-f",
+        &ci_values("gitops"),
+    );
+
+    // `false` names exactly what is missing, and leaves sign-in off without a password.
+    let Some(error) = render_error(&[
+        "--set",
+        "secrets.generate=false",
+        "--set",
+        "postgresql.auth.existingSecret=pg",
+        "--set",
+        "redis.auth.existingSecret=cache",
+    ]) else {
+        return;
+    };
+    assert!(error.contains("SECRET_KEY"), "{error}");
+    assert!(!error.contains("PostgreSQL password"), "{error}");
+    let m = render!(
+        "--set",
+        "secrets.generate=false",
+        "--set",
+        "auth.secretKey=0123456789abcdef0123456789abcdef-given",
+        "--set",
+        "postgresql.auth.existingSecret=pg",
+        "--set",
+        "redis.auth.existingSecret=cache",
+    );
+    let secret = m.secret_data(RELEASE);
+    assert_eq!(secret["SECRET_KEY"], "0123456789abcdef0123456789abcdef-given");
+    assert!(!secret.contains_key("ADMIN_PASSWORD"), "{secret:?}");
 }
 
 #[test]
