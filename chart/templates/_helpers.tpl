@@ -204,12 +204,14 @@ error that quotes the URL.
                  PGPASSWORD from externalDatabase.existingSecret or .password
   externalUrl  - externalDatabase.url, kept in the chart's Secret as written
   secretUrl    - a complete URL in externalDatabase.existingSecret
+  file         - a file the operator mounts (secretFiles.databaseUrl)
   user         - the user's auth.existingSecret holds DATABASE_URL
   none         - nothing configured (refused by agent-server.validate)
 */}}
 {{- define "agent-server.database.mode" -}}
 {{- $db := .Values.externalDatabase }}
 {{- if .Values.postgresql.enabled }}bundled
+{{- else if .Values.secretFiles.databaseUrl }}file
 {{- else if and $db.existingSecret $db.existingSecretUrlKey }}secretUrl
 {{- else if $db.url }}externalUrl
 {{- else if $db.host }}externalHost
@@ -288,7 +290,7 @@ externalDatabase.port, which the README says must match.
 {{- $ports | uniq | join "\n" }}
 {{- end }}
 {{- else if ne $mode "none" }}
-{{- $db.port }}
+{{- if not (hasPrefix "sqlite:" $db.url) }}{{ $db.port }}{{ end }}
 {{- end }}
 {{- end }}
 
@@ -297,7 +299,8 @@ Where REDIS_PASSWORD comes from: inline (the chart's Secret; possibly empty),
 env (a `secretKeyRef`), or user (the user's auth.existingSecret).
 */}}
 {{- define "agent-server.redis.passwordMode" -}}
-{{- if .Values.redis.enabled }}
+{{- if .Values.secretFiles.redisPassword }}file
+{{- else if .Values.redis.enabled }}
 {{- if not .Values.redis.auth.enabled }}inline
 {{- else if or .Values.redis.auth.existingSecret .Values.auth.existingSecret }}env
 {{- else }}inline
@@ -408,7 +411,7 @@ names the values to change, rather than producing pods that crash-loop.
 {{- $dbMode := include "agent-server.database.mode" . }}
 {{- $db := .Values.externalDatabase }}
 {{- if eq $dbMode "none" }}
-{{- $errors = append $errors "no database: enable postgresql, or set externalDatabase.url, externalDatabase.host or externalDatabase.existingSecret with existingSecretUrlKey" }}
+{{- $errors = append $errors "no database: enable postgresql, or set externalDatabase.url, externalDatabase.host, externalDatabase.existingSecret with existingSecretUrlKey, or secretFiles.databaseUrl" }}
 {{- end }}
 {{- if and (not .Values.postgresql.enabled) $db.existingSecret (not $db.existingSecretUrlKey) (not $db.host) (not $db.url) }}
 {{- $errors = append $errors "externalDatabase.existingSecret holds only the password: set externalDatabase.host (or url) too, or name a complete URL with externalDatabase.existingSecretUrlKey" }}
@@ -680,4 +683,42 @@ namespace's Secrets (Helm itself keeps its release records there). Under
 {{- fail (printf "\n\nagent-server chart: rendered without a cluster (helm template, Argo CD, a client-side dry run), so the secrets below would be generated anew on every render: each sync would change the keys that sign tokens and the database passwords, and break them. Give them instead (then set secrets.generate=false):\n  - %s\nor set secrets.generate=true to render random ones anyway (inspection, CI, a one-off apply). See \"Secrets and GitOps\" in the chart's README.\n" (join "\n  - " $lines)) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+secretFiles.mount: the secret settings the server reads from files, as a JSON
+list of {env (the *_FILE variable), file (name under the mount), name (Secret),
+key, optional}. Settings whose file the operator mounts (secretFiles.<x>) are
+not in it.
+*/}}
+{{- define "agent-server.secretFileItems" -}}
+{{- $items := list }}
+{{- if .Values.secretFiles.mount }}
+{{- $own := include "agent-server.secretName" . }}
+{{- $byUser := not (empty .Values.auth.existingSecret) }}
+{{- if not .Values.secretFiles.secretKey }}
+{{- $items = append $items (dict "env" "SECRET_KEY_FILE" "file" "secret-key" "name" $own "key" "SECRET_KEY" "optional" false) }}
+{{- end }}
+{{- if and (not .Values.secretFiles.adminPassword) (or $byUser .Values.auth.adminPassword (ne (toString .Values.secrets.generate) "false")) }}
+{{- $items = append $items (dict "env" "ADMIN_PASSWORD_FILE" "file" "admin-password" "name" $own "key" "ADMIN_PASSWORD" "optional" $byUser) }}
+{{- end }}
+{{- $dbMode := include "agent-server.database.mode" . }}
+{{- if eq $dbMode "externalUrl" }}
+{{- $items = append $items (dict "env" "DATABASE_URL_FILE" "file" "database-url" "name" $own "key" "DATABASE_URL" "optional" false) }}
+{{- else if eq $dbMode "secretUrl" }}
+{{- $items = append $items (dict "env" "DATABASE_URL_FILE" "file" "database-url" "name" .Values.externalDatabase.existingSecret "key" .Values.externalDatabase.existingSecretUrlKey "optional" false) }}
+{{- else if eq $dbMode "user" }}
+{{- $items = append $items (dict "env" "DATABASE_URL_FILE" "file" "database-url" "name" $own "key" "DATABASE_URL" "optional" false) }}
+{{- end }}
+{{- $redisMode := include "agent-server.redis.passwordMode" . }}
+{{- if eq $redisMode "env" }}
+{{- $ref := include "agent-server.redis.passwordRef" . | fromYaml }}
+{{- $items = append $items (dict "env" "REDIS_PASSWORD_FILE" "file" "redis-password" "name" $ref.name "key" $ref.key "optional" false) }}
+{{- else if eq $redisMode "user" }}
+{{- $items = append $items (dict "env" "REDIS_PASSWORD_FILE" "file" "redis-password" "name" $own "key" "REDIS_PASSWORD" "optional" true) }}
+{{- else if and (eq $redisMode "inline") (include "agent-server.redis.host" .) (or (not .Values.redis.enabled) .Values.redis.auth.enabled) }}
+{{- $items = append $items (dict "env" "REDIS_PASSWORD_FILE" "file" "redis-password" "name" $own "key" "REDIS_PASSWORD" "optional" false) }}
+{{- end }}
+{{- end }}
+{{- $items | toJson }}
 {{- end }}

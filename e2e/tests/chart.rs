@@ -1627,6 +1627,121 @@ fn gitops_renders_are_identical_and_hold_no_generated_secret() {
 }
 
 #[test]
+fn secrets_reach_the_server_as_files_when_the_operator_chooses_files() {
+    let m = render!("-f", &ci_values("files"));
+    let server = m.server();
+    // The operator's Vault file, as given; the chart neither generates nor stores it.
+    assert_eq!(
+        env_value(&server, "SECRET_KEY_FILE").as_deref(),
+        Some("/vault/secrets/secret-key")
+    );
+    assert!(!m.secret_data(RELEASE).contains_key("SECRET_KEY"));
+    // The chart's own secrets, mounted as files: nothing secret in the environment.
+    for (variable, file) in [
+        ("ADMIN_PASSWORD_FILE", "admin-password"),
+        ("REDIS_PASSWORD_FILE", "redis-password"),
+    ] {
+        assert_eq!(
+            env_value(&server, variable),
+            Some(format!("/etc/agent-server/secrets/{file}"))
+        );
+    }
+    for variable in ["SECRET_KEY", "ADMIN_PASSWORD", "REDIS_PASSWORD", "DATABASE_URL_FILE"] {
+        assert!(env_var(&server, variable).is_none(), "{variable} is set");
+    }
+    assert!(
+        server
+            .env_from
+            .iter()
+            .flatten()
+            .all(|source| source.secret_ref.is_none()),
+        "no Secret is read into the environment"
+    );
+    assert_eq!(
+        mount_path(&server, "secrets").as_deref(),
+        Some("/etc/agent-server/secrets")
+    );
+    let volume = m
+        .pod_spec()
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "secrets")
+        .unwrap();
+    let projected = volume.projected.unwrap();
+    assert_eq!(projected.default_mode, Some(0o440));
+    let files: Vec<(String, String, String)> = projected
+        .sources
+        .unwrap()
+        .into_iter()
+        .map(|source| {
+            let secret = source.secret.unwrap();
+            let item = &secret.items.as_ref().unwrap()[0];
+            (secret.name.clone(), item.key.clone(), item.path.clone())
+        })
+        .collect();
+    assert_eq!(
+        files,
+        [
+            (RELEASE.to_string(), "ADMIN_PASSWORD".to_string(), "admin-password".to_string()),
+            (
+                "agent-server-redis".to_string(),
+                "password".to_string(),
+                "redis-password".to_string()
+            ),
+        ]
+    );
+    // libpq reads no password file of that form: PGPASSWORD stays a reference.
+    assert!(secret_ref(&server, "PGPASSWORD").is_some());
+
+    // A complete URL from a file replaces every database setting.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "secretFiles.databaseUrl=/vault/secrets/database-url",
+        "--set",
+        "externalDatabase.port=25060",
+    );
+    let server = m.server();
+    assert_eq!(
+        env_value(&server, "DATABASE_URL_FILE").as_deref(),
+        Some("/vault/secrets/database-url")
+    );
+    assert!(env_var(&server, "DATABASE_URL").is_none());
+    assert!(env_var(&server, "PGPASSWORD").is_none());
+    egress_rule_for_port(&m.server_policy(), "TCP", 25060);
+}
+
+#[test]
+fn bundled_redis_and_postgresql_take_their_own_pod_labels_annotations_and_egress() {
+    let m = render!("-f", &ci_values("files"));
+    let pod_meta = |name: &str| {
+        let statefulset: StatefulSet = m.one("StatefulSet", name);
+        statefulset.spec.template.metadata.unwrap()
+    };
+    let postgresql = pod_meta("agent-server-postgresql");
+    assert_eq!(postgresql.labels.unwrap()["sidecar.istio.io/inject"], "false");
+    assert_eq!(
+        postgresql.annotations.unwrap()["vault.hashicorp.com/agent-inject"],
+        "false"
+    );
+    let redis = pod_meta("agent-server-redis");
+    assert_eq!(redis.labels.clone().unwrap()["sidecar.istio.io/inject"], "true");
+    assert_eq!(
+        redis.labels.unwrap()["app.kubernetes.io/name"],
+        "redis",
+        "extra labels never replace the selector's"
+    );
+
+    let policy: NetworkPolicy = m.one("NetworkPolicy", "agent-server-redis");
+    let rule = egress_rule_for_port(&policy, "TCP", 15012);
+    assert_eq!(namespace_names(&rule.to.unwrap()[0]), ["istio-system"]);
+    let policy: NetworkPolicy = m.one("NetworkPolicy", "agent-server-postgresql");
+    assert_eq!(policy.spec.unwrap().egress, Some(vec![]), "PostgreSQL still opens nothing");
+}
+
+#[test]
 fn a_render_without_a_cluster_refuses_to_make_up_secrets_and_names_what_to_give() {
     // `helm template` and Argo CD: `lookup` finds nothing, so `auto` refuses.
     let Some(error) = render_error(&["--set", "secrets.generate=auto"]) else {
