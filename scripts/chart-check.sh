@@ -10,7 +10,11 @@
 #   4. checkov on the rendered manifests (chart/.checkov.yaml lists, with
 #      reasons, the checks that do not apply);
 #   5. chart/README.md's values table matches the `## @param` lines of
-#      values.yaml, and every value is documented.
+#      values.yaml, and every value is documented;
+#   6. the chart as a subchart: an umbrella chart generated in target/ (with
+#      `global` values and the `agent-server.enabled` condition) is linted,
+#      rendered and validated like the ci files, and renders nothing of this
+#      chart when the condition is false.
 # Every step runs even when an earlier one failed; the exit status is non-zero
 # if any failed.
 #
@@ -411,6 +415,75 @@ if log="$("$py" "$helper" readme "$chart/values.yaml" "$chart/README.md" check 2
 else
   bad "values documentation"
   printf '%s\n' "$log" | sed 's/^/        /'
+fi
+
+# --- 6. as a subchart ------------------------------------------------------------
+
+step "as a subchart of an umbrella chart"
+umbrella="$out/umbrella"
+rm -rf "$umbrella"
+mkdir -p "$umbrella/charts" "$umbrella/templates"
+cp -R "$chart" "$umbrella/charts/agent-server"
+chart_version="$(sed -n 's/^version: *//p' "$chart/Chart.yaml")"
+cat >"$umbrella/Chart.yaml" <<EOF
+apiVersion: v2
+name: platform
+description: An umbrella chart that bundles agent-server, as users' platform charts do.
+version: 1.0.0
+dependencies:
+  - name: agent-server
+    version: "$chart_version"
+    condition: agent-server.enabled
+EOF
+cat >"$umbrella/values.yaml" <<'EOF'
+# Helm hands `global` to every subchart, so the subchart's schema must accept it.
+global:
+  imageRegistry: registry.example.com
+  environment: staging
+agent-server:
+  enabled: true
+  secrets:
+    generate: true
+  ingress:
+    enabled: true
+    host: agent.platform.example.com
+EOF
+cat >"$umbrella/templates/environment.yaml" <<'EOF'
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ .Release.Name }}-environment
+  namespace: {{ .Release.Namespace }}
+data:
+  environment: {{ .Values.global.environment | quote }}
+EOF
+if log="$(helm lint --strict --namespace "$namespace" "$umbrella" 2>&1)"; then
+  ok "helm lint --strict of the umbrella chart"
+else
+  bad "helm lint of the umbrella chart"
+  printf '%s\n' "$log" | sed 's/^/        /'
+fi
+for kube in "$baseline_kube" "$latest_kube"; do
+  file="$out/render/umbrella-$kube.yaml"
+  if ! log="$(helm template platform "$umbrella" --namespace "$namespace" --kube-version "$kube" 2>&1 >"$file")"; then
+    bad "helm template of the umbrella chart (Kubernetes $kube)"
+    printf '%s\n' "$log" | sed 's/^/        /'
+  elif ! grep -q '^  name: platform-agent-server$' "$file"; then
+    bad "the umbrella chart rendered no platform-agent-server objects (Kubernetes $kube)"
+  elif ! log="$("$py" "$helper" split "$file" "${file%.yaml}.core.yaml" 2>&1)" ||
+    ! log="$("$kubernetes_validate" --strict --quiet -k "$kube" "${file%.yaml}.core.yaml" 2>&1)" || [ -n "$log" ]; then
+    bad "kubernetes-validate --strict of the umbrella chart (Kubernetes $kube)"
+    printf '%s\n' "$log" | sed 's/^/        /'
+  else
+    ok "umbrella: $(grep -c '^kind:' "$file") manifests valid for Kubernetes $kube"
+  fi
+done
+if log="$(helm template platform "$umbrella" --namespace "$namespace" --set agent-server.enabled=false 2>&1)" &&
+  ! grep -q 'agent-server' <<<"$log"; then
+  ok "umbrella with agent-server.enabled=false renders none of it"
+else
+  bad "umbrella with agent-server.enabled=false"
+  printf '%s\n' "$log" | head -n 20 | sed 's/^/        /'
 fi
 
 # --- result -------------------------------------------------------------------

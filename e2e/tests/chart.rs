@@ -703,6 +703,80 @@ fn binaries_claim_is_read_write_many_by_default_and_storage_is_configurable() {
     assert_eq!(spec.storage_class_name.as_deref(), Some("standard"));
 }
 
+#[test]
+fn an_existing_read_write_many_claim_replaces_the_charts_claim() {
+    let m = render!("--set", "persistence.existingClaim=agent-binaries-rwx");
+    assert!(
+        m.raw_all("PersistentVolumeClaim").next().is_none(),
+        "no claim of the chart's: {:?}",
+        m.kinds()
+    );
+    let volumes = m.pod_spec().volumes.unwrap();
+    let binaries = volumes.iter().find(|v| v.name == "binaries").unwrap();
+    assert_eq!(
+        binaries
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.as_str()),
+        Some("agent-binaries-rwx")
+    );
+    assert_eq!(
+        mount_path(&m.server(), "binaries").as_deref(),
+        Some("/storage/binaries")
+    );
+}
+
+#[test]
+fn the_chart_renders_as_a_subchart_with_global_values() {
+    let Some(helm) = helm_or_skip() else {
+        return;
+    };
+    let umbrella = std::env::temp_dir().join(format!("agent-server-umbrella-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&umbrella);
+    std::fs::create_dir_all(umbrella.join("charts")).unwrap();
+    let status = Command::new("cp")
+        .arg("-R")
+        .arg(chart_dir())
+        .arg(umbrella.join("charts/agent-server"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(
+        umbrella.join("Chart.yaml"),
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\ndependencies:\n  - name: agent-server\n    version: 0.1.0\n    condition: agent-server.enabled\n",
+    )
+    .unwrap();
+    std::fs::write(
+        umbrella.join("values.yaml"),
+        "global:\n  imageRegistry: registry.example.com\nagent-server:\n  enabled: true\n  secrets:\n    generate: true\n",
+    )
+    .unwrap();
+    let render = |extra: &[&str]| {
+        Command::new(&helm)
+            .args(["template", "platform"])
+            .arg(&umbrella)
+            .args(["--namespace", NAMESPACE])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = render(&[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let m = Manifests::parse(&String::from_utf8_lossy(&output.stdout));
+    let deployment: Deployment = m.one("Deployment", "platform-agent-server");
+    assert_eq!(deployment.spec.unwrap().replicas, Some(2));
+
+    let output = render(&["--set", "agent-server.enabled=false"]);
+    assert!(output.status.success());
+    let m = Manifests::parse(&String::from_utf8_lossy(&output.stdout));
+    assert!(m.docs.is_empty(), "the condition switches it off: {:?}", m.kinds());
+    let _ = std::fs::remove_dir_all(&umbrella);
+}
+
 // ---------------------------------------------------------------------------
 // Shutdown: preStop sleep or DRAIN_DELAY, by Kubernetes version
 // ---------------------------------------------------------------------------
