@@ -85,14 +85,11 @@ fn helm_or_skip() -> Option<PathBuf> {
 fn helm_template(helm: &Path, args: &[&str]) -> std::process::Output {
     let chart = chart_dir();
     let chooses = args.iter().any(|a| a.contains("secrets.generate"))
-        || args
-            .iter()
-            .filter(|a| a.ends_with(".yaml"))
-            .any(|file| {
-                std::fs::read_to_string(file)
-                    .map(|text| text.lines().any(|l| l.starts_with("secrets:")))
-                    .unwrap_or(false)
-            });
+        || args.iter().filter(|a| a.ends_with(".yaml")).any(|file| {
+            std::fs::read_to_string(file)
+                .map(|text| text.lines().any(|l| l.starts_with("secrets:")))
+                .unwrap_or(false)
+        });
     let generate: &[&str] = if chooses {
         &[]
     } else {
@@ -538,10 +535,16 @@ fn metrics_have_their_own_port_that_no_ingress_or_route_reaches() {
     assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
     let port = &spec.ports.unwrap()[0];
     assert_eq!((port.name.as_deref(), port.port), (Some("metrics"), 9464));
-    assert_eq!(port.target_port, Some(IntOrString::String("metrics".into())));
+    assert_eq!(
+        port.target_port,
+        Some(IntOrString::String("metrics".into()))
+    );
     let monitor = m.raw("ServiceMonitor", RELEASE).expect("a ServiceMonitor");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
-    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
         assert_eq!(metrics_labels.get(key).map(String::as_str), value.as_str());
     }
     assert_eq!(
@@ -568,7 +571,12 @@ fn metrics_have_their_own_port_that_no_ingress_or_route_reaches() {
     // Only Prometheus' namespaces reach the metrics port, and only it.
     let rules = m.server_policy().spec.unwrap().ingress.unwrap();
     for rule in &rules {
-        let from: Vec<String> = rule.from.iter().flatten().flat_map(namespace_names).collect();
+        let from: Vec<String> = rule
+            .from
+            .iter()
+            .flatten()
+            .flat_map(namespace_names)
+            .collect();
         if ports(&rule.ports).contains(&("TCP".to_string(), 9464)) {
             assert_eq!(from, ["monitoring"]);
             assert_eq!(ports(&rule.ports).len(), 1);
@@ -731,7 +739,8 @@ fn the_chart_renders_as_a_subchart_with_global_values() {
     let Some(helm) = helm_or_skip() else {
         return;
     };
-    let umbrella = std::env::temp_dir().join(format!("agent-server-umbrella-{}", std::process::id()));
+    let umbrella =
+        std::env::temp_dir().join(format!("agent-server-umbrella-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&umbrella);
     std::fs::create_dir_all(umbrella.join("charts")).unwrap();
     let status = Command::new("cp")
@@ -768,12 +777,16 @@ fn the_chart_renders_as_a_subchart_with_global_values() {
     );
     let m = Manifests::parse(&String::from_utf8_lossy(&output.stdout));
     let deployment: Deployment = m.one("Deployment", "platform-agent-server");
-    assert_eq!(deployment.spec.unwrap().replicas, Some(2));
+    assert_eq!(deployment.spec.replicas, Some(2));
 
     let output = render(&["--set", "agent-server.enabled=false"]);
     assert!(output.status.success());
     let m = Manifests::parse(&String::from_utf8_lossy(&output.stdout));
-    assert!(m.docs.is_empty(), "the condition switches it off: {:?}", m.kinds());
+    assert!(
+        m.docs.is_empty(),
+        "the condition switches it off: {:?}",
+        m.kinds()
+    );
     let _ = std::fs::remove_dir_all(&umbrella);
 }
 
@@ -979,13 +992,21 @@ fn ingress_serves_several_hosts_with_their_certificates_and_the_first_sets_the_u
         .unwrap()
         .into_iter()
         .map(|r| {
-            assert_eq!(r.http.unwrap().paths.len(), 3, "every host gets /ws, /api and /");
+            assert_eq!(
+                r.http.unwrap().paths.len(),
+                3,
+                "every host gets /ws, /api and /"
+            );
             r.host.unwrap()
         })
         .collect();
     assert_eq!(
         hosts,
-        ["agent.example.com", "agents.example.com", "agent.example.eu"]
+        [
+            "agent.example.com",
+            "agents.example.com",
+            "agent.example.eu"
+        ]
     );
     let tls: Vec<(String, Vec<String>)> = spec
         .tls
@@ -998,7 +1019,10 @@ fn ingress_serves_several_hosts_with_their_certificates_and_the_first_sets_the_u
         [
             (
                 "agent-example-com-tls".to_string(),
-                vec!["agent.example.com".to_string(), "agents.example.com".to_string()]
+                vec![
+                    "agent.example.com".to_string(),
+                    "agents.example.com".to_string()
+                ]
             ),
             (
                 "agent-example-eu-tls".to_string(),
@@ -1007,7 +1031,10 @@ fn ingress_serves_several_hosts_with_their_certificates_and_the_first_sets_the_u
         ]
     );
     let config: ConfigMap = m.one("ConfigMap", RELEASE);
-    assert_eq!(config.data.unwrap()["SERVER_URL"], "https://agent.example.com");
+    assert_eq!(
+        config.data.unwrap()["SERVER_URL"],
+        "https://agent.example.com"
+    );
     let annotations = ingress.metadata.annotations.unwrap();
     assert_eq!(
         annotations["nginx.ingress.kubernetes.io/cors-allow-origin"],
@@ -1026,7 +1053,11 @@ fn ingress_serves_several_hosts_with_their_certificates_and_the_first_sets_the_u
     let route = m.raw("HTTPRoute", RELEASE).unwrap();
     assert_eq!(
         route["spec"]["hostnames"],
-        serde_json::json!(["agent.example.com", "agents.example.com", "agent.example.eu"])
+        serde_json::json!([
+            "agent.example.com",
+            "agents.example.com",
+            "agent.example.eu"
+        ])
     );
 }
 
@@ -1036,7 +1067,9 @@ fn operator_annotations_replace_the_charts_and_an_empty_value_removes_one() {
     let ingress: Ingress = m.one("Ingress", RELEASE);
     let annotations = ingress.metadata.annotations.unwrap();
     assert_eq!(
-        annotations.get("cert-manager.io/issuer").map(String::as_str),
+        annotations
+            .get("cert-manager.io/issuer")
+            .map(String::as_str),
         Some("letsencrypt-namespaced")
     );
     assert!(
@@ -1047,7 +1080,10 @@ fn operator_annotations_replace_the_charts_and_an_empty_value_removes_one() {
         !annotations.contains_key("nginx.ingress.kubernetes.io/force-ssl-redirect"),
         "\"\" removes a chart annotation: {annotations:?}"
     );
-    assert_eq!(annotations["nginx.ingress.kubernetes.io/ssl-redirect"], "true");
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/ssl-redirect"],
+        "true"
+    );
 
     // The other way round: the operator's ClusterIssuer replaces a chart-set Issuer.
     let m = render!(
@@ -1166,7 +1202,12 @@ fn network_policy_admits_the_ingress_controller_and_prometheus_by_namespace_name
         "Prometheus may scrape: {admitted:?}"
     );
     for rule in &rules {
-        let names: Vec<String> = rule.from.iter().flatten().flat_map(namespace_names).collect();
+        let names: Vec<String> = rule
+            .from
+            .iter()
+            .flatten()
+            .flat_map(namespace_names)
+            .collect();
         let port = if names.contains(&"monitoring".to_string()) {
             9090
         } else {
@@ -1223,7 +1264,12 @@ fn load_balancer_service_is_complete_and_the_network_policy_admits_its_clients()
     // Cluster translates the source to node addresses: everyone, on the server port only.
     for args in [
         vec!["--set", "service.type=LoadBalancer"],
-        vec!["--set", "service.type=NodePort", "--set", "service.nodePort=30080"],
+        vec![
+            "--set",
+            "service.type=NodePort",
+            "--set",
+            "service.nodePort=30080",
+        ],
     ] {
         let m = match render(&args) {
             Some(m) => m,
@@ -1234,9 +1280,17 @@ fn load_balancer_service_is_complete_and_the_network_policy_admits_its_clients()
         assert_eq!(admitted, ["0.0.0.0/0", "::/0"], "{args:?}");
         assert!(cidrs(&admitted_on(&policy, 9090)).is_empty(), "{args:?}");
     }
-    let m = render!("--set", "service.type=NodePort", "--set", "service.nodePort=30080");
+    let m = render!(
+        "--set",
+        "service.type=NodePort",
+        "--set",
+        "service.nodePort=30080"
+    );
     let service: Service = m.one("Service", RELEASE);
-    assert_eq!(service.spec.unwrap().ports.unwrap()[0].node_port, Some(30080));
+    assert_eq!(
+        service.spec.unwrap().ports.unwrap()[0].node_port,
+        Some(30080)
+    );
 
     // A ClusterIP Service admits no addresses, and settings it cannot carry are refused.
     assert!(cidrs(&admitted_on(&render!().server_policy(), 8080)).is_empty());
@@ -1560,7 +1614,7 @@ fn a_disruption_budget_that_could_never_allow_an_eviction_is_refused() {
 #[test]
 fn replica_count_zero_parks_the_server_declaratively() {
     let m = render!("-f", &ci_values("parked"));
-    assert_eq!(m.deployment().spec.unwrap().replicas, Some(0));
+    assert_eq!(m.deployment().spec.replicas, Some(0));
     assert!(m.raw("HorizontalPodAutoscaler", RELEASE).is_none());
     // Services, routes and the databases stay, so agents find them again on unparking.
     assert!(m.raw("Service", RELEASE).is_some());
@@ -1592,7 +1646,10 @@ fn limits_alone_never_render_a_request_above_its_limit() {
         error.contains("resources.requests.cpu (500m) exceeds resources.limits.cpu (250m)"),
         "{error}"
     );
-    assert!(error.contains("resources.requests.memory (512Mi)"), "{error}");
+    assert!(
+        error.contains("resources.requests.memory (512Mi)"),
+        "{error}"
+    );
     for (args, needle) in [
         (
             vec!["--set", "redis.resources.limits.memory=128Mi"],
@@ -1672,7 +1729,11 @@ fn gitops_renders_are_identical_and_hold_no_generated_secret() {
     let args = ["-f", &ci_values("gitops")];
     let first = helm_template(&helm, &args);
     let second = helm_template(&helm, &args);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert_eq!(
         first.stdout, second.stdout,
         "two renders differ: a sync would change what the cluster holds"
@@ -1693,10 +1754,13 @@ fn gitops_renders_are_identical_and_hold_no_generated_secret() {
         Some(("agent-server-cache".into(), "password".into()))
     );
     let redis: StatefulSet = m.one("StatefulSet", "agent-server-redis");
-    let redis_password = env_var(&redis.spec.template.spec.unwrap().containers[0], "REDIS_PASSWORD")
-        .and_then(|e| e.value_from.clone())
-        .and_then(|v| v.secret_key_ref)
-        .expect("Redis reads the same Secret");
+    let redis_password = env_var(
+        &redis.spec.template.spec.unwrap().containers[0],
+        "REDIS_PASSWORD",
+    )
+    .and_then(|e| e.value_from.clone())
+    .and_then(|v| v.secret_key_ref)
+    .expect("Redis reads the same Secret");
     assert_eq!(redis_password.name, "agent-server-cache");
 }
 
@@ -1720,7 +1784,12 @@ fn secrets_reach_the_server_as_files_when_the_operator_chooses_files() {
             Some(format!("/etc/agent-server/secrets/{file}"))
         );
     }
-    for variable in ["SECRET_KEY", "ADMIN_PASSWORD", "REDIS_PASSWORD", "DATABASE_URL_FILE"] {
+    for variable in [
+        "SECRET_KEY",
+        "ADMIN_PASSWORD",
+        "REDIS_PASSWORD",
+        "DATABASE_URL_FILE",
+    ] {
         assert!(env_var(&server, variable).is_none(), "{variable} is set");
     }
     assert!(
@@ -1757,7 +1826,11 @@ fn secrets_reach_the_server_as_files_when_the_operator_chooses_files() {
     assert_eq!(
         files,
         [
-            (RELEASE.to_string(), "ADMIN_PASSWORD".to_string(), "admin-password".to_string()),
+            (
+                RELEASE.to_string(),
+                "ADMIN_PASSWORD".to_string(),
+                "admin-password".to_string()
+            ),
             (
                 "agent-server-redis".to_string(),
                 "password".to_string(),
@@ -1795,13 +1868,19 @@ fn bundled_redis_and_postgresql_take_their_own_pod_labels_annotations_and_egress
         statefulset.spec.template.metadata.unwrap()
     };
     let postgresql = pod_meta("agent-server-postgresql");
-    assert_eq!(postgresql.labels.unwrap()["sidecar.istio.io/inject"], "false");
+    assert_eq!(
+        postgresql.labels.unwrap()["sidecar.istio.io/inject"],
+        "false"
+    );
     assert_eq!(
         postgresql.annotations.unwrap()["vault.hashicorp.com/agent-inject"],
         "false"
     );
     let redis = pod_meta("agent-server-redis");
-    assert_eq!(redis.labels.clone().unwrap()["sidecar.istio.io/inject"], "true");
+    assert_eq!(
+        redis.labels.clone().unwrap()["sidecar.istio.io/inject"],
+        "true"
+    );
     assert_eq!(
         redis.labels.unwrap()["app.kubernetes.io/name"],
         "redis",
@@ -1812,7 +1891,11 @@ fn bundled_redis_and_postgresql_take_their_own_pod_labels_annotations_and_egress
     let rule = egress_rule_for_port(&policy, "TCP", 15012);
     assert_eq!(namespace_names(&rule.to.unwrap()[0]), ["istio-system"]);
     let policy: NetworkPolicy = m.one("NetworkPolicy", "agent-server-postgresql");
-    assert_eq!(policy.spec.unwrap().egress, Some(vec![]), "PostgreSQL still opens nothing");
+    assert_eq!(
+        policy.spec.unwrap().egress,
+        Some(vec![]),
+        "PostgreSQL still opens nothing"
+    );
 }
 
 #[test]
@@ -1832,12 +1915,7 @@ fn a_render_without_a_cluster_refuses_to_make_up_secrets_and_names_what_to_give(
     }
 
     // Nothing to make up: `auto` renders without a cluster too.
-    render!(
-        "--set",
-        "secrets.generate=auto",
-        "-f",
-        &ci_values("gitops"),
-    );
+    render!("--set", "secrets.generate=auto", "-f", &ci_values("gitops"),);
 
     // `false` names exactly what is missing, and leaves sign-in off without a password.
     let Some(error) = render_error(&[
@@ -1863,7 +1941,10 @@ fn a_render_without_a_cluster_refuses_to_make_up_secrets_and_names_what_to_give(
         "redis.auth.existingSecret=cache",
     );
     let secret = m.secret_data(RELEASE);
-    assert_eq!(secret["SECRET_KEY"], "0123456789abcdef0123456789abcdef-given");
+    assert_eq!(
+        secret["SECRET_KEY"],
+        "0123456789abcdef0123456789abcdef-given"
+    );
     assert!(!secret.contains_key("ADMIN_PASSWORD"), "{secret:?}");
 }
 
@@ -1998,7 +2079,11 @@ fn projected_files(pod: &PodSpec, volume: &str) -> BTreeMap<String, (String, Str
         .find(|v| v.name == volume)
         .unwrap_or_else(|| panic!("a volume {volume}"));
     let projected = volume.projected.as_ref().expect("a projected volume");
-    assert_eq!(projected.default_mode, Some(0o440), "libpq refuses keys readable by others");
+    assert_eq!(
+        projected.default_mode,
+        Some(0o440),
+        "libpq refuses keys readable by others"
+    );
     let mut files = BTreeMap::new();
     for source in projected.sources.iter().flatten() {
         if let Some(secret) = &source.secret {
@@ -2013,7 +2098,11 @@ fn projected_files(pod: &PodSpec, volume: &str) -> BTreeMap<String, (String, Str
             for item in config_map.items.iter().flatten() {
                 files.insert(
                     item.path.clone(),
-                    ("ConfigMap".into(), config_map.name.clone(), item.key.clone()),
+                    (
+                        "ConfigMap".into(),
+                        config_map.name.clone(),
+                        item.key.clone(),
+                    ),
                 );
             }
         }
@@ -2047,7 +2136,9 @@ fn external_postgresql_verifies_the_server_with_a_ca_and_presents_a_client_certi
             "libpq reads {variable}"
         );
     }
-    let file = |kind: &str, name: &str, key: &str| (kind.into(), name.into(), key.into());
+    let file = |kind: &str, name: &str, key: &str| -> (String, String, String) {
+        (kind.into(), name.into(), key.into())
+    };
     assert_eq!(
         projected_files(&m.pod_spec(), "postgresql-tls"),
         BTreeMap::from([
@@ -2180,7 +2271,11 @@ fn a_password_with_url_reserved_characters_never_enters_the_url() {
         secret_ref(&server, "PGPASSWORD"),
         Some((RELEASE.into(), "PGPASSWORD".into()))
     );
-    assert_eq!(m.secret_data(RELEASE)["PGPASSWORD"], PASSWORD, "stored as given");
+    assert_eq!(
+        m.secret_data(RELEASE)["PGPASSWORD"],
+        PASSWORD,
+        "stored as given"
+    );
     for doc in &m.docs {
         if doc["kind"] != "Secret" {
             assert!(
@@ -2192,9 +2287,19 @@ fn a_password_with_url_reserved_characters_never_enters_the_url() {
     }
 
     // The bundled PostgreSQL takes any password too: it is no longer placed in a URL.
-    let m = render!("--set-string", &format!("postgresql.auth.password={PASSWORD}"));
-    assert_eq!(m.secret_data("agent-server-postgresql")["password"], PASSWORD);
-    assert!(!env_value(&m.server(), "DATABASE_URL").unwrap().contains('#'));
+    let m = render!(
+        "--set-string",
+        &format!("postgresql.auth.password={PASSWORD}")
+    );
+    assert_eq!(
+        m.secret_data("agent-server-postgresql")["password"],
+        PASSWORD
+    );
+    assert!(
+        !env_value(&m.server(), "DATABASE_URL")
+            .unwrap()
+            .contains('#')
+    );
 }
 
 // ---------------------------------------------------------------------------
