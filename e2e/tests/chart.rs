@@ -1310,10 +1310,8 @@ fn network_policy_admits_the_gateways_an_http_route_attaches_to() {
     let m = render!(
         "--set",
         "gatewayApi.enabled=true",
-        "--set",
-        "gatewayApi.parentRefs[0].name=shared",
-        "--set",
-        "gatewayApi.parentRefs[0].namespace=gateways",
+        "--set-json",
+        r#"gatewayApi.parentRefs=[{"name":"shared","namespace":"gateways"}]"#,
         "--set",
         "networkPolicy.ingressNamespaces=null",
     );
@@ -1832,8 +1830,8 @@ fn secrets_reach_the_server_as_files_when_the_operator_chooses_files() {
                 "admin-password".to_string()
             ),
             (
-                "agent-server-redis".to_string(),
-                "password".to_string(),
+                RELEASE.to_string(),
+                "REDIS_PASSWORD".to_string(),
                 "redis-password".to_string()
             ),
         ]
@@ -2000,13 +1998,13 @@ fn existing_secret_replaces_the_chart_secret_for_the_server_and_the_test_pod() {
         m.kinds()
     );
     let server = m.server();
-    let secret_ref = server
+    let source = server
         .env_from
         .iter()
         .flatten()
         .find_map(|s| s.secret_ref.as_ref())
         .expect("a Secret source");
-    assert_eq!(secret_ref.name, "my-agent-secret");
+    assert_eq!(source.name, "my-agent-secret");
 
     // The bundled PostgreSQL's generated password still reaches the server,
     // from its own Secret, outside the URL.
