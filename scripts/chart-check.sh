@@ -10,12 +10,16 @@
 #   4. checkov on the rendered manifests (chart/.checkov.yaml lists, with
 #      reasons, the checks that do not apply);
 #   5. chart/README.md's values table matches the `## @param` lines of
-#      values.yaml, and every value is documented.
+#      values.yaml, and every value is documented;
 #   6. the PrometheusRule as rendered with chart/ci/monitoring-values.yaml
 #      passes `promtool check rules` and the unit tests in
 #      chart/tests/monitoring; every query of the Grafana dashboard
 #      (chart/files/grafana-dashboard.json) parses; the rules and the dashboard
-#      read only series that server/src/metrics.rs registers.
+#      read only series that server/src/metrics.rs registers;
+#   7. the chart as a subchart: an umbrella chart generated in target/ (with
+#      `global` values and the `agent-server.enabled` condition) is linted,
+#      rendered and validated like the ci files, and renders nothing of this
+#      chart when the condition is false.
 # Every step runs even when an earlier one failed; the exit status is non-zero
 # if any failed.
 #
@@ -357,12 +361,21 @@ done
 
 # --- 2. render and validate --------------------------------------------------
 
+# These renders have no cluster behind them, where the chart (secrets.generate:
+# auto) refuses to make up secrets that would change on every render. Like a
+# cluster's `lookup`, --set secrets.generate=true lets it, except for the values
+# files that choose secrets.generate themselves (the GitOps ones).
+generate_flag() {
+  grep -q '^secrets:' "$1" || echo "--set secrets.generate=true"
+}
+
 # render NAME VALUES KUBE_VERSION -> renders into $out/render/NAME-KUBE.yaml and
 # validates it; returns non-zero on any failure.
 render_and_validate() {
   local name="$1" values="$2" kube="$3" file log
   file="$out/render/$name-$kube.yaml"
-  if ! log="$(helm template "$release" "$chart" --namespace "$namespace" -f "$values" --kube-version "$kube" 2>&1 >"$file")"; then
+  # shellcheck disable=SC2046 # generate_flag prints zero or two words
+  if ! log="$(helm template "$release" "$chart" --namespace "$namespace" -f "$values" $(generate_flag "$values") --kube-version "$kube" 2>&1 >"$file")"; then
     bad "helm template $name (Kubernetes $kube)"
     printf '%s\n' "$log" | sed 's/^/        /'
     return 1
@@ -398,7 +411,8 @@ step "helm template refuses ${#bad_files[@]} bad values files"
 for values in "${bad_files[@]}"; do
   name="${values#"$chart"/}"
   expect="$(sed -n 's/^# expect: //p' "$values" | head -n 1)"
-  if log="$(helm template "$release" "$chart" --namespace "$namespace" -f "$values" 2>&1 >/dev/null)"; then
+  # shellcheck disable=SC2046 # generate_flag prints zero or two words
+  if log="$(helm template "$release" "$chart" --namespace "$namespace" -f "$values" $(generate_flag "$values") 2>&1 >/dev/null)"; then
     bad "$name was accepted"
   elif [ -n "$expect" ] && ! grep -qF -- "$expect" <<<"$log"; then
     bad "$name was refused, but not for '$expect'"
@@ -442,7 +456,7 @@ monitoring_values="$chart/ci/monitoring-values.yaml"
 monitoring_tests="$chart/tests/monitoring"
 promdir="$out/promtool"
 rm -rf "$promdir" && mkdir -p "$promdir"
-if ! log="$(helm template "$release" "$chart" --namespace "$namespace" -f "$monitoring_values" 2>&1 >"$promdir/rendered.yaml")"; then
+if ! log="$(helm template "$release" "$chart" --namespace "$namespace" -f "$monitoring_values" --set secrets.generate=true 2>&1 >"$promdir/rendered.yaml")"; then
   bad "helm template with ${monitoring_values#"$chart"/}"
   printf '%s\n' "$log" | sed 's/^/        /'
 elif ! log="$("$py" "$repo/scripts/monitoring-check.py" rules "$promdir/rendered.yaml" "$promdir/rules.yaml" 2>&1)"; then
@@ -516,6 +530,75 @@ if log="$("$py" "$repo/scripts/monitoring-check.py" names "$repo/server/src/metr
 else
   bad "series names in the alert rules or the dashboard"
   printf '%s\n' "$log" | sed 's/^/        /'
+fi
+
+# --- 7. as a subchart ------------------------------------------------------------
+
+step "as a subchart of an umbrella chart"
+umbrella="$out/umbrella"
+rm -rf "$umbrella"
+mkdir -p "$umbrella/charts" "$umbrella/templates"
+cp -R "$chart" "$umbrella/charts/agent-server"
+chart_version="$(sed -n 's/^version: *//p' "$chart/Chart.yaml")"
+cat >"$umbrella/Chart.yaml" <<EOF
+apiVersion: v2
+name: platform
+description: An umbrella chart that bundles agent-server, as users' platform charts do.
+version: 1.0.0
+dependencies:
+  - name: agent-server
+    version: "$chart_version"
+    condition: agent-server.enabled
+EOF
+cat >"$umbrella/values.yaml" <<'EOF'
+# Helm hands `global` to every subchart, so the subchart's schema must accept it.
+global:
+  imageRegistry: registry.example.com
+  environment: staging
+agent-server:
+  enabled: true
+  secrets:
+    generate: true
+  ingress:
+    enabled: true
+    host: agent.platform.example.com
+EOF
+cat >"$umbrella/templates/environment.yaml" <<'EOF'
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ .Release.Name }}-environment
+  namespace: {{ .Release.Namespace }}
+data:
+  environment: {{ .Values.global.environment | quote }}
+EOF
+if log="$(helm lint --strict --namespace "$namespace" "$umbrella" 2>&1)"; then
+  ok "helm lint --strict of the umbrella chart"
+else
+  bad "helm lint of the umbrella chart"
+  printf '%s\n' "$log" | sed 's/^/        /'
+fi
+for kube in "$baseline_kube" "$latest_kube"; do
+  file="$out/render/umbrella-$kube.yaml"
+  if ! log="$(helm template platform "$umbrella" --namespace "$namespace" --kube-version "$kube" 2>&1 >"$file")"; then
+    bad "helm template of the umbrella chart (Kubernetes $kube)"
+    printf '%s\n' "$log" | sed 's/^/        /'
+  elif ! grep -q '^  name: platform-agent-server$' "$file"; then
+    bad "the umbrella chart rendered no platform-agent-server objects (Kubernetes $kube)"
+  elif ! log="$("$py" "$helper" split "$file" "${file%.yaml}.core.yaml" 2>&1)" ||
+    ! log="$("$kubernetes_validate" --strict --quiet -k "$kube" "${file%.yaml}.core.yaml" 2>&1)" || [ -n "$log" ]; then
+    bad "kubernetes-validate --strict of the umbrella chart (Kubernetes $kube)"
+    printf '%s\n' "$log" | sed 's/^/        /'
+  else
+    ok "umbrella: $(grep -c '^kind:' "$file") manifests valid for Kubernetes $kube"
+  fi
+done
+if log="$(helm template platform "$umbrella" --namespace "$namespace" --set agent-server.enabled=false 2>&1)" &&
+  ! grep -q 'agent-server' <<<"$log"; then
+  ok "umbrella with agent-server.enabled=false renders none of it"
+else
+  bad "umbrella with agent-server.enabled=false"
+  printf '%s\n' "$log" | head -n 20 | sed 's/^/        /'
 fi
 
 # --- result -------------------------------------------------------------------

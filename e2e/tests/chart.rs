@@ -79,13 +79,28 @@ fn helm_or_skip() -> Option<PathBuf> {
     }
 }
 
+/// `helm template` has no cluster behind it, so the chart's `lookup` finds
+/// nothing and `secrets.generate: auto` refuses to make up secrets; the tests
+/// stand in for a cluster with `secrets.generate=true` unless they choose.
 fn helm_template(helm: &Path, args: &[&str]) -> std::process::Output {
     let chart = chart_dir();
+    let chooses = args.iter().any(|a| a.contains("secrets.generate"))
+        || args.iter().filter(|a| a.ends_with(".yaml")).any(|file| {
+            std::fs::read_to_string(file)
+                .map(|text| text.lines().any(|l| l.starts_with("secrets:")))
+                .unwrap_or(false)
+        });
+    let generate: &[&str] = if chooses {
+        &[]
+    } else {
+        &["--set", "secrets.generate=true"]
+    };
     Command::new(helm)
         .arg("template")
         .arg(RELEASE)
         .arg(&chart)
         .args(["--namespace", NAMESPACE])
+        .args(generate)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", helm.display()))
@@ -246,6 +261,14 @@ fn env_value(container: &Container, name: &str) -> Option<String> {
 
 fn env_var<'a>(container: &'a Container, name: &str) -> Option<&'a EnvVar> {
     container.env.iter().flatten().find(|e| e.name == name)
+}
+
+/// The (Secret, key) an environment variable of the container comes from.
+fn secret_ref(container: &Container, name: &str) -> Option<(String, String)> {
+    env_var(container, name)
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .map(|r| (r.name.clone(), r.key.clone()))
 }
 
 fn seconds(container: &Container, name: &str) -> i64 {
@@ -411,14 +434,13 @@ fn server_reads_the_configmap_and_secret_through_env_from() {
     assert_eq!(data["LOG_FORMAT"], "json");
 
     let secret = m.secret_data(RELEASE);
-    for key in [
-        "DATABASE_URL",
-        "SECRET_KEY",
-        "JWT_ALGORITHM",
-        "REDIS_PASSWORD",
-    ] {
+    for key in ["SECRET_KEY", "JWT_ALGORITHM", "REDIS_PASSWORD"] {
         assert!(secret.contains_key(key), "the Secret holds {key}");
     }
+    assert!(
+        !secret.contains_key("DATABASE_URL"),
+        "the bundled database's URL holds no secret, so it is a plain variable"
+    );
 }
 
 #[test]
@@ -466,12 +488,105 @@ fn pod_template_checksums_change_when_config_or_secret_change() {
 }
 
 #[test]
-fn pods_advertise_prometheus_scraping() {
+fn pods_advertise_prometheus_scraping_on_the_metrics_port() {
     let m = render!();
     let annotations = m.pod_annotations();
     assert_eq!(annotations["prometheus.io/scrape"], "true");
-    assert_eq!(annotations["prometheus.io/port"], "8080");
+    assert_eq!(annotations["prometheus.io/port"], "9090");
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
+}
+
+#[test]
+fn metrics_have_their_own_port_that_no_ingress_or_route_reaches() {
+    let m = render!(
+        "-f",
+        &ci_values("seed"),
+        "--set",
+        "gatewayApi.enabled=true",
+        "--set",
+        "gatewayApi.parentRefs[0].name=eg",
+        "--set",
+        "metrics.port=9464",
+    );
+    let server = m.server();
+    let container_ports: BTreeMap<String, i32> = server
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        container_ports,
+        BTreeMap::from([("http".into(), 8080), ("metrics".into(), 9464)])
+    );
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    assert_eq!(config.data.unwrap()["METRICS_PORT"], "9464");
+    assert_eq!(m.pod_annotations()["prometheus.io/port"], "9464");
+
+    // The main Service (what the Ingress and the HTTPRoute reach) has no metrics port;
+    // a ClusterIP Service of its own has, and the ServiceMonitor selects that one.
+    let main: Service = m.one("Service", RELEASE);
+    let main_ports = main.spec.unwrap().ports.unwrap();
+    assert_eq!(main_ports.len(), 1);
+    assert_eq!(main_ports[0].name.as_deref(), Some("http"));
+    let metrics: Service = m.one("Service", "agent-server-metrics");
+    let metrics_labels = metrics.metadata.labels.clone().unwrap();
+    let spec = metrics.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    let port = &spec.ports.unwrap()[0];
+    assert_eq!((port.name.as_deref(), port.port), (Some("metrics"), 9464));
+    assert_eq!(
+        port.target_port,
+        Some(IntOrString::String("metrics".into()))
+    );
+    let monitor = m.raw("ServiceMonitor", RELEASE).expect("a ServiceMonitor");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(metrics_labels.get(key).map(String::as_str), value.as_str());
+    }
+    assert_eq!(
+        main.metadata.labels.unwrap()["app.kubernetes.io/component"],
+        "server",
+        "the ServiceMonitor does not select the main Service"
+    );
+
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    for rule in ingress.spec.unwrap().rules.unwrap() {
+        for path in rule.http.unwrap().paths {
+            let port = path.backend.service.unwrap().port.unwrap();
+            assert_eq!(port.name.as_deref(), Some("http"), "{:?}", path.path);
+        }
+    }
+    let route = m.raw("HTTPRoute", RELEASE).expect("an HTTPRoute");
+    for rule in route["spec"]["rules"].as_array().unwrap() {
+        for backend in rule["backendRefs"].as_array().unwrap() {
+            assert_eq!(backend["name"], RELEASE);
+            assert_eq!(backend["port"], 80);
+        }
+    }
+
+    // Only Prometheus' namespaces reach the metrics port, and only it.
+    let rules = m.server_policy().spec.unwrap().ingress.unwrap();
+    for rule in &rules {
+        let from: Vec<String> = rule
+            .from
+            .iter()
+            .flatten()
+            .flat_map(namespace_names)
+            .collect();
+        if ports(&rule.ports).contains(&("TCP".to_string(), 9464)) {
+            assert_eq!(from, ["monitoring"]);
+            assert_eq!(ports(&rule.ports).len(), 1);
+        }
+    }
+
+    let Some(error) = render_error(&["--set", "metrics.port=8080"]) else {
+        return;
+    };
+    assert!(error.contains("metrics.port"), "{error}");
 }
 
 fn assert_hardened(context: &SecurityContext, who: &str) {
@@ -594,6 +709,85 @@ fn binaries_claim_is_read_write_many_by_default_and_storage_is_configurable() {
     let spec = claim.spec.expect("a claim spec");
     assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_string()]));
     assert_eq!(spec.storage_class_name.as_deref(), Some("standard"));
+}
+
+#[test]
+fn an_existing_read_write_many_claim_replaces_the_charts_claim() {
+    let m = render!("--set", "persistence.existingClaim=agent-binaries-rwx");
+    assert!(
+        m.raw_all("PersistentVolumeClaim").next().is_none(),
+        "no claim of the chart's: {:?}",
+        m.kinds()
+    );
+    let volumes = m.pod_spec().volumes.unwrap();
+    let binaries = volumes.iter().find(|v| v.name == "binaries").unwrap();
+    assert_eq!(
+        binaries
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.as_str()),
+        Some("agent-binaries-rwx")
+    );
+    assert_eq!(
+        mount_path(&m.server(), "binaries").as_deref(),
+        Some("/storage/binaries")
+    );
+}
+
+#[test]
+fn the_chart_renders_as_a_subchart_with_global_values() {
+    let Some(helm) = helm_or_skip() else {
+        return;
+    };
+    let umbrella =
+        std::env::temp_dir().join(format!("agent-server-umbrella-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&umbrella);
+    std::fs::create_dir_all(umbrella.join("charts")).unwrap();
+    let status = Command::new("cp")
+        .arg("-R")
+        .arg(chart_dir())
+        .arg(umbrella.join("charts/agent-server"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(
+        umbrella.join("Chart.yaml"),
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\ndependencies:\n  - name: agent-server\n    version: 0.1.0\n    condition: agent-server.enabled\n",
+    )
+    .unwrap();
+    std::fs::write(
+        umbrella.join("values.yaml"),
+        "global:\n  imageRegistry: registry.example.com\nagent-server:\n  enabled: true\n  secrets:\n    generate: true\n",
+    )
+    .unwrap();
+    let render = |extra: &[&str]| {
+        Command::new(&helm)
+            .args(["template", "platform"])
+            .arg(&umbrella)
+            .args(["--namespace", NAMESPACE])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = render(&[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let m = Manifests::parse(&String::from_utf8_lossy(&output.stdout));
+    let deployment: Deployment = m.one("Deployment", "platform-agent-server");
+    assert_eq!(deployment.spec.replicas, Some(2));
+
+    let output = render(&["--set", "agent-server.enabled=false"]);
+    assert!(output.status.success());
+    let m = Manifests::parse(&String::from_utf8_lossy(&output.stdout));
+    assert!(
+        m.docs.is_empty(),
+        "the condition switches it off: {:?}",
+        m.kinds()
+    );
+    let _ = std::fs::remove_dir_all(&umbrella);
 }
 
 // ---------------------------------------------------------------------------
@@ -789,6 +983,144 @@ fn ingress_routes_websocket_api_and_ui_paths_over_tls_for_the_host() {
 }
 
 #[test]
+fn ingress_serves_several_hosts_with_their_certificates_and_the_first_sets_the_url() {
+    let m = render!("-f", &ci_values("multihost"));
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    let spec = ingress.spec.expect("an Ingress spec");
+    let hosts: Vec<String> = spec
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(
+                r.http.unwrap().paths.len(),
+                3,
+                "every host gets /ws, /api and /"
+            );
+            r.host.unwrap()
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            "agent.example.com",
+            "agents.example.com",
+            "agent.example.eu"
+        ]
+    );
+    let tls: Vec<(String, Vec<String>)> = spec
+        .tls
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.secret_name.unwrap(), t.hosts.unwrap()))
+        .collect();
+    assert_eq!(
+        tls,
+        [
+            (
+                "agent-example-com-tls".to_string(),
+                vec![
+                    "agent.example.com".to_string(),
+                    "agents.example.com".to_string()
+                ]
+            ),
+            (
+                "agent-example-eu-tls".to_string(),
+                vec!["agent.example.eu".to_string()]
+            ),
+        ]
+    );
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    assert_eq!(
+        config.data.unwrap()["SERVER_URL"],
+        "https://agent.example.com"
+    );
+    let annotations = ingress.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/cors-allow-origin"],
+        "https://agent.example.com"
+    );
+
+    // The HTTPRoute takes the same names when it has none of its own.
+    let m = render!(
+        "-f",
+        &ci_values("multihost"),
+        "--set",
+        "gatewayApi.enabled=true",
+        "--set",
+        "gatewayApi.parentRefs[0].name=eg",
+    );
+    let route = m.raw("HTTPRoute", RELEASE).unwrap();
+    assert_eq!(
+        route["spec"]["hostnames"],
+        serde_json::json!([
+            "agent.example.com",
+            "agents.example.com",
+            "agent.example.eu"
+        ])
+    );
+}
+
+#[test]
+fn operator_annotations_replace_the_charts_and_an_empty_value_removes_one() {
+    let m = render!("-f", &ci_values("multihost"));
+    let ingress: Ingress = m.one("Ingress", RELEASE);
+    let annotations = ingress.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations
+            .get("cert-manager.io/issuer")
+            .map(String::as_str),
+        Some("letsencrypt-namespaced")
+    );
+    assert!(
+        !annotations.contains_key("cert-manager.io/cluster-issuer"),
+        "cert-manager refuses an Issuer and a ClusterIssuer together: {annotations:?}"
+    );
+    assert!(
+        !annotations.contains_key("nginx.ingress.kubernetes.io/force-ssl-redirect"),
+        "\"\" removes a chart annotation: {annotations:?}"
+    );
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/ssl-redirect"],
+        "true"
+    );
+
+    // The other way round: the operator's ClusterIssuer replaces a chart-set Issuer.
+    let m = render!(
+        "--set",
+        "ingress.enabled=true",
+        "--set",
+        "ingress.certManager.issuer=chart-issuer",
+        "--set",
+        "ingress.annotations.cert-manager\\.io/cluster-issuer=mine",
+    );
+    let annotations = m
+        .one::<Ingress>("Ingress", RELEASE)
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(annotations["cert-manager.io/cluster-issuer"], "mine");
+    assert!(!annotations.contains_key("cert-manager.io/issuer"));
+
+    // An operator value replaces the preset's value for the same key.
+    let m = render!(
+        "--set",
+        "ingress.enabled=true",
+        "--set-string",
+        "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-read-timeout=7200",
+    );
+    let annotations = m
+        .one::<Ingress>("Ingress", RELEASE)
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"],
+        "7200"
+    );
+}
+
+#[test]
 fn traefik_preset_uses_traefik_annotations_and_no_nginx_ones() {
     let m = render!("-f", &ci_values("traefik"));
     let ingress: Ingress = m.one("Ingress", RELEASE);
@@ -870,7 +1202,18 @@ fn network_policy_admits_the_ingress_controller_and_prometheus_by_namespace_name
         "Prometheus may scrape: {admitted:?}"
     );
     for rule in &rules {
-        assert_eq!(ports(&rule.ports), [("TCP".to_string(), 8080)]);
+        let names: Vec<String> = rule
+            .from
+            .iter()
+            .flatten()
+            .flat_map(namespace_names)
+            .collect();
+        let port = if names.contains(&"monitoring".to_string()) {
+            9090
+        } else {
+            8080
+        };
+        assert_eq!(ports(&rule.ports), [("TCP".to_string(), port)]);
         for peer in rule.from.iter().flatten() {
             if let Some(selector) = &peer.namespace_selector {
                 let labels = selector.match_labels.clone().unwrap_or_default();
@@ -881,6 +1224,115 @@ fn network_policy_admits_the_ingress_controller_and_prometheus_by_namespace_name
             }
         }
     }
+}
+
+/// The peers of the server policy's ingress rules that admit `port`.
+fn admitted_on(policy: &NetworkPolicy, port: i32) -> Vec<NetworkPolicyPeer> {
+    policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress.clone())
+        .into_iter()
+        .flatten()
+        .filter(|r| ports(&r.ports).contains(&("TCP".to_string(), port)))
+        .flat_map(|r| r.from.unwrap_or_default())
+        .collect()
+}
+
+fn cidrs(peers: &[NetworkPolicyPeer]) -> Vec<String> {
+    peers
+        .iter()
+        .filter_map(|p| p.ip_block.as_ref().map(|b| b.cidr.clone()))
+        .collect()
+}
+
+#[test]
+fn load_balancer_service_is_complete_and_the_network_policy_admits_its_clients() {
+    let m = render!("-f", &ci_values("loadbalancer"));
+    let service: Service = m.one("Service", RELEASE);
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+    let ranges = vec!["203.0.113.0/24".to_string(), "198.51.100.0/24".to_string()];
+    assert_eq!(spec.load_balancer_source_ranges, Some(ranges.clone()));
+    // Local keeps client addresses, so the policy admits exactly those ranges.
+    assert_eq!(cidrs(&admitted_on(&m.server_policy(), 8080)), ranges);
+    // The metrics Service stays internal.
+    let metrics: Service = m.one("Service", "agent-server-metrics");
+    assert_eq!(metrics.spec.unwrap().type_.as_deref(), Some("ClusterIP"));
+
+    // Cluster translates the source to node addresses: everyone, on the server port only.
+    for args in [
+        vec!["--set", "service.type=LoadBalancer"],
+        vec![
+            "--set",
+            "service.type=NodePort",
+            "--set",
+            "service.nodePort=30080",
+        ],
+    ] {
+        let m = match render(&args) {
+            Some(m) => m,
+            None => return,
+        };
+        let policy = m.server_policy();
+        let admitted = cidrs(&admitted_on(&policy, 8080));
+        assert_eq!(admitted, ["0.0.0.0/0", "::/0"], "{args:?}");
+        assert!(cidrs(&admitted_on(&policy, 9090)).is_empty(), "{args:?}");
+    }
+    let m = render!(
+        "--set",
+        "service.type=NodePort",
+        "--set",
+        "service.nodePort=30080"
+    );
+    let service: Service = m.one("Service", RELEASE);
+    assert_eq!(
+        service.spec.unwrap().ports.unwrap()[0].node_port,
+        Some(30080)
+    );
+
+    // A ClusterIP Service admits no addresses, and settings it cannot carry are refused.
+    assert!(cidrs(&admitted_on(&render!().server_policy(), 8080)).is_empty());
+    for args in [
+        vec!["--set", "service.loadBalancerSourceRanges={10.0.0.0/8}"],
+        vec!["--set", "service.externalTrafficPolicy=Local"],
+    ] {
+        let Some(error) = render_error(&args) else {
+            return;
+        };
+        assert!(error.contains("service.type"), "{args:?}: {error}");
+    }
+}
+
+#[test]
+fn network_policy_admits_the_gateways_an_http_route_attaches_to() {
+    let m = render!(
+        "--set",
+        "gatewayApi.enabled=true",
+        "--set-json",
+        r#"gatewayApi.parentRefs=[{"name":"shared","namespace":"gateways"}]"#,
+        "--set",
+        "networkPolicy.ingressNamespaces=null",
+    );
+    let admitted: Vec<String> = admitted_on(&m.server_policy(), 8080)
+        .iter()
+        .flat_map(namespace_names)
+        .collect();
+    assert_eq!(admitted, ["gateways"]);
+
+    // A parentRef without a namespace is a Gateway of the release's namespace.
+    let m = render!(
+        "-f",
+        &ci_values("gateway"),
+        "--set-json",
+        r#"gatewayApi.parentRefs=[{"name":"eg","sectionName":"https"}]"#,
+    );
+    let admitted: Vec<String> = admitted_on(&m.server_policy(), 8080)
+        .iter()
+        .flat_map(namespace_names)
+        .collect();
+    assert_eq!(admitted, ["envoy-gateway-system", NAMESPACE]);
 }
 
 #[test]
@@ -963,6 +1415,61 @@ fn network_policy_allows_https_outside_the_cluster_only_when_enabled() {
             .as_ref()
             .unwrap()
             .contains(&"10.0.0.0/8".to_string())
+    );
+}
+
+#[test]
+fn network_policy_opens_the_database_ports_of_the_url_the_server_uses() {
+    // A managed database on a non-default port: externalDatabase.port (5432)
+    // is not what the server dials, the URL is.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set-string",
+        "externalDatabase.url=postgresql://agent@db.example.com:25060/agentdb?sslmode=require",
+    );
+    let rule = egress_rule_for_port(&m.server_policy(), "TCP", 25060);
+    assert_eq!(ports(&rule.ports), [("TCP".to_string(), 25060)]);
+
+    // Every host of a multi-host URL, libpq's 5432 where a host names no port.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set-string",
+        "externalDatabase.url=postgresql://agent@pg-a:6000\\,pg-b/agentdb",
+    );
+    let rule = egress_rule_for_port(&m.server_policy(), "TCP", 6000);
+    assert_eq!(
+        ports(&rule.ports),
+        [("TCP".to_string(), 6000), ("TCP".to_string(), 5432)]
+    );
+
+    // A `port=` parameter wins over the authority, as in libpq.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set-string",
+        "externalDatabase.url=postgresql:///agentdb?host=/run/pg&port=6432",
+    );
+    egress_rule_for_port(&m.server_policy(), "TCP", 6432);
+
+    // SQLite opens no network connection at all.
+    let m = render!(
+        "--set",
+        "replicaCount=1",
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.url=sqlite:///storage/agent.db",
+    );
+    let egress = m.server_policy().spec.unwrap().egress.unwrap();
+    assert!(
+        egress
+            .iter()
+            .all(|r| ports(&r.ports).iter().all(|(_, p)| *p == 53)),
+        "only DNS: {egress:?}"
     );
 }
 
@@ -1054,6 +1561,131 @@ fn disruption_budget_lets_one_server_pod_go_at_a_time() {
 }
 
 #[test]
+fn a_disruption_budget_that_could_never_allow_an_eviction_is_refused() {
+    for args in [
+        vec!["--set", "replicaCount=1", "--set", "pdb.minAvailable=1"],
+        vec!["--set", "pdb.minAvailable=2"],
+        vec!["--set", "pdb.minAvailable=100%"],
+        vec!["--set", "replicaCount=1", "--set", "pdb.minAvailable=50%"],
+        vec!["--set", "pdb.maxUnavailable=0"],
+        vec!["--set-string", "pdb.maxUnavailable=0%"],
+        vec![
+            "--set",
+            "autoscaling.enabled=true",
+            "--set",
+            "autoscaling.minReplicas=1",
+            "--set",
+            "pdb.minAvailable=1",
+        ],
+    ] {
+        let Some(error) = render_error(&args) else {
+            return;
+        };
+        assert!(
+            error.contains("kubectl drain") && error.contains("pdb."),
+            "{args:?}: {error}"
+        );
+    }
+
+    // The safe combinations render: one pod may always go.
+    for args in [
+        vec!["--set", "replicaCount=1"],
+        vec!["--set", "replicaCount=3", "--set", "pdb.minAvailable=2"],
+        vec!["--set", "pdb.minAvailable=50%"],
+        vec![
+            "--set",
+            "autoscaling.enabled=true",
+            "--set",
+            "autoscaling.minReplicas=3",
+            "--set",
+            "pdb.minAvailable=2",
+        ],
+    ] {
+        let m = match render(&args) {
+            Some(m) => m,
+            None => return,
+        };
+        assert!(m.raw("PodDisruptionBudget", RELEASE).is_some(), "{args:?}");
+    }
+}
+
+#[test]
+fn replica_count_zero_parks_the_server_declaratively() {
+    let m = render!("-f", &ci_values("parked"));
+    assert_eq!(m.deployment().spec.replicas, Some(0));
+    assert!(m.raw("HorizontalPodAutoscaler", RELEASE).is_none());
+    // Services, routes and the databases stay, so agents find them again on unparking.
+    assert!(m.raw("Service", RELEASE).is_some());
+    assert!(m.raw("StatefulSet", "agent-server-postgresql").is_some());
+
+    let Some(error) = render_error(&[
+        "--set",
+        "replicaCount=0",
+        "--set",
+        "autoscaling.enabled=true",
+    ]) else {
+        return;
+    };
+    assert!(error.contains("autoscaling.enabled=false"), "{error}");
+}
+
+#[test]
+fn limits_alone_never_render_a_request_above_its_limit() {
+    // Helm merges the default requests (500m, 512Mi) under these limits.
+    let Some(error) = render_error(&[
+        "--set",
+        "resources.limits.cpu=250m",
+        "--set",
+        "resources.limits.memory=256Mi",
+    ]) else {
+        return;
+    };
+    assert!(
+        error.contains("resources.requests.cpu (500m) exceeds resources.limits.cpu (250m)"),
+        "{error}"
+    );
+    assert!(
+        error.contains("resources.requests.memory (512Mi)"),
+        "{error}"
+    );
+    for (args, needle) in [
+        (
+            vec!["--set", "redis.resources.limits.memory=128Mi"],
+            "redis.resources.requests.memory",
+        ),
+        (
+            vec!["--set", "postgresql.resources.limits.cpu=0.25"],
+            "postgresql.resources.requests.cpu",
+        ),
+    ] {
+        let Some(error) = render_error(&args) else {
+            return;
+        };
+        assert!(error.contains(needle), "{args:?}: {error}");
+    }
+
+    // The supported way: `requests: null` lets Kubernetes set requests to the limits.
+    let m = render!("-f", &ci_values("limits-only"));
+    let resources = m.server().resources.expect("resources");
+    assert!(resources.requests.is_none(), "{resources:?}");
+    let limits = resources.limits.expect("limits");
+    assert_eq!(limits["cpu"].0, "250m");
+    assert_eq!(limits["memory"].0, "256Mi");
+
+    // Equal request and limit, in different notations, are fine.
+    render!(
+        "--set",
+        "resources.limits.memory=1Gi",
+        "--set-string",
+        "resources.requests.memory=1073741824",
+        "--set",
+        "resources.limits.cpu=1",
+        "--set",
+        "resources.requests.cpu=1000m",
+    );
+}
+
+#[test]
 fn several_replicas_without_redis_are_refused() {
     let Some(error) = render_error(&["--set", "redis.enabled=false", "--set", "replicaCount=2"])
     else {
@@ -1088,14 +1720,246 @@ fn generated_secret_key_is_random_long_and_never_from_values() {
 }
 
 #[test]
-fn bundled_postgresql_password_is_the_one_in_database_url() {
+fn gitops_renders_are_identical_and_hold_no_generated_secret() {
+    let Some(helm) = helm_or_skip() else {
+        return;
+    };
+    let args = ["-f", &ci_values("gitops")];
+    let first = helm_template(&helm, &args);
+    let second = helm_template(&helm, &args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(
+        first.stdout, second.stdout,
+        "two renders differ: a sync would change what the cluster holds"
+    );
+    let m = Manifests::parse(&String::from_utf8_lossy(&first.stdout));
+    assert!(
+        m.raw_all("Secret").next().is_none(),
+        "no Secret with made-up values: {:?}",
+        m.kinds()
+    );
+    let server = m.server();
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some(("agent-server-pg".into(), "password".into()))
+    );
+    assert_eq!(
+        secret_ref(&server, "REDIS_PASSWORD"),
+        Some(("agent-server-cache".into(), "password".into()))
+    );
+    let redis: StatefulSet = m.one("StatefulSet", "agent-server-redis");
+    let redis_password = env_var(
+        &redis.spec.template.spec.unwrap().containers[0],
+        "REDIS_PASSWORD",
+    )
+    .and_then(|e| e.value_from.clone())
+    .and_then(|v| v.secret_key_ref)
+    .expect("Redis reads the same Secret");
+    assert_eq!(redis_password.name, "agent-server-cache");
+}
+
+#[test]
+fn secrets_reach_the_server_as_files_when_the_operator_chooses_files() {
+    let m = render!("-f", &ci_values("files"));
+    let server = m.server();
+    // The operator's Vault file, as given; the chart neither generates nor stores it.
+    assert_eq!(
+        env_value(&server, "SECRET_KEY_FILE").as_deref(),
+        Some("/vault/secrets/secret-key")
+    );
+    assert!(!m.secret_data(RELEASE).contains_key("SECRET_KEY"));
+    // The chart's own secrets, mounted as files: nothing secret in the environment.
+    for (variable, file) in [
+        ("ADMIN_PASSWORD_FILE", "admin-password"),
+        ("REDIS_PASSWORD_FILE", "redis-password"),
+    ] {
+        assert_eq!(
+            env_value(&server, variable),
+            Some(format!("/etc/agent-server/secrets/{file}"))
+        );
+    }
+    for variable in [
+        "SECRET_KEY",
+        "ADMIN_PASSWORD",
+        "REDIS_PASSWORD",
+        "DATABASE_URL_FILE",
+    ] {
+        assert!(env_var(&server, variable).is_none(), "{variable} is set");
+    }
+    assert!(
+        server
+            .env_from
+            .iter()
+            .flatten()
+            .all(|source| source.secret_ref.is_none()),
+        "no Secret is read into the environment"
+    );
+    assert_eq!(
+        mount_path(&server, "secrets").as_deref(),
+        Some("/etc/agent-server/secrets")
+    );
+    let volume = m
+        .pod_spec()
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "secrets")
+        .unwrap();
+    let projected = volume.projected.unwrap();
+    assert_eq!(projected.default_mode, Some(0o440));
+    let files: Vec<(String, String, String)> = projected
+        .sources
+        .unwrap()
+        .into_iter()
+        .map(|source| {
+            let secret = source.secret.unwrap();
+            let item = &secret.items.as_ref().unwrap()[0];
+            (secret.name.clone(), item.key.clone(), item.path.clone())
+        })
+        .collect();
+    assert_eq!(
+        files,
+        [
+            (
+                RELEASE.to_string(),
+                "ADMIN_PASSWORD".to_string(),
+                "admin-password".to_string()
+            ),
+            (
+                RELEASE.to_string(),
+                "REDIS_PASSWORD".to_string(),
+                "redis-password".to_string()
+            ),
+        ]
+    );
+    // libpq reads no password file of that form: PGPASSWORD stays a reference.
+    assert!(secret_ref(&server, "PGPASSWORD").is_some());
+
+    // A complete URL from a file replaces every database setting.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "secretFiles.databaseUrl=/vault/secrets/database-url",
+        "--set",
+        "externalDatabase.port=25060",
+    );
+    let server = m.server();
+    assert_eq!(
+        env_value(&server, "DATABASE_URL_FILE").as_deref(),
+        Some("/vault/secrets/database-url")
+    );
+    assert!(env_var(&server, "DATABASE_URL").is_none());
+    assert!(env_var(&server, "PGPASSWORD").is_none());
+    egress_rule_for_port(&m.server_policy(), "TCP", 25060);
+}
+
+#[test]
+fn bundled_redis_and_postgresql_take_their_own_pod_labels_annotations_and_egress() {
+    let m = render!("-f", &ci_values("files"));
+    let pod_meta = |name: &str| {
+        let statefulset: StatefulSet = m.one("StatefulSet", name);
+        statefulset.spec.template.metadata.unwrap()
+    };
+    let postgresql = pod_meta("agent-server-postgresql");
+    assert_eq!(
+        postgresql.labels.unwrap()["sidecar.istio.io/inject"],
+        "false"
+    );
+    assert_eq!(
+        postgresql.annotations.unwrap()["vault.hashicorp.com/agent-inject"],
+        "false"
+    );
+    let redis = pod_meta("agent-server-redis");
+    assert_eq!(
+        redis.labels.clone().unwrap()["sidecar.istio.io/inject"],
+        "true"
+    );
+    assert_eq!(
+        redis.labels.unwrap()["app.kubernetes.io/name"],
+        "redis",
+        "extra labels never replace the selector's"
+    );
+
+    let policy: NetworkPolicy = m.one("NetworkPolicy", "agent-server-redis");
+    let rule = egress_rule_for_port(&policy, "TCP", 15012);
+    assert_eq!(namespace_names(&rule.to.unwrap()[0]), ["istio-system"]);
+    let policy: NetworkPolicy = m.one("NetworkPolicy", "agent-server-postgresql");
+    assert_eq!(
+        policy.spec.unwrap().egress,
+        Some(vec![]),
+        "PostgreSQL still opens nothing"
+    );
+}
+
+#[test]
+fn a_render_without_a_cluster_refuses_to_make_up_secrets_and_names_what_to_give() {
+    // `helm template` and Argo CD: `lookup` finds nothing, so `auto` refuses.
+    let Some(error) = render_error(&["--set", "secrets.generate=auto"]) else {
+        return;
+    };
+    assert!(error.contains("rendered without a cluster"), "{error}");
+    for named in [
+        "auth.existingSecret",
+        "postgresql.auth.existingSecret",
+        "redis.auth.existingSecret",
+        "secrets.generate=true",
+    ] {
+        assert!(error.contains(named), "{named}: {error}");
+    }
+
+    // Nothing to make up: `auto` renders without a cluster too.
+    render!("--set", "secrets.generate=auto", "-f", &ci_values("gitops"),);
+
+    // `false` names exactly what is missing, and leaves sign-in off without a password.
+    let Some(error) = render_error(&[
+        "--set",
+        "secrets.generate=false",
+        "--set",
+        "postgresql.auth.existingSecret=pg",
+        "--set",
+        "redis.auth.existingSecret=cache",
+    ]) else {
+        return;
+    };
+    assert!(error.contains("SECRET_KEY"), "{error}");
+    assert!(!error.contains("PostgreSQL password"), "{error}");
+    let m = render!(
+        "--set",
+        "secrets.generate=false",
+        "--set",
+        "auth.secretKey=0123456789abcdef0123456789abcdef-given",
+        "--set",
+        "postgresql.auth.existingSecret=pg",
+        "--set",
+        "redis.auth.existingSecret=cache",
+    );
+    let secret = m.secret_data(RELEASE);
+    assert_eq!(
+        secret["SECRET_KEY"],
+        "0123456789abcdef0123456789abcdef-given"
+    );
+    assert!(!secret.contains_key("ADMIN_PASSWORD"), "{secret:?}");
+}
+
+#[test]
+fn bundled_postgresql_password_reaches_libpq_as_pgpassword_never_in_the_url() {
     let m = render!();
     let password = m.secret_data("agent-server-postgresql")["password"].clone();
     assert!(password.len() >= 32 && password.chars().all(|c| c.is_ascii_alphanumeric()));
-    let url = &m.secret_data(RELEASE)["DATABASE_URL"];
+    let server = m.server();
     assert_eq!(
-        url,
-        &format!("postgresql://postgres:{password}@agent-server-postgresql:5432/agentdb")
+        env_value(&server, "DATABASE_URL").as_deref(),
+        Some("postgresql://postgres@agent-server-postgresql:5432/agentdb")
+    );
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some(("agent-server-postgresql".into(), "password".into())),
+        "libpq reads the password from PGPASSWORD"
     );
 
     let statefulset: StatefulSet = m.one("StatefulSet", "agent-server-postgresql");
@@ -1134,37 +1998,23 @@ fn existing_secret_replaces_the_chart_secret_for_the_server_and_the_test_pod() {
         m.kinds()
     );
     let server = m.server();
-    let secret_ref = server
+    let source = server
         .env_from
         .iter()
         .flatten()
         .find_map(|s| s.secret_ref.as_ref())
         .expect("a Secret source");
-    assert_eq!(secret_ref.name, "my-agent-secret");
+    assert_eq!(source.name, "my-agent-secret");
 
-    // The bundled PostgreSQL's generated password still reaches the server: the
-    // URL is composed in the pod from its own Secret.
-    let password = env_var(&server, "DATABASE_PASSWORD")
-        .and_then(|e| e.value_from.as_ref())
-        .and_then(|v| v.secret_key_ref.as_ref())
-        .expect("DATABASE_PASSWORD from a Secret");
-    assert_eq!(password.name, "agent-server-postgresql");
+    // The bundled PostgreSQL's generated password still reaches the server,
+    // from its own Secret, outside the URL.
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some(("agent-server-postgresql".into(), "password".into()))
+    );
     assert_eq!(
         env_value(&server, "DATABASE_URL").as_deref(),
-        Some("postgresql://postgres:$(DATABASE_PASSWORD)@agent-server-postgresql:5432/agentdb")
-    );
-    let position = |name: &str| {
-        server
-            .env
-            .as_ref()
-            .unwrap()
-            .iter()
-            .position(|e| e.name == name)
-            .unwrap()
-    };
-    assert!(
-        position("DATABASE_PASSWORD") < position("DATABASE_URL"),
-        "$(VAR) needs VAR first"
+        Some("postgresql://postgres@agent-server-postgresql:5432/agentdb")
     );
 
     let test_pod: k8s_openapi::api::core::v1::Pod = m.one("Pod", "agent-server-test");
@@ -1205,19 +2055,177 @@ fn external_services_take_their_passwords_from_existing_secrets() {
         ("agent-server-redis".into(), "redis-password".into())
     );
     assert_eq!(
-        reference("DATABASE_PASSWORD"),
+        reference("PGPASSWORD"),
         ("agent-server-db".into(), "db-password".into())
     );
     assert_eq!(
         env_value(&server, "DATABASE_URL").as_deref(),
-        Some(
-            "postgresql://agent:$(DATABASE_PASSWORD)@pg.example.internal:5432/agentdb?sslmode=verify-full"
-        )
+        Some("postgresql://agent@pg.example.internal:5432/agentdb?sslmode=verify-full")
     );
     let config: ConfigMap = m.one("ConfigMap", RELEASE);
     let data = config.data.unwrap();
     assert_eq!(data["REDIS_HOST"], "redis.example.internal");
     assert_eq!(data["REDIS_PORT"], "6380");
+}
+
+/// The files a projected volume of the server pod holds: path -> (source kind, name, key).
+fn projected_files(pod: &PodSpec, volume: &str) -> BTreeMap<String, (String, String, String)> {
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == volume)
+        .unwrap_or_else(|| panic!("a volume {volume}"));
+    let projected = volume.projected.as_ref().expect("a projected volume");
+    assert_eq!(
+        projected.default_mode,
+        Some(0o440),
+        "libpq refuses keys readable by others"
+    );
+    let mut files = BTreeMap::new();
+    for source in projected.sources.iter().flatten() {
+        if let Some(secret) = &source.secret {
+            for item in secret.items.iter().flatten() {
+                files.insert(
+                    item.path.clone(),
+                    ("Secret".into(), secret.name.clone(), item.key.clone()),
+                );
+            }
+        }
+        if let Some(config_map) = &source.config_map {
+            for item in config_map.items.iter().flatten() {
+                files.insert(
+                    item.path.clone(),
+                    (
+                        "ConfigMap".into(),
+                        config_map.name.clone(),
+                        item.key.clone(),
+                    ),
+                );
+            }
+        }
+    }
+    files
+}
+
+fn mount_path(container: &Container, volume: &str) -> Option<String> {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume)
+        .map(|m| m.mount_path.clone())
+}
+
+#[test]
+fn external_postgresql_verifies_the_server_with_a_ca_and_presents_a_client_certificate() {
+    let m = render!("-f", &ci_values("external"));
+    let server = m.server();
+    let dir = mount_path(&server, "postgresql-tls").expect("the TLS files are mounted");
+    assert_eq!(dir, "/etc/agent-server/postgresql-tls");
+    for (variable, file) in [
+        ("PGSSLROOTCERT", "ca.crt"),
+        ("PGSSLCERT", "client.crt"),
+        ("PGSSLKEY", "client.key"),
+    ] {
+        assert_eq!(
+            env_value(&server, variable),
+            Some(format!("{dir}/{file}")),
+            "libpq reads {variable}"
+        );
+    }
+    let file = |kind: &str, name: &str, key: &str| -> (String, String, String) {
+        (kind.into(), name.into(), key.into())
+    };
+    assert_eq!(
+        projected_files(&m.pod_spec(), "postgresql-tls"),
+        BTreeMap::from([
+            ("ca.crt".to_string(), file("ConfigMap", "pg-ca", "ca.pem")),
+            (
+                "client.crt".to_string(),
+                file("Secret", "agent-server-db-client", "tls.crt")
+            ),
+            (
+                "client.key".to_string(),
+                file("Secret", "agent-server-db-client", "tls.key")
+            ),
+        ])
+    );
+    assert!(
+        env_value(&server, "DATABASE_URL")
+            .unwrap()
+            .ends_with("?sslmode=verify-full")
+    );
+
+    // A CA from a Secret instead; nothing is mounted for the bundled database.
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.host=db",
+        "--set",
+        "externalDatabase.tls.ca.secretName=db-ca",
+    );
+    assert_eq!(
+        projected_files(&m.pod_spec(), "postgresql-tls"),
+        BTreeMap::from([("ca.crt".to_string(), file("Secret", "db-ca", "ca.crt"))])
+    );
+    assert!(env_var(&m.server(), "PGSSLCERT").is_none());
+    assert!(mount_path(&render!().server(), "postgresql-tls").is_none());
+
+    let Some(error) = render_error(&[
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.host=db",
+        "--set",
+        "externalDatabase.tls.ca.secretName=a",
+        "--set",
+        "externalDatabase.tls.ca.configMapName=b",
+    ]) else {
+        return;
+    };
+    assert!(error.contains("not both"), "{error}");
+}
+
+#[test]
+fn external_redis_speaks_tls_with_a_private_ca_as_an_acl_user() {
+    let m = render!("-f", &ci_values("external"));
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    let data = config.data.unwrap();
+    assert_eq!(data["REDIS_TLS"], "true");
+    assert_eq!(data["REDIS_USERNAME"], "agent-server");
+    assert_eq!(data["REDIS_PORT"], "6380");
+    let server = m.server();
+    assert_eq!(
+        env_value(&server, "REDIS_TLS_CA_FILE").as_deref(),
+        Some("/etc/agent-server/redis-tls/ca.crt")
+    );
+    assert_eq!(
+        projected_files(&m.pod_spec(), "redis-tls")["ca.crt"],
+        ("Secret".into(), "redis-ca".into(), "ca.crt".into())
+    );
+    assert_eq!(
+        secret_ref(&server, "REDIS_PASSWORD"),
+        Some(("agent-server-redis".into(), "redis-password".into()))
+    );
+
+    // TLS with the image's system CAs: no file, no variable.
+    let m = render!(
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "externalRedis.host=cache.example.com",
+        "--set",
+        "externalRedis.tls.enabled=true",
+    );
+    let config: ConfigMap = m.one("ConfigMap", RELEASE);
+    assert_eq!(config.data.unwrap()["REDIS_TLS"], "true");
+    assert!(env_var(&m.server(), "REDIS_TLS_CA_FILE").is_none());
+
+    // The bundled Redis is plain TCP inside the namespace.
+    let config: ConfigMap = render!().one("ConfigMap", RELEASE);
+    assert!(!config.data.unwrap().contains_key("REDIS_TLS"));
 }
 
 #[test]
@@ -1239,7 +2247,57 @@ fn external_database_url_in_a_secret_is_used_as_is() {
         (reference.name.as_str(), reference.key.as_str()),
         ("db", "url")
     );
-    assert!(env_var(&server, "DATABASE_PASSWORD").is_none());
+    assert!(env_var(&server, "PGPASSWORD").is_none());
+}
+
+#[test]
+fn a_password_with_url_reserved_characters_never_enters_the_url() {
+    // A provider-generated password: `#`, `?`, `%` and `:` all mean something in a URL.
+    const PASSWORD: &str = "Vx7#kQ9?mz%2Lr:8";
+    let m = render!(
+        "--set",
+        "postgresql.enabled=false",
+        "--set",
+        "externalDatabase.host=pg.example.internal",
+        "--set-string",
+        &format!("externalDatabase.password={PASSWORD}"),
+    );
+    let server = m.server();
+    let url = env_value(&server, "DATABASE_URL").expect("DATABASE_URL");
+    assert_eq!(url, "postgresql://agent@pg.example.internal:5432/agentdb");
+    assert_eq!(
+        secret_ref(&server, "PGPASSWORD"),
+        Some((RELEASE.into(), "PGPASSWORD".into()))
+    );
+    assert_eq!(
+        m.secret_data(RELEASE)["PGPASSWORD"],
+        PASSWORD,
+        "stored as given"
+    );
+    for doc in &m.docs {
+        if doc["kind"] != "Secret" {
+            assert!(
+                !doc.to_string().contains(PASSWORD),
+                "the password appears outside its Secret, in {}",
+                doc["kind"]
+            );
+        }
+    }
+
+    // The bundled PostgreSQL takes any password too: it is no longer placed in a URL.
+    let m = render!(
+        "--set-string",
+        &format!("postgresql.auth.password={PASSWORD}")
+    );
+    assert_eq!(
+        m.secret_data("agent-server-postgresql")["password"],
+        PASSWORD
+    );
+    assert!(
+        !env_value(&m.server(), "DATABASE_URL")
+            .unwrap()
+            .contains('#')
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1377,7 +2435,7 @@ fn the_design_values_render_every_resource_of_the_design() {
         );
     }
     let monitor = m.raw("ServiceMonitor", RELEASE).unwrap();
-    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "30s");
     let image = m.server().image.unwrap();
@@ -1395,7 +2453,7 @@ fn the_design_values_render_every_resource_of_the_design() {
 fn values_schema_refuses_unknown_keys_and_impossible_replica_counts() {
     for (args, needle) in [
         (vec!["--set", "replicas=3"], "replicas"),
-        (vec!["--set", "replicaCount=0"], "replicaCount"),
+        (vec!["--set", "replicaCount=-1"], "replicaCount"),
         (vec!["--set", "ingress.className=Not_Valid"], "className"),
         (vec!["--set-string", "service.port=eighty"], "port"),
     ] {
