@@ -63,6 +63,7 @@ const CAVEATS: &[&str] = &[
     "Kubernetes endpoints and probes: here the harness takes a pod out of nginx before SIGTERM, as endpoint removal plus the preStop sleep does",
     "the chart's manifests on a live API server (probes, preStop hook, NetworkPolicy, PDB, Secret wiring); here only its ingress and server values are used",
     "ingress-nginx itself: here plain nginx with the configuration ingress-nginx renders for the chart's annotations",
+    "the binaries volume as a ReadWriteMany claim mounted by pods on several nodes: here the processes share one directory",
 ];
 
 /// What only the kind target proves; printed by every local run.
