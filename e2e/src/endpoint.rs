@@ -1,8 +1,8 @@
 //! Where clients connect: the ingress, addressed without DNS.
 //!
 //! Every target exposes its ingress on a loopback address. The kind cluster's ingress
-//! answers on 127.0.0.1:80 for the host name in `chart/ci/kind-values.yaml`; the local
-//! target's nginx answers on 127.0.0.1:<port>. Clients open TCP connections to `addr` and
+//! answers on 127.0.0.1:<--http-port> for the host name in `chart/ci/kind-values.yaml`;
+//! the local target's nginx answers on 127.0.0.1:<port>. Clients open TCP connections to `addr` and
 //! send `authority` as the Host, so no name is ever looked up.
 
 use std::net::SocketAddr;
@@ -13,7 +13,9 @@ use std::time::Duration;
 pub struct Endpoint {
     /// Where TCP connections go (always a loopback address).
     pub addr: SocketAddr,
-    /// The URL authority and Host header: `agent-server.localtest.me` or `127.0.0.1:8080`.
+    /// The URL authority and Host header: `agent-server.localtest.me:38080` or
+    /// `127.0.0.1:8080`. A port here is the one `addr` has (a client that overrides the
+    /// name's address still takes the port from the URL).
     pub authority: String,
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - [`agent`]: a protocol-correct simulated agent and fleets of them (also the base of
 //!   load generators);
-//! - [`cluster`]: the [`cluster::Cluster`] trait the scenarios are written against;
+//! - [`target`]: the [`target::Target`] trait (a deployment target) the scenarios are
+//!   written against;
 //! - [`local`] and [`kind`]: the two targets;
 //! - [`scenarios`]: websocket, ingress-timeouts, rolling-update, hpa, pod-kill;
 //! - [`api`], [`tokens`], [`endpoint`]: clients of the deployment through its ingress;
@@ -14,13 +15,13 @@
 
 pub mod agent;
 pub mod api;
-pub mod cluster;
 pub mod endpoint;
 pub mod kind;
 pub mod local;
 pub mod report;
 pub mod scenarios;
 pub mod sim;
+pub mod target;
 pub mod tokens;
 pub mod values;
 pub mod wait;

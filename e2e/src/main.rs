@@ -9,21 +9,21 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use e2e::cluster::{Cluster, Profile};
-use e2e::kind::{KindCluster, KindOptions};
-use e2e::local::{LocalCluster, LocalOptions};
+use e2e::kind::{KindOptions, KindTarget};
+use e2e::local::{LocalOptions, LocalTarget};
 use e2e::report::{ScenarioReport, table};
 use e2e::scenarios::{self, Options, Scenario};
+use e2e::target::{Profile, Target};
 
 #[derive(Parser)]
 #[command(about = "End-to-end scenarios for agent-server and its chart", version)]
 struct Cli {
     #[command(subcommand)]
-    target: Target,
+    command: Command,
 }
 
 #[derive(Subcommand)]
-enum Target {
+enum Command {
     /// Server processes, redis-server, the local PostgreSQL and nginx on this machine.
     Local(LocalArgs),
     /// A kind cluster with ingress-nginx and metrics-server, the image and the chart.
@@ -85,6 +85,14 @@ struct KindArgs {
     skip_build: bool,
     #[arg(long, default_value = "agent-server-e2e")]
     cluster_name: String,
+    /// The host port (on 127.0.0.1) that reaches the ingress; a free one by default. A
+    /// kept cluster keeps the port it was created with.
+    #[arg(long, env = "E2E_HTTP_PORT")]
+    http_port: Option<u16>,
+    /// Print every command, manifest, patch and wait the run would go through, in
+    /// order, with the pinned versions, and exit; needs no Docker.
+    #[arg(long)]
+    plan: bool,
 }
 
 fn main() -> ExitCode {
@@ -113,9 +121,9 @@ enum Outcome {
 async fn run(cli: Cli) -> Result<Outcome> {
     let repo = repo_root();
     let artifacts = target_dir(&repo).join("e2e-artifacts");
-    match cli.target {
-        Target::Local(args) => run_local(args, repo, artifacts).await,
-        Target::Kind(args) => run_kind(args, repo, artifacts).await,
+    match cli.command {
+        Command::Local(args) => run_local(args, repo, artifacts).await,
+        Command::Kind(args) => run_kind(args, repo, artifacts).await,
     }
 }
 
@@ -176,7 +184,7 @@ async fn run_local(args: LocalArgs, repo: PathBuf, artifacts: PathBuf) -> Result
         "e2e local: {} agents, {} server processes, run {}",
         opts.agents, opts.replicas, opts.run_id
     );
-    let mut cluster = match LocalCluster::start(local, &Profile::standard(opts.replicas)).await {
+    let mut target = match LocalTarget::start(local, &Profile::standard(opts.replicas)).await {
         Ok(c) => c,
         Err(e) => {
             return Err(e.context(format!(
@@ -185,12 +193,12 @@ async fn run_local(args: LocalArgs, repo: PathBuf, artifacts: PathBuf) -> Result
             )));
         }
     };
-    print_caveats(&cluster);
+    print_caveats(&target);
     let reports = tokio::select! {
-        reports = run_scenarios(&mut cluster, &opts, &scenarios) => Some(reports),
+        reports = run_scenarios(&mut target, &opts, &scenarios) => Some(reports),
         _ = tokio::signal::ctrl_c() => None,
     };
-    let shutdown = cluster.shutdown().await;
+    let shutdown = target.shutdown().await;
     let Some(reports) = reports else {
         println!("\ninterrupted; the local deployment is stopped");
         return Ok(Outcome::Interrupted);
@@ -204,34 +212,41 @@ async fn run_local(args: LocalArgs, repo: PathBuf, artifacts: PathBuf) -> Result
 async fn run_kind(args: KindArgs, repo: PathBuf, artifacts: PathBuf) -> Result<Outcome> {
     let (opts, scenarios) = options(&args.common, 240)?;
     let kind = KindOptions {
+        shared_dir: target_dir(&repo).join("e2e-kind-shared"),
         repo,
         cluster_name: args.cluster_name,
         artifacts: artifacts.join("kind"),
         skip_build: args.skip_build,
         replicas: opts.replicas,
+        http_port: args.http_port,
+        keep: args.keep,
     };
+    if args.plan {
+        print!("{}", e2e::kind::plan(kind).await?);
+        return Ok(Outcome::Passed);
+    }
     println!(
-        "e2e kind: cluster {}, {} agents, {} server pods (HPA minimum), run {}",
-        kind.cluster_name, opts.agents, opts.replicas, opts.run_id
+        "e2e kind: {} agents, {} server pods (HPA minimum), run {}",
+        opts.agents, opts.replicas, opts.run_id
     );
     let dir = kind.artifacts.clone();
-    let mut cluster = match KindCluster::setup(kind).await {
-        Ok(c) => c,
-        Err((e, cluster)) => {
-            if let Some(cluster) = cluster
-                && let Ok(dir) = cluster.collect_artifacts("setup").await
+    let mut target = match KindTarget::setup(kind).await {
+        Ok(t) => t,
+        Err((e, target)) => {
+            if let Some(target) = target
+                && let Ok(dir) = target.collect_artifacts("setup").await
             {
                 println!("logs and state of the failed setup: {}", dir.display());
             }
             return Err(e.context("setting up the kind target"));
         }
     };
-    print_caveats(&cluster);
+    print_caveats(&target);
     let reports = tokio::select! {
-        reports = run_scenarios(&mut cluster, &opts, &scenarios) => Some(reports),
+        reports = run_scenarios(&mut target, &opts, &scenarios) => Some(reports),
         _ = tokio::signal::ctrl_c() => None,
     };
-    let teardown = cluster.finish(args.keep).await;
+    let teardown = target.finish().await;
     let Some(reports) = reports else {
         println!("\ninterrupted");
         return Ok(Outcome::Interrupted);
@@ -242,24 +257,24 @@ async fn run_kind(args: KindArgs, repo: PathBuf, artifacts: PathBuf) -> Result<O
     Ok(finish("kind", &reports, &[], &dir))
 }
 
-async fn run_scenarios<C: Cluster>(
-    cluster: &mut C,
+async fn run_scenarios<C: Target>(
+    target: &mut C,
     opts: &Options,
     scenarios: &[Scenario],
 ) -> Vec<ScenarioReport> {
     let mut reports = Vec::new();
     for scenario in scenarios {
-        reports.push(scenarios::run(*scenario, cluster, opts).await);
+        reports.push(scenarios::run(*scenario, target, opts).await);
     }
     reports
 }
 
-fn print_caveats<C: Cluster>(cluster: &C) {
-    if cluster.caveats().is_empty() {
+fn print_caveats<C: Target>(target: &C) {
+    if target.caveats().is_empty() {
         return;
     }
     println!("\nWhat only the kind target proves (`just e2e`):");
-    for caveat in cluster.caveats() {
+    for caveat in target.caveats() {
         println!("  - {caveat}");
     }
 }

@@ -22,7 +22,7 @@ pub const TOOLS: &[Tool] = &[
     },
     Tool {
         name: "kind",
-        install: "kind: `go install sigs.k8s.io/kind@latest`, or a release binary from https://kind.sigs.k8s.io/docs/user/quick-start/#installation",
+        install: "kind v0.31.0 (the release the pinned node image is built for): a release binary from https://kind.sigs.k8s.io/docs/user/quick-start/#installation, or `go install sigs.k8s.io/kind@v0.31.0`",
     },
     Tool {
         name: "kubectl",
@@ -30,7 +30,7 @@ pub const TOOLS: &[Tool] = &[
     },
     Tool {
         name: "helm",
-        install: "Helm 3: https://helm.sh/docs/intro/install/ (or put the one in ../shared/tools on PATH; `just e2e` does)",
+        install: "Helm 3.18+ or 4: https://helm.sh/docs/intro/install/",
     },
 ];
 

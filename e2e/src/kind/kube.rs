@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client};
 
-use crate::cluster::PodInfo;
+use crate::target::PodInfo;
 
 /// Annotation holding a Deployment's (and its ReplicaSets') revision.
 const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -157,8 +157,50 @@ pub async fn pod_infos(
         .collect())
 }
 
-/// The HPA's view: (current replicas, desired replicas, "cpu 85%/70%").
-pub async fn hpa_state(client: &Client, ns: &str, name: &str) -> Result<(i32, i32, String)> {
+/// The HPA's own account of the scaling: its status, which only the HPA controller
+/// writes.
+#[derive(Clone, Debug)]
+pub struct HpaState {
+    pub current: i32,
+    pub desired: i32,
+    /// `status.lastScaleTime` (RFC 3339), when the controller last changed the scale.
+    pub last_scale: Option<String>,
+    /// `AbleToScale`, `ScalingActive`, `ScalingLimited`: (status, reason, message).
+    pub conditions: Vec<(String, String, String, String)>,
+    /// "cpu 85%/70%"
+    pub cpu: String,
+}
+
+impl HpaState {
+    /// The condition `type_` is `True`; its reason.
+    pub fn condition(&self, type_: &str) -> Option<&(String, String, String, String)> {
+        self.conditions.iter().find(|c| c.0 == type_)
+    }
+
+    pub fn holds(&self, type_: &str) -> bool {
+        self.condition(type_).is_some_and(|c| c.1 == "True")
+    }
+
+    /// One line for progress and the report.
+    pub fn summary(&self) -> String {
+        let conditions: Vec<String> = self
+            .conditions
+            .iter()
+            .map(|(t, s, r, _)| format!("{t}={s} ({r})"))
+            .collect();
+        format!(
+            "{}, replicas {} → {}, lastScaleTime {}, {}",
+            self.cpu,
+            self.current,
+            self.desired,
+            self.last_scale.as_deref().unwrap_or("never"),
+            conditions.join(", ")
+        )
+    }
+}
+
+/// The HPA `name`'s status.
+pub async fn hpa_state(client: &Client, ns: &str, name: &str) -> Result<HpaState> {
     let hpa = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns)
         .get(name)
         .await
@@ -172,15 +214,30 @@ pub async fn hpa_state(client: &Client, ns: &str, name: &str) -> Result<(i32, i3
     let status = hpa.status.unwrap_or_default();
     let cpu = status
         .current_metrics
+        .clone()
         .unwrap_or_default()
         .into_iter()
         .filter_map(|m| m.resource)
         .find(|r| r.name == "cpu")
         .and_then(|r| r.current.average_utilization);
     let fmt = |v: Option<i32>| v.map_or("?".to_string(), |v| format!("{v}%"));
-    Ok((
-        status.current_replicas.unwrap_or(0),
-        status.desired_replicas,
-        format!("cpu {}/{}", fmt(cpu), fmt(target)),
-    ))
+    Ok(HpaState {
+        current: status.current_replicas.unwrap_or(0),
+        desired: status.desired_replicas,
+        last_scale: status.last_scale_time.map(|t| t.0.to_string()),
+        conditions: status
+            .conditions
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                (
+                    c.type_,
+                    c.status,
+                    c.reason.unwrap_or_default(),
+                    c.message.unwrap_or_default(),
+                )
+            })
+            .collect(),
+        cpu: format!("cpu {}/{}", fmt(cpu), fmt(target)),
+    })
 }

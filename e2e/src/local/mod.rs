@@ -27,8 +27,8 @@ use anyhow::{Context, Result, bail};
 use futures_util::future::try_join_all;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{Cluster, PodInfo, Profile, Scaling};
 use crate::endpoint::Endpoint;
+use crate::target::{PodEndpoint, PodInfo, Profile, Scaling, Target};
 use crate::tokens::Minter;
 use crate::values::{ChartValues, IngressSettings, ServerSettings};
 use crate::wait::{self, progress};
@@ -63,6 +63,7 @@ const CAVEATS: &[&str] = &[
     "Kubernetes endpoints and probes: here the harness takes a pod out of nginx before SIGTERM, as endpoint removal plus the preStop sleep does",
     "the chart's manifests on a live API server (probes, preStop hook, NetworkPolicy, PDB, Secret wiring); here only its ingress and server values are used",
     "ingress-nginx itself: here plain nginx with the configuration ingress-nginx renders for the chart's annotations",
+    "the binaries volume as a ReadWriteMany claim mounted by pods on several nodes: here the processes share one directory",
 ];
 
 /// What only the kind target proves; printed by every local run.
@@ -70,7 +71,7 @@ pub fn caveats() -> &'static [&'static str] {
     CAVEATS
 }
 
-pub struct LocalCluster {
+pub struct LocalTarget {
     opts: LocalOptions,
     secret: String,
     ingress: IngressSettings,
@@ -94,9 +95,9 @@ pub struct LocalCluster {
     terminating: Vec<JoinHandle<Result<Exit>>>,
 }
 
-impl LocalCluster {
+impl LocalTarget {
     /// Starts Redis, a fresh database, `profile.replicas` servers and nginx.
-    pub async fn start(opts: LocalOptions, profile: &Profile) -> Result<LocalCluster> {
+    pub async fn start(opts: LocalOptions, profile: &Profile) -> Result<LocalTarget> {
         let chart = opts.repo.join("chart");
         let values = ChartValues::load(&chart, &[&chart.join("ci/kind-values.yaml")])?;
         let ingress = values.ingress()?;
@@ -124,7 +125,7 @@ impl LocalCluster {
             let b = uuid::Uuid::new_v4().simple().to_string();
             a + &b
         };
-        let mut cluster = LocalCluster {
+        let mut target = LocalTarget {
             nginx_port: free_port()?,
             opts,
             secret,
@@ -141,11 +142,11 @@ impl LocalCluster {
             restarting: Vec::new(),
             terminating: Vec::new(),
         };
-        match cluster.start_serving(profile).await {
-            Ok(()) => Ok(cluster),
+        match target.start_serving(profile).await {
+            Ok(()) => Ok(target),
             Err(e) => {
                 // Never leave the run's database behind.
-                if let Err(cleanup) = cluster.shutdown().await {
+                if let Err(cleanup) = target.shutdown().await {
                     println!("  cleaning up after the failed start: {cleanup:#}");
                 }
                 Err(e)
@@ -199,6 +200,12 @@ impl LocalCluster {
             ("REDIS_HOST", "127.0.0.1".into()),
             ("REDIS_PORT", self.redis.port.to_string()),
             ("POD_IP", "127.0.0.1".into()),
+            // Every pod stores binaries in one directory, as every pod of the chart mounts
+            // one ReadWriteMany volume: any pod serves a binary another pod received.
+            (
+                "BINARY_STORAGE_PATH",
+                self.opts.dir.join("binaries").display().to_string(),
+            ),
             ("LOG_FORMAT", "json".into()),
             ("LOG_LEVEL", "info".into()),
             (
@@ -270,7 +277,7 @@ impl LocalCluster {
         try_join_all(
             names
                 .iter()
-                .map(|name| Pod::start(bin, dir, name, revision, 0, &env)),
+                .map(|name| Pod::start(bin, dir, name, revision, 0, 0, &env)),
         )
         .await
     }
@@ -336,8 +343,8 @@ impl LocalCluster {
     }
 }
 
-impl Cluster for LocalCluster {
-    fn target(&self) -> &'static str {
+impl Target for LocalTarget {
+    fn name(&self) -> &'static str {
         "local"
     }
 
@@ -420,6 +427,18 @@ impl Cluster for LocalCluster {
         Ok(pods)
     }
 
+    async fn pod_endpoint(&self, name: &str) -> Result<PodEndpoint> {
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no running pod {name}"))?;
+        Ok(PodEndpoint::new(
+            Endpoint::direct(([127, 0, 0, 1], pod.port).into()),
+            None,
+        ))
+    }
+
     async fn rollout(&mut self) -> Result<()> {
         self.settle().await?;
         self.revision += 1;
@@ -483,7 +502,7 @@ impl Cluster for LocalCluster {
             .position(|p| p.name == name)
             .with_context(|| format!("no running pod {name}"))?;
         let pod = self.pods.remove(index);
-        let (revision, port) = (pod.revision, pod.port);
+        let (revision, port, metrics_port) = (pod.revision, pod.port, pod.metrics_port);
         pod.kill().await?;
         // Restarted at once on the same port, as the kubelet restarts the container in the
         // same pod (same name, same address). Its upstream stays in nginx meanwhile, as a
@@ -495,10 +514,9 @@ impl Cluster for LocalCluster {
             self.pod_env(),
         );
         let pod_name = name.to_string();
-        let restart =
-            tokio::spawn(
-                async move { Pod::start(&bin, &dir, &pod_name, revision, port, &env).await },
-            );
+        let restart = tokio::spawn(async move {
+            Pod::start(&bin, &dir, &pod_name, revision, port, metrics_port, &env).await
+        });
         self.restarting.push((name.to_string(), revision, restart));
         Ok(())
     }

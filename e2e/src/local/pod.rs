@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
-use super::process::{signal, spawn_logged, tail, wait_exit};
+use super::process::{free_port, signal, spawn_logged, tail, wait_exit};
 use crate::wait::{self, Check};
 
 /// Bound on a process starting: migrations run on the first start of a fresh database.
@@ -20,6 +20,8 @@ pub struct Pod {
     /// The rollout revision it was started for.
     pub revision: u32,
     pub port: u16,
+    /// METRICS_PORT: `/metrics` is served there, on a port of its own, as in the chart.
+    pub metrics_port: u16,
     child: Child,
     log: std::path::PathBuf,
 }
@@ -34,16 +36,23 @@ pub struct Exit {
 }
 
 impl Pod {
-    /// Starts `bin` with `env` (plus POD_ID, SERVER_PORT, DATA_DIR) and waits until it
-    /// listens and answers /readiness with 200. `port` 0 lets the server pick one.
+    /// Starts `bin` with `env` (plus POD_ID, SERVER_PORT, METRICS_PORT, DATA_DIR) and
+    /// waits until it listens and answers /readiness with 200. `port` 0 lets the server
+    /// pick one; `metrics_port` 0 takes a free one (the server's default, 9090, would be
+    /// the same for every process).
     pub async fn start(
         bin: &Path,
         dir: &Path,
         name: &str,
         revision: u32,
         port: u16,
+        metrics_port: u16,
         env: &[(String, String)],
     ) -> Result<Pod> {
+        let metrics_port = match metrics_port {
+            0 => free_port()?,
+            p => p,
+        };
         let data = dir.join("pods").join(name);
         std::fs::create_dir_all(&data)?;
         let log = dir.join("pods").join(format!("{name}.log"));
@@ -53,6 +62,7 @@ impl Pod {
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("POD_ID", name)
             .env("SERVER_PORT", port.to_string())
+            .env("METRICS_PORT", metrics_port.to_string())
             .env("DATA_DIR", &data)
             .current_dir(&data);
         let (mut child, mut lines) = spawn_logged(command, &log)?;
@@ -85,6 +95,7 @@ impl Pod {
             name: name.to_string(),
             revision,
             port,
+            metrics_port,
             child,
             log,
         };

@@ -5,7 +5,7 @@
 //! On kind the HorizontalPodAutoscaler decides, from the CPU the load causes; on the local
 //! target the harness scales in explicit steps and the load is only there to keep the
 //! scenario identical. Connections move onto new pods only if the server rebalances
-//! (cluster mode): long-lived WebSockets never move by themselves.
+//! (target mode): long-lived WebSockets never move by themselves.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -15,27 +15,27 @@ use tokio::time::Instant;
 
 use super::traffic::{ApiLoad, CommandFlow, verify};
 use super::*;
-use crate::cluster::{Profile, Scaling};
 use crate::report::short;
+use crate::target::{Profile, Scaling};
 
 /// Bound on the HPA reacting (kind): metrics-server scrapes every 15 s, the HPA syncs every
 /// 15 s, and pods need their readiness probe.
 const SCALE_BOUND: Duration = Duration::from_secs(600);
 
-pub async fn run<C: Cluster>(
-    cluster: &mut C,
+pub async fn run<C: Target>(
+    target: &mut C,
     opts: &Options,
     report: &mut ScenarioReport,
 ) -> Result<()> {
-    cluster.apply(&Profile::standard(opts.replicas)).await?;
-    let api = admin_api(cluster);
-    let fleet = start_fleet(cluster, opts, Scenario::Hpa, "", opts.agents);
+    target.apply(&Profile::standard(opts.replicas)).await?;
+    let api = admin_api(target);
+    let fleet = start_fleet(target, opts, Scenario::Hpa, "", opts.agents);
     report.agents = fleet.len();
     all_connected(&fleet, "every agent to connect", CONNECT_BOUND).await?;
-    let before: BTreeSet<String> = cluster.pods().await?.into_iter().map(|p| p.name).collect();
+    let before: BTreeSet<String> = target.pods().await?.into_iter().map(|p| p.name).collect();
 
-    let scaling = cluster.scaling();
-    let workers = cluster.load_workers();
+    let scaling = target.scaling();
+    let workers = target.load_workers();
     section(&format!(
         "load: {workers} API clients{}, a command every 200ms",
         if scaling == Scaling::Autoscaler {
@@ -70,7 +70,7 @@ pub async fn run<C: Cluster>(
         Scaling::Explicit => "scaling out (explicit step: the local target has no HPA)",
     });
     let t_out = Instant::now();
-    let added = wait::bounded("the scale-out", SCALE_BOUND, cluster.scale_out()).await??;
+    let added = wait::bounded("the scale-out", SCALE_BOUND, target.scale_out()).await??;
     let pods_now = before.len() + added.len();
     report.figure(
         "scaled",
@@ -107,7 +107,7 @@ pub async fn run<C: Cluster>(
     match spread {
         Ok(()) => report.figure("spread in", short(t_spread.elapsed())),
         Err(e) => report.failures.push(format!(
-            "connections did not spread onto the new pods ({e}); moving agents to new pods needs the server's rebalancing (cluster mode)"
+            "connections did not spread onto the new pods ({e}); moving agents to new pods needs the server's rebalancing (target mode)"
         )),
     }
 
@@ -117,7 +117,7 @@ pub async fn run<C: Cluster>(
         Scaling::Explicit => "scaling in (explicit step)",
     });
     let t_in = Instant::now();
-    let removed = wait::bounded("the scale-in", SCALE_BOUND, cluster.scale_in()).await??;
+    let removed = wait::bounded("the scale-in", SCALE_BOUND, target.scale_in()).await??;
     report.figure(
         "scaled in",
         format!(

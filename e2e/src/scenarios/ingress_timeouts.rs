@@ -17,27 +17,27 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::api::Body;
-use crate::cluster::Profile;
 use crate::report::short;
+use crate::target::Profile;
 
 /// Idle agents per part.
 const IDLE_AGENTS: usize = 3;
 /// Close code of a server restarting or rebalancing.
 const REBALANCED: u16 = 1012;
 
-pub async fn run<C: Cluster>(
-    cluster: &mut C,
+pub async fn run<C: Target>(
+    target: &mut C,
     opts: &Options,
     report: &mut ScenarioReport,
 ) -> Result<()> {
     let timeout = opts.ingress_timeout;
-    let api = admin_api(cluster);
+    let api = admin_api(target);
 
     section(&format!(
         "ingress timeout {}, server heartbeat 1s: idle agents stay",
         short(timeout)
     ));
-    cluster
+    target
         .apply(&Profile {
             replicas: opts.replicas,
             heartbeat: Some(Duration::from_secs(1)),
@@ -45,7 +45,7 @@ pub async fn run<C: Cluster>(
             ingress_timeout: Some(timeout),
         })
         .await?;
-    let fleet = start_fleet(cluster, opts, Scenario::IngressTimeouts, "hb", IDLE_AGENTS);
+    let fleet = start_fleet(target, opts, Scenario::IngressTimeouts, "hb", IDLE_AGENTS);
     report.agents = fleet.len();
     all_connected(&fleet, "the idle agents to connect", CONNECT_BOUND).await?;
     let hold = timeout * 4;
@@ -90,7 +90,7 @@ pub async fn run<C: Cluster>(
 
     section("inventory size limit at the ingress");
     let agent = fleet.agents()[0].client_id().to_string();
-    let agent_token = cluster
+    let agent_token = target
         .minter()
         .mint(&agent, Role::Agent, Duration::from_secs(3600));
     let path = format!("/api/v1/agents/{agent}/inventory");
@@ -153,7 +153,7 @@ pub async fn run<C: Cluster>(
         "ingress timeout {}, server heartbeat 30s: the ingress cuts silent connections",
         short(timeout)
     ));
-    cluster
+    target
         .apply(&Profile {
             replicas: opts.replicas,
             heartbeat: Some(Duration::from_secs(30)),
@@ -162,7 +162,7 @@ pub async fn run<C: Cluster>(
         })
         .await?;
     let fleet = start_fleet(
-        cluster,
+        target,
         opts,
         Scenario::IngressTimeouts,
         "silent",

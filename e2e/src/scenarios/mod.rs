@@ -1,4 +1,4 @@
-//! The scenarios, written once against [`Cluster`] and run on both targets.
+//! The scenarios, written once against [`Target`] and run on both targets.
 //!
 //! Each one applies the deployment profile it needs, starts its own agents (ids carry the
 //! run id and the scenario, so scenarios never see each other's agents), disturbs the
@@ -9,6 +9,7 @@ mod hpa;
 mod ingress_timeouts;
 mod pod_kill;
 mod rolling_update;
+mod shared_binaries;
 pub mod traffic;
 mod websocket;
 
@@ -20,8 +21,8 @@ use tokio::time::Instant;
 
 use crate::agent::{AgentConfig, Fleet};
 use crate::api::Api;
-use crate::cluster::Cluster;
 use crate::report::{Latencies, ScenarioReport};
+use crate::target::Target;
 use crate::tokens::Role;
 use crate::wait::{self, Check};
 
@@ -33,15 +34,17 @@ pub enum Scenario {
     RollingUpdate,
     Hpa,
     PodKill,
+    SharedBinaries,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Websocket,
         Scenario::IngressTimeouts,
         Scenario::RollingUpdate,
         Scenario::Hpa,
         Scenario::PodKill,
+        Scenario::SharedBinaries,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +54,7 @@ impl Scenario {
             Scenario::RollingUpdate => "rolling-update",
             Scenario::Hpa => "hpa",
             Scenario::PodKill => "pod-kill",
+            Scenario::SharedBinaries => "shared-binaries",
         }
     }
 
@@ -61,6 +65,7 @@ impl Scenario {
             Scenario::RollingUpdate => "ru",
             Scenario::Hpa => "hpa",
             Scenario::PodKill => "pk",
+            Scenario::SharedBinaries => "sb",
         }
     }
 }
@@ -94,27 +99,24 @@ pub const SETTLE_BOUND: Duration = Duration::from_secs(60);
 pub const RESULTS_BOUND: Duration = Duration::from_secs(30);
 
 /// Runs one scenario and prints its summary line.
-pub async fn run<C: Cluster>(
-    scenario: Scenario,
-    cluster: &mut C,
-    opts: &Options,
-) -> ScenarioReport {
-    println!("\n=== {} ({} target)", scenario.name(), cluster.target());
+pub async fn run<C: Target>(scenario: Scenario, target: &mut C, opts: &Options) -> ScenarioReport {
+    println!("\n=== {} ({} target)", scenario.name(), target.name());
     let mut report = ScenarioReport::new(scenario.name());
     let start = Instant::now();
     let outcome = match scenario {
-        Scenario::Websocket => websocket::run(cluster, opts, &mut report).await,
-        Scenario::IngressTimeouts => ingress_timeouts::run(cluster, opts, &mut report).await,
-        Scenario::RollingUpdate => rolling_update::run(cluster, opts, &mut report).await,
-        Scenario::Hpa => hpa::run(cluster, opts, &mut report).await,
-        Scenario::PodKill => pod_kill::run(cluster, opts, &mut report).await,
+        Scenario::Websocket => websocket::run(target, opts, &mut report).await,
+        Scenario::IngressTimeouts => ingress_timeouts::run(target, opts, &mut report).await,
+        Scenario::RollingUpdate => rolling_update::run(target, opts, &mut report).await,
+        Scenario::Hpa => hpa::run(target, opts, &mut report).await,
+        Scenario::PodKill => pod_kill::run(target, opts, &mut report).await,
+        Scenario::SharedBinaries => shared_binaries::run(target, opts, &mut report).await,
     };
     if let Err(e) = outcome {
         report.failures.push(format!("{e:#}"));
     }
     report.duration = start.elapsed();
     if !report.passed() {
-        match cluster.collect_artifacts(scenario.name()).await {
+        match target.collect_artifacts(scenario.name()).await {
             Ok(dir) => println!("  logs and state for this failure: {}", dir.display()),
             Err(e) => println!("  could not collect artifacts: {e:#}"),
         }
@@ -123,16 +125,16 @@ pub async fn run<C: Cluster>(
     report
 }
 
-/// Starts `n` agents named `<run>-<scenario>-NNN` against the cluster's ingress.
+/// Starts `n` agents named `<run>-<scenario>-NNN` against the target's ingress.
 fn start_fleet(
-    cluster: &impl Cluster,
+    target: &impl Target,
     opts: &Options,
     scenario: Scenario,
     prefix: &str,
     n: usize,
 ) -> Arc<Fleet> {
-    let endpoint = cluster.endpoint();
-    let minter = cluster.minter();
+    let endpoint = target.endpoint();
+    let minter = target.minter();
     let configs = (0..n).map(|i| {
         let minter = minter.clone();
         let id = format!("{}-{}{prefix}-{i:03}", opts.run_id, scenario.short());
@@ -187,11 +189,11 @@ async fn stop_fleet(fleet: Arc<Fleet>) {
 }
 
 /// An admin API client through the ingress.
-fn admin_api(cluster: &impl Cluster) -> Api {
-    let token = cluster
+fn admin_api(target: &impl Target) -> Api {
+    let token = target
         .minter()
         .mint("e2e-admin", Role::Admin, Duration::from_secs(6 * 3600));
-    Api::new(&cluster.endpoint(), token)
+    Api::new(&target.endpoint(), token)
 }
 
 /// Copies the API client's counters into the report and fails it on any failed request.

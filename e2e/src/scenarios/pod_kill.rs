@@ -14,21 +14,21 @@ use tokio::time::Instant;
 
 use super::traffic::{Expect, Ledger, submit, verify};
 use super::*;
-use crate::cluster::Profile;
 use crate::report::short;
+use crate::target::Profile;
 
 /// Stated bound: every command pending for the victims is acknowledged this soon after
 /// the kill.
 const DELIVERY_BOUND: Duration = Duration::from_secs(30);
 
-pub async fn run<C: Cluster>(
-    cluster: &mut C,
+pub async fn run<C: Target>(
+    target: &mut C,
     opts: &Options,
     report: &mut ScenarioReport,
 ) -> Result<()> {
-    cluster.apply(&Profile::standard(opts.replicas)).await?;
-    let api = admin_api(cluster);
-    let fleet = start_fleet(cluster, opts, Scenario::PodKill, "", opts.agents);
+    target.apply(&Profile::standard(opts.replicas)).await?;
+    let api = admin_api(target);
+    let fleet = start_fleet(target, opts, Scenario::PodKill, "", opts.agents);
     report.agents = fleet.len();
     all_connected(&fleet, "every agent to connect", CONNECT_BOUND).await?;
     let by_pod = fleet.by_pod();
@@ -79,7 +79,7 @@ pub async fn run<C: Cluster>(
 
     section(&format!("killing {victim} with SIGKILL"));
     let t0 = Instant::now();
-    cluster.kill_pod(&victim).await?;
+    target.kill_pod(&victim).await?;
     println!("  {victim} dead after {}", short(t0.elapsed()));
     for &i in &victims {
         let args = json!({"queued_after_kill": i});
@@ -158,11 +158,11 @@ pub async fn run<C: Cluster>(
     wait::bounded(
         "the killed pod's restart",
         Duration::from_secs(300),
-        cluster.settle(),
+        target.settle(),
     )
     .await??;
     fleet_settles(report, &fleet, "the restart").await;
-    let pods = cluster.pods().await?;
+    let pods = target.pods().await?;
     report.check(
         pods.iter().all(|p| p.ready),
         format!(

@@ -10,23 +10,23 @@ use tokio::time::Instant;
 
 use super::traffic::{ApiLoad, CommandFlow, verify};
 use super::*;
-use crate::cluster::Profile;
 use crate::report::short;
+use crate::target::Profile;
 
 /// Bound on the whole rollout (kind builds nothing here; pods start in seconds).
 const ROLLOUT_BOUND: Duration = Duration::from_secs(600);
 
-pub async fn run<C: Cluster>(
-    cluster: &mut C,
+pub async fn run<C: Target>(
+    target: &mut C,
     opts: &Options,
     report: &mut ScenarioReport,
 ) -> Result<()> {
-    cluster.apply(&Profile::standard(opts.replicas)).await?;
-    let api = admin_api(cluster);
-    let fleet = start_fleet(cluster, opts, Scenario::RollingUpdate, "", opts.agents);
+    target.apply(&Profile::standard(opts.replicas)).await?;
+    let api = admin_api(target);
+    let fleet = start_fleet(target, opts, Scenario::RollingUpdate, "", opts.agents);
     report.agents = fleet.len();
     all_connected(&fleet, "every agent to connect", CONNECT_BOUND).await?;
-    let before: BTreeSet<String> = cluster.pods().await?.into_iter().map(|p| p.name).collect();
+    let before: BTreeSet<String> = target.pods().await?.into_iter().map(|p| p.name).collect();
     println!("  agents per pod: {}", distribution(&fleet.by_pod()));
 
     section("traffic: a command every 100ms, API reads from 2 clients");
@@ -42,7 +42,7 @@ pub async fn run<C: Cluster>(
 
     section(&format!("rolling {} pods to a new revision", before.len()));
     let t0 = Instant::now();
-    wait::bounded("the rollout", ROLLOUT_BOUND, cluster.rollout()).await??;
+    wait::bounded("the rollout", ROLLOUT_BOUND, target.rollout()).await??;
     let rolled = t0.elapsed();
     println!("  rollout complete in {}", short(rolled));
     report.figure("rollout", short(rolled));
@@ -58,7 +58,7 @@ pub async fn run<C: Cluster>(
     record_commands(report, &verification);
     record_reconnects(report, &fleet, t0);
 
-    let pods = cluster.pods().await?;
+    let pods = target.pods().await?;
     let stale: Vec<&str> = pods
         .iter()
         .filter(|p| !p.current || !p.ready || before.contains(&p.name))

@@ -11,18 +11,18 @@ use serde_json::json;
 use super::traffic::{Expect, Ledger, acked, submit, verify};
 use super::*;
 use crate::agent::{AuthMode, Handshake, handshake};
-use crate::cluster::Profile;
+use crate::target::Profile;
 use crate::tokens::Minter;
 
-pub async fn run<C: Cluster>(
-    cluster: &mut C,
+pub async fn run<C: Target>(
+    target: &mut C,
     opts: &Options,
     report: &mut ScenarioReport,
 ) -> Result<()> {
-    cluster.apply(&Profile::standard(opts.replicas)).await?;
-    let endpoint = cluster.endpoint();
-    let minter = cluster.minter();
-    let api = admin_api(cluster);
+    target.apply(&Profile::standard(opts.replicas)).await?;
+    let endpoint = target.endpoint();
+    let minter = target.minter();
+    let api = admin_api(target);
 
     section("handshakes through the ingress");
     let id = format!("{}-ws-probe", opts.run_id);
@@ -97,13 +97,13 @@ pub async fn run<C: Cluster>(
         opts.agents
     ));
     let started = tokio::time::Instant::now();
-    let fleet = start_fleet(cluster, opts, Scenario::Websocket, "", opts.agents);
+    let fleet = start_fleet(target, opts, Scenario::Websocket, "", opts.agents);
     report.agents = fleet.len();
     let took = all_connected(&fleet, "every agent to connect", CONNECT_BOUND).await?;
     report.figure("all connected in", crate::report::short(took));
     let by_pod = fleet.by_pod();
     println!("  agents per pod: {}", distribution(&by_pod));
-    for pod in cluster.pods().await? {
+    for pod in target.pods().await? {
         report.check(
             by_pod.get(&pod.name).copied().unwrap_or(0) > 0,
             format!("no agent reached pod {} through the ingress", pod.name),

@@ -50,6 +50,22 @@ pub struct PodInfo {
     pub current: bool,
 }
 
+/// A direct way to one pod.
+pub struct PodEndpoint {
+    pub endpoint: Endpoint,
+    /// What keeps the way open (a port-forward process), ended on drop.
+    _guard: Option<tokio::process::Child>,
+}
+
+impl PodEndpoint {
+    pub fn new(endpoint: Endpoint, guard: Option<tokio::process::Child>) -> Self {
+        Self {
+            endpoint,
+            _guard: guard,
+        }
+    }
+}
+
 /// Who decides the replica count in the hpa scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scaling {
@@ -59,13 +75,14 @@ pub enum Scaling {
     Autoscaler,
 }
 
-/// A deployment of agent-server behind an ingress.
+/// A deployment target: agent-server deployed behind an ingress, on kind or on this
+/// machine.
 // Futures here are awaited on the harness's main task, never spawned, so they need no
 // `Send` bound; the lint that asks for one is about public async traits in general.
 #[allow(async_fn_in_trait)]
-pub trait Cluster {
+pub trait Target {
     /// `local` or `kind`.
-    fn target(&self) -> &'static str;
+    fn name(&self) -> &'static str;
 
     /// The ingress, as agents and API clients reach it.
     fn endpoint(&self) -> Endpoint;
@@ -87,6 +104,10 @@ pub trait Cluster {
     async fn apply(&mut self, profile: &Profile) -> Result<()>;
 
     async fn pods(&self) -> Result<Vec<PodInfo>>;
+
+    /// One pod's server port, reached directly rather than through the ingress (kind:
+    /// `kubectl port-forward`, kept open as long as the returned value lives).
+    async fn pod_endpoint(&self, name: &str) -> Result<PodEndpoint>;
 
     /// Rolls every pod to a new revision (surge one, never below the replica count) and
     /// returns when the rollout is complete and the old pods are gone.
