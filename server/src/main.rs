@@ -67,7 +67,7 @@ async fn serve(config: Config) -> ExitCode {
     let app = match Application::build(config.clone()).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!(error = %agent_server::http::error::error_chain(&e), "could not start");
+            tracing::error!(error = %agent_server::error::error_chain(&e), "could not start");
             return ExitCode::FAILURE;
         }
     };

@@ -9,12 +9,10 @@ use serde_json::value::RawValue;
 
 use super::error::{ApiError, Result};
 use super::{MAX_API_BODY, Response, json, read_body, read_json};
-use crate::app::AppState;
 use crate::auth::{AuthError, Claims, Role};
 use crate::ids::{check_client_id, rfc3339};
-use crate::store::{
-    AgentFilter, AgentRow, CommandRow, CommandStatus, InventoryRow, NewCommand, now_ms,
-};
+use crate::state::AppState;
+use crate::store::{AgentFilter, AgentRow, CommandRow, CommandStatus, NewCommand, now_ms};
 
 /// Who may call an endpoint.
 pub enum Access<'a> {
@@ -431,30 +429,14 @@ pub async fn put_inventory(state: &AppState, id: &str, req: Request<Incoming>) -
     }
     let received_at = now_ms();
     let size = text.len() as i64;
-    store_inventory(state, id, text, received_at).await?;
+    state
+        .store
+        .store_inventory(id.to_string(), text, received_at)
+        .await?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"agent_id": id, "size_bytes": size, "received_at": rfc3339(received_at)}),
     ))
-}
-
-/// Shared by the HTTP endpoint and the WebSocket `inventory` message.
-pub async fn store_inventory(
-    state: &AppState,
-    id: &str,
-    body: String,
-    received_at: i64,
-) -> Result<(), crate::store::StoreError> {
-    let size_bytes = body.len() as i64;
-    state
-        .store
-        .put_inventory(InventoryRow {
-            agent_id: id.to_string(),
-            body,
-            size_bytes,
-            received_at,
-        })
-        .await
 }
 
 pub async fn get_inventory(state: &AppState, id: &str, req: Request<Incoming>) -> Result<Response> {

@@ -26,12 +26,12 @@ use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 use super::api::{Access, authorize, bearer, query_params};
 use super::error::{ApiError, Result};
 use super::{Response, json};
-use crate::app::AppState;
 use crate::auth::AuthError;
 use crate::binaries::StorageError;
 use crate::binaries::storage::is_sha256;
 use crate::ids::rfc3339;
 use crate::metrics::{DownloadKind, Metrics, UploadOutcome};
+use crate::state::AppState;
 use crate::store::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow, now_ms};
 
 /// The header a client may send with an upload, and that downloads carry.
@@ -251,7 +251,7 @@ async fn precheck(state: &AppState, parts: &http::request::Parts) -> Result<Uplo
         if n > limit {
             return Err(StorageError::TooLarge { limit }.into());
         }
-        state.fleet.storage.check_room(n).await?;
+        state.storage.check_room(n).await?;
     }
     if let Some(existing) = state
         .store
@@ -287,7 +287,6 @@ async fn receive_upload(state: &AppState, req: Request<Incoming>) -> Result<Resp
     };
     let limit = state.config.fleet.max_binary_bytes;
     let received = match state
-        .fleet
         .storage
         .receive(&mut body, limit, meta.sha256.as_deref())
         .await
@@ -316,7 +315,7 @@ async fn receive_upload(state: &AppState, req: Request<Incoming>) -> Result<Resp
     if let BinaryInsert::Duplicate(existing) = state.store.insert_binary(row.clone()).await? {
         return Err(duplicate(&meta, &existing));
     }
-    if let Err(e) = state.fleet.storage.commit(received).await {
+    if let Err(e) = state.storage.commit(received).await {
         let _ = state.store.delete_binary(row.id.clone()).await;
         return Err(e.into());
     }
@@ -435,7 +434,7 @@ pub async fn delete(state: &AppState, id: &str, req: Request<Incoming>) -> Resul
             sha256,
             file_shared,
         } => {
-            if !file_shared && let Err(e) = state.fleet.storage.remove(&sha256).await {
+            if !file_shared && let Err(e) = state.storage.remove(&sha256).await {
                 // The metadata is gone, which is what matters to clients; the file is
                 // an orphan an operator can remove.
                 tracing::warn!(binary = id, error = %e, "binary deleted but its file could not be removed");
@@ -506,7 +505,7 @@ fn matches_etag(value: Option<&HeaderValue>, etag: &str) -> bool {
 pub async fn download(state: &AppState, id: &str, req: Request<Incoming>) -> Result<Response> {
     any_token(state, req.headers())?;
     let binary = find(state, id).await?;
-    let (mut file, size) = state.fleet.storage.open(&binary.sha256).await?;
+    let (mut file, size) = state.storage.open(&binary.sha256).await?;
     let etag = format!("\"{}\"", binary.sha256);
     let headers = req.headers();
 
@@ -584,7 +583,7 @@ pub async fn download(state: &AppState, id: &str, req: Request<Incoming>) -> Res
         file.seek(io::SeekFrom::Start(start))
             .await
             .map_err(|source| StorageError::Io {
-                path: state.fleet.storage.dir().to_path_buf(),
+                path: state.storage.dir().to_path_buf(),
                 source,
             })?;
     }

@@ -6,6 +6,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 use super::{Response, json};
 use crate::auth::AuthError;
 use crate::binaries::StorageError;
+use crate::error::error_chain;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -212,18 +213,6 @@ impl ApiError {
         }
         resp
     }
-}
-
-/// `error: cause: cause`, for one log line per failure.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;

@@ -9,7 +9,6 @@
 //! (to another replica) on their own.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,11 +21,10 @@ use tokio::sync::{broadcast, mpsc};
 use super::Response;
 use super::api::{Access, authorize};
 use super::error::{ApiError, Result};
-use crate::app::AppState;
+use crate::events::MAX_STREAMS;
+use crate::state::AppState;
 use crate::store::{Announcement, Change};
 
-/// Event streams one replica serves at once.
-pub const MAX_STREAMS: usize = 64;
 /// Events queued per stream before the writer waits for the client.
 const QUEUE: usize = 32;
 /// A client that takes no event for this long is dropped.
@@ -59,18 +57,17 @@ struct Slot(AppState);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.ui.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.close();
         self.0.metrics.ui_event_streams.dec();
     }
 }
 
 pub async fn stream(state: &AppState, req: Request<Incoming>) -> Result<Response> {
     authorize(state, req.headers(), Access::Admin)?;
-    if state.draining.load(Ordering::Relaxed) {
+    if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);
     }
-    if state.ui.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
-        state.ui.streams.fetch_sub(1, Ordering::Relaxed);
+    if !state.events.try_open() {
         return Err(ApiError::TooManyStreams { limit: MAX_STREAMS });
     }
     state.metrics.ui_event_streams.inc();
@@ -78,7 +75,8 @@ pub async fn stream(state: &AppState, req: Request<Incoming>) -> Result<Response
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let changes = state.store.subscribe();
     state
-        .tasks
+        .lifecycle
+        .tasks()
         .spawn(write_events(state.clone(), tx, changes, slot));
 
     let mut resp = http::Response::new(ChannelBody(rx).boxed());
@@ -109,7 +107,7 @@ async fn write_events(
             )
         }
     };
-    let mut summary = state.ui.summary.subscribe();
+    let mut summary = state.events.summary();
     let first = summary.borrow_and_update().clone();
     let mut hello = Bytes::from_static(b"retry: 2000\n\n").to_vec();
     hello.extend_from_slice(&event("ready", "{}"));
@@ -124,7 +122,7 @@ async fn write_events(
     loop {
         let bytes = tokio::select! {
             _ = tx.closed() => return,
-            _ = state.stop.cancelled() => return,
+            _ = state.lifecycle.stop().cancelled() => return,
             change = changes.recv() => match change {
                                 Ok(announced) => change_event(announced.change),
                 Err(broadcast::error::RecvError::Lagged(_)) => event("resync", "{}"),
@@ -138,7 +136,7 @@ async fn write_events(
                 event("summary", &text)
             }
             _ = check.tick() => {
-                if state.draining.load(Ordering::Relaxed) {
+                if state.lifecycle.is_draining() {
                     return;
                 }
                 since_keepalive += DRAIN_CHECK;

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 
 use super::error::{ApiError, Result};
 use super::{Response, binaries, events, rollouts, ui};
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// A matched route of this group. Path parameters are raw segments; handlers check them.
 #[derive(Debug, Clone, PartialEq, Eq)]

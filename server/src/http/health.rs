@@ -1,14 +1,13 @@
 //! Liveness, readiness and metrics endpoints.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::json;
 
-use super::error::error_chain;
 use super::{Response, json, text};
-use crate::app::AppState;
+use crate::error::error_chain;
+use crate::state::AppState;
 
 /// 200 while the process serves requests: liveness must not depend on anything else, or
 /// a database outage would restart every pod.
@@ -22,7 +21,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// 200 when the database answers and the process is not draining; else 503 with a reason
 /// per dependency.
 pub async fn readiness(state: &AppState) -> Response {
-    let draining = state.draining.load(Ordering::Relaxed);
+    let draining = state.lifecycle.is_draining();
     let database = match tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()).await {
         Ok(Ok(())) => json!({"ok": true, "backend": state.store.backend_name()}),
         Ok(Err(e)) => {

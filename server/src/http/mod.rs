@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::AppState;
+use crate::state::AppState;
 pub use error::ApiError;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;

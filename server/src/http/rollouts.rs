@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use super::api::{Access, authorize, query_params};
 use super::error::{ApiError, Result};
 use super::{MAX_API_BODY, Response, json, read_json};
-use crate::app::AppState;
 use crate::binaries::rollout::{self, Progress};
 use crate::ids::rfc3339;
+use crate::state::AppState;
 use crate::store::{RolloutRow, RolloutStart, RolloutStatus, now_ms};
 
 #[derive(Deserialize)]
@@ -42,7 +42,7 @@ struct RolloutView {
 }
 
 async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
-    let progress = rollout::progress(state, &r).await?;
+    let progress = state.rollouts.progress(&r).await?;
     Ok(RolloutView {
         progress,
         created_at: rfc3339(r.created_at),
@@ -57,14 +57,6 @@ async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
         max_concurrent: r.max_concurrent,
         status: r.status,
     })
-}
-
-/// Refreshes this replica's cache and offers the rollout's slots at once; other replicas
-/// follow within ROLLOUT_CHECK_INTERVAL.
-async fn apply_now(state: &AppState) -> Result<()> {
-    rollout::refresh(state).await?;
-    state.fleet.kick();
-    Ok(())
 }
 
 /// `POST /api/v1/rollouts`: makes a binary the desired version of its os/arch.
@@ -122,7 +114,7 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response
                 rollout = %row.id, version = %row.version, os = %row.os, arch = %row.arch,
                 ?superseded, "rollout started"
             );
-            apply_now(state).await?;
+            state.rollouts.apply_now().await?;
             let id = row.id.clone();
             let mut resp = json(StatusCode::CREATED, &view(state, row).await?);
             if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/rollouts/{id}")) {
@@ -195,7 +187,7 @@ pub async fn cancel(state: &AppState, id: &str, req: Request<Incoming>) -> Resul
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no rollout `{id}`")))?;
     tracing::info!(rollout = id, status = %r.status, "rollout cancelled");
-    apply_now(state).await?;
+    state.rollouts.apply_now().await?;
     Ok(json(StatusCode::OK, &view(state, r).await?))
 }
 

@@ -11,8 +11,8 @@ use tracing::Instrument;
 use super::error::ApiError;
 use super::fleet::FleetRoute;
 use super::{Response, api, health};
-use crate::app::AppState;
 use crate::metrics::{HttpLabels, RouteLabels};
+use crate::state::AppState;
 
 /// A matched route. Path parameters are raw segments; handlers validate them.
 #[derive(Debug, Clone, PartialEq, Eq)]

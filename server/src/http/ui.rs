@@ -8,118 +8,23 @@
 //! (SERVER_URL's origin, or the Host the browser talked to), which together with
 //! SameSite=Strict keeps other sites from riding on the cookie.
 
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::LazyLock;
+use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 
 use super::error::{ApiError, Result};
 use super::{Response, json, read_json};
-use crate::app::AppState;
 use crate::auth::Role;
+use crate::auth::ui_session::{COOKIE, cookie_hash};
 use crate::binaries::storage::hex;
-use crate::config::{AdminPasswordSource, Config, Secret, load_or_create_admin_password};
-use crate::http::error::error_chain;
 use crate::ids::rfc3339;
 use crate::metrics::SignInOutcome;
+use crate::state::AppState;
 use crate::store::now_ms;
-
-pub const COOKIE: &str = "agent_server_session";
-/// Failed sign-ins allowed per window, per replica; more are refused with 429 until the
-/// window ends, so the password cannot be guessed at speed.
-const MAX_FAILURES: u32 = 10;
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-
-type HmacSha256 = Hmac<Sha256>;
-
-/// The UI's share of the app state.
-pub struct UiState {
-    /// HMAC of the admin password under `mac_key`; `None` when sign-in is disabled.
-    /// Comparing MACs with `verify_slice` takes the same time whatever the guess.
-    password_mac: Option<Vec<u8>>,
-    mac_key: [u8; 32],
-    /// Start of the current window and the failed sign-ins in it.
-    failures: Mutex<(Instant, u32)>,
-    /// Open event streams on this replica (bounded by `events::MAX_STREAMS`).
-    pub(crate) streams: AtomicUsize,
-    /// The latest agents-per-pod summary (JSON), refreshed while streams are open.
-    pub(crate) summary: watch::Sender<Arc<str>>,
-}
-
-impl UiState {
-    /// Resolves the admin password: ADMIN_PASSWORD, the embedded default's generated
-    /// file (its location is logged), or none (sign-in disabled, with a warning).
-    pub fn new(config: &Config) -> std::io::Result<Self> {
-        let password = match &config.ui.admin_password {
-            AdminPasswordSource::Given(secret) => Some(secret.clone()),
-            AdminPasswordSource::DataDir(path) => {
-                let secret = load_or_create_admin_password(path)?;
-                tracing::info!(
-                    "web UI: sign in at {} with the admin password kept in {}",
-                    config.server_url,
-                    path.display()
-                );
-                Some(secret)
-            }
-            AdminPasswordSource::Disabled => {
-                tracing::warn!(
-                    "web UI sign-in is disabled: set ADMIN_PASSWORD (the same on every replica) to enable it"
-                );
-                None
-            }
-        };
-        let mac_key: [u8; 32] = rand::random();
-        Ok(UiState {
-            password_mac: password.map(|p| mac(&mac_key, &p)),
-            mac_key,
-            failures: Mutex::new((Instant::now(), 0)),
-            streams: AtomicUsize::new(0),
-            summary: watch::Sender::new(Arc::from("")),
-        })
-    }
-
-    fn password_matches(&self, given: &str) -> bool {
-        let Some(expected) = &self.password_mac else {
-            return false;
-        };
-        let Ok(mut m) = HmacSha256::new_from_slice(&self.mac_key) else {
-            return false;
-        };
-        m.update(given.as_bytes());
-        m.verify_slice(expected).is_ok()
-    }
-
-    /// Seconds until sign-in is allowed again, if too many attempts failed.
-    fn limited(&self) -> Option<u64> {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if f.0.elapsed() >= FAILURE_WINDOW {
-            *f = (Instant::now(), 0);
-        }
-        (f.1 >= MAX_FAILURES).then(|| (FAILURE_WINDOW - f.0.elapsed()).as_secs().max(1))
-    }
-
-    fn failed(&self) {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        f.1 += 1;
-    }
-}
-
-fn mac(key: &[u8], password: &Secret) -> Vec<u8> {
-    // HMAC accepts keys of any length.
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC key");
-    m.update(password.expose().as_bytes());
-    m.finalize().into_bytes().to_vec()
-}
-
-fn sha256_hex(s: &str) -> String {
-    hex(&Sha256::digest(s.as_bytes()))
-}
 
 /// The session cookie's value, from any `Cookie` header.
 fn session_cookie(headers: &HeaderMap) -> Option<&str> {
@@ -172,7 +77,7 @@ pub async fn session_auth(
     };
     let live = state
         .store
-        .ui_session_expiry(sha256_hex(cookie), now_ms())
+        .ui_session_expiry(cookie_hash(cookie), now_ms())
         .await?;
     if live.is_none() {
         // An expired or revoked session is no credential; the handler says 401.
@@ -221,11 +126,11 @@ pub async fn sign_in(state: &AppState, req: Request<Incoming>) -> Result<Respons
     if req.headers().contains_key(header::ORIGIN) && !same_origin(state, req.headers()) {
         return Err(cross_site());
     }
-    if state.ui.password_mac.is_none() {
+    if !state.sign_in.enabled() {
         state.metrics.sign_in(SignInOutcome::Disabled);
         return Err(ApiError::SignInDisabled);
     }
-    if let Some(retry_after) = state.ui.limited() {
+    if let Some(retry_after) = state.sign_in.limited() {
         state.metrics.sign_in(SignInOutcome::RateLimited);
         return Err(ApiError::TooManyRequests {
             message: format!("too many failed sign-ins; try again in {retry_after} seconds"),
@@ -234,8 +139,8 @@ pub async fn sign_in(state: &AppState, req: Request<Incoming>) -> Result<Respons
     }
     let headers = req.headers().clone();
     let body: SignIn = read_json(req, 4096).await?;
-    if !state.ui.password_matches(&body.password) {
-        state.ui.failed();
+    if !state.sign_in.password_matches(&body.password) {
+        state.sign_in.failed();
         state.metrics.sign_in(SignInOutcome::WrongPassword);
         tracing::warn!("web UI sign-in with a wrong password");
         return Err(ApiError::WrongPassword);
@@ -246,7 +151,7 @@ pub async fn sign_in(state: &AppState, req: Request<Incoming>) -> Result<Respons
     let expires_at = now + ttl.as_millis() as i64;
     state
         .store
-        .create_ui_session(sha256_hex(&cookie), now, expires_at)
+        .create_ui_session(cookie_hash(&cookie), now, expires_at)
         .await?;
     state.metrics.sign_in(SignInOutcome::Ok);
     tracing::info!("web UI sign-in");
@@ -271,7 +176,7 @@ pub async fn session(state: &AppState, req: Request<Incoming>) -> Result<Respons
         Some(cookie) => {
             state
                 .store
-                .ui_session_expiry(sha256_hex(cookie), now_ms())
+                .ui_session_expiry(cookie_hash(cookie), now_ms())
                 .await?
         }
         None => None,
@@ -281,7 +186,7 @@ pub async fn session(state: &AppState, req: Request<Incoming>) -> Result<Respons
         &serde_json::json!({
             "signed_in": expires.is_some(),
             "expires_at": expires.map(rfc3339),
-            "sign_in_enabled": state.ui.password_mac.is_some(),
+            "sign_in_enabled": state.sign_in.enabled(),
             "pod": state.config.pod_id,
             "server_version": env!("CARGO_PKG_VERSION"),
         }),
@@ -293,7 +198,7 @@ pub async fn session(state: &AppState, req: Request<Incoming>) -> Result<Respons
 /// `DELETE /api/v1/session`: ends the session everywhere and clears the cookie.
 pub async fn sign_out(state: &AppState, req: Request<Incoming>) -> Result<Response> {
     if let Some(cookie) = session_cookie(req.headers()) {
-        state.store.delete_ui_session(sha256_hex(cookie)).await?;
+        state.store.delete_ui_session(cookie_hash(cookie)).await?;
         tracing::info!("web UI sign-out");
     }
     let mut resp = json(StatusCode::OK, &serde_json::json!({"signed_in": false}));
@@ -318,10 +223,8 @@ macro_rules! asset {
             body: include_str!(concat!("../../ui/", $file)),
             content_type: $type,
             etag: LazyLock::new(|| {
-                format!(
-                    "\"{}\"",
-                    &sha256_hex(include_str!(concat!("../../ui/", $file)))[..16]
-                )
+                let digest = Sha256::digest(include_str!(concat!("../../ui/", $file)));
+                format!("\"{}\"", &hex(&digest)[..16])
             }),
         }
     };
@@ -381,63 +284,6 @@ pub fn asset(name: Option<&str>, req: &Request<Incoming>) -> Result<Response> {
         HeaderValue::from_static("no-referrer"),
     );
     Ok(resp)
-}
-
-/// How often the summary is recomputed while someone watches.
-const SUMMARY_INTERVAL: Duration = Duration::from_secs(2);
-/// How often expired sessions are removed.
-const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
-
-/// Agents per pod as JSON, for the event streams' `summary` events.
-async fn summary(state: &AppState) -> std::result::Result<String, crate::store::StoreError> {
-    let (pods, total) = state.store.agents_by_pod().await?;
-    let online: i64 = pods.iter().map(|(_, n)| n).sum();
-    let pods: Vec<serde_json::Value> = pods
-        .into_iter()
-        .map(|(pod, n)| serde_json::json!({"pod": pod, "online_agents": n}))
-        .collect();
-    Ok(serde_json::json!({"agents": total, "online": online, "pods": pods}).to_string())
-}
-
-/// The UI task: refreshes the summary while event streams are open (it is how a browser
-/// connected here learns about agents on other replicas) and forgets expired sessions.
-pub fn spawn(state: &AppState) {
-    let s = state.clone();
-    state.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sweep: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                _ = s.stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if s.ui.streams.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-                match summary(&s).await {
-                    Ok(text) => {
-                        s.ui.summary.send_if_modified(|current| {
-                            if **current == *text {
-                                return false;
-                            }
-                            *current = Arc::from(text.as_str());
-                            true
-                        });
-                    }
-                    Err(e) => {
-                        s.metrics.store_errors.inc();
-                        tracing::error!(error = %error_chain(&e), "could not summarise agents per pod");
-                    }
-                }
-            }
-            if last_sweep.is_none_or(|t| t.elapsed() >= SESSION_SWEEP_INTERVAL) {
-                last_sweep = Some(Instant::now());
-                if let Err(e) = s.store.delete_expired_ui_sessions(now_ms()).await {
-                    s.metrics.store_errors.inc();
-                    tracing::error!(error = %error_chain(&e), "could not remove expired UI sessions");
-                }
-            }
-        }
-    });
 }
 
 #[cfg(test)]

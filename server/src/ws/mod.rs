@@ -4,8 +4,6 @@
 pub mod protocol;
 pub mod session;
 
-use std::sync::atomic::Ordering;
-
 use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -13,13 +11,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 
-use crate::app::AppState;
 use crate::auth::{AuthError, Role};
 use crate::config::Config;
 use crate::http::api::{bearer, query_params};
 use crate::http::router::origin_allowed;
 use crate::http::{ApiError, Response, full};
 use crate::ids::check_client_id;
+use crate::state::AppState;
 
 /// Buffers sized for very many idle agents: tungstenite's defaults (128 KiB read buffer,
 /// allocated and zero-filled up front) would cost ~135 KiB per connection. Agent messages
@@ -51,12 +49,12 @@ pub async fn upgrade(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let session_state = state.clone();
+    let session_state = state.sessions.clone();
+    let config = ws_config(&state.config);
     let id = client_id.to_string();
-    state.tasks.spawn(async move {
+    state.lifecycle.tasks().spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let config = ws_config(&session_state.config);
                 let ws = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     WsRole::Server,
@@ -89,7 +87,7 @@ fn check_upgrade(
     req: &Request<Incoming>,
 ) -> Result<(u64, String), ApiError> {
     check_client_id(client_id).map_err(|m| ApiError::bad_request("invalid_client_id", m))?;
-    if state.draining.load(Ordering::Relaxed) {
+    if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);
     }
     let headers = req.headers();

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 
+pub mod ui_session;
+
 /// Who a token speaks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
