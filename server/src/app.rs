@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Tokens;
 use crate::auth::ui_session::UiSignIn;
 use crate::binaries::{Rollouts, Storage};
-use crate::config::{Config, Secret, SecretKeySource, load_or_create_secret};
+use crate::config::{Config, Secret, SecretKeySource};
 use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
@@ -21,6 +21,7 @@ use crate::hub::rebalance::Rebalancer;
 use crate::jobs::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
+use crate::secrets::load_or_create_signing_key;
 use crate::state::{AppState, State};
 use crate::store::{Store, StoreError};
 use crate::ws::session::SessionContext;
@@ -47,12 +48,16 @@ pub enum StartError {
 pub fn signing_key(config: &Config) -> Result<Secret, StartError> {
     match &config.secret_key {
         SecretKeySource::Given(secret) => Ok(secret.clone()),
-        SecretKeySource::DataDir(path) => load_or_create_secret(path).map_err(StartError::Secret),
+        SecretKeySource::DataDir(path) => {
+            load_or_create_signing_key(path).map_err(StartError::Secret)
+        }
     }
 }
 
+/// A built server: its listeners are bound, nothing runs until `run_until_stopped`.
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: TcpListener,
     state: AppState,
 }
 
@@ -71,6 +76,13 @@ impl Application {
                 .await
                 .map_err(|source| StartError::Bind {
                     addr: config.listen,
+                    source,
+                })?;
+        let metrics_listener =
+            TcpListener::bind(config.metrics_listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.metrics_listen,
                     source,
                 })?;
         let metrics = Arc::new(Metrics::new());
@@ -117,15 +129,28 @@ impl Application {
             sign_in,
             events: Arc::new(EventHub::default()),
         });
-        Ok(Application { listener, state })
+        Ok(Application {
+            listener,
+            metrics_listener,
+            state,
+        })
     }
 
+    /// The main listener's address (SERVER_PORT).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
             .expect("bound listener has an address")
     }
 
+    /// The metrics listener's address (METRICS_PORT).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The shared state.
     pub fn state(&self) -> &AppState {
         &self.state
     }
@@ -134,15 +159,31 @@ impl Application {
     /// closed with 1012 over DRAIN_WINDOW, in-flight requests finish, all within
     /// SHUTDOWN_TIMEOUT. Returns whether everything finished in time.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> bool {
-        let Application { listener, state } = self;
+        let Application {
+            listener,
+            metrics_listener,
+            state,
+        } = self;
         spawn_background(&state);
 
+        let header_timeout = state.config.http_header_timeout;
         let stop_accepting = CancellationToken::new();
         let server = tokio::spawn(crate::http::serve(
             listener,
-            state.clone(),
+            crate::http::router(state.clone()),
+            header_timeout,
             stop_accepting.clone(),
         ));
+        // Scrapes keep working through the drain; the listener closes with the jobs.
+        let scrapes = crate::http::serve(
+            metrics_listener,
+            crate::http::metrics_router(state.clone()),
+            header_timeout,
+            state.lifecycle.stop().clone(),
+        );
+        state.lifecycle.tasks().spawn(async move {
+            scrapes.await;
+        });
 
         shutdown.await;
         let started = Instant::now();

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod secrets;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -79,6 +79,7 @@ async fn serve(config: Config) -> ExitCode {
     }
     tracing::info!(
         addr = %app.local_addr(),
+        metrics = %app.metrics_addr(),
         pod = %config.pod_id,
         database = app.state().store.backend_name(),
         heartbeat = ?config.heartbeat_interval,

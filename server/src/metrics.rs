@@ -66,13 +66,15 @@ pub struct WsLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: &'static str,
-    pub route: &'static str,
+    /// The matched route template, from the fixed route table (bounded).
+    pub route: String,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: &'static str,
+    /// The matched route template, from the fixed route table (bounded).
+    pub route: String,
 }
 
 label_enum! {

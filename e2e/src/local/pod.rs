@@ -53,6 +53,8 @@ impl Pod {
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("POD_ID", name)
             .env("SERVER_PORT", port.to_string())
+            // Several pods share this host: no fixed metrics port.
+            .env("METRICS_PORT", "0")
             .env("DATA_DIR", &data)
             .current_dir(&data);
         let (mut child, mut lines) = spawn_logged(command, &log)?;

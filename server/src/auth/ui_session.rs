@@ -9,7 +9,8 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::binaries::storage::hex;
-use crate::config::{AdminPasswordSource, Config, Secret, load_or_create_admin_password};
+use crate::config::{AdminPasswordSource, Config, Secret};
+use crate::secrets::load_or_create_admin_password;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "agent_server_session";

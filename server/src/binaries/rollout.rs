@@ -152,8 +152,8 @@ impl Rollouts {
             storage,
             server_url: config.server_url.trim_end_matches('/').to_string(),
             pod_id: config.pod_id.clone(),
-            update_timeout: config.fleet.rollout_update_timeout,
-            check_interval: config.fleet.rollout_check_interval,
+            update_timeout: config.releases.rollout_update_timeout,
+            check_interval: config.releases.rollout_check_interval,
             active: RwLock::default(),
             kick: Notify::new(),
         }))

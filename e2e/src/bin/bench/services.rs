@@ -133,6 +133,8 @@ impl Redis {
 pub struct ServerProc {
     pub name: String,
     pub port: u16,
+    /// METRICS_PORT: `/metrics` is served there only.
+    pub metrics_port: u16,
     pub log: PathBuf,
     child: Child,
     pid: u32,
@@ -146,6 +148,7 @@ impl ServerProc {
         env: &[(String, String)],
     ) -> Result<Self> {
         let port = free_port()?;
+        let metrics_port = free_port()?;
         let data = dir.join(name);
         std::fs::create_dir_all(&data)?;
         let log = dir.join(format!("{name}.log"));
@@ -155,6 +158,7 @@ impl ServerProc {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("SERVER_HOST", "127.0.0.1")
             .env("SERVER_PORT", port.to_string())
+            .env("METRICS_PORT", metrics_port.to_string())
             .env("POD_ID", name)
             .env("DATA_DIR", &data)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -188,6 +192,7 @@ impl ServerProc {
         Ok(ServerProc {
             name: name.to_string(),
             port,
+            metrics_port,
             log,
             child,
             pid,
@@ -205,7 +210,7 @@ impl ServerProc {
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self, http: &reqwest::Client) -> Result<Metrics> {
         let text = http
-            .get(format!("{}/metrics", self.base()))
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
             .send()
             .await?
             .text()
