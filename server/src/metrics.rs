@@ -20,7 +20,7 @@ macro_rules! label_enum {
         }
 
         impl EncodeLabelValue for $name {
-            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
                 use std::fmt::Write;
                 encoder.write_str(match self {
                     $($name::$variant => $text),*

@@ -11,165 +11,102 @@ use crate::binaries::StorageError;
 use crate::error::error_chain;
 use crate::store::StoreError;
 
-/// The machine-readable `error.code` of every error response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// A `client_id` (path or body) breaks the id rules.
-    InvalidClientId,
-    /// `limit` is not a number in the endpoint's range.
-    InvalidLimit,
-    /// `before`/`after` is not a `next` value from a previous page.
-    InvalidCursor,
-    /// A list filter has a value the endpoint does not know.
-    InvalidFilter,
-    /// The query string cannot be decoded.
-    InvalidQuery,
-    /// A command's name, args or TTL is out of bounds.
-    InvalidCommand,
-    /// A token's TTL is out of bounds.
-    InvalidTtl,
-    /// An upload's metadata is missing or malformed.
-    InvalidBinary,
-    /// An upload's checksum is not 64 hex digits.
-    InvalidChecksum,
-    /// A rollout's settings are out of bounds.
-    InvalidRollout,
-    /// The body is not JSON (`line`/`column` say where) or not UTF-8.
-    InvalidJson,
-    /// The body is empty where a document is required.
-    EmptyBody,
-    /// The connection failed while the body was read.
-    BodyReadFailed,
-    /// The body is larger than the endpoint accepts.
-    PayloadTooLarge,
-    /// The body's Content-Type is not one the endpoint accepts.
-    UnsupportedMediaType,
-    /// No valid credential.
-    Unauthorized,
-    /// A valid credential without the right to this.
-    Forbidden,
-    /// No such route or resource.
-    NotFound,
-    /// The route exists, not with this method (`Allow` lists the methods).
-    MethodNotAllowed,
-    /// An upload with the same name, version, os and arch exists.
-    BinaryExists,
-    /// The binary is the target of an active rollout.
-    RolloutTarget,
-    /// Another rollout for the same os/arch started at the same moment.
-    RolloutConflict,
-    /// The upload's content does not match its checksum.
-    ChecksumMismatch,
-    /// The upload ended before its declared length.
-    UploadIncomplete,
-    /// The binary storage volume is full.
-    InsufficientStorage,
-    /// The binary's file is missing from the storage volume.
-    BinaryFileMissing,
-    /// The binary storage volume failed.
-    StorageError,
-    /// The requested byte range is outside the file.
-    RangeNotSatisfiable,
-    /// Too many failed sign-ins; `Retry-After` says when to try again.
-    TooManyRequests,
-    /// The web UI's sign-in has no admin password configured.
-    SignInDisabled,
-    /// The admin password is wrong.
-    WrongPassword,
-    /// This replica serves its maximum of event streams.
-    TooManyStreams,
-    /// The replica is shutting down; retry to reach another.
-    Draining,
-    /// `/ws/{client_id}` was requested without a WebSocket handshake.
-    NotWebsocket,
-    /// The database does not answer; retry shortly.
-    StoreUnavailable,
-    /// A server fault; the log has it under the request id.
-    Internal,
+/// Defines [`ErrorCode`] with each variant's wire string and [`ErrorCode::ALL`].
+macro_rules! error_codes {
+    ($($(#[doc = $doc:literal])* $variant:ident => $code:literal,)*) => {
+        /// The machine-readable `error.code` of every error response.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, for documentation and tests.
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The code as it appears in responses.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 36] = [
-        ErrorCode::InvalidClientId,
-        ErrorCode::InvalidLimit,
-        ErrorCode::InvalidCursor,
-        ErrorCode::InvalidFilter,
-        ErrorCode::InvalidQuery,
-        ErrorCode::InvalidCommand,
-        ErrorCode::InvalidTtl,
-        ErrorCode::InvalidBinary,
-        ErrorCode::InvalidChecksum,
-        ErrorCode::InvalidRollout,
-        ErrorCode::InvalidJson,
-        ErrorCode::EmptyBody,
-        ErrorCode::BodyReadFailed,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::UnsupportedMediaType,
-        ErrorCode::Unauthorized,
-        ErrorCode::Forbidden,
-        ErrorCode::NotFound,
-        ErrorCode::MethodNotAllowed,
-        ErrorCode::BinaryExists,
-        ErrorCode::RolloutTarget,
-        ErrorCode::RolloutConflict,
-        ErrorCode::ChecksumMismatch,
-        ErrorCode::UploadIncomplete,
-        ErrorCode::InsufficientStorage,
-        ErrorCode::BinaryFileMissing,
-        ErrorCode::StorageError,
-        ErrorCode::RangeNotSatisfiable,
-        ErrorCode::TooManyRequests,
-        ErrorCode::SignInDisabled,
-        ErrorCode::WrongPassword,
-        ErrorCode::TooManyStreams,
-        ErrorCode::Draining,
-        ErrorCode::NotWebsocket,
-        ErrorCode::StoreUnavailable,
-        ErrorCode::Internal,
-    ];
-
-    /// The code as it appears in responses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidClientId => "invalid_client_id",
-            ErrorCode::InvalidLimit => "invalid_limit",
-            ErrorCode::InvalidCursor => "invalid_cursor",
-            ErrorCode::InvalidFilter => "invalid_filter",
-            ErrorCode::InvalidQuery => "invalid_query",
-            ErrorCode::InvalidCommand => "invalid_command",
-            ErrorCode::InvalidTtl => "invalid_ttl",
-            ErrorCode::InvalidBinary => "invalid_binary",
-            ErrorCode::InvalidChecksum => "invalid_checksum",
-            ErrorCode::InvalidRollout => "invalid_rollout",
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::EmptyBody => "empty_body",
-            ErrorCode::BodyReadFailed => "body_read_failed",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::MethodNotAllowed => "method_not_allowed",
-            ErrorCode::BinaryExists => "binary_exists",
-            ErrorCode::RolloutTarget => "rollout_target",
-            ErrorCode::RolloutConflict => "rollout_conflict",
-            ErrorCode::ChecksumMismatch => "checksum_mismatch",
-            ErrorCode::UploadIncomplete => "upload_incomplete",
-            ErrorCode::InsufficientStorage => "insufficient_storage",
-            ErrorCode::BinaryFileMissing => "binary_file_missing",
-            ErrorCode::StorageError => "storage_error",
-            ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
-            ErrorCode::TooManyRequests => "too_many_requests",
-            ErrorCode::SignInDisabled => "sign_in_disabled",
-            ErrorCode::WrongPassword => "wrong_password",
-            ErrorCode::TooManyStreams => "too_many_streams",
-            ErrorCode::Draining => "draining",
-            ErrorCode::NotWebsocket => "not_websocket",
-            ErrorCode::StoreUnavailable => "store_unavailable",
-            ErrorCode::Internal => "internal",
-        }
-    }
+error_codes! {
+    /// A `client_id` (path or body) breaks the id rules.
+    InvalidClientId => "invalid_client_id",
+    /// `limit` is not a number in the endpoint's range.
+    InvalidLimit => "invalid_limit",
+    /// `before`/`after` is not a `next` value from a previous page.
+    InvalidCursor => "invalid_cursor",
+    /// A list filter has a value the endpoint does not know.
+    InvalidFilter => "invalid_filter",
+    /// The query string cannot be decoded.
+    InvalidQuery => "invalid_query",
+    /// A command's name, args or TTL is out of bounds.
+    InvalidCommand => "invalid_command",
+    /// A token's TTL is out of bounds.
+    InvalidTtl => "invalid_ttl",
+    /// An upload's metadata is missing or malformed.
+    InvalidBinary => "invalid_binary",
+    /// An upload's checksum is not 64 hex digits.
+    InvalidChecksum => "invalid_checksum",
+    /// A rollout's settings are out of bounds.
+    InvalidRollout => "invalid_rollout",
+    /// The body is not JSON (`line`/`column` say where) or not UTF-8.
+    InvalidJson => "invalid_json",
+    /// The body is empty where a document is required.
+    EmptyBody => "empty_body",
+    /// The connection failed while the body was read.
+    BodyReadFailed => "body_read_failed",
+    /// The body is larger than the endpoint accepts.
+    PayloadTooLarge => "payload_too_large",
+    /// The body's Content-Type is not one the endpoint accepts.
+    UnsupportedMediaType => "unsupported_media_type",
+    /// No valid credential.
+    Unauthorized => "unauthorized",
+    /// A valid credential without the right to this.
+    Forbidden => "forbidden",
+    /// No such route or resource.
+    NotFound => "not_found",
+    /// The route exists, not with this method (`Allow` lists the methods).
+    MethodNotAllowed => "method_not_allowed",
+    /// An upload with the same name, version, os and arch exists.
+    BinaryExists => "binary_exists",
+    /// The binary is the target of an active rollout.
+    RolloutTarget => "rollout_target",
+    /// Another rollout for the same os/arch started at the same moment.
+    RolloutConflict => "rollout_conflict",
+    /// The upload's content does not match its checksum.
+    ChecksumMismatch => "checksum_mismatch",
+    /// The upload ended before its declared length.
+    UploadIncomplete => "upload_incomplete",
+    /// The binary storage volume is full.
+    InsufficientStorage => "insufficient_storage",
+    /// The binary's file is missing from the storage volume.
+    BinaryFileMissing => "binary_file_missing",
+    /// The binary storage volume failed.
+    StorageError => "storage_error",
+    /// The requested byte range is outside the file.
+    RangeNotSatisfiable => "range_not_satisfiable",
+    /// Too many failed sign-ins; `Retry-After` says when to try again.
+    TooManyRequests => "too_many_requests",
+    /// The web UI's sign-in has no admin password configured.
+    SignInDisabled => "sign_in_disabled",
+    /// The admin password is wrong.
+    WrongPassword => "wrong_password",
+    /// This replica serves its maximum of event streams.
+    TooManyStreams => "too_many_streams",
+    /// The replica is shutting down; retry to reach another.
+    Draining => "draining",
+    /// `/ws/{client_id}` was requested without a WebSocket handshake.
+    NotWebsocket => "not_websocket",
+    /// The database does not answer; retry shortly.
+    StoreUnavailable => "store_unavailable",
+    /// A server fault; the log has it under the request id.
+    Internal => "internal",
 }
 
 /// Why a request failed.
@@ -300,67 +237,42 @@ impl ApiError {
         }
     }
 
-    /// The status code: RFC 9110's meaning for each kind of failure.
-    pub fn status(&self) -> StatusCode {
+    /// The status (RFC 9110's meaning for each kind of failure) and the `error.code`.
+    pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
+        use ErrorCode as C;
+        use StatusCode as S;
         match self {
-            ApiError::BadRequest { .. } | ApiError::InvalidJson { .. } | ApiError::NotWebSocket => {
-                StatusCode::BAD_REQUEST
+            ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code),
+            ApiError::Conflict { code, .. } => (S::CONFLICT, *code),
+            ApiError::InvalidJson { .. } => (S::BAD_REQUEST, C::InvalidJson),
+            ApiError::NotWebSocket => (S::BAD_REQUEST, C::NotWebsocket),
+            ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
+            ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized),
+            ApiError::WrongPassword => (S::UNAUTHORIZED, C::WrongPassword),
+            ApiError::Forbidden(_) => (S::FORBIDDEN, C::Forbidden),
+            ApiError::SignInDisabled => (S::FORBIDDEN, C::SignInDisabled),
+            ApiError::NotFound(_) => (S::NOT_FOUND, C::NotFound),
+            ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, C::MethodNotAllowed),
+            ApiError::UnsupportedMediaType(_) => {
+                (S::UNSUPPORTED_MEDIA_TYPE, C::UnsupportedMediaType)
             }
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unauthorized(_) | ApiError::WrongPassword => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) | ApiError::SignInDisabled => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Storage(e) => match e {
-                StorageError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                StorageError::Empty
-                | StorageError::ChecksumMismatch { .. }
-                | StorageError::Incomplete(_) => StatusCode::BAD_REQUEST,
-                StorageError::Full { .. } => StatusCode::INSUFFICIENT_STORAGE,
-                StorageError::Missing { .. } | StorageError::Io { .. } => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
+                StorageError::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
+                StorageError::Empty => (S::BAD_REQUEST, C::EmptyBody),
+                StorageError::ChecksumMismatch { .. } => (S::BAD_REQUEST, C::ChecksumMismatch),
+                StorageError::Incomplete(_) => (S::BAD_REQUEST, C::UploadIncomplete),
+                StorageError::Full { .. } => (S::INSUFFICIENT_STORAGE, C::InsufficientStorage),
+                StorageError::Missing { .. } => (S::INTERNAL_SERVER_ERROR, C::BinaryFileMissing),
+                StorageError::Io { .. } => (S::INTERNAL_SERVER_ERROR, C::StorageError),
             },
-            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::TooManyStreams { .. }
-            | ApiError::Draining
-            | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    /// The `error.code` of the body.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            ApiError::BadRequest { code, .. } | ApiError::Conflict { code, .. } => *code,
-            ApiError::InvalidJson { .. } => ErrorCode::InvalidJson,
-            ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-            ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
-            ApiError::Forbidden(_) => ErrorCode::Forbidden,
-            ApiError::NotFound(_) => ErrorCode::NotFound,
-            ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
-            ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
-            ApiError::Storage(e) => match e {
-                StorageError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
-                StorageError::Empty => ErrorCode::EmptyBody,
-                StorageError::ChecksumMismatch { .. } => ErrorCode::ChecksumMismatch,
-                StorageError::Full { .. } => ErrorCode::InsufficientStorage,
-                StorageError::Incomplete(_) => ErrorCode::UploadIncomplete,
-                StorageError::Missing { .. } => ErrorCode::BinaryFileMissing,
-                StorageError::Io { .. } => ErrorCode::StorageError,
-            },
-            ApiError::RangeNotSatisfiable { .. } => ErrorCode::RangeNotSatisfiable,
-            ApiError::TooManyRequests { .. } => ErrorCode::TooManyRequests,
-            ApiError::SignInDisabled => ErrorCode::SignInDisabled,
-            ApiError::WrongPassword => ErrorCode::WrongPassword,
-            ApiError::TooManyStreams { .. } => ErrorCode::TooManyStreams,
-            ApiError::Draining => ErrorCode::Draining,
-            ApiError::NotWebSocket => ErrorCode::NotWebsocket,
-            ApiError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
-            ApiError::Internal(_) => ErrorCode::Internal,
+            ApiError::RangeNotSatisfiable { .. } => {
+                (S::RANGE_NOT_SATISFIABLE, C::RangeNotSatisfiable)
+            }
+            ApiError::TooManyRequests { .. } => (S::TOO_MANY_REQUESTS, C::TooManyRequests),
+            ApiError::TooManyStreams { .. } => (S::SERVICE_UNAVAILABLE, C::TooManyStreams),
+            ApiError::Draining => (S::SERVICE_UNAVAILABLE, C::Draining),
+            ApiError::StoreUnavailable(_) => (S::SERVICE_UNAVAILABLE, C::StoreUnavailable),
+            ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, C::Internal),
         }
     }
 }
@@ -381,14 +293,15 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        let (status, code) = self.status_and_code();
         let mut body = serde_json::json!({
-            "error": {"code": self.code().as_str(), "message": self.to_string()}
+            "error": {"code": code.as_str(), "message": self.to_string()}
         });
         if let ApiError::InvalidJson { line, column, .. } = &self {
             body["error"]["line"] = (*line).into();
             body["error"]["column"] = (*column).into();
         }
-        let mut resp = (self.status(), Json(body)).into_response();
+        let mut resp = (status, Json(body)).into_response();
         let headers = resp.headers_mut();
         match &self {
             ApiError::Unauthorized(_) => {
@@ -423,7 +336,7 @@ mod tests {
     #[test]
     fn every_error_code_is_listed_in_the_readme() {
         let readme = include_str!("../../../README.md");
-        for code in ErrorCode::ALL {
+        for code in ErrorCode::ALL.iter().copied() {
             assert!(
                 readme.contains(&format!("`{}`", code.as_str())),
                 "README's API section lacks `{}`",

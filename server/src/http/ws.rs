@@ -6,11 +6,11 @@
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, header};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 
 use super::error::{ApiError, Result};
@@ -35,10 +35,13 @@ pub(super) async fn upgrade(
     mut req: Request,
 ) -> Result<Response> {
     let checked = client_id.and_then(|ClientId(id)| {
-        let (exp, key) = check_upgrade(&state, &id, query.token, req.headers())?;
-        Ok((id, exp, key))
+        let exp = check_upgrade(&state, &id, query.token, req.headers())?;
+        // RFC 6455's handshake checks and the 101 with its Sec-WebSocket-Accept.
+        let switching =
+            create_response_with_body(&req, Body::empty).map_err(|_| ApiError::NotWebSocket)?;
+        Ok((id, exp, switching))
     });
-    let (client_id, exp, key) = match checked {
+    let (client_id, exp, switching) = match checked {
         Ok(ok) => ok,
         Err(e) => {
             state.metrics.ws_rejected_upgrades.inc();
@@ -66,26 +69,16 @@ pub(super) async fn upgrade(
         }
     });
 
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
-            .map_err(|_| ApiError::NotWebSocket)?,
-    );
-    Ok(resp)
+    Ok(switching)
 }
 
-/// Returns the token's expiry and the handshake key.
+/// Returns the token's expiry.
 fn check_upgrade(
     state: &AppState,
     client_id: &str,
     query_token: Option<String>,
     headers: &HeaderMap,
-) -> Result<(u64, String)> {
+) -> Result<u64> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);
     }
@@ -117,31 +110,5 @@ fn check_upgrade(
             state.config.public_origin
         )));
     }
-    let key = websocket_key(headers).ok_or(ApiError::NotWebSocket)?;
-    Ok((claims.exp, key))
-}
-
-/// The `Sec-WebSocket-Key` of a well-formed RFC 6455 handshake.
-fn websocket_key(headers: &HeaderMap) -> Option<String> {
-    let has_token = |name: header::HeaderName, token: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return None;
-    }
-    if headers.get(header::SEC_WEBSOCKET_VERSION)?.to_str().ok()? != "13" {
-        return None;
-    }
-    Some(
-        headers
-            .get(header::SEC_WEBSOCKET_KEY)?
-            .to_str()
-            .ok()?
-            .to_string(),
-    )
+    Ok(claims.exp)
 }
