@@ -82,9 +82,9 @@ impl FromRequestParts<AppState> for Principal {
     }
 }
 
-/// A [`Principal`] with the admin role; agents get 403.
+/// A caller with the admin role (a [`Principal`] that is an admin); agents get 403.
 #[derive(Debug, Clone)]
-pub struct Admin(pub Principal);
+pub struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
@@ -92,7 +92,7 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
         let principal = Principal::from_request_parts(parts, state).await?;
         match principal.role {
-            Role::Admin => Ok(Admin(principal)),
+            Role::Admin => Ok(Admin),
             Role::Agent => Err(ApiError::Forbidden(
                 "this endpoint needs an admin token".into(),
             )),

@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::state::AppState;
-pub use error::{ApiError, ErrorCode};
+use error::ApiError;
 
 /// The route table of the main listener. Paths match exactly: a trailing slash is
 /// another path, so `/api/v1/agents/` is a 404 like every unknown path. Every GET route
