@@ -43,8 +43,8 @@ pub enum Command {
 /// Default token lifetimes: agents hold theirs for a long time, humans for a day.
 pub fn default_ttl(role: Role) -> Duration {
     match role {
-        Role::Agent => Duration::from_secs(30 * 86_400),
-        Role::Admin => Duration::from_secs(86_400),
+        Role::Agent => crate::auth::DEFAULT_AGENT_TOKEN_TTL,
+        Role::Admin => crate::auth::DEFAULT_ADMIN_TOKEN_TTL,
     }
 }
 

@@ -91,6 +91,9 @@ pub enum SecretKeySource {
 pub struct Config {
     /// SERVER_HOST:SERVER_PORT; port 0 picks a free port (tests).
     pub listen: SocketAddr,
+    /// SERVER_HOST:METRICS_PORT, where `/metrics` is served (and only there); port 0
+    /// picks a free port (tests).
+    pub metrics_listen: SocketAddr,
     /// SERVER_URL: the public URL agents and browsers use; its origin is the only one
     /// allowed for browser requests (CORS on /api, Origin on /ws).
     pub server_url: String,
@@ -144,7 +147,7 @@ pub struct Config {
     /// it sheds.
     pub rebalance_tolerance: f64,
     /// Agent binaries and fleet updates (MAX_BINARY_BYTES, ROLLOUT_*).
-    pub fleet: FleetConfig,
+    pub releases: ReleaseConfig,
     /// The web UI's sign-in (ADMIN_PASSWORD, UI_SESSION_TTL).
     pub ui: UiConfig,
 }
@@ -188,6 +191,16 @@ impl Config {
             v.parse().map_err(|_| "a TCP port number (0-65535)".into())
         })?;
         let listen = SocketAddr::new(host, port);
+        let metrics_port: u16 = parse_or(&get, "METRICS_PORT", 9090, |v| {
+            v.parse().map_err(|_| "a TCP port number (0-65535)".into())
+        })?;
+        let metrics_listen = SocketAddr::new(host, metrics_port);
+        if metrics_port != 0 && metrics_port == port {
+            return Err(ConfigError::new(
+                "METRICS_PORT",
+                format!("{metrics_port} is SERVER_PORT already; pick another port for metrics"),
+            ));
+        }
 
         let server_url = get("SERVER_URL").unwrap_or_else(|| format!("http://localhost:{port}"));
         let public_origin = origin_of(&server_url).ok_or_else(|| {
@@ -320,6 +333,7 @@ impl Config {
         let ui = UiConfig::parse(&get, &data_dir, clustered)?;
         Ok(Config {
             listen,
+            metrics_listen,
             server_url,
             public_origin,
             redis,
@@ -367,7 +381,7 @@ impl Config {
                     _ => Err("a whole percentage such as 10".into()),
                 }
             })?,
-            fleet: FleetConfig::parse(&get)?,
+            releases: ReleaseConfig::parse(&get)?,
             ui,
         })
     }
@@ -481,46 +495,9 @@ pub fn origin_of(url: &str) -> Option<String> {
     Some(format!("{scheme}://{authority}"))
 }
 
-/// Reads the embedded-mode signing key, generating it on first use (mode 0600).
-pub fn load_or_create_secret(path: &Path) -> std::io::Result<Secret> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read_to_string(path) {
-        Ok(s) if s.trim().len() >= MIN_SECRET_KEY_BYTES => return Ok(Secret(s.trim().to_string())),
-        Ok(_) => {
-            return Err(std::io::Error::other(format!(
-                "{} holds a key shorter than {MIN_SECRET_KEY_BYTES} bytes; delete it to generate a new one",
-                path.display()
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let key: [u8; 32] = rand::random();
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    // create_new: if two processes race, one wins and the other reads the winner's key.
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => {
-            f.write_all(hex.as_bytes())?;
-            f.sync_all()?;
-            Ok(Secret(hex))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_secret(path),
-        Err(e) => Err(e),
-    }
-}
-
 /// Agent binaries on BINARY_STORAGE_PATH and the paced rollout of new versions.
 #[derive(Clone, Debug)]
-pub struct FleetConfig {
+pub struct ReleaseConfig {
     /// MAX_BINARY_BYTES: largest binary an upload may carry (413 above).
     pub max_binary_bytes: u64,
     /// ROLLOUT_MAX_CONCURRENT: how many agents of one rollout may be updating at once,
@@ -534,7 +511,7 @@ pub struct FleetConfig {
     pub rollout_check_interval: Duration,
 }
 
-impl FleetConfig {
+impl ReleaseConfig {
     fn parse(get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let rollout_check_interval =
             duration(get, "ROLLOUT_CHECK_INTERVAL", Duration::from_secs(5))?;
@@ -544,7 +521,7 @@ impl FleetConfig {
                 "must be greater than zero",
             ));
         }
-        Ok(FleetConfig {
+        Ok(ReleaseConfig {
             max_binary_bytes: bytes(get, "MAX_BINARY_BYTES", 512 * 1024 * 1024)? as u64,
             rollout_max_concurrent: parse_or(get, "ROLLOUT_MAX_CONCURRENT", 10, |v| {
                 match v.parse::<u32>() {
@@ -613,49 +590,6 @@ impl UiConfig {
             admin_password,
             session_ttl,
         })
-    }
-}
-
-/// Reads the embedded-mode admin password, generating it on first use (mode 0600): 24
-/// characters from an alphabet without look-alikes, so a person can type it.
-pub fn load_or_create_admin_password(path: &Path) -> std::io::Result<Secret> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read_to_string(path) {
-        Ok(s) if s.trim().chars().count() >= MIN_ADMIN_PASSWORD_CHARS => {
-            return Ok(Secret(s.trim().to_string()));
-        }
-        Ok(_) => {
-            return Err(std::io::Error::other(format!(
-                "{} holds a password shorter than {MIN_ADMIN_PASSWORD_CHARS} characters; delete it to generate a new one",
-                path.display()
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ23456789";
-    let password: String = (0..24)
-        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
-        .collect();
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => {
-            f.write_all(password.as_bytes())?;
-            f.sync_all()?;
-            Ok(Secret(password))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            load_or_create_admin_password(path)
-        }
-        Err(e) => Err(e),
     }
 }
 
@@ -827,29 +761,13 @@ mod tests {
     #[test]
     fn fleet_settings_have_defaults_and_name_the_variable_when_invalid() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.fleet.max_binary_bytes, 512 * 1024 * 1024);
-        assert_eq!(c.fleet.rollout_max_concurrent, 10);
-        assert_eq!(c.fleet.rollout_update_timeout, Duration::from_secs(900));
+        assert_eq!(c.releases.max_binary_bytes, 512 * 1024 * 1024);
+        assert_eq!(c.releases.rollout_max_concurrent, 10);
+        assert_eq!(c.releases.rollout_update_timeout, Duration::from_secs(900));
         let e = parse(&[("ROLLOUT_MAX_CONCURRENT", "0")]).unwrap_err();
         assert_eq!(e.var, "ROLLOUT_MAX_CONCURRENT");
         let e = parse(&[("MAX_BINARY_BYTES", "lots")]).unwrap_err();
         assert_eq!(e.var, "MAX_BINARY_BYTES");
-    }
-
-    #[test]
-    fn generated_admin_password_is_private_and_stable() {
-        let dir = std::env::temp_dir().join(format!("agent-server-pw-{}", std::process::id()));
-        let path = dir.join("admin_password");
-        let _ = std::fs::remove_file(&path);
-        let first = load_or_create_admin_password(&path).unwrap();
-        let again = load_or_create_admin_password(&path).unwrap();
-        assert_eq!(first, again);
-        assert_eq!(first.expose().len(), 24);
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(&path).unwrap().permissions(),
-        );
-        assert_eq!(mode & 0o777, 0o600);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -67,7 +67,7 @@ async fn serve(config: Config) -> ExitCode {
     let app = match Application::build(config.clone()).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!(error = %agent_server::http::error::error_chain(&e), "could not start");
+            tracing::error!(error = %agent_server::error::error_chain(&e), "could not start");
             return ExitCode::FAILURE;
         }
     };
@@ -79,6 +79,7 @@ async fn serve(config: Config) -> ExitCode {
     }
     tracing::info!(
         addr = %app.local_addr(),
+        metrics = %app.metrics_addr(),
         pod = %config.pod_id,
         database = app.state().store.backend_name(),
         heartbeat = ?config.heartbeat_interval,

@@ -20,7 +20,7 @@ macro_rules! label_enum {
         }
 
         impl EncodeLabelValue for $name {
-            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
                 use std::fmt::Write;
                 encoder.write_str(match self {
                     $($name::$variant => $text),*
@@ -66,13 +66,15 @@ pub struct WsLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: &'static str,
-    pub route: &'static str,
+    /// The matched route template, from the fixed route table (bounded).
+    pub route: String,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: &'static str,
+    /// The matched route template, from the fixed route table (bounded).
+    pub route: String,
 }
 
 label_enum! {

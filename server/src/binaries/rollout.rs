@@ -12,16 +12,20 @@
 //! here). Like commands, an update is never pushed through the hub: the task claims a
 //! slot in the store and wakes the session, which reads it from the store and sends it.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use super::version;
-use crate::app::AppState;
-use crate::http::error::error_chain;
-use crate::metrics::UpdateOutcome;
-use crate::store::{ActiveRollout, Claim, RolloutRow, RolloutStatus, StoreError, now_ms};
+use super::{Storage, version};
+use crate::config::Config;
+use crate::error::error_chain;
+use crate::hub::Hub;
+use crate::metrics::{Metrics, UpdateOutcome};
+use crate::store::{ActiveRollout, Claim, RolloutRow, RolloutStatus, Store, StoreError, now_ms};
 
 /// What an agent said about itself in its hello, as far as rollouts care.
 #[derive(Debug, Clone, Default)]
@@ -87,6 +91,9 @@ pub fn check_labels(reported: Vec<String>) -> (Vec<String>, Option<String>) {
     (valid, problem)
 }
 
+/// How old a temporary upload file must be before it counts as abandoned.
+const STALE_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// Whether `agent` is within the first `percentage` of agents for this binary. The hash
 /// is stable, so raising the percentage of a rollout of the same binary only adds agents.
 pub fn selected(binary_id: &str, agent: &str, percentage: i32) -> bool {
@@ -102,258 +109,371 @@ pub fn selected(binary_id: &str, agent: &str, percentage: i32) -> bool {
     (bucket as i64) < i64::from(percentage)
 }
 
-fn offer_for(state: &AppState, target: &ActiveRollout) -> Offer {
-    let r = &target.rollout;
-    Offer {
-        rollout_id: r.id.clone(),
-        binary_id: r.binary_id.clone(),
-        name: target.name.clone(),
-        version: r.version.clone(),
-        os: r.os.clone(),
-        arch: r.arch.clone(),
-        url: format!(
-            "{}/api/v1/binaries/{}/download",
-            state.config.server_url.trim_end_matches('/'),
-            r.binary_id
-        ),
-        sha256: target.sha256.clone(),
-        size: target.size_bytes,
-    }
+/// This replica's rollout service: the cache of active rollouts, the offers to sessions
+/// and the task that hands out free slots. A cheap handle (an `Arc`).
+#[derive(Clone)]
+pub struct Rollouts(Arc<Inner>);
+
+struct Inner {
+    store: Store,
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    /// BINARY_STORAGE_PATH, swept of abandoned uploads when the task starts.
+    storage: Storage,
+    /// SERVER_URL without a trailing slash: offers carry absolute download URLs.
+    server_url: String,
+    /// This replica's POD_ID: each replica offers slots to its own agents.
+    pod_id: String,
+    /// ROLLOUT_UPDATE_TIMEOUT.
+    update_timeout: Duration,
+    /// ROLLOUT_CHECK_INTERVAL.
+    check_interval: Duration,
+    /// Active rollouts as last read from the store (at most one ROLLOUT_CHECK_INTERVAL
+    /// old): with none, which is the usual case, a session's hello costs no query.
+    active: RwLock<Arc<Vec<ActiveRollout>>>,
+    /// Wakes the rollout task before its next tick: a slot was freed or a rollout was
+    /// started here.
+    kick: Notify,
 }
 
-/// Called by a session once its hello is stored: records the labels, notices an agent
-/// that came back updated (freeing its slot), and decides whether to send an update now.
-pub async fn after_hello(
-    state: &AppState,
-    agent: &str,
-    epoch: i64,
-    facts: AgentFacts,
-) -> HelloOutcome {
-    let mut outcome = HelloOutcome::default();
-    let mut labels = None;
-    if let Some(reported) = facts.labels {
-        let (valid, problem) = check_labels(reported);
-        outcome.problem = problem;
-        if let Err(e) = state
-            .store
-            .set_agent_labels(agent.to_string(), valid.clone())
-            .await
-        {
-            state.metrics.store_errors.inc();
-            tracing::error!(agent, error = %error_chain(&e), "could not store labels");
-        }
-        labels = Some(valid);
+impl Rollouts {
+    /// The service, with an empty cache until its first round.
+    pub fn new(
+        config: &Config,
+        store: Store,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        storage: Storage,
+    ) -> Self {
+        Rollouts(Arc::new(Inner {
+            store,
+            hub,
+            metrics,
+            storage,
+            server_url: config.server_url.trim_end_matches('/').to_string(),
+            pod_id: config.pod_id.clone(),
+            update_timeout: config.releases.rollout_update_timeout,
+            check_interval: config.releases.rollout_check_interval,
+            active: RwLock::default(),
+            kick: Notify::new(),
+        }))
     }
-    let (Some(current), Some(os), Some(arch)) = (facts.version, facts.os, facts.arch) else {
-        return outcome;
-    };
-    let active = state.fleet.active();
-    let (os, arch) = (os.to_lowercase(), arch.to_lowercase());
-    let Some(target) = active
-        .iter()
-        .find(|r| r.rollout.os == os && r.rollout.arch == arch)
-    else {
-        return outcome;
-    };
-    match decide(state, target, agent, epoch, &current, labels).await {
-        Ok(offer) => outcome.offer = offer,
-        Err(e) => {
-            state.metrics.store_errors.inc();
-            tracing::error!(agent, error = %error_chain(&e), "could not check the agent's rollout");
-        }
-    }
-    outcome
-}
 
-async fn decide(
-    state: &AppState,
-    target: &ActiveRollout,
-    agent: &str,
-    epoch: i64,
-    current: &str,
-    labels: Option<Vec<String>>,
-) -> Result<Option<Offer>, StoreError> {
-    let r = &target.rollout;
-    if !version::is_older(current, &r.version) {
-        if state
-            .store
-            .finish_update(r.id.clone(), agent.to_string(), now_ms())
-            .await?
-        {
-            state.metrics.update_outcome(UpdateOutcome::Updated);
-            tracing::info!(agent, version = current, rollout = %r.id, "agent updated");
-            state.fleet.kick();
-        }
-        return Ok(None);
+    fn active(&self) -> Arc<Vec<ActiveRollout>> {
+        self.0
+            .active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
-    if let Some(label) = &r.label {
-        let labels = match labels {
-            Some(l) => l,
-            None => state.store.agent_labels(agent.to_string()).await?,
+
+    /// Asks the rollout task to run now (coalesces).
+    pub fn kick(&self) {
+        self.0.kick.notify_one();
+    }
+
+    /// Refreshes the cache and offers free slots at once; other replicas follow within
+    /// ROLLOUT_CHECK_INTERVAL.
+    pub async fn apply_now(&self) -> Result<(), StoreError> {
+        self.refresh().await?;
+        self.kick();
+        Ok(())
+    }
+
+    fn offer_for(&self, target: &ActiveRollout) -> Offer {
+        let r = &target.rollout;
+        Offer {
+            rollout_id: r.id.clone(),
+            binary_id: r.binary_id.clone(),
+            name: target.name.clone(),
+            version: r.version.clone(),
+            os: r.os.clone(),
+            arch: r.arch.clone(),
+            url: format!(
+                "{}/api/v1/binaries/{}/download",
+                self.0.server_url, r.binary_id
+            ),
+            sha256: target.sha256.clone(),
+            size: target.size_bytes,
+        }
+    }
+
+    /// Called by a session once its hello is stored: records the labels, notices an agent
+    /// that came back updated (freeing its slot), and decides whether to send an update now.
+    pub async fn after_hello(&self, agent: &str, epoch: i64, facts: AgentFacts) -> HelloOutcome {
+        let mut outcome = HelloOutcome::default();
+        let mut labels = None;
+        if let Some(reported) = facts.labels {
+            let (valid, problem) = check_labels(reported);
+            outcome.problem = problem;
+            if let Err(e) = self
+                .0
+                .store
+                .set_agent_labels(agent.to_string(), valid.clone())
+                .await
+            {
+                self.0.metrics.store_errors.inc();
+                tracing::error!(agent, error = %error_chain(&e), "could not store labels");
+            }
+            labels = Some(valid);
+        }
+        let (Some(current), Some(os), Some(arch)) = (facts.version, facts.os, facts.arch) else {
+            return outcome;
         };
-        if !labels.contains(label) {
+        let active = self.active();
+        let (os, arch) = (os.to_lowercase(), arch.to_lowercase());
+        let Some(target) = active
+            .iter()
+            .find(|r| r.rollout.os == os && r.rollout.arch == arch)
+        else {
+            return outcome;
+        };
+        match self.decide(target, agent, epoch, &current, labels).await {
+            Ok(offer) => outcome.offer = offer,
+            Err(e) => {
+                self.0.metrics.store_errors.inc();
+                tracing::error!(agent, error = %error_chain(&e), "could not check the agent's rollout");
+            }
+        }
+        outcome
+    }
+
+    async fn decide(
+        &self,
+        target: &ActiveRollout,
+        agent: &str,
+        epoch: i64,
+        current: &str,
+        labels: Option<Vec<String>>,
+    ) -> Result<Option<Offer>, StoreError> {
+        let r = &target.rollout;
+        if !version::is_older(current, &r.version) {
+            if self
+                .0
+                .store
+                .finish_update(r.id.clone(), agent.to_string(), now_ms())
+                .await?
+            {
+                self.0.metrics.update_outcome(UpdateOutcome::Updated);
+                tracing::info!(agent, version = current, rollout = %r.id, "agent updated");
+                self.kick();
+            }
             return Ok(None);
         }
-    }
-    if !selected(&r.binary_id, agent, r.percentage) {
-        return Ok(None);
-    }
-    let claim = state
-        .store
-        .claim_update(
-            r.id.clone(),
-            agent.to_string(),
-            epoch,
-            Some(current.to_string()),
-            now_ms(),
-        )
-        .await?;
-    Ok((claim == Claim::Offer).then(|| offered(state, target, agent)))
-}
-
-fn offered(state: &AppState, target: &ActiveRollout, agent: &str) -> Offer {
-    state.metrics.updates_offered.inc();
-    tracing::info!(agent, version = %target.rollout.version, rollout = %target.rollout.id, "update offered");
-    offer_for(state, target)
-}
-
-/// Called by a session when woken: the update this agent holds a slot for, if it has
-/// not been sent on this connection yet.
-pub async fn pending_offer(state: &AppState, agent: &str, epoch: i64) -> Option<Offer> {
-    let active = state.fleet.active();
-    if active.is_empty() {
-        return None;
-    }
-    match state.store.pending_update(agent.to_string(), epoch).await {
-        Ok(Some(rollout_id)) => active
-            .iter()
-            .find(|r| r.rollout.id == rollout_id)
-            .map(|target| offered(state, target, agent)),
-        Ok(None) => None,
-        Err(e) => {
-            state.metrics.store_errors.inc();
-            tracing::error!(agent, error = %error_chain(&e), "could not check for a pending update");
-            None
-        }
-    }
-}
-
-/// Re-reads the active rollouts into the cache.
-pub async fn refresh(state: &AppState) -> Result<(), StoreError> {
-    let active = state.store.active_rollouts().await?;
-    state.fleet.set_active(active);
-    Ok(())
-}
-
-/// Candidates read per query.
-const PAGE: i64 = 500;
-
-/// Offers each active rollout's free slots to agents connected to this replica, and
-/// wakes agents here that hold a slot but were not sent the update on their current
-/// connection. Returns how many slots were claimed.
-pub async fn dispatch(state: &AppState) -> Result<usize, StoreError> {
-    let mut claimed = 0;
-    let pod = state.config.pod_id.clone();
-    for target in state.fleet.active().iter() {
-        let r = &target.rollout;
-        let counts = state.store.update_counts(r.id.clone()).await?;
-        for agent in &counts.updating_agents {
-            if let Some(session) = state.hub.get(agent) {
-                session.wake();
+        if let Some(label) = &r.label {
+            let labels = match labels {
+                Some(l) => l,
+                None => self.0.store.agent_labels(agent.to_string()).await?,
+            };
+            if !labels.contains(label) {
+                return Ok(None);
             }
         }
-        let mut free = i64::from(r.max_concurrent) - counts.updating;
-        let mut after = None;
-        'pages: while free > 0 {
-            let page = state
-                .store
-                .rollout_candidates(r.clone(), pod.clone(), after.clone(), PAGE)
-                .await?;
-            after = page.last().map(|(id, _)| id.clone());
-            for (agent, current) in &page {
-                if !version::is_older(current, &r.version)
-                    || !selected(&r.binary_id, agent, r.percentage)
-                {
-                    continue;
+        if !selected(&r.binary_id, agent, r.percentage) {
+            return Ok(None);
+        }
+        let claim = self
+            .0
+            .store
+            .claim_update(
+                r.id.clone(),
+                agent.to_string(),
+                epoch,
+                Some(current.to_string()),
+                now_ms(),
+            )
+            .await?;
+        Ok((claim == Claim::Offer).then(|| self.offered(target, agent)))
+    }
+
+    fn offered(&self, target: &ActiveRollout, agent: &str) -> Offer {
+        self.0.metrics.updates_offered.inc();
+        tracing::info!(agent, version = %target.rollout.version, rollout = %target.rollout.id, "update offered");
+        self.offer_for(target)
+    }
+
+    /// Called by a session when woken: the update this agent holds a slot for, if it has
+    /// not been sent on this connection yet.
+    pub async fn pending_offer(&self, agent: &str, epoch: i64) -> Option<Offer> {
+        let active = self.active();
+        if active.is_empty() {
+            return None;
+        }
+        match self.0.store.pending_update(agent.to_string(), epoch).await {
+            Ok(Some(rollout_id)) => active
+                .iter()
+                .find(|r| r.rollout.id == rollout_id)
+                .map(|target| self.offered(target, agent)),
+            Ok(None) => None,
+            Err(e) => {
+                self.0.metrics.store_errors.inc();
+                tracing::error!(agent, error = %error_chain(&e), "could not check for a pending update");
+                None
+            }
+        }
+    }
+
+    /// Re-reads the active rollouts into the cache.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let active = self.0.store.active_rollouts().await?;
+        *self.0.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
+        Ok(())
+    }
+
+    /// Candidates read per query.
+    const PAGE: i64 = 500;
+
+    /// Offers each active rollout's free slots to agents connected to this replica, and
+    /// wakes agents here that hold a slot but were not sent the update on their current
+    /// connection. Returns how many slots were claimed.
+    pub async fn dispatch(&self) -> Result<usize, StoreError> {
+        let mut claimed = 0;
+        let pod = self.0.pod_id.clone();
+        for target in self.active().iter() {
+            let r = &target.rollout;
+            let counts = self.0.store.update_counts(r.id.clone()).await?;
+            for agent in &counts.updating_agents {
+                if let Some(session) = self.0.hub.get(agent) {
+                    session.wake();
                 }
-                let Some(session) = state.hub.get(agent) else {
-                    continue;
-                };
-                let claim = state
+            }
+            let mut free = i64::from(r.max_concurrent) - counts.updating;
+            let mut after = None;
+            'pages: while free > 0 {
+                let page = self
+                    .0
                     .store
-                    .claim_update(
-                        r.id.clone(),
-                        agent.clone(),
-                        0,
-                        Some(current.clone()),
-                        now_ms(),
-                    )
+                    .rollout_candidates(r.clone(), pod.clone(), after.clone(), Self::PAGE)
                     .await?;
-                match claim {
-                    Claim::Offer => {
-                        session.wake();
-                        claimed += 1;
-                        free -= 1;
-                        if free == 0 {
-                            break 'pages;
-                        }
+                after = page.last().map(|(id, _)| id.clone());
+                for (agent, current) in &page {
+                    if !version::is_older(current, &r.version)
+                        || !selected(&r.binary_id, agent, r.percentage)
+                    {
+                        continue;
                     }
-                    Claim::Full | Claim::Inactive => break 'pages,
-                    Claim::AlreadySent | Claim::Finished => {}
+                    let Some(session) = self.0.hub.get(agent) else {
+                        continue;
+                    };
+                    let claim = self
+                        .0
+                        .store
+                        .claim_update(
+                            r.id.clone(),
+                            agent.clone(),
+                            0,
+                            Some(current.clone()),
+                            now_ms(),
+                        )
+                        .await?;
+                    match claim {
+                        Claim::Offer => {
+                            session.wake();
+                            claimed += 1;
+                            free -= 1;
+                            if free == 0 {
+                                break 'pages;
+                            }
+                        }
+                        Claim::Full | Claim::Inactive => break 'pages,
+                        Claim::AlreadySent | Claim::Finished => {}
+                    }
+                }
+                if (page.len() as i64) < Self::PAGE {
+                    break;
                 }
             }
-            if (page.len() as i64) < PAGE {
-                break;
-            }
         }
+        Ok(claimed)
     }
-    Ok(claimed)
-}
 
-/// One round of the rollout task: time out stuck updates, refresh the cache, dispatch.
-async fn run_once(state: &AppState) -> Result<(), StoreError> {
-    let now = now_ms();
-    let timeout = state.config.fleet.rollout_update_timeout.as_millis() as i64;
-    let timed_out = state.store.expire_updates(now - timeout, now).await?;
-    for _ in 0..timed_out {
-        state.metrics.update_outcome(UpdateOutcome::TimedOut);
+    /// One round of the rollout task: time out stuck updates, refresh the cache, dispatch.
+    async fn run_once(&self) -> Result<(), StoreError> {
+        let now = now_ms();
+        let timeout = self.0.update_timeout.as_millis() as i64;
+        let timed_out = self.0.store.expire_updates(now - timeout, now).await?;
+        for _ in 0..timed_out {
+            self.0.metrics.update_outcome(UpdateOutcome::TimedOut);
+        }
+        if timed_out > 0 {
+            tracing::warn!(
+                agents = timed_out,
+                "updates timed out (agents did not come back with the new version); their slots are free"
+            );
+        }
+        self.refresh().await?;
+        self.dispatch().await?;
+        Ok(())
     }
-    if timed_out > 0 {
-        tracing::warn!(
-            agents = timed_out,
-            "updates timed out (agents did not come back with the new version); their slots are free"
-        );
-    }
-    refresh(state).await?;
-    dispatch(state).await?;
-    Ok(())
-}
 
-/// How old a temporary upload file must be before it counts as abandoned.
-const STALE_UPLOAD_AGE: Duration = Duration::from_secs(24 * 3600);
-
-/// The rollout task: a round every ROLLOUT_CHECK_INTERVAL, or at once when kicked.
-pub fn spawn(state: &AppState) {
-    let s = state.clone();
-    state.tasks.spawn(async move {
-        let removed = s.fleet.storage.remove_stale_uploads(STALE_UPLOAD_AGE).await;
+    /// The rollout task: a round every ROLLOUT_CHECK_INTERVAL, or at once when kicked,
+    /// until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let removed = self.0.storage.remove_stale_uploads(STALE_UPLOAD_AGE).await;
         if removed > 0 {
             tracing::info!(files = removed, "removed abandoned temporary upload files");
         }
-        let mut tick = tokio::time::interval(s.config.fleet.rollout_check_interval);
+        let mut tick = tokio::time::interval(self.0.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = s.stop.cancelled() => return,
+                _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
-                _ = s.fleet.kick.notified() => {}
+                _ = self.0.kick.notified() => {}
             }
-            if let Err(e) = run_once(&s).await {
-                s.metrics.store_errors.inc();
+            if let Err(e) = self.run_once().await {
+                self.0.metrics.store_errors.inc();
                 tracing::error!(error = %error_chain(&e), "rollout round failed");
             }
         }
-    });
+    }
+
+    /// Counts the rollout's agents. Reads every agent of the rollout's os/arch in pages:
+    /// this is for operators, not for hot paths.
+    pub async fn progress(&self, r: &RolloutRow) -> Result<Progress, StoreError> {
+        let state = &self.0;
+        let counts = state.store.update_counts(r.id.clone()).await?;
+        let mut p = Progress {
+            updating: counts.updating,
+            updated: counts.updated,
+            timed_out: counts.timed_out,
+            updating_agents: counts.updating_agents,
+            ..Progress::default()
+        };
+        let mut older = 0;
+        let mut after = None;
+        loop {
+            let page = state
+                .store
+                .agents_for_target(
+                    r.os.clone(),
+                    r.arch.clone(),
+                    r.label.clone(),
+                    after.clone(),
+                    1000,
+                )
+                .await?;
+            after = page.last().map(|(id, _)| id.clone());
+            for (agent, current) in &page {
+                if !selected(&r.binary_id, agent, r.percentage) {
+                    continue;
+                }
+                p.targeted += 1;
+                match current {
+                    Some(v) if !version::is_older(v, &r.version) => p.up_to_date += 1,
+                    Some(_) => older += 1,
+                    None => p.unknown_version += 1,
+                }
+            }
+            if page.len() < 1000 {
+                break;
+            }
+        }
+        p.waiting = (older - p.updating - p.timed_out).max(0);
+        p.complete =
+            r.status == RolloutStatus::Active.as_str() && p.waiting == 0 && p.updating == 0;
+        Ok(p)
+    }
 }
 
 /// How far a rollout has come.
@@ -377,51 +497,6 @@ pub struct Progress {
     pub complete: bool,
     /// Some of the agents updating now (up to 100).
     pub updating_agents: Vec<String>,
-}
-
-/// Counts the rollout's agents. Reads every agent of the rollout's os/arch in pages:
-/// this is for operators, not for hot paths.
-pub async fn progress(state: &AppState, r: &RolloutRow) -> Result<Progress, StoreError> {
-    let counts = state.store.update_counts(r.id.clone()).await?;
-    let mut p = Progress {
-        updating: counts.updating,
-        updated: counts.updated,
-        timed_out: counts.timed_out,
-        updating_agents: counts.updating_agents,
-        ..Progress::default()
-    };
-    let mut older = 0;
-    let mut after = None;
-    loop {
-        let page = state
-            .store
-            .agents_for_target(
-                r.os.clone(),
-                r.arch.clone(),
-                r.label.clone(),
-                after.clone(),
-                1000,
-            )
-            .await?;
-        after = page.last().map(|(id, _)| id.clone());
-        for (agent, current) in &page {
-            if !selected(&r.binary_id, agent, r.percentage) {
-                continue;
-            }
-            p.targeted += 1;
-            match current {
-                Some(v) if !version::is_older(v, &r.version) => p.up_to_date += 1,
-                Some(_) => older += 1,
-                None => p.unknown_version += 1,
-            }
-        }
-        if page.len() < 1000 {
-            break;
-        }
-    }
-    p.waiting = (older - p.updating - p.timed_out).max(0);
-    p.complete = r.status == RolloutStatus::Active.as_str() && p.waiting == 0 && p.updating == 0;
-    Ok(p)
 }
 
 #[cfg(test)]

@@ -1,57 +1,204 @@
 //! Every error a request can meet, and the one place that turns them into a status code
-//! and a JSON body: `{"error": {"code": …, "message": …}}`.
+//! and a JSON body: `{"error": {"code": …, "message": …}}`. The codes are a public
+//! contract, listed by [`ErrorCode`] and in README's API section.
 
-use http::{HeaderValue, Method, StatusCode, header};
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
 
-use super::{Response, json};
 use crate::auth::AuthError;
 use crate::binaries::StorageError;
+use crate::error::error_chain;
 use crate::store::StoreError;
 
+/// Defines [`ErrorCode`] with each variant's wire string and [`ErrorCode::ALL`].
+macro_rules! error_codes {
+    ($($(#[doc = $doc:literal])* $variant:ident => $code:literal,)*) => {
+        /// The machine-readable `error.code` of every error response.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, for the test that keeps README's list complete.
+            #[cfg(test)]
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The code as it appears in responses.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// A `client_id` (path or body) breaks the id rules.
+    InvalidClientId => "invalid_client_id",
+    /// `limit` is not a number in the endpoint's range.
+    InvalidLimit => "invalid_limit",
+    /// `before`/`after` is not a `next` value from a previous page.
+    InvalidCursor => "invalid_cursor",
+    /// A list filter has a value the endpoint does not know.
+    InvalidFilter => "invalid_filter",
+    /// The query string cannot be decoded.
+    InvalidQuery => "invalid_query",
+    /// A command's name, args or TTL is out of bounds.
+    InvalidCommand => "invalid_command",
+    /// A token's TTL is out of bounds.
+    InvalidTtl => "invalid_ttl",
+    /// An upload's metadata is missing or malformed.
+    InvalidBinary => "invalid_binary",
+    /// An upload's checksum is not 64 hex digits.
+    InvalidChecksum => "invalid_checksum",
+    /// A rollout's settings are out of bounds.
+    InvalidRollout => "invalid_rollout",
+    /// The body is not JSON (`line`/`column` say where) or not UTF-8.
+    InvalidJson => "invalid_json",
+    /// The body is empty where a document is required.
+    EmptyBody => "empty_body",
+    /// The connection failed while the body was read.
+    BodyReadFailed => "body_read_failed",
+    /// The body is larger than the endpoint accepts.
+    PayloadTooLarge => "payload_too_large",
+    /// The body's Content-Type is not one the endpoint accepts.
+    UnsupportedMediaType => "unsupported_media_type",
+    /// No valid credential.
+    Unauthorized => "unauthorized",
+    /// A valid credential without the right to this.
+    Forbidden => "forbidden",
+    /// No such route or resource.
+    NotFound => "not_found",
+    /// The route exists, not with this method (`Allow` lists the methods).
+    MethodNotAllowed => "method_not_allowed",
+    /// An upload with the same name, version, os and arch exists.
+    BinaryExists => "binary_exists",
+    /// The binary is the target of an active rollout.
+    RolloutTarget => "rollout_target",
+    /// Another rollout for the same os/arch started at the same moment.
+    RolloutConflict => "rollout_conflict",
+    /// The upload's content does not match its checksum.
+    ChecksumMismatch => "checksum_mismatch",
+    /// The upload ended before its declared length.
+    UploadIncomplete => "upload_incomplete",
+    /// The binary storage volume is full.
+    InsufficientStorage => "insufficient_storage",
+    /// The binary's file is missing from the storage volume.
+    BinaryFileMissing => "binary_file_missing",
+    /// The binary storage volume failed.
+    StorageError => "storage_error",
+    /// The requested byte range is outside the file.
+    RangeNotSatisfiable => "range_not_satisfiable",
+    /// Too many failed sign-ins; `Retry-After` says when to try again.
+    TooManyRequests => "too_many_requests",
+    /// The web UI's sign-in has no admin password configured.
+    SignInDisabled => "sign_in_disabled",
+    /// The admin password is wrong.
+    WrongPassword => "wrong_password",
+    /// This replica serves its maximum of event streams.
+    TooManyStreams => "too_many_streams",
+    /// The replica is shutting down; retry to reach another.
+    Draining => "draining",
+    /// `/ws/{client_id}` was requested without a WebSocket handshake.
+    NotWebsocket => "not_websocket",
+    /// The database does not answer; retry shortly.
+    StoreUnavailable => "store_unavailable",
+    /// A server fault; the log has it under the request id.
+    Internal => "internal",
+}
+
+/// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// A parameter or body field is invalid; the code says which kind.
     #[error("{message}")]
-    BadRequest { code: &'static str, message: String },
-    #[error("invalid JSON at line {line}, column {column}: {message}")]
-    InvalidJson {
-        line: usize,
-        column: usize,
+    BadRequest {
+        /// Which rule was broken.
+        code: ErrorCode,
+        /// What to change.
         message: String,
     },
+    /// The body is not valid JSON.
+    #[error("invalid JSON at line {line}, column {column}: {message}")]
+    InvalidJson {
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+        /// serde_json's description, without its position suffix.
+        message: String,
+    },
+    /// The body exceeds `limit` bytes.
     #[error("the request body is larger than the limit of {limit} bytes")]
-    PayloadTooLarge { limit: usize },
+    PayloadTooLarge {
+        /// The endpoint's limit, in bytes.
+        limit: usize,
+    },
+    /// No valid token or session.
     #[error("{0}")]
     Unauthorized(#[from] AuthError),
+    /// A valid credential without the right to this.
     #[error("{0}")]
     Forbidden(String),
+    /// No such route or resource.
     #[error("{0}")]
     NotFound(String),
-    #[error("method not allowed; this route accepts {}", allowed.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "))]
-    MethodNotAllowed { allowed: &'static [Method] },
-    #[error("send the body as application/json")]
-    UnsupportedMediaType,
+    /// The route does not accept this method; axum adds the `Allow` header.
+    #[error("method not allowed; the Allow header lists the methods this route accepts")]
+    MethodNotAllowed,
+    /// The body's Content-Type is not accepted.
     #[error("{0}")]
-    UnsupportedUpload(String),
+    UnsupportedMediaType(String),
+    /// The resource exists already or is in use.
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict {
+        /// Which conflict.
+        code: ErrorCode,
+        /// What to do about it.
+        message: String,
+    },
+    /// Binary storage refused or failed.
     #[error("{0}")]
     Storage(#[from] StorageError),
+    /// A Range outside a file of `size` bytes.
     #[error("the requested range is outside the {size} bytes of this file")]
-    RangeNotSatisfiable { size: u64 },
+    RangeNotSatisfiable {
+        /// The file's size, in bytes.
+        size: u64,
+    },
+    /// Rate limited for `retry_after` seconds.
     #[error("{message}")]
-    TooManyRequests { message: String, retry_after: u64 },
+    TooManyRequests {
+        /// What happened.
+        message: String,
+        /// Seconds until a retry may succeed.
+        retry_after: u64,
+    },
+    /// The web UI's sign-in is off.
     #[error("sign-in is disabled: set ADMIN_PASSWORD (the same on every replica) to enable it")]
     SignInDisabled,
+    /// The admin password is wrong.
     #[error("wrong password")]
     WrongPassword,
+    /// This replica serves `limit` event streams already.
     #[error("this replica already serves {limit} event streams; retry shortly")]
-    TooManyStreams { limit: usize },
+    TooManyStreams {
+        /// Streams per replica.
+        limit: usize,
+    },
+    /// The replica is shutting down.
     #[error("this server is shutting down; retry and you will reach another replica")]
     Draining,
+    /// A request to `/ws/{client_id}` without a WebSocket handshake.
     #[error("expected a WebSocket upgrade request (Upgrade: websocket, Sec-WebSocket-Version: 13)")]
     NotWebSocket,
+    /// The database does not answer.
     #[error("storage is unavailable; retry shortly")]
     StoreUnavailable(#[source] StoreError),
+    /// A server fault.
     #[error("internal error; the server log has the details under this request's id")]
     Internal(#[source] StoreError),
 }
@@ -83,83 +230,57 @@ impl From<serde_json::Error> for ApiError {
 }
 
 impl ApiError {
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    /// A 400 with `code` and a message saying what to change.
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code,
             message: message.into(),
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    /// The status (RFC 9110's meaning for each kind of failure) and the `error.code`.
+    pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
+        use ErrorCode as C;
+        use StatusCode as S;
         match self {
-            ApiError::BadRequest { .. } | ApiError::InvalidJson { .. } | ApiError::NotWebSocket => {
-                StatusCode::BAD_REQUEST
+            ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code),
+            ApiError::Conflict { code, .. } => (S::CONFLICT, *code),
+            ApiError::InvalidJson { .. } => (S::BAD_REQUEST, C::InvalidJson),
+            ApiError::NotWebSocket => (S::BAD_REQUEST, C::NotWebsocket),
+            ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
+            ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized),
+            ApiError::WrongPassword => (S::UNAUTHORIZED, C::WrongPassword),
+            ApiError::Forbidden(_) => (S::FORBIDDEN, C::Forbidden),
+            ApiError::SignInDisabled => (S::FORBIDDEN, C::SignInDisabled),
+            ApiError::NotFound(_) => (S::NOT_FOUND, C::NotFound),
+            ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, C::MethodNotAllowed),
+            ApiError::UnsupportedMediaType(_) => {
+                (S::UNSUPPORTED_MEDIA_TYPE, C::UnsupportedMediaType)
             }
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::UnsupportedMediaType | ApiError::UnsupportedUpload(_) => {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            }
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Storage(e) => match e {
-                StorageError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                StorageError::Empty
-                | StorageError::ChecksumMismatch { .. }
-                | StorageError::Incomplete(_) => StatusCode::BAD_REQUEST,
-                StorageError::Full { .. } => StatusCode::INSUFFICIENT_STORAGE,
-                StorageError::Missing { .. } | StorageError::Io { .. } => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
+                StorageError::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
+                StorageError::Empty => (S::BAD_REQUEST, C::EmptyBody),
+                StorageError::ChecksumMismatch { .. } => (S::BAD_REQUEST, C::ChecksumMismatch),
+                StorageError::Incomplete(_) => (S::BAD_REQUEST, C::UploadIncomplete),
+                StorageError::Full { .. } => (S::INSUFFICIENT_STORAGE, C::InsufficientStorage),
+                StorageError::Missing { .. } => (S::INTERNAL_SERVER_ERROR, C::BinaryFileMissing),
+                StorageError::Io { .. } => (S::INTERNAL_SERVER_ERROR, C::StorageError),
             },
-            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::SignInDisabled => StatusCode::FORBIDDEN,
-            ApiError::WrongPassword => StatusCode::UNAUTHORIZED,
-            ApiError::TooManyStreams { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Draining | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::RangeNotSatisfiable { .. } => {
+                (S::RANGE_NOT_SATISFIABLE, C::RangeNotSatisfiable)
+            }
+            ApiError::TooManyRequests { .. } => (S::TOO_MANY_REQUESTS, C::TooManyRequests),
+            ApiError::TooManyStreams { .. } => (S::SERVICE_UNAVAILABLE, C::TooManyStreams),
+            ApiError::Draining => (S::SERVICE_UNAVAILABLE, C::Draining),
+            ApiError::StoreUnavailable(_) => (S::SERVICE_UNAVAILABLE, C::StoreUnavailable),
+            ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, C::Internal),
         }
     }
+}
 
-    fn code(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest { code, .. } => code,
-            ApiError::InvalidJson { .. } => "invalid_json",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::UnsupportedMediaType | ApiError::UnsupportedUpload(_) => {
-                "unsupported_media_type"
-            }
-            ApiError::Conflict { code, .. } => code,
-            ApiError::Storage(e) => match e {
-                StorageError::TooLarge { .. } => "payload_too_large",
-                StorageError::Empty => "empty_body",
-                StorageError::ChecksumMismatch { .. } => "checksum_mismatch",
-                StorageError::Full { .. } => "insufficient_storage",
-                StorageError::Incomplete(_) => "upload_incomplete",
-                StorageError::Missing { .. } => "binary_file_missing",
-                StorageError::Io { .. } => "storage_error",
-            },
-            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
-            ApiError::TooManyRequests { .. } => "too_many_requests",
-            ApiError::SignInDisabled => "sign_in_disabled",
-            ApiError::WrongPassword => "wrong_password",
-            ApiError::TooManyStreams { .. } => "too_many_streams",
-            ApiError::Draining => "draining",
-            ApiError::NotWebSocket => "not_websocket",
-            ApiError::StoreUnavailable(_) => "store_unavailable",
-            ApiError::Internal(_) => "internal",
-        }
-    }
-
+impl IntoResponse for ApiError {
     /// The response; server-side failures are logged here, once, with their source chain.
-    pub fn into_response(self) -> Response {
+    fn into_response(self) -> Response {
         match &self {
             ApiError::StoreUnavailable(e) | ApiError::Internal(e) => {
                 tracing::error!(error = %error_chain(e), "request failed");
@@ -173,27 +294,19 @@ impl ApiError {
             }
             _ => {}
         }
-        let mut body =
-            serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let (status, code) = self.status_and_code();
+        let mut body = serde_json::json!({
+            "error": {"code": code.as_str(), "message": self.to_string()}
+        });
         if let ApiError::InvalidJson { line, column, .. } = &self {
             body["error"]["line"] = (*line).into();
             body["error"]["column"] = (*column).into();
         }
-        let mut resp = json(self.status(), &body);
+        let mut resp = (status, Json(body)).into_response();
         let headers = resp.headers_mut();
         match &self {
             ApiError::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            ApiError::MethodNotAllowed { allowed } => {
-                let list = allowed
-                    .iter()
-                    .map(|m| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                if let Ok(v) = HeaderValue::from_str(&list) {
-                    headers.insert(header::ALLOW, v);
-                }
             }
             ApiError::Draining
             | ApiError::StoreUnavailable(_)
@@ -214,16 +327,22 @@ impl ApiError {
     }
 }
 
-/// `error: cause: cause`, for one log line per failure.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
+/// What every handler returns.
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_code_is_listed_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        for code in ErrorCode::ALL.iter().copied() {
+            assert!(
+                readme.contains(&format!("`{}`", code.as_str())),
+                "README's API section lacks `{}`",
+                code.as_str()
+            );
+        }
+    }
+}

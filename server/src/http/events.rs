@@ -3,30 +3,29 @@
 //! Events carry ids, not data (`agent`, `command`, `commands`, `agents`, `binaries`,
 //! `rollouts`), plus a periodic `summary` of agents per pod. They come from the store's
 //! announcements: this replica's own and, in cluster mode, those the other replicas
-//! forward over Redis (`hub::cluster`). Each stream is bounded: a client that falls behind gets `resync`
-//! (refetch everything) instead of an ever-growing queue, and a replica serves at most
-//! [`MAX_STREAMS`]. Streams end when the replica starts draining; browsers reconnect
-//! (to another replica) on their own.
+//! forward over Redis (`hub::cluster`). Each stream is bounded: a client that falls
+//! behind gets `resync` (refetch everything) instead of an ever-growing queue, and a
+//! replica serves at most `events::MAX_STREAMS`. Streams end when the replica starts
+//! draining; browsers reconnect (to another replica) on their own.
 
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, StatusCode, header};
-use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, header};
 use tokio::sync::{broadcast, mpsc};
 
-use super::Response;
-use super::api::{Access, authorize};
 use super::error::{ApiError, Result};
-use crate::app::AppState;
+use super::extract::Admin;
+use crate::events::{EventHub, MAX_STREAMS};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::state::AppState;
 use crate::store::{Announcement, Change};
 
-/// Event streams one replica serves at once.
-pub const MAX_STREAMS: usize = 64;
 /// Events queued per stream before the writer waits for the client.
 const QUEUE: usize = 32;
 /// A client that takes no event for this long is dropped.
@@ -36,11 +35,11 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 /// How often a stream checks whether the replica is draining.
 const DRAIN_CHECK: Duration = Duration::from_millis(500);
 
-fn event(name: &str, data: &str) -> Bytes {
-    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+fn event(name: &str, data: &str) -> Event {
+    Event::default().event(name).data(data)
 }
 
-fn change_event(change: Change) -> Bytes {
+fn change_event(change: Change) -> Event {
     match change {
         Change::Agent { id } => event("agent", &serde_json::json!({ "id": id }).to_string()),
         Change::Agents => event("agents", "{}"),
@@ -55,39 +54,47 @@ fn change_event(change: Change) -> Bytes {
 }
 
 /// Releases a stream's slot when its writer ends.
-struct Slot(AppState);
+struct Slot {
+    events: Arc<EventHub>,
+    metrics: Arc<Metrics>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.ui.streams.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.ui_event_streams.dec();
+        self.events.close();
+        self.metrics.ui_event_streams.dec();
     }
 }
 
-pub async fn stream(state: &AppState, req: Request<Incoming>) -> Result<Response> {
-    authorize(state, req.headers(), Access::Admin)?;
-    if state.draining.load(Ordering::Relaxed) {
+/// `GET /api/v1/events`: the stream; 503 while draining or at [`MAX_STREAMS`].
+pub(super) async fn stream(State(state): State<AppState>, _: Admin) -> Result<Response> {
+    if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);
     }
-    if state.ui.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
-        state.ui.streams.fetch_sub(1, Ordering::Relaxed);
+    if !state.events.try_open() {
         return Err(ApiError::TooManyStreams { limit: MAX_STREAMS });
     }
     state.metrics.ui_event_streams.inc();
-    let slot = Slot(state.clone());
-    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+    let slot = Slot {
+        events: state.events.clone(),
+        metrics: state.metrics.clone(),
+    };
+    let (tx, rx) = mpsc::channel::<Event>(QUEUE);
     let changes = state.store.subscribe();
-    state
-        .tasks
-        .spawn(write_events(state.clone(), tx, changes, slot));
-
-    let mut resp = http::Response::new(ChannelBody(rx).boxed());
-    *resp.status_mut() = StatusCode::OK;
+    state.lifecycle.tasks().spawn(write_events(
+        state.events.clone(),
+        state.lifecycle.clone(),
+        tx,
+        changes,
+        slot,
+    ));
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    let mut resp = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive"))
+        .into_response();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // nginx would otherwise buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -95,38 +102,36 @@ pub async fn stream(state: &AppState, req: Request<Incoming>) -> Result<Response
 }
 
 async fn write_events(
-    state: AppState,
-    tx: mpsc::Sender<Bytes>,
+    events: Arc<EventHub>,
+    lifecycle: Arc<Lifecycle>,
+    tx: mpsc::Sender<Event>,
     mut changes: broadcast::Receiver<Announcement>,
     _slot: Slot,
 ) {
-    let send = |bytes: Bytes| {
+    let send = |event: Event| {
         let tx = tx.clone();
         async move {
             matches!(
-                tokio::time::timeout(SEND_TIMEOUT, tx.send(bytes)).await,
+                tokio::time::timeout(SEND_TIMEOUT, tx.send(event)).await,
                 Ok(Ok(()))
             )
         }
     };
-    let mut summary = state.ui.summary.subscribe();
+    let mut summary = events.summary();
     let first = summary.borrow_and_update().clone();
-    let mut hello = Bytes::from_static(b"retry: 2000\n\n").to_vec();
-    hello.extend_from_slice(&event("ready", "{}"));
-    if !first.is_empty() {
-        hello.extend_from_slice(&event("summary", &first));
+    if !send(event("ready", "{}").retry(Duration::from_secs(2))).await {
+        return;
     }
-    if !send(Bytes::from(hello)).await {
+    if !first.is_empty() && !send(event("summary", &first)).await {
         return;
     }
     let mut check = tokio::time::interval(DRAIN_CHECK);
-    let mut since_keepalive = Duration::ZERO;
     loop {
-        let bytes = tokio::select! {
+        let event = tokio::select! {
             _ = tx.closed() => return,
-            _ = state.stop.cancelled() => return,
+            _ = lifecycle.stop().cancelled() => return,
             change = changes.recv() => match change {
-                                Ok(announced) => change_event(announced.change),
+                Ok(announced) => change_event(announced.change),
                 Err(broadcast::error::RecvError::Lagged(_)) => event("resync", "{}"),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
@@ -138,34 +143,14 @@ async fn write_events(
                 event("summary", &text)
             }
             _ = check.tick() => {
-                if state.draining.load(Ordering::Relaxed) {
+                if lifecycle.is_draining() {
                     return;
                 }
-                since_keepalive += DRAIN_CHECK;
-                if since_keepalive < KEEPALIVE {
-                    continue;
-                }
-                since_keepalive = Duration::ZERO;
-                Bytes::from_static(b": keepalive\n\n")
+                continue;
             }
         };
-        if !send(bytes).await {
+        if !send(event).await {
             return;
         }
-    }
-}
-
-/// A response body fed by a channel; it ends when the writer drops its sender.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<std::result::Result<Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
     }
 }

@@ -1,19 +1,20 @@
-//! Liveness, readiness and metrics endpoints.
+//! Liveness (`/health`, `/healthz`) and readiness (`/readiness`, `/readyz`).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::Json;
+use axum::extract::State;
+use axum::response::IntoResponse;
 use http::StatusCode;
 use serde_json::json;
 
-use super::error::error_chain;
-use super::{Response, json, text};
-use crate::app::AppState;
+use crate::error::error_chain;
+use crate::state::AppState;
 
 /// 200 while the process serves requests: liveness must not depend on anything else, or
 /// a database outage would restart every pod.
-pub fn health() -> Response {
-    json(StatusCode::OK, &json!({"status": "ok"}))
+pub(super) async fn health() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
 }
 
 /// How long readiness waits for a dependency before calling it down.
@@ -21,16 +22,13 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// 200 when the database answers and the process is not draining; else 503 with a reason
 /// per dependency.
-pub async fn readiness(state: &AppState) -> Response {
-    let draining = state.draining.load(Ordering::Relaxed);
+pub(super) async fn readiness(State(state): State<AppState>) -> impl IntoResponse {
+    let draining = state.lifecycle.is_draining();
+    let backend = state.store.backend_name();
     let database = match tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()).await {
-        Ok(Ok(())) => json!({"ok": true, "backend": state.store.backend_name()}),
-        Ok(Err(e)) => {
-            json!({"ok": false, "backend": state.store.backend_name(), "error": error_chain(&e)})
-        }
-        Err(_) => {
-            json!({"ok": false, "backend": state.store.backend_name(), "error": "no answer within 2s"})
-        }
+        Ok(Ok(())) => json!({"ok": true, "backend": backend}),
+        Ok(Err(e)) => json!({"ok": false, "backend": backend, "error": error_chain(&e)}),
+        Err(_) => json!({"ok": false, "backend": backend, "error": "no answer within 2s"}),
     };
     // Redis is reported but not required: a Redis blip must not pull every replica out
     // of the load balancer while their agents and the database are fine.
@@ -51,9 +49,9 @@ pub async fn readiness(state: &AppState) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(
+    (
         status,
-        &json!({
+        Json(json!({
             "status": if ready { "ready" } else { "not_ready" },
             "pod": state.config.pod_id,
             "checks": {
@@ -61,14 +59,6 @@ pub async fn readiness(state: &AppState) -> Response {
                 "database": database,
                 "redis": redis,
             }
-        }),
-    )
-}
-
-pub fn metrics(state: &AppState) -> Response {
-    text(
-        StatusCode::OK,
-        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        state.metrics.encode(),
+        })),
     )
 }

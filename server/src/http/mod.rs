@@ -1,133 +1,162 @@
-//! HTTP: the accept loop, routing, the REST API, probes and metrics. Only this module
-//! knows status codes.
+//! HTTP: the accept loop (hyper), the route table (axum) and one file per resource. Only
+//! this module knows status codes.
 
-pub mod api;
-pub mod binaries;
+mod agents;
+mod assets;
+mod binaries;
+mod commands;
 pub mod error;
-pub mod events;
-pub mod fleet;
-pub mod health;
-pub mod rollouts;
-pub mod router;
-pub mod ui;
+mod events;
+pub mod extract;
+mod files;
+mod health;
+mod inventory;
+mod metrics;
+mod middleware;
+mod pods;
+mod rollouts;
+mod session;
+mod tokens;
+mod ws;
 
-use std::convert::Infallible;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use axum::Router;
+use axum::routing::{get, post};
+use http::{HeaderValue, Method, header};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::app::AppState;
-pub use error::ApiError;
+use crate::state::AppState;
+use error::ApiError;
 
-pub type Body = BoxBody<Bytes, std::io::Error>;
-pub type Response = http::Response<Body>;
-
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
+/// The route table of the main listener. Paths match exactly: a trailing slash is
+/// another path, so `/api/v1/agents/` is a 404 like every unknown path. Every GET route
+/// answers HEAD; a known path with another method is a 405 with `Allow`.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/agents", get(agents::list))
+        .route(
+            "/api/v1/agents/{client_id}",
+            get(agents::get).delete(agents::delete),
+        )
+        .route(
+            "/api/v1/agents/{client_id}/commands",
+            get(commands::list).post(commands::create),
+        )
+        .route(
+            "/api/v1/agents/{client_id}/inventory",
+            get(inventory::get).post(inventory::put),
+        )
+        .route("/api/v1/commands/{id}", get(commands::get))
+        .route("/api/v1/tokens", post(tokens::create))
+        .route(
+            "/api/v1/session",
+            get(session::get)
+                .post(session::sign_in)
+                .delete(session::sign_out),
+        )
+        .route("/api/v1/events", get(events::stream))
+        .route(
+            "/api/v1/binaries",
+            get(binaries::list).post(binaries::upload),
+        )
+        .route(
+            "/api/v1/binaries/{id}",
+            get(binaries::get).delete(binaries::delete),
+        )
+        .route("/api/v1/binaries/{id}/download", get(binaries::download))
+        .route(
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::create),
+        )
+        .route(
+            "/api/v1/rollouts/{id}",
+            get(rollouts::get).delete(rollouts::cancel),
+        )
+        .route("/api/v1/pods", get(pods::list))
+        // Before the layer, so that OPTIONS preflights reach CORS through the fallback.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(cors(&state.config.public_origin));
+    Router::new()
+        .route("/", get(assets::index))
+        .route("/ui/{file}", get(assets::file))
+        .route("/health", get(health::health))
+        .route("/healthz", get(health::health))
+        .route("/readiness", get(health::readiness))
+        .route("/readyz", get(health::readiness))
+        .route("/ws/{client_id}", get(ws::upgrade))
+        .method_not_allowed_fallback(method_not_allowed)
+        .merge(api)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            middleware::observe,
+        ))
+        .with_state(state)
 }
 
-pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
-    // Serialising our own types into a Vec cannot fail.
-    let bytes = serde_json::to_vec(value).unwrap_or_default();
-    let mut resp = http::Response::new(full(bytes));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+/// The route table of the metrics listener (METRICS_PORT).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::scrape))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
 }
 
-pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response {
-    let mut resp = http::Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
+/// CORS for `/api`: only SERVER_URL's origin may call it from a browser. A preflight
+/// from another origin gets no `Access-Control-Allow-Origin`, which browsers refuse.
+/// tower-http answers every OPTIONS on these routes as a preflight (200).
+fn cors(public_origin: &str) -> CorsLayer {
+    let public = public_origin.to_string();
+    let origin = AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+        origin
+            .to_str()
+            .is_ok_and(|o| o.eq_ignore_ascii_case(&public))
+    });
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .max_age(Duration::from_secs(600))
 }
 
-/// Reads a body of at most `limit` bytes; over the limit it is a 413 and nothing is kept.
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut body = req.into_body();
-    if declared.is_some_and(|n| n > limit as u64) {
-        discard(&mut body, limit).await;
-        return Err(ApiError::PayloadTooLarge { limit });
+async fn not_found(uri: http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+/// A 405, or for OPTIONS (without CORS headers, so not a preflight) a 204: both carry the
+/// `Allow` header axum adds.
+async fn method_not_allowed(method: Method) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if method == Method::OPTIONS {
+        return http::StatusCode::NO_CONTENT.into_response();
     }
-    let mut collected = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::bad_request(
-                "body_read_failed",
-                format!("could not read the request body: {e}"),
-            )
-        })?;
-        if let Ok(data) = frame.into_data() {
-            if collected.len() + data.len() > limit {
-                discard(&mut body, limit).await;
-                return Err(ApiError::PayloadTooLarge { limit });
-            }
-            collected.extend_from_slice(&data);
-        }
-    }
-    Ok(Bytes::from(collected))
-}
-
-/// Reads and drops what remains of an oversized body, up to a bound, so that the client
-/// (usually still sending) reads our 413 instead of a broken pipe. Past the bound the
-/// connection is closed, as proxies do.
-async fn discard(body: &mut Incoming, limit: usize) {
-    let mut budget = limit.saturating_mul(4).max(1024 * 1024);
-    while let Some(Ok(frame)) = body.frame().await {
-        let n = frame.data_ref().map_or(0, |d| d.len());
-        if n >= budget {
-            return;
-        }
-        budget -= n;
-    }
-}
-
-/// Bound on API request bodies other than inventories.
-pub const MAX_API_BODY: usize = 64 * 1024;
-
-pub async fn read_json<T: DeserializeOwned>(
-    req: Request<Incoming>,
-    limit: usize,
-) -> Result<T, ApiError> {
-    let body = read_body(req, limit).await?;
-    if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "empty_body",
-            "the request body is empty; send a JSON object",
-        ));
-    }
-    Ok(serde_json::from_slice(&body)?)
+    ApiError::MethodNotAllowed.into_response()
 }
 
 /// Accepts connections until `stop` is cancelled, then asks every open connection to
 /// finish its in-flight request and close, and hands back their tracker so the caller can
 /// wait for them. An upgraded (WebSocket) connection leaves this tracking the moment it
-/// upgrades; sessions are tracked by the app's own `TaskTracker`.
-pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationToken) -> TaskTracker {
+/// upgrades; sessions are tracked by the lifecycle's own `TaskTracker`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) -> TaskTracker {
     let connections = TaskTracker::new();
-    let header_timeout = state.config.http_header_timeout;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -144,9 +173,9 @@ pub async fn serve(listener: TcpListener, state: AppState, stop: CancellationTok
             }
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |req| router::handle(state.clone(), req));
+        let service = TowerToHyperService::new(router.clone());
         let conn = http1::Builder::new()
+            // Without a timer hyper ignores the header timeout (slowloris).
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .keep_alive(true)

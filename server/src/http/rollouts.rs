@@ -1,21 +1,21 @@
-//! `/api/v1/rollouts` (the desired version per os/arch and its progress) and
-//! `/api/v1/pods` (which replica holds how many agents).
+//! `/api/v1/rollouts`: the desired version per os/arch, and each rollout's progress.
 
-use http::{HeaderValue, Request, StatusCode, header};
-use hyper::body::Incoming;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use super::api::{Access, authorize, query_params};
-use super::error::{ApiError, Result};
-use super::{MAX_API_BODY, Response, json, read_json};
-use crate::app::AppState;
+use super::error::{ApiError, ErrorCode, Result};
+use super::extract::{Admin, ApiJson, Page};
 use crate::binaries::rollout::{self, Progress};
 use crate::ids::rfc3339;
+use crate::state::AppState;
 use crate::store::{RolloutRow, RolloutStart, RolloutStatus, now_ms};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateRollout {
+pub(super) struct CreateRollout {
     binary_id: String,
     #[serde(default)]
     label: Option<String>,
@@ -26,7 +26,7 @@ struct CreateRollout {
 }
 
 #[derive(Serialize)]
-struct RolloutView {
+pub(super) struct RolloutView {
     id: String,
     binary_id: String,
     os: String,
@@ -42,7 +42,7 @@ struct RolloutView {
 }
 
 async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
-    let progress = rollout::progress(state, &r).await?;
+    let progress = state.rollouts.progress(&r).await?;
     Ok(RolloutView {
         progress,
         created_at: rfc3339(r.created_at),
@@ -59,44 +59,31 @@ async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
     })
 }
 
-/// Refreshes this replica's cache and offers the rollout's slots at once; other replicas
-/// follow within ROLLOUT_CHECK_INTERVAL.
-async fn apply_now(state: &AppState) -> Result<()> {
-    rollout::refresh(state).await?;
-    state.fleet.kick();
-    Ok(())
-}
-
-/// `POST /api/v1/rollouts`: makes a binary the desired version of its os/arch.
-pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response> {
-    authorize(state, req.headers(), Access::Admin)?;
-    let body: CreateRollout = read_json(req, MAX_API_BODY).await?;
+/// `POST /api/v1/rollouts` with `{"binary_id", "label"?, "percentage"?,
+/// "max_concurrent"?}`: makes a binary the desired version of its os/arch.
+pub(super) async fn create(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiJson(body): ApiJson<CreateRollout>,
+) -> Result<impl IntoResponse> {
+    let invalid = |m: String| ApiError::bad_request(ErrorCode::InvalidRollout, m);
     let percentage = body.percentage.unwrap_or(100);
     if !(1..=100).contains(&percentage) {
-        return Err(ApiError::bad_request(
-            "invalid_rollout",
-            "percentage must be from 1 to 100",
-        ));
+        return Err(invalid("percentage must be from 1 to 100".into()));
     }
     let max_concurrent = match body.max_concurrent {
-        None => i64::from(state.config.fleet.rollout_max_concurrent),
+        None => i64::from(state.config.releases.rollout_max_concurrent),
         Some(n) if (1..=100_000).contains(&n) => n,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_rollout",
-                "max_concurrent must be from 1 to 100000",
-            ));
-        }
+        Some(_) => return Err(invalid("max_concurrent must be from 1 to 100000".into())),
     };
     let label = body
         .label
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty());
-    if let Some(l) = &label {
-        let (_, problem) = rollout::check_labels(vec![l.clone()]);
-        if let Some(problem) = problem {
-            return Err(ApiError::bad_request("invalid_rollout", problem));
-        }
+    if let Some(l) = &label
+        && let (_, Some(problem)) = rollout::check_labels(vec![l.clone()])
+    {
+        return Err(invalid(problem));
     }
     let binary = state
         .store
@@ -122,19 +109,19 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response
                 rollout = %row.id, version = %row.version, os = %row.os, arch = %row.arch,
                 ?superseded, "rollout started"
             );
-            apply_now(state).await?;
-            let id = row.id.clone();
-            let mut resp = json(StatusCode::CREATED, &view(state, row).await?);
-            if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/rollouts/{id}")) {
-                resp.headers_mut().insert(header::LOCATION, v);
-            }
-            Ok(resp)
+            state.rollouts.apply_now().await?;
+            let location = format!("/api/v1/rollouts/{}", row.id);
+            Ok((
+                StatusCode::CREATED,
+                [(header::LOCATION, location)],
+                Json(view(&state, row).await?),
+            ))
         }
         RolloutStart::BinaryGone => {
             Err(ApiError::NotFound(format!("no binary `{}`", row.binary_id)))
         }
         RolloutStart::Raced => Err(ApiError::Conflict {
-            code: "rollout_conflict",
+            code: ErrorCode::RolloutConflict,
             message: format!(
                 "another rollout for {}/{} was started at the same moment; list the rollouts and retry if needed",
                 row.os, row.arch
@@ -144,29 +131,17 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response
 }
 
 /// `GET /api/v1/rollouts?limit=`: newest first, each with its progress.
-pub async fn list(state: &AppState, req: Request<Incoming>) -> Result<Response> {
-    authorize(state, req.headers(), Access::Admin)?;
-    let params = query_params(req.uri().query());
-    let limit = match params.iter().find(|(k, _)| k == "limit").map(|(_, v)| v) {
-        None => 50,
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) if (1..=500).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_limit",
-                    "limit must be a number from 1 to 500",
-                ));
-            }
-        },
-    };
+pub(super) async fn list(
+    State(state): State<AppState>,
+    _: Admin,
+    page: Page,
+) -> Result<Json<serde_json::Value>> {
+    let limit = page.limit(50, 500)?;
     let mut rollouts = Vec::new();
     for r in state.store.list_rollouts(limit).await? {
-        rollouts.push(view(state, r).await?);
+        rollouts.push(view(&state, r).await?);
     }
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"rollouts": rollouts}),
-    ))
+    Ok(Json(serde_json::json!({"rollouts": rollouts})))
 }
 
 async fn find(state: &AppState, id: &str) -> Result<RolloutRow> {
@@ -178,43 +153,29 @@ async fn find(state: &AppState, id: &str) -> Result<RolloutRow> {
 }
 
 /// `GET /api/v1/rollouts/{id}`.
-pub async fn get(state: &AppState, id: &str, req: Request<Incoming>) -> Result<Response> {
-    authorize(state, req.headers(), Access::Admin)?;
-    let r = find(state, id).await?;
-    Ok(json(StatusCode::OK, &view(state, r).await?))
+pub(super) async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    _: Admin,
+) -> Result<Json<RolloutView>> {
+    let r = find(&state, &id).await?;
+    Ok(Json(view(&state, r).await?))
 }
 
 /// `DELETE /api/v1/rollouts/{id}`: cancels it; agents are no longer told to update.
 /// The row stays, as history.
-pub async fn cancel(state: &AppState, id: &str, req: Request<Incoming>) -> Result<Response> {
-    authorize(state, req.headers(), Access::Admin)?;
-    find(state, id).await?;
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    _: Admin,
+) -> Result<Json<RolloutView>> {
+    find(&state, &id).await?;
     let r = state
         .store
-        .cancel_rollout(id.to_string(), now_ms())
+        .cancel_rollout(id.clone(), now_ms())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no rollout `{id}`")))?;
-    tracing::info!(rollout = id, status = %r.status, "rollout cancelled");
-    apply_now(state).await?;
-    Ok(json(StatusCode::OK, &view(state, r).await?))
-}
-
-/// `GET /api/v1/pods`: agents online per replica, from the agents table.
-pub async fn pods(state: &AppState, req: Request<Incoming>) -> Result<Response> {
-    authorize(state, req.headers(), Access::Admin)?;
-    let (mut pods, total) = state.store.agents_by_pod().await?;
-    let this = &state.config.pod_id;
-    if !pods.iter().any(|(p, _)| p == this) {
-        pods.push((this.clone(), 0));
-        pods.sort();
-    }
-    let online: i64 = pods.iter().map(|(_, n)| n).sum();
-    let pods: Vec<serde_json::Value> = pods
-        .into_iter()
-        .map(|(pod, n)| serde_json::json!({"pod": pod, "online_agents": n, "this_replica": &pod == this}))
-        .collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"pods": pods, "agents": total, "online": online, "offline": total - online}),
-    ))
+    tracing::info!(rollout = %id, status = %r.status, "rollout cancelled");
+    state.rollouts.apply_now().await?;
+    Ok(Json(view(&state, r).await?))
 }

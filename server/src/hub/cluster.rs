@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Hub, SessionHandle};
 use crate::config::RedisConfig;
-use crate::http::error::error_chain;
+use crate::error::error_chain;
 use crate::metrics::Metrics;
 use crate::store::{Announcement, Change, Store, now_ms};
 use crate::ws::protocol;
@@ -108,10 +108,6 @@ pub struct Cluster {
     /// reached it): before that its count of zero would make every other replica shed
     /// agents that cannot reach it yet.
     routable: AtomicBool,
-    /// Consecutive seconds this replica was above the cluster average: counts are
-    /// published a second apart, so one reading alone may be stale (a fleet connecting
-    /// in a burst); shedding waits for two.
-    pub over_average_streak: std::sync::atomic::AtomicU32,
 }
 
 /// Counts are published every second; one older than this belongs to a replica that is
@@ -157,7 +153,6 @@ impl Cluster {
             release: Script::new(RELEASE),
             presence_ttl: offline_timeout + heartbeat,
             routable: AtomicBool::new(false),
-            over_average_streak: std::sync::atomic::AtomicU32::new(0),
         })
     }
 

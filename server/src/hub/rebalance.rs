@@ -5,9 +5,14 @@
 //! not at risk: they live in the database and are delivered on the next connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::app::AppState;
+use super::Hub;
+use super::cluster::Cluster;
+use crate::jobs::Job;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
 use crate::ws::protocol;
 
 /// How many agents this replica should shed now: the amount above the cluster average,
@@ -35,51 +40,65 @@ pub fn budget(excess: usize, rate: u32) -> usize {
     excess.min((rate as usize).max(excess.div_ceil(SHED_HORIZON_SECS)))
 }
 
-/// One second's work, in cluster mode: publish this replica's count, read everyone's,
-/// and shed the excess if this replica holds clearly more than its share.
-pub async fn tick(state: &AppState) {
-    let Some(cluster) = state.hub.cluster() else {
-        return;
-    };
-    if state.draining.load(Ordering::Relaxed) {
-        // A draining replica is leaving: it must not attract or count agents.
-        cluster.leave().await;
-        return;
+/// The rebalancing job, run every second in cluster mode: publishes this replica's
+/// count, reads everyone's, and sheds the excess if this replica holds clearly more than
+/// its share.
+pub(crate) struct Rebalancer {
+    pub(crate) hub: Hub,
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) lifecycle: Arc<Lifecycle>,
+    /// REBALANCE: whether to shed at all (counts are published either way).
+    pub(crate) enabled: bool,
+    /// REBALANCE_TOLERANCE: the share above the average that is left alone (0.1 = 10 %).
+    pub(crate) tolerance: f64,
+    /// REBALANCE_RATE: agents closed per second at least, when over the average.
+    pub(crate) rate: u32,
+    /// Consecutive seconds this replica was above the cluster average: counts are
+    /// published a second apart, so one reading alone may be stale (a fleet connecting
+    /// in a burst); shedding waits for two.
+    pub(crate) over_average_streak: AtomicU32,
+}
+
+impl Job for Rebalancer {
+    async fn run_once(&self) {
+        let cluster = &self.cluster;
+        if self.lifecycle.is_draining() {
+            // A draining replica is leaving: it must not attract or count agents.
+            cluster.leave().await;
+            return;
+        }
+        let Some(mut counts) = cluster.exchange_counts(self.hub.len()).await else {
+            return;
+        };
+        let mine = self.hub.len();
+        counts.insert(cluster.pod().to_string(), mine as u64);
+        self.metrics.cluster_pods.set(counts.len() as i64);
+        if !self.enabled {
+            return;
+        }
+        let shed = budget(excess(mine, &counts, self.tolerance), self.rate);
+        if shed == 0 {
+            self.over_average_streak.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.over_average_streak.fetch_add(1, Ordering::Relaxed) < 1 {
+            return;
+        }
+        // The longest-connected agents go first: the ones that just moved here stay.
+        let mut sessions = self.hub.sessions();
+        sessions.sort_by_key(|s| s.connected_at_ms);
+        for s in sessions.iter().take(shed) {
+            s.close(protocol::REBALANCE);
+        }
+        self.metrics.rebalance_closes.inc_by(shed as u64);
+        tracing::info!(
+            shed,
+            mine,
+            pods = counts.len(),
+            "rebalancing: closed agents above the cluster average"
+        );
     }
-    let Some(mut counts) = cluster.exchange_counts(state.hub.len()).await else {
-        return;
-    };
-    let mine = state.hub.len();
-    counts.insert(cluster.pod().to_string(), mine as u64);
-    state.metrics.cluster_pods.set(counts.len() as i64);
-    let config = &state.config;
-    if !config.rebalance {
-        return;
-    }
-    let shed = budget(
-        excess(mine, &counts, config.rebalance_tolerance),
-        config.rebalance_rate,
-    );
-    if shed == 0 {
-        cluster.over_average_streak.store(0, Ordering::Relaxed);
-        return;
-    }
-    if cluster.over_average_streak.fetch_add(1, Ordering::Relaxed) < 1 {
-        return;
-    }
-    // The longest-connected agents go first: the ones that just moved here stay.
-    let mut sessions = state.hub.sessions();
-    sessions.sort_by_key(|s| s.connected_at_ms);
-    for s in sessions.iter().take(shed) {
-        s.close(protocol::REBALANCE);
-    }
-    state.metrics.rebalance_closes.inc_by(shed as u64);
-    tracing::info!(
-        shed,
-        mine,
-        pods = counts.len(),
-        "rebalancing: closed agents above the cluster average"
-    );
 }
 
 #[cfg(test)]

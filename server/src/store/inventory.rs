@@ -17,8 +17,20 @@ pub struct InventoryRow {
 }
 
 impl Store {
-    /// Replaces the agent's inventory.
-    pub async fn put_inventory(&self, row: InventoryRow) -> Result<(), StoreError> {
+    /// Replaces the agent's inventory with `body` (validated JSON); shared by the HTTP
+    /// endpoint and the WebSocket `inventory` message.
+    pub async fn store_inventory(
+        &self,
+        client_id: String,
+        body: String,
+        received_at: i64,
+    ) -> Result<(), StoreError> {
+        let row = InventoryRow {
+            agent_id: client_id,
+            size_bytes: body.len() as i64,
+            body,
+            received_at,
+        };
         self.run(move |pool| {
             with_conn!(pool, c => diesel::insert_into(inventories::table)
                 .values(&row)

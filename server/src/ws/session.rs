@@ -19,13 +19,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::protocol::{self, Close, Inbound, Outbound, PROTOCOL_VERSION, ResultStatus};
-use crate::app::AppState;
 use crate::auth::unix_now;
-use crate::binaries::rollout;
-use crate::http::error::error_chain;
-use crate::hub::SessionHandle;
-use crate::metrics::{CloseReason, Direction, MessageType};
-use crate::store::{CommandStatus, Hello, ResultOutcome, now_ms};
+use crate::binaries::{Rollouts, rollout};
+use crate::config::Config;
+use crate::error::error_chain;
+use crate::hub::{Hub, SessionHandle};
+use crate::metrics::{CloseReason, Direction, MessageType, Metrics};
+use crate::store::{CommandStatus, Hello, ResultOutcome, Store, now_ms};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -33,6 +33,44 @@ type Socket = WebSocketStream<TokioIo<Upgraded>>;
 const BATCH: i64 = 100;
 /// How long to wait for the agent's answer to our close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// What every session of this replica shares: the handles it uses and its settings.
+pub struct SessionContext {
+    pub(crate) store: Store,
+    pub(crate) hub: Hub,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) rollouts: Rollouts,
+    /// POD_ID, announced in the welcome and recorded with the connection.
+    pub(crate) pod_id: String,
+    /// HEARTBEAT_INTERVAL: how often the server pings.
+    pub(crate) heartbeat_interval: Duration,
+    /// OFFLINE_TIMEOUT: silence after which the session is closed.
+    pub(crate) offline_timeout: Duration,
+    /// WS_SEND_TIMEOUT: how long one frame may wait for a slow agent.
+    pub(crate) send_timeout: Duration,
+}
+
+impl SessionContext {
+    /// The context, from the configuration and the replica's handles.
+    pub(crate) fn new(
+        config: &Config,
+        store: Store,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        rollouts: Rollouts,
+    ) -> Self {
+        SessionContext {
+            store,
+            hub,
+            metrics,
+            rollouts,
+            pod_id: config.pod_id.clone(),
+            heartbeat_interval: config.heartbeat_interval,
+            offline_timeout: config.offline_timeout,
+            send_timeout: config.ws_send_timeout,
+        }
+    }
+}
 
 /// How a session ended.
 enum End {
@@ -44,10 +82,11 @@ enum End {
     Network(String),
 }
 
-pub async fn run(state: AppState, mut ws: Socket, client_id: String, token_exp: u64) {
+/// Runs one agent's session until it ends, recording its connection and disconnection.
+pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, token_exp: u64) {
     let epoch = match state
         .store
-        .agent_connected(client_id.clone(), state.config.pod_id.clone())
+        .agent_connected(client_id.clone(), state.pod_id.clone())
         .await
     {
         Ok(epoch) => epoch,
@@ -122,7 +161,7 @@ async fn close_socket(ws: &mut Socket, close: Close) {
 }
 
 struct Session {
-    state: AppState,
+    state: Arc<SessionContext>,
     ws: Socket,
     handle: Arc<SessionHandle>,
     /// The token's `exp`: the session ends when its credential does.
@@ -131,7 +170,7 @@ struct Session {
 
 impl Session {
     async fn serve(&mut self) -> End {
-        let config = self.state.config.clone();
+        let config = self.state.clone();
         let handle = self.handle.clone();
         let welcome = Outbound::Welcome {
             protocol: PROTOCOL_VERSION,
@@ -166,7 +205,7 @@ impl Session {
                     if let Err(end) = self.deliver(false).await {
                         return end;
                     }
-                    let offer = rollout::pending_offer(&self.state, &self.handle.client_id, self.handle.epoch).await;
+                    let offer = self.state.rollouts.pending_offer(&self.handle.client_id, self.handle.epoch).await;
                     if let Err(end) = self.send_update(offer).await {
                         return end;
                     }
@@ -322,7 +361,7 @@ impl Session {
                     return Ok(());
                 }
                 // Once the hello is stored: an agent on an older version may be due an update.
-                let outcome = rollout::after_hello(&self.state, &id, epoch, facts).await;
+                let outcome = self.state.rollouts.after_hello(&id, epoch, facts).await;
                 if let Some(problem) = outcome.problem {
                     self.error("invalid_message", problem, None).await?;
                 }
@@ -330,7 +369,12 @@ impl Session {
             }
             Inbound::Inventory { data } => {
                 let body = data.to_string();
-                match crate::http::api::store_inventory(&self.state, &id, body, now_ms()).await {
+                match self
+                    .state
+                    .store
+                    .store_inventory(id.to_string(), body, now_ms())
+                    .await
+                {
                     Ok(()) => Ok(()),
                     Err(e) => {
                         self.state.metrics.store_errors.inc();
@@ -433,7 +477,7 @@ impl Session {
     /// Sends one frame; an agent that cannot take it within WS_SEND_TIMEOUT is closed,
     /// so memory per agent stays bounded.
     async fn send_frame(&mut self, frame: Message, kind: MessageType) -> Result<(), End> {
-        match timeout(self.state.config.ws_send_timeout, self.ws.send(frame)).await {
+        match timeout(self.state.send_timeout, self.ws.send(frame)).await {
             Ok(Ok(())) => {
                 self.state.metrics.ws(Direction::Outbound, kind);
                 Ok(())

@@ -216,7 +216,7 @@ async fn errors_are_json_with_a_code_a_message_and_the_right_status(app: TestApp
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.headers()["allow"], "GET, DELETE");
+    assert_eq!(resp.headers()["allow"], "GET,HEAD,DELETE");
     assert_eq!(resp.status().as_u16(), 405);
     let resp = app
         .http
@@ -247,31 +247,20 @@ async fn probes_answer_and_metrics_are_exposed(app: TestApp) {
         "agent_server_build_info{version=",
     ];
     // The agent may read its welcome before the server has counted it: poll briefly.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let text = app
+    let mut text = String::new();
+    eventually(WAIT, "metrics", async || {
+        text = app
             .http
-            .get(app.url("/metrics"))
+            .get(app.metrics_url())
             .send()
             .await
             .unwrap()
             .text()
             .await
             .unwrap();
-        let missing: Vec<&str> = expected
-            .iter()
-            .copied()
-            .filter(|n| !text.contains(n))
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "metrics lack {missing:?}:\n{text}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        expected.iter().all(|n| text.contains(n))
+    })
+    .await;
 }
 
 async fn cors_allows_server_url_origin_only(app: TestApp) {
@@ -283,7 +272,7 @@ async fn cors_allows_server_url_origin_only(app: TestApp) {
             .send()
     };
     let ok = preflight("https://agents.example.com").await.unwrap();
-    assert_eq!(ok.status().as_u16(), 204);
+    assert!(ok.status().is_success());
     assert_eq!(
         ok.headers()["access-control-allow-origin"],
         "https://agents.example.com"
@@ -294,8 +283,8 @@ async fn cors_allows_server_url_origin_only(app: TestApp) {
             .unwrap()
             .contains("authorization")
     );
+    // Another origin gets no Access-Control-Allow-Origin, which browsers refuse.
     let bad = preflight("https://evil.example").await.unwrap();
-    assert_eq!(bad.status().as_u16(), 403);
     assert!(bad.headers().get("access-control-allow-origin").is_none());
     let resp = app
         .http

@@ -270,24 +270,18 @@ async fn upload_cut_off_midway_leaves_no_file_and_no_metadata(app: TestApp) {
     tcp.write_all(head.as_bytes()).await.unwrap();
     tcp.write_all(&[1u8; 40_000]).await.unwrap();
     // The temporary file exists while the upload is in progress...
-    eventually_true(|| stored_files(&dir).iter().any(|f| f.starts_with(".upload-"))).await;
+    eventually(WAIT, "storage directory", async || {
+        stored_files(&dir).iter().any(|f| f.starts_with(".upload-"))
+    })
+    .await;
     drop(tcp);
     // ...and is gone once the client went away.
-    eventually_true(|| stored_files(&dir).is_empty()).await;
+    eventually(WAIT, "storage directory", async || {
+        stored_files(&dir).is_empty()
+    })
+    .await;
     let (_, listed) = app.get("/api/v1/binaries").await;
     assert_eq!(listed["binaries"], json!([]));
-}
-
-/// Polls a local condition (the storage directory) within [`WAIT`].
-async fn eventually_true(check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {WAIT:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 async fn same_name_version_os_and_arch_is_a_409_and_the_first_upload_stays(app: TestApp) {

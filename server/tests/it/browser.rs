@@ -80,21 +80,17 @@ impl Browser {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
         let http = reqwest::Client::new();
         let driver = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        eventually(WAIT, "chromedriver ready", async || {
             let ready = http.get(format!("{driver}/status")).send().await;
-            if let Ok(resp) = ready
-                && let Ok(v) = resp.json::<Value>().await
-                && v["value"]["ready"] == true
-            {
-                break;
+            match ready {
+                Ok(resp) => resp
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["value"]["ready"] == true),
+                Err(_) => false,
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "chromedriver not ready within {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
         let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",

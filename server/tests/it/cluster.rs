@@ -191,7 +191,7 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
 }
 
 async fn all_connected(fleet: &[FleetAgent], bound: Duration, what: &str) -> Duration {
-    within(bound, what, async || {
+    eventually(bound, what, async || {
         fleet.iter().all(|a| a.connected_to().is_some())
     })
     .await
@@ -277,14 +277,14 @@ async fn redis_flush_and_restart_lose_nothing_and_need_no_replica_restart() {
     let mut fleet = c.fleet(&on_a, &lb_a);
     fleet.extend(c.fleet(&on_b, &lb_b));
     all_connected(&fleet, WAIT, "agents connect").await;
-    within(WAIT, "registry holds every agent", async || {
+    eventually(WAIT, "registry holds every agent", async || {
         c.redis.keys("it:agent:*").await.len() == 6
     })
     .await;
 
     // FLUSHALL: every replica re-registers its agents within one heartbeat interval.
     c.redis.query(&["FLUSHALL"]).await.unwrap();
-    let back = within(HEARTBEAT * 3, "registry repopulated", async || {
+    let back = eventually(HEARTBEAT * 3, "registry repopulated", async || {
         c.redis.keys("it:agent:*").await.len() == 6
     })
     .await;
@@ -357,7 +357,7 @@ async fn killed_replica_agents_move_with_their_pending_commands_and_its_entries_
         agent.hold.store(true, Ordering::Relaxed);
         commands.push(c.command(1, id).await);
     }
-    within(WAIT, "commands reach the agents on pod-a", async || {
+    eventually(WAIT, "commands reach the agents on pod-a", async || {
         fleet
             .iter()
             .all(|a| !a.seen.lock().unwrap().received.is_empty())
@@ -382,13 +382,13 @@ async fn killed_replica_agents_move_with_their_pending_commands_and_its_entries_
         let (_, agent) = c.get(0, &format!("/api/v1/agents/{id}")).await;
         assert_eq!(agent["pod"], "pod-b", "presence moved with {id}");
     }
-    let expired = within(
+    let expired = eventually(
         Duration::from_secs(8),
         "dead replica's entry expires",
         async || c.redis.keys("it:agent:lonely").await.is_empty(),
     )
     .await;
-    let offline = within(
+    let offline = eventually(
         Duration::from_secs(15),
         "dead replica's agent marked offline",
         async || c.get(0, "/api/v1/agents/lonely").await.1["online"] == false,

@@ -23,6 +23,23 @@ pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 /// Bound on every wait for an event; tests never sleep to wait.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The one way tests wait: polls `check` until it holds, within `bound` (a failure names
+/// `what`); returns how long it took. Never a bare sleep.
+pub async fn eventually(
+    bound: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < bound, "{what}: not within {bound:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
     Sqlite,
@@ -198,6 +215,7 @@ pub fn test_config(
         ("DRAIN_WINDOW", "1"),
         ("SHUTDOWN_TIMEOUT", "10"),
         ("POD_ID", "pod-test"),
+        ("METRICS_PORT", "0"),
         ("DATABASE_POOL_SIZE", "4"),
     ]
     .into_iter()
@@ -214,6 +232,8 @@ pub fn test_config(
 pub struct TestApp {
     pub addr: SocketAddr,
     pub base: String,
+    /// `http://` and the metrics listener's address.
+    pub metrics_base: String,
     pub http: reqwest::Client,
     pub admin: String,
     /// The configuration it runs with (replicas start from it).
@@ -250,6 +270,7 @@ async fn start(config: Config) -> TestApp {
         .await
         .expect("app builds");
     let addr = app.local_addr();
+    let metrics_base = format!("http://{}", app.metrics_addr());
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
@@ -258,6 +279,7 @@ async fn start(config: Config) -> TestApp {
     TestApp {
         addr,
         base: format!("http://{addr}"),
+        metrics_base,
         admin: tokens.mint("admin", Role::Admin, Duration::from_secs(3600)),
         http: reqwest::Client::new(),
         config,
@@ -283,6 +305,11 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// `/metrics` on the metrics listener.
+    pub fn metrics_url(&self) -> String {
+        format!("{}/metrics", self.metrics_base)
     }
 
     /// Connects as `id` with a valid token and reads the welcome message.
@@ -436,18 +463,13 @@ impl TestApp {
 
     /// Polls `path` until `check` holds, within [`WAIT`].
     pub async fn eventually(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (_, body) = self.get(path).await;
-            if check(&body) {
-                return body;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "condition on {path} not met within {WAIT:?}: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut last = Value::Null;
+        eventually(WAIT, &format!("condition on {path}"), async || {
+            last = self.get(path).await.1;
+            check(&last)
+        })
+        .await;
+        last
     }
 
     /// Triggers the drain sequence (as SIGTERM does) and returns the server task.

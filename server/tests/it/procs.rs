@@ -26,6 +26,8 @@ pub fn command(dir: &Path, env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(BIN);
     c.current_dir(dir)
         .env_clear()
+        // Tests run in parallel: no fixed metrics port.
+        .env("METRICS_PORT", "0")
         .envs(env.iter().copied())
         .kill_on_drop(true);
     c
@@ -35,6 +37,8 @@ pub fn command(dir: &Path, env: &[(&str, &str)]) -> Command {
 pub struct ServerProcess {
     child: Child,
     pub port: u16,
+    /// The metrics listener's port.
+    pub metrics_port: u16,
     pub log: Arc<Mutex<String>>,
     reader: JoinHandle<()>,
 }
@@ -74,9 +78,17 @@ impl ServerProcess {
             .and_then(|addr| addr.rsplit(':').next())
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("port in the listening line: {text}"));
+        let metrics_port = text
+            .split(" metrics=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("metrics port in the listening line: {text}"));
         ServerProcess {
             child,
             port,
+            metrics_port,
             log,
             reader,
         }
@@ -115,7 +127,7 @@ impl ServerProcess {
 
     /// The value of an unlabelled metric.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.base()))
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
             .await
             .unwrap()
             .text()
@@ -327,17 +339,5 @@ impl FleetAgent {
 impl Drop for FleetAgent {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// Polls `check` until it holds, within `bound`; returns how long it took.
-pub async fn within(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < bound, "{what}: not within {bound:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -365,7 +365,7 @@ async fn agent_that_stops_reading_is_closed_instead_of_buffered(app: TestApp) {
     assert_eq!(body["online"], false);
     let text = app
         .http
-        .get(app.url("/metrics"))
+        .get(app.metrics_url())
         .send()
         .await
         .unwrap()

@@ -133,7 +133,7 @@ impl Redis {
 pub struct ServerProc {
     pub name: String,
     pub port: u16,
-    /// METRICS_PORT: where `/metrics` is served, apart from the API.
+    /// METRICS_PORT: `/metrics` is served there only.
     pub metrics_port: u16,
     pub log: PathBuf,
     child: Child,
@@ -209,15 +209,13 @@ impl ServerProc {
 
     /// The Prometheus text of `/metrics`, from METRICS_PORT.
     pub async fn metrics(&self, http: &reqwest::Client) -> Result<Metrics> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        let reply = match http.get(&url).send().await {
-            Ok(reply) => reply,
-            // Servers older than METRICS_PORT serve /metrics on the main port and nothing
-            // listens on the metrics port; this fallback goes once they are gone.
-            Err(e) if e.is_connect() => http.get(format!("{}/metrics", self.base())).send().await?,
-            Err(e) => return Err(e.into()),
-        };
-        Ok(Metrics(reply.error_for_status()?.text().await?))
+        let text = http
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(Metrics(text))
     }
 
     /// Kills without grace, as a node failure or the OOM killer would.

@@ -12,6 +12,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 
+pub mod ui_session;
+
+/// Lifetime of an agent token unless the minter asks for another: agents hold theirs
+/// for a long time.
+pub const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// Lifetime of an admin token unless the minter asks for another: a working day.
+pub const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
+
 /// Who a token speaks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

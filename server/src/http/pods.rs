@@ -1,0 +1,35 @@
+//! `GET /api/v1/pods`: which replica holds how many agents.
+
+use axum::Json;
+use axum::extract::State;
+
+use super::error::Result;
+use super::extract::Admin;
+use crate::state::AppState;
+
+/// Agents online per replica, from the agents table; this replica is listed even with
+/// none.
+pub(super) async fn list(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<serde_json::Value>> {
+    let (mut pods, total) = state.store.agents_by_pod().await?;
+    let this = &state.config.pod_id;
+    if !pods.iter().any(|(p, _)| p == this) {
+        pods.push((this.clone(), 0));
+        pods.sort();
+    }
+    let online: i64 = pods.iter().map(|(_, n)| n).sum();
+    let pods: Vec<serde_json::Value> = pods
+        .into_iter()
+        .map(|(pod, n)| {
+            serde_json::json!({"pod": pod, "online_agents": n, "this_replica": &pod == this})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "pods": pods,
+        "agents": total,
+        "online": online,
+        "offline": total - online,
+    })))
+}
