@@ -18,7 +18,7 @@ use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
 use crate::hub::rebalance::Rebalancer;
-use crate::jobs::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
+use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
 use crate::secrets::load_or_create_signing_key;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::watch;
 
 use crate::error::error_chain;
-use crate::jobs::Job;
+use crate::tasks::Task;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -80,7 +80,7 @@ impl SummaryRefresh {
     }
 }
 
-impl Job for SummaryRefresh {
+impl Task for SummaryRefresh {
     async fn run_once(&self) {
         if !self.events.watched() {
             return;

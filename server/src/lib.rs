@@ -12,7 +12,7 @@ pub mod events;
 pub(crate) mod http;
 pub mod hub;
 pub mod ids;
-pub(crate) mod jobs;
+pub(crate) mod tasks;
 pub mod lifecycle;
 pub mod metrics;
 pub(crate) mod secrets;

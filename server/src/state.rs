@@ -1,6 +1,6 @@
 //! The replica's shared state, as handed to HTTP handlers. Every field is a cheap handle
-//! of its own: background jobs and sessions are given only the ones they use (see
-//! `jobs.rs`, `ws::session::SessionContext`), never this whole struct.
+//! of its own: background tasks and sessions are given only the ones they use (see
+//! `tasks.rs`, `ws::session::SessionContext`), never this whole struct.
 
 use std::sync::Arc;
 

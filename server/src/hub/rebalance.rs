@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::Hub;
 use super::cluster::Cluster;
-use crate::jobs::Job;
+use crate::tasks::Task;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::ws::protocol;
@@ -60,7 +60,7 @@ pub(crate) struct Rebalancer {
     pub(crate) over_average_streak: AtomicU32,
 }
 
-impl Job for Rebalancer {
+impl Task for Rebalancer {
     async fn run_once(&self) {
         let cluster = &self.cluster;
         if self.lifecycle.is_draining() {

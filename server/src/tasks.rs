@@ -1,4 +1,4 @@
-//! Periodic background jobs. Each job is a struct built from the narrow handles it uses
+//! Periodic background tasks. Each task is a struct built from the narrow handles it uses
 //! (store, hub, metrics, its own settings), never the whole application, so it can be
 //! built and run on its own. The assembly (`app.rs`) spawns them on the lifecycle's
 //! tracker with [`spawn_periodic`], the way `Cluster::run_subscriber` is spawned.
@@ -16,7 +16,7 @@ use crate::store::{CommandStatus, Store, StoreError, now_ms};
 use crate::ws::protocol;
 
 /// One round of a periodic job.
-pub(crate) trait Job: Send + Sync + 'static {
+pub(crate) trait Task: Send + Sync + 'static {
     /// Does one round's work; failures are counted and logged inside.
     fn run_once(&self) -> impl Future<Output = ()> + Send;
 }
@@ -24,7 +24,7 @@ pub(crate) trait Job: Send + Sync + 'static {
 /// Runs `job` every `period` (the first round at once) until the lifecycle stops; with
 /// `resync`, also at once whenever the cluster asks for a resync (wake-ups may have been
 /// lost while Redis was away).
-pub(crate) fn spawn_periodic<J: Job>(
+pub(crate) fn spawn_periodic<J: Task>(
     lifecycle: &Lifecycle,
     period: Duration,
     resync: Option<Arc<Cluster>>,
@@ -60,7 +60,7 @@ pub(crate) struct PresenceRefresh {
     pub(crate) metrics: Arc<Metrics>,
 }
 
-impl Job for PresenceRefresh {
+impl Task for PresenceRefresh {
     async fn run_once(&self) {
         let ids: Vec<String> = self
             .hub
@@ -118,7 +118,7 @@ impl Sweep {
     }
 }
 
-impl Job for Sweep {
+impl Task for Sweep {
     async fn run_once(&self) {
         if let Err(e) = self.sweep().await {
             self.metrics.store_errors.inc();
@@ -135,7 +135,7 @@ pub(crate) struct RegistryRefresh {
     pub(crate) cluster: Arc<Cluster>,
 }
 
-impl Job for RegistryRefresh {
+impl Task for RegistryRefresh {
     async fn run_once(&self) {
         for stale in self.cluster.refresh(&self.hub.sessions()).await {
             stale.close(protocol::REPLACED);
@@ -149,7 +149,7 @@ pub(crate) struct UiSessionSweep {
     pub(crate) metrics: Arc<Metrics>,
 }
 
-impl Job for UiSessionSweep {
+impl Task for UiSessionSweep {
     async fn run_once(&self) {
         if let Err(e) = self.store.delete_expired_ui_sessions(now_ms()).await {
             self.metrics.store_errors.inc();
