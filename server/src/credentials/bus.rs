@@ -151,7 +151,7 @@ impl RevocationBus {
                     backoff = Duration::from_millis(200);
                     credentials.forget_cached();
                     if let Some(n) = &subscribed {
-                        n.notify_waiters();
+                        n.notify_one();
                     }
                     let mut messages = pubsub.into_on_message();
                     loop {
