@@ -961,3 +961,26 @@ async fn revocation_reaches_the_other_replicas_cache_and_session_within_a_second
     }
     stop.cancel();
 }
+
+#[test]
+fn cli_refuses_a_token_lifetime_that_would_overflow_with_a_message() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agent-server"))
+        .args([
+            "token",
+            "--sub",
+            "a",
+            "--role",
+            "agent",
+            "--ttl",
+            "18446744073709551615",
+        ])
+        .env("DATA_DIR", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ttl") && stderr.contains("10 years"),
+        "{stderr}"
+    );
+}
