@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::app::{StartError, signing_key};
-use crate::auth::{Role, Tokens};
+use crate::auth::{MAX_TTL, MIN_TTL, MintOptions, Role, Tokens, TtlOutOfRange};
 use crate::config::{Config, parse_duration};
 use crate::ids::check_client_id;
 
@@ -74,9 +74,16 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 .parse()?;
             let ttl = match take("ttl") {
                 None => default_ttl(role),
-                Some(v) => parse_duration(&v).filter(|d| !d.is_zero()).ok_or_else(|| {
-                    format!("--ttl: `{v}` is not a duration such as 24h, 30d or 3600")
-                })?,
+                Some(v) => {
+                    let ttl = parse_duration(&v).ok_or_else(|| {
+                        format!("--ttl: `{v}` is not a duration such as 24h, 30d or 3600")
+                    })?;
+                    // Bounded so that `exp` cannot overflow and no token outlives a key.
+                    if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+                        return Err(format!("--ttl: `{v}` is out of range: {TtlOutOfRange}"));
+                    }
+                    ttl
+                }
             };
             Command::Token { sub, role, ttl }
         }
@@ -97,9 +104,18 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     Ok(command)
 }
 
+/// Mints a token offline with this configuration's key: the bootstrap path, before any
+/// admin token exists. It carries a fresh `jti` (so that the audit log can tell tokens
+/// apart) but is not recorded in `api_tokens`: only rotating SECRET_KEY revokes it.
 pub fn mint(config: &Config, sub: &str, role: Role, ttl: Duration) -> Result<String, StartError> {
     let key = signing_key(config)?;
-    Ok(Tokens::new(&key, config.jwt_algorithm).mint(sub, role, ttl))
+    let options = MintOptions {
+        jti: Some(uuid::Uuid::now_v7().to_string()),
+        generation: None,
+    };
+    Ok(Tokens::new(&key, config.jwt_algorithm)
+        .mint_with(sub, role, ttl, options)
+        .token)
 }
 
 /// The client id `check` connects as; removed again when the check passes.
@@ -259,6 +275,10 @@ mod tests {
                 .unwrap_err()
                 .contains("--ttl")
         );
+        for huge in ["18446744073709551615", "3651d", "0"] {
+            let e = parse(args(&format!("token --sub a --role agent --ttl {huge}"))).unwrap_err();
+            assert!(e.contains("out of range"), "{huge}: {e}");
+        }
         assert!(
             parse(args("token --sub a --role agent --bogus 1"))
                 .unwrap_err()

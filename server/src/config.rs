@@ -150,6 +150,8 @@ pub struct Config {
     pub releases: ReleaseConfig,
     /// The web UI's sign-in (ADMIN_PASSWORD, UI_SESSION_TTL).
     pub ui: UiConfig,
+    /// Credentials: key rotation, clock leeway, audit retention, trusted proxies.
+    pub credentials: CredentialsConfig,
 }
 
 /// An invalid configuration value.
@@ -383,6 +385,7 @@ impl Config {
             })?,
             releases: ReleaseConfig::parse(&get)?,
             ui,
+            credentials: CredentialsConfig::parse(&get)?,
         })
     }
 
@@ -537,6 +540,85 @@ impl ReleaseConfig {
             rollout_check_interval,
         })
     }
+}
+
+/// Token verification, the audit log and client addresses.
+#[derive(Clone, Debug)]
+pub struct CredentialsConfig {
+    /// SECRET_KEY_PREVIOUS: the key being rotated out. Tokens it signed still verify;
+    /// new tokens are signed with SECRET_KEY only (docs/operations.md).
+    pub secret_key_previous: Option<Secret>,
+    /// JWT_LEEWAY: clock skew tolerated on `exp` and `nbf`; at most 5 minutes.
+    pub jwt_leeway: Duration,
+    /// AUDIT_RETENTION: audit entries older than this are pruned.
+    pub audit_retention: Duration,
+    /// TRUSTED_PROXIES: comma-separated addresses or CIDRs of reverse proxies whose
+    /// `X-Forwarded-For` is believed; from anyone else the header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl CredentialsConfig {
+    fn parse(get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let secret_key_previous = match get("SECRET_KEY_PREVIOUS") {
+            Some(key) if key.len() < MIN_SECRET_KEY_BYTES => {
+                return Err(ConfigError::new(
+                    "SECRET_KEY_PREVIOUS",
+                    format!(
+                        "is {} bytes; a signing key has at least {MIN_SECRET_KEY_BYTES}",
+                        key.len()
+                    ),
+                ));
+            }
+            other => other.map(Secret),
+        };
+        let jwt_leeway = duration(get, "JWT_LEEWAY", crate::auth::DEFAULT_LEEWAY)?;
+        if jwt_leeway > crate::auth::MAX_LEEWAY {
+            return Err(ConfigError::new(
+                "JWT_LEEWAY",
+                format!(
+                    "({}) must be at most {}: a larger leeway keeps expired tokens alive",
+                    human(jwt_leeway),
+                    human(crate::auth::MAX_LEEWAY)
+                ),
+            ));
+        }
+        let audit_retention = duration(get, "AUDIT_RETENTION", Duration::from_secs(90 * 86_400))?;
+        if audit_retention < Duration::from_secs(3600) {
+            return Err(ConfigError::new("AUDIT_RETENTION", "must be at least 1h"));
+        }
+        let trusted_proxies = match get("TRUSTED_PROXIES") {
+            None => Vec::new(),
+            Some(list) => parse_networks(&list).map_err(|bad| {
+                ConfigError::new(
+                    "TRUSTED_PROXIES",
+                    format!(
+                        "`{bad}` is not an IP address or CIDR; give a comma-separated list such as 10.0.0.0/8, 192.168.1.7"
+                    ),
+                )
+            })?,
+        };
+        Ok(CredentialsConfig {
+            secret_key_previous,
+            jwt_leeway,
+            audit_retention,
+            trusted_proxies,
+        })
+    }
+}
+
+/// Parses `10.0.0.0/8, 192.168.1.7, fd00::/8`; a bare address is a /32 or /128. Returns
+/// the first entry that is neither.
+pub fn parse_networks(list: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| s.to_string())
+        })
+        .collect()
 }
 
 /// Where the web UI's admin password comes from.
@@ -768,6 +850,26 @@ mod tests {
         assert_eq!(e.var, "ROLLOUT_MAX_CONCURRENT");
         let e = parse(&[("MAX_BINARY_BYTES", "lots")]).unwrap_err();
         assert_eq!(e.var, "MAX_BINARY_BYTES");
+    }
+
+    #[test]
+    fn credentials_settings_have_defaults_and_bounds() {
+        let c = parse(&[]).unwrap().credentials;
+        assert!(c.secret_key_previous.is_none());
+        assert_eq!(c.jwt_leeway, Duration::from_secs(5));
+        assert_eq!(c.audit_retention, Duration::from_secs(90 * 86_400));
+        assert!(c.trusted_proxies.is_empty());
+        let e = parse(&[("JWT_LEEWAY", "1h")]).unwrap_err();
+        assert_eq!(e.var, "JWT_LEEWAY");
+        let e = parse(&[("SECRET_KEY_PREVIOUS", "short")]).unwrap_err();
+        assert_eq!(e.var, "SECRET_KEY_PREVIOUS");
+        let e = parse(&[("TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")]).unwrap_err();
+        assert!(e.to_string().contains("`proxy.local`"), "{e}");
+        let c = parse(&[("TRUSTED_PROXIES", "10.1.2.3/8, 192.168.1.7,fd00::/8")])
+            .unwrap()
+            .credentials;
+        let shown: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]);
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! `ARCHITECTURE.md` at the repository root maps these modules to the design.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod binaries;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod events;
 pub(crate) mod http;

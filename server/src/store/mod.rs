@@ -7,8 +7,11 @@
 //! both backends by the [`with_conn!`] macro.
 
 pub mod agents;
+pub mod api_tokens;
+pub mod audit;
 pub mod binaries;
 pub mod commands;
+pub mod enroll_secrets;
 pub mod inventory;
 pub mod rollouts;
 pub mod schema;
@@ -26,8 +29,11 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use crate::config::DatabaseUrl;
 
 pub use agents::{AgentFilter, AgentPage, AgentRow, Hello};
+pub use api_tokens::{ApiTokenFilter, ApiTokenRow, CredentialState};
+pub use audit::{AuditFilter, AuditRow, NewAuditRow};
 pub use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
 pub use commands::{CommandRow, CommandStatus, NewCommand, ResultOutcome};
+pub use enroll_secrets::{EnrollAttempt, EnrollOutcome, EnrollRefusal, EnrollSecretRow};
 pub use inventory::InventoryRow;
 pub use rollouts::{
     ActiveRollout, Claim, RolloutRow, RolloutStart, RolloutStatus, UpdateCounts, UpdateStatus,

@@ -113,3 +113,54 @@ diesel::allow_tables_to_appear_in_same_query!(
     rollout_agents,
     agent_labels
 );
+
+diesel::table! {
+    agent_credentials (client_id) {
+        client_id -> Text,
+        generation -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    api_tokens (jti) {
+        jti -> Text,
+        name -> Nullable<Text>,
+        role -> Text,
+        subject -> Text,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+        last_used_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    enroll_secrets (id) {
+        id -> Text,
+        name -> Text,
+        secret_sha256 -> Text,
+        labels -> Text,
+        allow_reenroll -> Bool,
+        created_at -> BigInt,
+        expires_at -> Nullable<BigInt>,
+        max_uses -> Nullable<BigInt>,
+        use_count -> BigInt,
+        last_used_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    audit_log (id) {
+        id -> BigInt,
+        at -> BigInt,
+        actor_kind -> Text,
+        actor -> Text,
+        actor_jti -> Nullable<Text>,
+        source -> Nullable<Text>,
+        action -> Text,
+        target -> Nullable<Text>,
+        detail -> Nullable<Text>,
+    }
+}

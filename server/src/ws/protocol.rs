@@ -150,6 +150,10 @@ pub const REPLACED: Close = Close::new(
 );
 /// An operator deleted the agent.
 pub const DELETED: Close = Close::new(4002, "agent deleted by an operator", CloseReason::Deleted);
+/// The agent's credentials were revoked (`POST /api/v1/agents/{id}/revoke` or token
+/// revocation). Same code as a deletion: the agent's next step is the same (stop, or
+/// enroll again), and agents written for protocol version 1 already handle it.
+pub const REVOKED: Close = Close::new(4002, "credentials revoked", CloseReason::Deleted);
 /// The token's `exp` passed during the connection. Reconnect with a fresh token.
 pub const TOKEN_EXPIRED: Close = Close::new(4003, "token expired", CloseReason::TokenExpired);
 /// The agent did not read its frames in time. Reconnect.

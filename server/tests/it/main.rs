@@ -9,6 +9,7 @@ mod binaries;
 mod browser;
 mod cluster;
 mod commands;
+mod credentials;
 mod drain;
 mod http;
 mod process;

@@ -292,7 +292,10 @@ async fn session_ends_with_4003_when_its_token_expires(app: TestApp) {
         sub: "short".into(),
         role: agent_server::auth::Role::Agent,
         exp: now + 1,
-        iat: now,
+        iat: Some(now),
+        nbf: None,
+        jti: None,
+        r#gen: None,
     };
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

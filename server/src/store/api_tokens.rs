@@ -1,0 +1,211 @@
+//! Tokens minted through the API or by enrollment, by `jti`, and agents' credential
+//! generations. The tokens themselves are never stored.
+
+use diesel::prelude::*;
+
+use super::schema::{agent_credentials, api_tokens};
+use super::{Store, StoreError, now_ms, with_conn};
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = api_tokens)]
+pub struct ApiTokenRow {
+    /// The token's `jti` (a UUIDv7, so ids sort by creation time).
+    pub jti: String,
+    pub name: Option<String>,
+    /// `agent` or `admin`.
+    pub role: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// Milliseconds since the Unix epoch, as every timestamp here.
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// Which recorded tokens to list: ordered by `jti` (creation time), keyset-paginated.
+#[derive(Debug, Clone, Default)]
+pub struct ApiTokenFilter {
+    pub subject: Option<String>,
+    pub role: Option<String>,
+    /// Include revoked tokens and tokens that expired before `now`.
+    pub include_inactive: bool,
+    /// Keyset pagination: `jti`s strictly greater than this.
+    pub after: Option<String>,
+    pub limit: i64,
+}
+
+/// What the database says about one presented token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialState {
+    /// The agent's current credential generation (0 when never bumped); `None` when no
+    /// client id was asked about.
+    pub generation: Option<i64>,
+    /// `Some(true)` when the token's `jti` is recorded and revoked, `Some(false)` when
+    /// recorded and live, `None` when not recorded (or no `jti` was asked about).
+    pub token_revoked: Option<bool>,
+}
+
+impl Store {
+    pub async fn insert_api_token(&self, row: ApiTokenRow) -> Result<(), StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => diesel::insert_into(api_tokens::table).values(&row).execute(c)?);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_api_token(&self, jti: String) -> Result<Option<ApiTokenRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(api_tokens::table
+                .find(&jti)
+                .select(ApiTokenRow::as_select())
+                .first(c)
+                .optional()?))
+        })
+        .await
+    }
+
+    pub async fn list_api_tokens(
+        &self,
+        filter: ApiTokenFilter,
+        now: i64,
+    ) -> Result<Vec<ApiTokenRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                let mut q = api_tokens::table.into_boxed();
+                if let Some(subject) = &filter.subject {
+                    q = q.filter(api_tokens::subject.eq(subject.clone()));
+                }
+                if let Some(role) = &filter.role {
+                    q = q.filter(api_tokens::role.eq(role.clone()));
+                }
+                if !filter.include_inactive {
+                    q = q.filter(api_tokens::revoked_at.is_null().and(api_tokens::expires_at.gt(now)));
+                }
+                if let Some(after) = &filter.after {
+                    q = q.filter(api_tokens::jti.gt(after.clone()));
+                }
+                Ok(q.order(api_tokens::jti.asc())
+                    .limit(filter.limit)
+                    .select(ApiTokenRow::as_select())
+                    .load(c)?)
+            })
+        })
+        .await
+    }
+
+    /// Marks a token revoked (the first revocation's time is kept). Returns the row, or
+    /// `None` when no token has this `jti`.
+    pub async fn revoke_api_token(
+        &self,
+        jti: String,
+        now: i64,
+    ) -> Result<Option<ApiTokenRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                diesel::update(api_tokens::table.find(&jti).filter(api_tokens::revoked_at.is_null()))
+                    .set(api_tokens::revoked_at.eq(now))
+                    .execute(c)?;
+                Ok(api_tokens::table
+                    .find(&jti)
+                    .select(ApiTokenRow::as_select())
+                    .first(c)
+                    .optional()?)
+            })
+        })
+        .await
+    }
+
+    /// Records when tokens were last used, one statement per token, only ever moving
+    /// `last_used_at` forward. Called in batches by the credentials' flusher.
+    pub async fn touch_api_tokens(&self, uses: Vec<(String, i64)>) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        self.run(move |pool| {
+            with_conn!(pool, c => c.transaction::<(), StoreError, _>(|c| {
+                for (jti, at) in &uses {
+                    diesel::update(api_tokens::table.find(jti).filter(
+                        api_tokens::last_used_at.is_null().or(api_tokens::last_used_at.lt(*at)),
+                    ))
+                    .set(api_tokens::last_used_at.eq(*at))
+                    .execute(c)?;
+                }
+                Ok(())
+            }))
+        })
+        .await
+    }
+
+    /// The agent's credential generation and the token's state, in one round trip.
+    pub async fn credential_state(
+        &self,
+        client_id: Option<String>,
+        jti: Option<String>,
+    ) -> Result<CredentialState, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                let generation = match &client_id {
+                    None => None,
+                    Some(id) => Some(agent_credentials::table
+                        .find(id)
+                        .select(agent_credentials::generation)
+                        .first::<i64>(c)
+                        .optional()?
+                        .unwrap_or(0)),
+                };
+                let token_revoked = match &jti {
+                    None => None,
+                    Some(jti) => api_tokens::table
+                        .find(jti)
+                        .select(api_tokens::revoked_at)
+                        .first::<Option<i64>>(c)
+                        .optional()?
+                        .map(|r| r.is_some()),
+                };
+                Ok(CredentialState { generation, token_revoked })
+            })
+        })
+        .await
+    }
+
+    /// The agent's current credential generation (0 when never bumped).
+    pub async fn agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
+        let state = self.credential_state(Some(client_id), None).await?;
+        Ok(state.generation.unwrap_or(0))
+    }
+
+    /// Invalidates every token minted for the agent so far, and returns the new
+    /// generation. A single upsert, so concurrent bumps on several replicas all count.
+    pub async fn bump_agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
+        self.run(move |pool| {
+            let now = now_ms();
+            with_conn!(pool, c => Ok(bump_generation!(c, &client_id, now)?))
+        })
+        .await
+    }
+}
+
+/// The upsert behind [`Store::bump_agent_generation`], usable inside a transaction on
+/// either backend: evaluates to `QueryResult<i64>`, the new generation.
+macro_rules! bump_generation {
+    ($c:expr, $client_id:expr, $now:expr) => {{
+        use $crate::store::schema::agent_credentials as ac;
+        diesel::insert_into(ac::table)
+            .values((
+                ac::client_id.eq($client_id),
+                ac::generation.eq(1_i64),
+                ac::updated_at.eq($now),
+            ))
+            .on_conflict(ac::client_id)
+            .do_update()
+            .set((
+                ac::generation.eq(ac::generation + 1_i64),
+                ac::updated_at.eq($now),
+            ))
+            .returning(ac::generation)
+            .get_result::<i64>($c)
+    }};
+}
+pub(crate) use bump_generation;
