@@ -10,6 +10,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod jobs;
 pub mod metrics;
 pub mod store;
 pub mod telemetry;

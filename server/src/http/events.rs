@@ -51,6 +51,7 @@ fn change_event(change: Change) -> Bytes {
         Change::Commands => event("commands", "{}"),
         Change::Binaries => event("binaries", "{}"),
         Change::Rollouts => event("rollouts", "{}"),
+        Change::Job { id } => event("job", &serde_json::json!({ "id": id }).to_string()),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod agents;
 pub mod binaries;
 pub mod commands;
 pub mod inventory;
+pub mod jobs;
 pub mod rollouts;
 pub mod schema;
 pub mod ui_sessions;
@@ -29,6 +30,10 @@ pub use agents::{AgentFilter, AgentPage, AgentRow, Hello};
 pub use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
 pub use commands::{CommandRow, CommandStatus, NewCommand, ResultOutcome};
 pub use inventory::InventoryRow;
+pub use jobs::{
+    AgentPredicate, AgentSelection, CanarySize, JobCounts, JobCreation, JobDurations, JobPacing,
+    JobRecord, JobResultRow, JobRow, JobStatus, JobTransition, Pace,
+};
 pub use rollouts::{
     ActiveRollout, Claim, RolloutRow, RolloutStart, RolloutStatus, UpdateCounts, UpdateStatus,
 };
@@ -109,6 +114,11 @@ pub enum Change {
     Commands,
     Binaries,
     Rollouts,
+    /// A fleet job was created, paused (by the brake or an operator), resumed, cancelled
+    /// or completed. Its commands' progress is announced as `Commands`/`Command`.
+    Job {
+        id: String,
+    },
 }
 
 /// A change and where it was committed: replicas forward only their own.
