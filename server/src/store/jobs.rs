@@ -275,6 +275,20 @@ macro_rules! select_agents {
     }};
 }
 
+/// Held commands of a job whose agents are connected to `pod`: what its pacer may
+/// release.
+macro_rules! local_candidates {
+    ($job_id:expr, $pod:expr) => {
+        commands::table
+            .inner_join(agents::table)
+            .filter(commands::job_id.eq(String::from($job_id)))
+            .filter(commands::held.eq(true))
+            .filter(commands::status.eq("pending"))
+            .filter(agents::online.eq(true))
+            .filter(agents::pod.eq(String::from($pod)))
+    };
+}
+
 /// Ids per `INSERT … SELECT … WHERE id IN (…)`: below SQLite's 32,766 bound variables.
 const INSERT_CHUNK: usize = 10_000;
 
@@ -523,7 +537,26 @@ impl Store {
         let announced = job_id.clone();
         let pace = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<Pace, StoreError, _>(|c| {
+                with_conn!(pool, c => {
+                    // A look without the lock first: most turns find nothing to do here,
+                    // and skipping the write keeps them from queueing behind each other
+                    // (and, on SQLite, from contending with result writes).
+                    let job: Option<JobRow> = jobs::table
+                        .filter(jobs::id.eq(&job_id).and(jobs::status.eq(JobStatus::Running.as_str())))
+                        .select(JobRow::as_select())
+                        .first(c)
+                        .optional()?;
+                    let Some(job) = job else { return Ok(Pace::Idle) };
+                    let pacing: JobPacing = job_pacing::table.find(&job_id).select(JobPacing::as_select()).first(c)?;
+                    let counts = count_commands!(c, &job)?;
+                    let must_act = crate::jobs::brake::verdict(&job, &pacing, &counts).is_some()
+                        || counts.open() == 0
+                        || (crate::jobs::pacing::budget(&job, &pacing, &counts, now) > 0
+                            && local_candidates!(&job_id, &pod).select(commands::id).first::<String>(c).optional()?.is_some());
+                    if !must_act {
+                        return Ok(Pace::Released(Vec::new()));
+                    }
+                    c.transaction::<Pace, StoreError, _>(|c| {
                     // Writing the job's row first serialises the turns of every replica.
                     let job: Option<JobRow> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&job_id).and(jobs::status.eq(JobStatus::Running.as_str())))
@@ -553,13 +586,7 @@ impl Store {
                     // Two set-based statements: the held commands of agents connected
                     // to this pod, then their release (re-checked, so a command that
                     // expired or was cancelled meanwhile stays as it is).
-                    let candidates: Vec<String> = commands::table
-                        .inner_join(agents::table)
-                        .filter(commands::job_id.eq(job_id.clone()))
-                        .filter(commands::held.eq(true))
-                        .filter(commands::status.eq("pending"))
-                        .filter(agents::online.eq(true))
-                        .filter(agents::pod.eq(pod.clone()))
+                    let candidates: Vec<String> = local_candidates!(&job_id, &pod)
                         .order(commands::id.asc())
                         .limit(budget)
                         .select(commands::id)
@@ -585,7 +612,8 @@ impl Store {
                             .execute(c)?;
                     }
                     Ok(Pace::Released(released))
-                }))
+                })
+                })
             })
             .await?;
         match &pace {

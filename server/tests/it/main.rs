@@ -10,6 +10,7 @@ mod browser;
 mod cluster;
 mod commands;
 mod drain;
+mod jobs;
 mod process;
 mod rollouts;
 mod store;
