@@ -285,7 +285,7 @@ impl Jobs {
             .create_job(row, resolved.selection, resolved.keep, canary)
             .await?
         {
-            JobCreation::Created(record) => record,
+            JobCreation::Created(record) => *record,
             JobCreation::NoMatch => return Err(JobError::NoAgentsMatch),
         };
         let job = &record.0;
@@ -397,7 +397,8 @@ impl Jobs {
             .store
             .cancel_job(id.to_string(), "cancelled by an operator".into(), now_ms())
             .await?;
-        if let JobTransition::Done((row, _)) = &outcome {
+        if let JobTransition::Done(record) = &outcome {
+            let row = &record.0;
             self.metrics
                 .command(CommandStatus::Expired, row.cancelled as u64);
         }
@@ -416,7 +417,7 @@ impl Jobs {
             JobTransition::Done(record) => {
                 self.metrics.job(event);
                 tracing::info!(job = %record.0.id, action, status = %record.0.status, "job changed");
-                self.view(record).await
+                self.view(*record).await
             }
             JobTransition::WrongState(status) => Err(JobError::WrongState {
                 id: id.to_string(),

@@ -96,38 +96,45 @@ pub(crate) mod tests {
 
     #[test]
     fn canary_goes_alone_and_the_rest_waits_until_it_finished() {
-        let mut j = job(100, None, 5);
-        assert_eq!(budget(&j, &counts(1000, 0), 0), 5);
-        j.released = 5;
-        assert_eq!(budget(&j, &counts(995, 3), 0), 0, "canary still running");
-        assert_eq!(budget(&j, &counts(995, 0), 0), 100, "canary finished");
-        j.released = 105;
-        assert_eq!(budget(&j, &counts(895, 40), 0), 60);
+        let j = job(100, None, 5);
+        let mut p = JobPacing::default();
+        assert_eq!(budget(&j, &p, &counts(1000, 0), 0), 5);
+        p.released = 5;
+        assert_eq!(
+            budget(&j, &p, &counts(995, 3), 0),
+            0,
+            "canary still running"
+        );
+        assert_eq!(budget(&j, &p, &counts(995, 0), 0), 100, "canary finished");
+        p.released = 105;
+        assert_eq!(budget(&j, &p, &counts(895, 40), 0), 60);
     }
 
     #[test]
     fn rate_allows_one_seconds_burst_then_an_even_pace() {
-        let mut j = job(i64::MAX, Some(10), 0);
+        let j = job(i64::MAX, Some(10), 0);
+        let mut p = JobPacing::default();
         let now = 100_000;
-        assert_eq!(budget(&j, &counts(1000, 0), now), 10);
-        j.release_clock = advance_clock(&j, now, 10);
-        assert_eq!(budget(&j, &counts(990, 0), now), 0);
-        assert_eq!(budget(&j, &counts(990, 0), now + 250), 2);
-        j.release_clock = advance_clock(&j, now + 250, 2);
-        assert_eq!(budget(&j, &counts(988, 0), now + 250), 0);
-        assert_eq!(budget(&j, &counts(988, 0), now + 350), 1);
+        assert_eq!(budget(&j, &p, &counts(1000, 0), now), 10);
+        p.release_clock = advance_clock(&j, &p, now, 10);
+        assert_eq!(budget(&j, &p, &counts(990, 0), now), 0);
+        assert_eq!(budget(&j, &p, &counts(990, 0), now + 250), 2);
+        p.release_clock = advance_clock(&j, &p, now + 250, 2);
+        assert_eq!(budget(&j, &p, &counts(988, 0), now + 250), 0);
+        assert_eq!(budget(&j, &p, &counts(988, 0), now + 350), 1);
     }
 
     #[test]
     fn rate_releases_never_outrun_rate_times_elapsed_plus_one_burst() {
         let rate = 7;
-        let mut j = job(i64::MAX, Some(rate), 0);
+        let j = job(i64::MAX, Some(rate), 0);
+        let mut p = JobPacing::default();
         let start = 50_000;
         let mut released = 0;
         for step in 0..500 {
             let now = start + step * 37;
-            let n = budget(&j, &counts(1_000_000, 0), now);
-            j.release_clock = advance_clock(&j, now, n);
+            let n = budget(&j, &p, &counts(1_000_000, 0), now);
+            p.release_clock = advance_clock(&j, &p, now, n);
             released += n;
             assert!(
                 released <= rate * (now - start) / 1000 + rate,

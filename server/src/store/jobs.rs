@@ -134,7 +134,7 @@ impl CanarySize {
 #[derive(Debug)]
 pub enum JobCreation {
     /// Stored with `targeted` commands, one per matching agent.
-    Created(JobRecord),
+    Created(Box<JobRecord>),
     /// No agent matched; nothing was stored.
     NoMatch,
 }
@@ -207,7 +207,7 @@ pub enum Pace {
 /// What became of resume, pause or cancel.
 #[derive(Debug)]
 pub enum JobTransition {
-    Done(JobRecord),
+    Done(Box<JobRecord>),
     /// The job is in a status the action does not apply to.
     WrongState(JobStatus),
     NotFound,
@@ -374,7 +374,7 @@ impl Store {
                         .set((jobs::targeted.eq(targeted), jobs::canary.eq(canary)))
                         .returning(JobRow::as_returning())
                         .get_result(c)?;
-                    Ok(JobCreation::Created((row, pacing)))
+                    Ok(JobCreation::Created(Box::new((row, pacing))))
                 }))
             })
             .await;
@@ -384,7 +384,8 @@ impl Store {
             }
             other => other?,
         };
-        if let JobCreation::Created((row, _)) = &created {
+        if let JobCreation::Created(record) = &created {
+            let row = &record.0;
             let id = row.id.clone();
             self.announce(|| Change::Job { id });
         }
@@ -651,7 +652,7 @@ impl Store {
                             .set(job_pacing::updated_at.eq(now))
                             .returning(JobPacing::as_returning())
                             .get_result(c)?;
-                        return Ok(JobTransition::Done((row, pacing)));
+                        return Ok(JobTransition::Done(Box::new((row, pacing))));
                     }
                     let job: Option<JobRow> = jobs::table.find(&id).select(JobRow::as_select()).first(c).optional()?;
                     Ok(match job {
@@ -698,7 +699,7 @@ impl Store {
                         ))
                         .returning(JobPacing::as_returning())
                         .get_result(c)?;
-                    Ok(JobTransition::Done((row, pacing)))
+                    Ok(JobTransition::Done(Box::new((row, pacing))))
                 }))
             })
             .await?;
@@ -751,7 +752,7 @@ impl Store {
                         .set(job_pacing::updated_at.eq(now))
                         .returning(JobPacing::as_returning())
                         .get_result(c)?;
-                    Ok(JobTransition::Done((row, pacing)))
+                    Ok(JobTransition::Done(Box::new((row, pacing))))
                 }))
             })
             .await?;

@@ -285,13 +285,7 @@ async fn bad_targets_are_refused_with_a_message_and_no_match_is_distinct(app: Te
     .await;
     let refused = |body: Value| {
         let app = &app;
-        async move {
-            jobs(app)
-                .create(request(body))
-                .await
-                .err()
-                .expect("refused")
-        }
+        async move { jobs(app).create(request(body)).await.expect_err("refused") }
     };
     match refused(json!({"name": "x", "target": {}})).await {
         JobError::InvalidTarget(m) => assert!(m.contains("at least one"), "{m}"),
