@@ -26,7 +26,7 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// apart, so that a burst of results costs one turn.
 pub const MIN_GAP: Duration = Duration::from_millis(50);
 /// Most commands released by one statement.
-pub const MAX_BATCH: i64 = 5_000;
+pub const MAX_BATCH: i64 = 20_000;
 
 /// Built from the narrow handles it uses; spawned by the application's assembly code:
 /// `tasks.spawn(Pacer::new(store, hub, metrics, pod_id).run(stop))`.
