@@ -675,12 +675,8 @@ impl Store {
         let outcome = self
             .run(move |pool| {
                 with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
-                    let job: Option<JobRow> = jobs::table.find(&id).select(JobRow::as_select()).first(c).optional()?;
-                    let Some(job) = job else { return Ok(JobTransition::NotFound) };
-                    if job.status != JobStatus::Paused.as_str() {
-                        return Ok(JobTransition::WrongState(status_of(&job)));
-                    }
-                    let counts = count_commands!(c, &job)?;
+                    // The job's row is written first, as in a pacer turn: the statements
+                    // after it see every turn before it, and none runs meanwhile.
                     let row: Option<JobRow> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&id).and(jobs::status.eq(JobStatus::Paused.as_str())))
                         .set((
@@ -690,7 +686,14 @@ impl Store {
                         .returning(JobRow::as_returning())
                         .get_result(c)
                         .optional()?;
-                    let Some(row) = row else { return Ok(JobTransition::WrongState(JobStatus::Running)) };
+                    let Some(row) = row else {
+                        let job: Option<JobRow> = jobs::table.find(&id).select(JobRow::as_select()).first(c).optional()?;
+                        return Ok(match job {
+                            Some(job) => JobTransition::WrongState(status_of(&job)),
+                            None => JobTransition::NotFound,
+                        });
+                    };
+                    let counts = count_commands!(c, &row)?;
                     let pacing = diesel::update(job_pacing::table.find(&id))
                         .set((
                             job_pacing::updated_at.eq(now),
