@@ -14,12 +14,13 @@ pub mod events;
 pub(crate) mod http;
 pub mod hub;
 pub mod ids;
-pub(crate) mod tasks;
+pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
 pub(crate) mod secrets;
 pub mod state;
 pub mod store;
+pub(crate) mod tasks;
 pub mod telemetry;
 pub mod ws;
 

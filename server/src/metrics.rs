@@ -188,6 +188,23 @@ pub struct SignInLabels {
     pub outcome: SignInOutcome,
 }
 
+label_enum! {
+    /// What happened to a fleet job.
+    JobEvent {
+        Created => "created",
+        Braked => "braked",
+        Paused => "paused",
+        Resumed => "resumed",
+        Cancelled => "cancelled",
+        Completed => "completed",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub event: JobEvent,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
@@ -229,6 +246,10 @@ pub struct Metrics {
     pub update_outcomes: Family<UpdateOutcomeLabels, Counter>,
     pub ui_sign_ins: Family<SignInLabels, Counter>,
     pub ui_event_streams: Gauge,
+    /// Fleet jobs by event (created, braked, paused, resumed, cancelled, completed).
+    pub jobs: Family<JobLabels, Counter>,
+    /// Held job commands this replica's pacer released to its agents.
+    pub job_commands_released: Counter,
 }
 
 impl Metrics {
@@ -374,6 +395,14 @@ impl Metrics {
             "Open /api/v1/events streams on this process",
             ui_event_streams.clone(),
         );
+        let jobs = Family::<JobLabels, Counter>::default();
+        registry.register("jobs", "Fleet job events", jobs.clone());
+        let job_commands_released = Counter::default();
+        registry.register(
+            "job_commands_released",
+            "Held fleet-job commands released by this replica's pacer",
+            job_commands_released.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -406,6 +435,8 @@ impl Metrics {
             update_outcomes,
             ui_sign_ins,
             ui_event_streams,
+            jobs,
+            job_commands_released,
         }
     }
 
@@ -445,6 +476,10 @@ impl Metrics {
         self.ui_sign_ins
             .get_or_create(&SignInLabels { outcome })
             .inc();
+    }
+
+    pub fn job(&self, event: JobEvent) {
+        self.jobs.get_or_create(&JobLabels { event }).inc();
     }
 
     pub fn closed(&self, reason: CloseReason) {

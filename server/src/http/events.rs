@@ -50,6 +50,7 @@ fn change_event(change: Change) -> Event {
         Change::Commands => event("commands", "{}"),
         Change::Binaries => event("binaries", "{}"),
         Change::Rollouts => event("rollouts", "{}"),
+        Change::Job { id } => event("job", &serde_json::json!({ "id": id }).to_string()),
     }
 }
 

@@ -57,6 +57,8 @@ pub struct CommandRow {
     pub completed_at: Option<i64>,
     pub expires_at: Option<i64>,
     pub attempts: i32,
+    /// The fleet job this command belongs to, if any.
+    pub job_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -143,8 +145,11 @@ impl Store {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let statuses: &[&str] = if include_delivered { &OPEN } else { &OPEN[..1] };
+                // A job's command waits, held, until the job's pacer releases it
+                // (`commands_open` covers agent, held and status).
                 let mut q = commands::table
                     .filter(commands::agent_id.eq(&agent_id))
+                    .filter(commands::held.eq(false))
                     .filter(commands::status.eq_any(statuses))
                     .filter(commands::expires_at.is_null().or(commands::expires_at.gt(now)))
                     .into_boxed();
@@ -244,7 +249,8 @@ impl Store {
         Ok(n)
     }
 
-    /// Ids of agents with commands still waiting to be sent.
+    /// Ids of agents with commands still waiting to be sent (held job commands are not
+    /// sendable yet, so they do not count).
     pub async fn agents_with_pending(
         &self,
         agent_ids: Vec<String>,
@@ -257,6 +263,7 @@ impl Store {
             for chunk in agent_ids.chunks(500) {
                 with_conn!(pool, c => out.extend(commands::table
                     .filter(commands::agent_id.eq_any(chunk).and(commands::status.eq("pending")))
+                    .filter(commands::held.eq(false))
                     .select(commands::agent_id)
                     .distinct()
                     .load::<String>(c)?));

@@ -13,6 +13,7 @@ pub mod binaries;
 pub mod commands;
 pub mod enroll_secrets;
 pub mod inventory;
+pub mod jobs;
 pub mod rollouts;
 pub mod schema;
 pub mod ui_sessions;
@@ -35,6 +36,10 @@ pub use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
 pub use commands::{CommandRow, CommandStatus, NewCommand, ResultOutcome};
 pub use enroll_secrets::{EnrollAttempt, EnrollOutcome, EnrollRefusal, EnrollSecretRow};
 pub use inventory::InventoryRow;
+pub use jobs::{
+    AgentPredicate, AgentSelection, CanarySize, JobCounts, JobCreation, JobDurations, JobPacing,
+    JobRecord, JobResultRow, JobRow, JobStatus, JobTransition, Pace,
+};
 pub use rollouts::{
     ActiveRollout, Claim, RolloutRow, RolloutStart, RolloutStatus, UpdateCounts, UpdateStatus,
 };
@@ -115,6 +120,11 @@ pub enum Change {
     Commands,
     Binaries,
     Rollouts,
+    /// A fleet job was created, paused (by the brake or an operator), resumed, cancelled
+    /// or completed. Its commands' progress is announced as `Commands`/`Command`.
+    Job {
+        id: String,
+    },
 }
 
 /// A change and where it was committed: replicas forward only their own.

@@ -29,6 +29,8 @@ diesel::table! {
         completed_at -> Nullable<BigInt>,
         expires_at -> Nullable<BigInt>,
         attempts -> Integer,
+        job_id -> Nullable<Text>,
+        held -> Bool,
     }
 }
 
@@ -164,3 +166,38 @@ diesel::table! {
         detail -> Nullable<Text>,
     }
 }
+
+diesel::table! {
+    jobs (id) {
+        id -> Text,
+        name -> Text,
+        args -> Text,
+        target -> Text,
+        status -> Text,
+        reason -> Nullable<Text>,
+        targeted -> BigInt,
+        canary -> BigInt,
+        max_in_flight -> BigInt,
+        rate_per_second -> Nullable<BigInt>,
+        max_failure_ratio -> Nullable<Double>,
+        min_sample -> BigInt,
+        expires_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+        ended_at -> Nullable<BigInt>,
+        cancelled -> BigInt,
+    }
+}
+
+diesel::table! {
+    job_pacing (job_id) {
+        job_id -> Text,
+        updated_at -> BigInt,
+        released -> BigInt,
+        release_clock -> BigInt,
+        brake_failed -> BigInt,
+        brake_finished -> BigInt,
+    }
+}
+
+diesel::joinable!(job_pacing -> jobs (job_id));
+diesel::allow_tables_to_appear_in_same_query!(jobs, job_pacing, commands, agent_labels);

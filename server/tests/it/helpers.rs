@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use agent_server::AppState;
 use agent_server::auth::{Role, Tokens};
 use agent_server::config::Secret;
 use agent_server::{Application, Config};
@@ -238,6 +239,8 @@ pub struct TestApp {
     pub admin: String,
     /// The configuration it runs with (replicas start from it).
     pub config: Config,
+    /// The running app's handles (store, hub, metrics), for domain-level scenarios.
+    pub state: AppState,
     tokens: Tokens,
     shutdown: Option<oneshot::Sender<()>>,
     pub server: Option<JoinHandle<bool>>,
@@ -271,6 +274,7 @@ async fn start(config: Config) -> TestApp {
         .expect("app builds");
     let addr = app.local_addr();
     let metrics_base = format!("http://{}", app.metrics_addr());
+    let state = app.state().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
@@ -283,6 +287,7 @@ async fn start(config: Config) -> TestApp {
         admin: tokens.mint("admin", Role::Admin, Duration::from_secs(3600)),
         http: reqwest::Client::new(),
         config,
+        state,
         tokens,
         shutdown: Some(tx),
         server: Some(server),

@@ -12,6 +12,7 @@ mod commands;
 mod credentials;
 mod drain;
 mod http;
+mod jobs;
 mod process;
 mod rollouts;
 mod store;

@@ -1,0 +1,772 @@
+//! Fleet jobs: one command to many agents, stored as one ordinary command row per agent
+//! that stays `held` until the job's pacer releases it.
+//!
+//! Creation is set-based: the matching agents are selected and their commands inserted
+//! with `INSERT … SELECT`, in one transaction with the job's row. Pacing is decided here,
+//! like rollout slots: [`Store::pace_job`] first writes the job's row, which serialises
+//! the pacers of every replica on that job (a row lock on PostgreSQL, the write lock on
+//! SQLite), then counts and releases in set-based statements.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use serde::Serialize;
+
+use super::schema::{agent_labels, agents, commands, job_pacing, jobs};
+use super::{Change, Store, StoreError, with_conn};
+
+#[diesel::declare_sql_function]
+extern "SQL" {
+    /// SQL `lower()`: agents report os and arch in whatever case they like.
+    fn lower(x: Nullable<Text>) -> Nullable<Text>;
+}
+
+/// Lifecycle: `running` ⇄ `paused` (the failure brake or an operator; `reason` says
+/// which), then `completed` (no command left open) or `cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Running,
+    Paused,
+    Cancelled,
+    Completed,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 4] = [
+        JobStatus::Running,
+        JobStatus::Paused,
+        JobStatus::Cancelled,
+        JobStatus::Completed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Paused => "paused",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Completed => "completed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = jobs)]
+pub struct JobRow {
+    pub id: String,
+    pub name: String,
+    /// JSON object, stored as text.
+    pub args: String,
+    /// The target as given (JSON), for display.
+    pub target: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub targeted: i64,
+    /// Commands released first; the rest wait until each of them is final.
+    pub canary: i64,
+    pub max_in_flight: i64,
+    pub rate_per_second: Option<i64>,
+    pub max_failure_ratio: Option<f64>,
+    pub min_sample: i64,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+    /// Commands the cancel expired.
+    pub cancelled: i64,
+}
+
+/// The pacers' state of a job, written only after the job's row in the same transaction.
+#[derive(Debug, Clone, Default, Queryable, Selectable, Insertable)]
+#[diesel(table_name = job_pacing)]
+pub struct JobPacing {
+    pub job_id: String,
+    /// Last release (or creation).
+    pub updated_at: i64,
+    /// Commands released so far.
+    pub released: i64,
+    /// Virtual time (ms) up to which the rate's release credit has been spent.
+    pub release_clock: i64,
+    /// Failed and finished results already judged before the last resume.
+    pub brake_failed: i64,
+    pub brake_finished: i64,
+}
+
+/// A job with its pacing state.
+pub type JobRecord = (JobRow, JobPacing);
+
+/// Which agents a job goes to, as far as SQL can tell; every present field must hold.
+#[derive(Debug, Clone, Default)]
+pub struct AgentSelection {
+    pub ids: Option<Vec<String>>,
+    /// The agent has every one of these labels.
+    pub labels: Vec<String>,
+    /// Lowercase; compared with the agent's lowercased os.
+    pub os: Option<String>,
+    pub arch: Option<String>,
+    pub online: Option<bool>,
+}
+
+/// A further per-agent test that SQL cannot make (version order, the stable hash),
+/// given the agent's id and reported version.
+pub type AgentPredicate = Box<dyn Fn(&str, Option<&str>) -> bool + Send>;
+
+/// How many commands the canary releases, resolved against the targeted count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanarySize {
+    Count(i64),
+    /// 1 to 100 percent of the targeted agents, at least one.
+    Percentage(i64),
+}
+
+impl CanarySize {
+    pub fn resolve(self, targeted: i64) -> i64 {
+        match self {
+            CanarySize::Count(n) => n.clamp(0, targeted),
+            CanarySize::Percentage(p) => ((targeted * p + 99) / 100).clamp(1, targeted),
+        }
+    }
+}
+
+/// What became of creating a job.
+#[derive(Debug)]
+pub enum JobCreation {
+    /// Stored with `targeted` commands, one per matching agent.
+    Created(Box<JobRecord>),
+    /// No agent matched; nothing was stored.
+    NoMatch,
+}
+
+/// A job's commands by where they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct JobCounts {
+    pub targeted: i64,
+    /// Not delivered yet, held ones included.
+    pub pending: i64,
+    /// Of `pending`, those the pacer has not released yet.
+    pub held: i64,
+    pub delivered: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    /// Reached their TTL.
+    pub expired: i64,
+    /// Expired by the job's cancel.
+    pub cancelled: i64,
+}
+
+impl JobCounts {
+    /// Released and without a final status: what `max_in_flight` bounds.
+    pub fn in_flight(&self) -> i64 {
+        self.pending - self.held + self.delivered
+    }
+
+    pub fn open(&self) -> i64 {
+        self.pending + self.delivered
+    }
+
+    pub fn finished(&self) -> i64 {
+        self.succeeded + self.failed
+    }
+}
+
+/// Nearest-rank percentiles of the time from delivery to result, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct JobDurations {
+    pub p50_ms: Option<i64>,
+    pub p95_ms: Option<i64>,
+}
+
+/// One agent's part in a job.
+#[derive(Debug, Clone, Queryable, Serialize)]
+pub struct JobResultRow {
+    pub agent_id: String,
+    pub command_id: String,
+    pub status: String,
+    pub output: Option<String>,
+    pub delivered_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    #[serde(skip)]
+    pub held: bool,
+}
+
+/// What a pacer's turn on one job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pace {
+    /// The job is not running (paused, ended, or gone).
+    Idle,
+    /// Commands of these agents were released (possibly none).
+    Released(Vec<String>),
+    /// The failure brake tripped: the job is paused with this reason.
+    Braked(String),
+    /// No command is open any more.
+    Completed,
+}
+
+/// What became of resume, pause or cancel.
+#[derive(Debug)]
+pub enum JobTransition {
+    Done(Box<JobRecord>),
+    /// The job is in a status the action does not apply to.
+    WrongState(JobStatus),
+    NotFound,
+}
+
+/// Counts a job's commands by status and held flag, in one grouped statement over the
+/// `commands_job` index. A macro so that its body compiles for either backend's connection.
+macro_rules! count_commands {
+    ($c:expr, $job:expr) => {{
+        let job: &JobRow = $job;
+        let groups: Vec<(String, bool, i64)> = commands::table
+            .filter(commands::job_id.eq(job.id.clone()))
+            .group_by((commands::status, commands::held))
+            .select((commands::status, commands::held, diesel::dsl::count_star()))
+            .load($c)?;
+        let mut counts = JobCounts {
+            targeted: job.targeted,
+            ..JobCounts::default()
+        };
+        for (status, held, n) in groups {
+            match status.as_str() {
+                "pending" => {
+                    counts.pending += n;
+                    if held {
+                        counts.held += n;
+                    }
+                }
+                "delivered" => counts.delivered += n,
+                "succeeded" => counts.succeeded += n,
+                "failed" => counts.failed += n,
+                "expired" => counts.expired += n,
+                _ => {}
+            }
+        }
+        counts.cancelled = job.cancelled.min(counts.expired);
+        counts.expired -= counts.cancelled;
+        Ok::<JobCounts, StoreError>(counts)
+    }};
+}
+
+/// Applies an [`AgentSelection`] to a boxed query on `agents`.
+macro_rules! select_agents {
+    ($q:expr, $sel:expr) => {{
+        let sel: &AgentSelection = $sel;
+        let mut q = $q;
+        if let Some(ids) = &sel.ids {
+            q = q.filter(agents::id.eq_any(ids.clone()));
+        }
+        for label in &sel.labels {
+            let labelled = agent_labels::table
+                .filter(agent_labels::label.eq(label.clone()))
+                .select(agent_labels::agent_id);
+            q = q.filter(agents::id.eq_any(labelled));
+        }
+        if let Some(os) = &sel.os {
+            q = q.filter(lower(agents::os).eq(os.clone()));
+        }
+        if let Some(arch) = &sel.arch {
+            q = q.filter(lower(agents::arch).eq(arch.clone()));
+        }
+        if let Some(online) = sel.online {
+            q = q.filter(agents::online.eq(online));
+        }
+        q
+    }};
+}
+
+/// Held commands of a job whose agents are connected to `pod`: what its pacer may
+/// release.
+macro_rules! local_candidates {
+    ($job_id:expr, $pod:expr) => {
+        commands::table
+            .inner_join(agents::table)
+            .filter(commands::job_id.eq(String::from($job_id)))
+            .filter(commands::held.eq(true))
+            .filter(commands::status.eq("pending"))
+            .filter(agents::online.eq(true))
+            .filter(agents::pod.eq(String::from($pod)))
+    };
+}
+
+/// Ids per `INSERT … SELECT … WHERE id IN (…)`: below SQLite's 32,766 bound variables.
+const INSERT_CHUNK: usize = 10_000;
+
+impl Store {
+    /// Stores `job` and one held command per agent matching `selection` (and `keep`, if
+    /// given), in one transaction; the job's `targeted` and `canary` are set from the
+    /// count. Announces [`Change::Job`].
+    pub async fn create_job(
+        &self,
+        job: JobRow,
+        selection: AgentSelection,
+        keep: Option<AgentPredicate>,
+        canary: Option<CanarySize>,
+    ) -> Result<JobCreation, StoreError> {
+        let created = self
+            .run(move |pool| {
+                with_conn!(pool, c => c.transaction::<JobCreation, StoreError, _>(|c| {
+                    diesel::insert_into(jobs::table).values(&job).execute(c)?;
+                    let pacing = JobPacing {
+                        job_id: job.id.clone(),
+                        updated_at: job.created_at,
+                        ..JobPacing::default()
+                    };
+                    diesel::insert_into(job_pacing::table).values(&pacing).execute(c)?;
+                    let columns = (
+                        commands::id,
+                        commands::agent_id,
+                        commands::name,
+                        commands::args,
+                        commands::status,
+                        commands::created_at,
+                        commands::expires_at,
+                        commands::job_id,
+                        commands::held,
+                    );
+                    // The command id is `<job id>.<client_id>`: unique, and it sorts a
+                    // job's commands by agent, which the results' keyset pages use.
+                    let prefix = format!("{}.", job.id);
+                    let row = || (
+                        prefix.clone().into_sql::<Text>().concat(agents::id),
+                        agents::id,
+                        job.name.clone().into_sql::<Text>(),
+                        job.args.clone().into_sql::<Text>(),
+                        "pending".into_sql::<Text>(),
+                        job.created_at.into_sql::<BigInt>(),
+                        job.expires_at.into_sql::<Nullable<BigInt>>(),
+                        Some(job.id.clone()).into_sql::<Nullable<Text>>(),
+                        true.into_sql::<Bool>(),
+                    );
+                    let targeted = match &keep {
+                        None => {
+                            let q = select_agents!(agents::table.into_boxed(), &selection);
+                            diesel::insert_into(commands::table)
+                                .values(q.select(row()))
+                                .into_columns(columns)
+                                .execute(c)?
+                        }
+                        Some(keep) => {
+                            let q = select_agents!(agents::table.into_boxed(), &selection);
+                            let candidates: Vec<(String, Option<String>)> =
+                                q.select((agents::id, agents::version)).load(c)?;
+                            let chosen: Vec<String> = candidates
+                                .into_iter()
+                                .filter(|(id, version)| keep(id, version.as_deref()))
+                                .map(|(id, _)| id)
+                                .collect();
+                            let mut n = 0;
+                            for chunk in chosen.chunks(INSERT_CHUNK) {
+                                n += diesel::insert_into(commands::table)
+                                    .values(agents::table.filter(agents::id.eq_any(chunk)).select(row()))
+                                    .into_columns(columns)
+                                    .execute(c)?;
+                            }
+                            n
+                        }
+                    } as i64;
+                    if targeted == 0 {
+                        // Rolls the job's row back with it.
+                        return Err(StoreError::Query(diesel::result::Error::RollbackTransaction));
+                    }
+                    let canary = canary.map_or(0, |size| size.resolve(targeted));
+                    let row = diesel::update(jobs::table.find(&job.id))
+                        .set((jobs::targeted.eq(targeted), jobs::canary.eq(canary)))
+                        .returning(JobRow::as_returning())
+                        .get_result(c)?;
+                    Ok(JobCreation::Created(Box::new((row, pacing))))
+                }))
+            })
+            .await;
+        let created = match created {
+            Err(StoreError::Query(diesel::result::Error::RollbackTransaction)) => {
+                return Ok(JobCreation::NoMatch);
+            }
+            other => other?,
+        };
+        if let JobCreation::Created(record) = &created {
+            let row = &record.0;
+            let id = row.id.clone();
+            self.announce(|| Change::Job { id });
+        }
+        Ok(created)
+    }
+
+    pub async fn get_job(&self, id: String) -> Result<Option<JobRecord>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(jobs::table
+                .inner_join(job_pacing::table)
+                .filter(jobs::id.eq(&id))
+                .select((JobRow::as_select(), JobPacing::as_select()))
+                .first(c)
+                .optional()?))
+        })
+        .await
+    }
+
+    /// Newest first; `before` is the `(created_at, id)` of the last job of the previous
+    /// page.
+    pub async fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        before: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                let mut q = jobs::table.inner_join(job_pacing::table).into_boxed();
+                if let Some(status) = status {
+                    q = q.filter(jobs::status.eq(status.as_str()));
+                }
+                if let Some((at, id)) = &before {
+                    q = q.filter(
+                        jobs::created_at
+                            .lt(*at)
+                            .or(jobs::created_at.eq(*at).and(jobs::id.lt(id.clone()))),
+                    );
+                }
+                Ok(q.order((jobs::created_at.desc(), jobs::id.desc()))
+                    .limit(limit)
+                    .select((JobRow::as_select(), JobPacing::as_select()))
+                    .load(c)?)
+            })
+        })
+        .await
+    }
+
+    /// Ids of running jobs, oldest first: what the pacers work on.
+    pub async fn running_jobs(&self) -> Result<Vec<String>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(jobs::table
+                .filter(jobs::status.eq(JobStatus::Running.as_str()))
+                .order((jobs::created_at.asc(), jobs::id.asc()))
+                .select(jobs::id)
+                .load(c)?))
+        })
+        .await
+    }
+
+    /// The job's commands counted by status, in one grouped statement over the
+    /// `commands_job` index.
+    pub async fn job_counts(&self, job: JobRow) -> Result<JobCounts, StoreError> {
+        self.run(move |pool| with_conn!(pool, c => count_commands!(c, &job)))
+            .await
+    }
+
+    /// Nearest-rank p50 and p95 of delivery-to-result times of the job's results.
+    pub async fn job_durations(&self, job_id: String) -> Result<JobDurations, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                let finished = || commands::table
+                    .filter(commands::job_id.eq(job_id.clone()))
+                    .filter(commands::status.eq_any(["succeeded", "failed"]))
+                    .filter(commands::delivered_at.is_not_null())
+                    .filter(commands::completed_at.is_not_null());
+                let n: i64 = finished().count().get_result(c)?;
+                let mut rank = |p: i64| -> Result<Option<i64>, StoreError> {
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    // Nearest rank: the ceil(p/100 · n)-th smallest, counted from 1.
+                    let offset = ((p * n + 99) / 100 - 1).clamp(0, n - 1);
+                    let duration = commands::completed_at.assume_not_null()
+                        - commands::delivered_at.assume_not_null();
+                    Ok(finished()
+                        .select(duration)
+                        .order(duration.asc())
+                        .offset(offset)
+                        .first::<i64>(c)
+                        .optional()?)
+                };
+                Ok(JobDurations { p50_ms: rank(50)?, p95_ms: rank(95)? })
+            })
+        })
+        .await
+    }
+
+    /// The job's per-agent commands in client_id order; `after` is the last client_id of
+    /// the previous page.
+    pub async fn job_results(
+        &self,
+        job_id: String,
+        status: Option<String>,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<JobResultRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => {
+                // Command ids are `<job id>.<client_id>`, so the primary key orders them
+                // by agent and a page starts with an index seek.
+                let mut q = commands::table
+                    .filter(commands::job_id.eq(job_id.clone()))
+                    .into_boxed();
+                if let Some(after) = &after {
+                    q = q.filter(commands::id.gt(format!("{job_id}.{after}")));
+                }
+                if let Some(status) = &status {
+                    q = q.filter(commands::status.eq(status.clone()));
+                }
+                Ok(q.order(commands::id.asc())
+                    .limit(limit)
+                    .select((
+                        commands::agent_id,
+                        commands::id,
+                        commands::status,
+                        commands::output,
+                        commands::delivered_at,
+                        commands::completed_at,
+                        commands::held,
+                    ))
+                    .load(c)?)
+            })
+        })
+        .await
+    }
+
+    /// One pacer turn on a running job, for agents connected to `pod`: trips the failure
+    /// brake, completes the job, or releases up to `max_batch` held commands within the
+    /// job's bounds (in flight, rate, canary). Replicas may call this at the same time
+    /// for the same job: the first statement writes the job's row, so turns take place
+    /// one after the other and each sees the others' releases.
+    pub async fn pace_job(
+        &self,
+        job_id: String,
+        pod: String,
+        now: i64,
+        max_batch: i64,
+    ) -> Result<Pace, StoreError> {
+        let announced = job_id.clone();
+        let pace = self
+            .run(move |pool| {
+                with_conn!(pool, c => {
+                    // A look without the lock first: most turns find nothing to do here,
+                    // and skipping the write keeps them from queueing behind each other
+                    // (and, on SQLite, from contending with result writes).
+                    let job: Option<JobRow> = jobs::table
+                        .filter(jobs::id.eq(&job_id).and(jobs::status.eq(JobStatus::Running.as_str())))
+                        .select(JobRow::as_select())
+                        .first(c)
+                        .optional()?;
+                    let Some(job) = job else { return Ok(Pace::Idle) };
+                    let pacing: JobPacing = job_pacing::table.find(&job_id).select(JobPacing::as_select()).first(c)?;
+                    let counts = count_commands!(c, &job)?;
+                    let must_act = crate::jobs::brake::verdict(&job, &pacing, &counts).is_some()
+                        || counts.open() == 0
+                        || (crate::jobs::pacing::budget(&job, &pacing, &counts, now) > 0
+                            && local_candidates!(&job_id, &pod).select(commands::id).first::<String>(c).optional()?.is_some());
+                    if !must_act {
+                        return Ok(Pace::Released(Vec::new()));
+                    }
+                    c.transaction::<Pace, StoreError, _>(|c| {
+                    // Writing the job's row first serialises the turns of every replica.
+                    let job: Option<JobRow> = diesel::update(jobs::table)
+                        .filter(jobs::id.eq(&job_id).and(jobs::status.eq(JobStatus::Running.as_str())))
+                        .set(jobs::status.eq(JobStatus::Running.as_str()))
+                        .returning(JobRow::as_returning())
+                        .get_result(c)
+                        .optional()?;
+                    let Some(job) = job else { return Ok(Pace::Idle) };
+                    let pacing: JobPacing = job_pacing::table.find(&job_id).select(JobPacing::as_select()).first(c)?;
+                    let counts = count_commands!(c, &job)?;
+                    if let Some(reason) = crate::jobs::brake::verdict(&job, &pacing, &counts) {
+                        diesel::update(jobs::table.find(&job_id))
+                            .set((jobs::status.eq(JobStatus::Paused.as_str()), jobs::reason.eq(&reason)))
+                            .execute(c)?;
+                        return Ok(Pace::Braked(reason));
+                    }
+                    if counts.open() == 0 {
+                        diesel::update(jobs::table.find(&job_id))
+                            .set((jobs::status.eq(JobStatus::Completed.as_str()), jobs::ended_at.eq(now)))
+                            .execute(c)?;
+                        return Ok(Pace::Completed);
+                    }
+                    let budget = crate::jobs::pacing::budget(&job, &pacing, &counts, now).min(max_batch);
+                    if budget <= 0 {
+                        return Ok(Pace::Released(Vec::new()));
+                    }
+                    // Two set-based statements: the held commands of agents connected
+                    // to this pod, then their release (re-checked, so a command that
+                    // expired or was cancelled meanwhile stays as it is).
+                    let candidates: Vec<String> = local_candidates!(&job_id, &pod)
+                        .order(commands::id.asc())
+                        .limit(budget)
+                        .select(commands::id)
+                        .load(c)?;
+                    if candidates.is_empty() {
+                        return Ok(Pace::Released(Vec::new()));
+                    }
+                    let released: Vec<String> = diesel::update(commands::table)
+                        .filter(commands::id.eq_any(&candidates))
+                        .filter(commands::held.eq(true))
+                        .filter(commands::status.eq("pending"))
+                        .set(commands::held.eq(false))
+                        .returning(commands::agent_id)
+                        .get_results(c)?;
+                    if !released.is_empty() {
+                        let n = released.len() as i64;
+                        diesel::update(job_pacing::table.find(&job_id))
+                            .set((
+                                job_pacing::released.eq(job_pacing::released + n),
+                                job_pacing::release_clock.eq(crate::jobs::pacing::advance_clock(&job, &pacing, now, n)),
+                                job_pacing::updated_at.eq(now),
+                            ))
+                            .execute(c)?;
+                    }
+                    Ok(Pace::Released(released))
+                })
+                })
+            })
+            .await?;
+        match &pace {
+            Pace::Idle => {}
+            Pace::Released(ids) if ids.is_empty() => {}
+            Pace::Released(_) => self.announce(|| Change::Commands),
+            Pace::Braked(_) | Pace::Completed => self.announce(|| Change::Job { id: announced }),
+        }
+        Ok(pace)
+    }
+
+    /// Pauses a running job (an operator's pause; the brake pauses in [`Store::pace_job`]).
+    /// Commands already released may still be delivered; nothing more is released.
+    pub async fn pause_job(
+        &self,
+        id: String,
+        reason: String,
+        now: i64,
+    ) -> Result<JobTransition, StoreError> {
+        let announced = id.clone();
+        let outcome = self
+            .run(move |pool| {
+                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                    let row: Option<JobRow> = diesel::update(jobs::table)
+                        .filter(jobs::id.eq(&id).and(jobs::status.eq(JobStatus::Running.as_str())))
+                        .set((
+                            jobs::status.eq(JobStatus::Paused.as_str()),
+                            jobs::reason.eq(Some(reason)),
+                        ))
+                        .returning(JobRow::as_returning())
+                        .get_result(c)
+                        .optional()?;
+                    if let Some(row) = row {
+                        let pacing = diesel::update(job_pacing::table.find(&id))
+                            .set(job_pacing::updated_at.eq(now))
+                            .returning(JobPacing::as_returning())
+                            .get_result(c)?;
+                        return Ok(JobTransition::Done(Box::new((row, pacing))));
+                    }
+                    let job: Option<JobRow> = jobs::table.find(&id).select(JobRow::as_select()).first(c).optional()?;
+                    Ok(match job {
+                        Some(job) => JobTransition::WrongState(status_of(&job)),
+                        None => JobTransition::NotFound,
+                    })
+                }))
+            })
+            .await?;
+        if let JobTransition::Done(_) = outcome {
+            self.announce(|| Change::Job { id: announced });
+        }
+        Ok(outcome)
+    }
+
+    /// Runs a paused job again. The brake starts a new sample: results judged before the
+    /// resume do not count again.
+    pub async fn resume_job(&self, id: String, now: i64) -> Result<JobTransition, StoreError> {
+        let announced = id.clone();
+        let outcome = self
+            .run(move |pool| {
+                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                    // The job's row is written first, as in a pacer turn: the statements
+                    // after it see every turn before it, and none runs meanwhile.
+                    let row: Option<JobRow> = diesel::update(jobs::table)
+                        .filter(jobs::id.eq(&id).and(jobs::status.eq(JobStatus::Paused.as_str())))
+                        .set((
+                            jobs::status.eq(JobStatus::Running.as_str()),
+                            jobs::reason.eq(None::<String>),
+                        ))
+                        .returning(JobRow::as_returning())
+                        .get_result(c)
+                        .optional()?;
+                    let Some(row) = row else {
+                        let job: Option<JobRow> = jobs::table.find(&id).select(JobRow::as_select()).first(c).optional()?;
+                        return Ok(match job {
+                            Some(job) => JobTransition::WrongState(status_of(&job)),
+                            None => JobTransition::NotFound,
+                        });
+                    };
+                    let counts = count_commands!(c, &row)?;
+                    let pacing = diesel::update(job_pacing::table.find(&id))
+                        .set((
+                            job_pacing::updated_at.eq(now),
+                            job_pacing::brake_failed.eq(counts.failed),
+                            job_pacing::brake_finished.eq(counts.finished()),
+                        ))
+                        .returning(JobPacing::as_returning())
+                        .get_result(c)?;
+                    Ok(JobTransition::Done(Box::new((row, pacing))))
+                }))
+            })
+            .await?;
+        if let JobTransition::Done(_) = outcome {
+            self.announce(|| Change::Job { id: announced });
+        }
+        Ok(outcome)
+    }
+
+    /// Ends a running or paused job: every command not delivered yet (held or released)
+    /// expires now; delivered ones may still report.
+    pub async fn cancel_job(
+        &self,
+        id: String,
+        reason: String,
+        now: i64,
+    ) -> Result<JobTransition, StoreError> {
+        let announced = id.clone();
+        let outcome = self
+            .run(move |pool| {
+                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                    let ended: Option<String> = diesel::update(jobs::table)
+                        .filter(jobs::id.eq(&id))
+                        .filter(jobs::status.eq_any([JobStatus::Running.as_str(), JobStatus::Paused.as_str()]))
+                        .set((
+                            jobs::status.eq(JobStatus::Cancelled.as_str()),
+                            jobs::reason.eq(Some(reason)),
+                            jobs::ended_at.eq(now),
+                        ))
+                        .returning(jobs::id)
+                        .get_result(c)
+                        .optional()?;
+                    if ended.is_none() {
+                        let job: Option<JobRow> = jobs::table.find(&id).select(JobRow::as_select()).first(c).optional()?;
+                        return Ok(match job {
+                            Some(job) => JobTransition::WrongState(status_of(&job)),
+                            None => JobTransition::NotFound,
+                        });
+                    }
+                    let expired = diesel::update(commands::table)
+                        .filter(commands::job_id.eq(id.clone()))
+                        .filter(commands::status.eq("pending"))
+                        .set((commands::status.eq("expired"), commands::completed_at.eq(now)))
+                        .execute(c)? as i64;
+                    let row = diesel::update(jobs::table.find(&id))
+                        .set(jobs::cancelled.eq(expired))
+                        .returning(JobRow::as_returning())
+                        .get_result(c)?;
+                    let pacing = diesel::update(job_pacing::table.find(&id))
+                        .set(job_pacing::updated_at.eq(now))
+                        .returning(JobPacing::as_returning())
+                        .get_result(c)?;
+                    Ok(JobTransition::Done(Box::new((row, pacing))))
+                }))
+            })
+            .await?;
+        if let JobTransition::Done(_) = outcome {
+            self.announce(|| Change::Job { id: announced });
+            self.announce(|| Change::Commands);
+        }
+        Ok(outcome)
+    }
+}
+
+fn status_of(job: &JobRow) -> JobStatus {
+    JobStatus::parse(&job.status).unwrap_or(JobStatus::Cancelled)
+}
