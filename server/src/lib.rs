@@ -11,6 +11,7 @@ pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod metrics;
+pub mod redact;
 pub mod store;
 pub mod telemetry;
 pub mod ws;
