@@ -381,6 +381,8 @@ impl Cluster {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
+                        // Sentinel named another master: subscribe there instead.
+                        _ = self.conn.moved() => break,
                         msg = messages.next() => match msg {
                                                         Some(msg) if msg.get_channel_name() == changes => {
                                 self.relay_changes(&store, msg.get_payload_bytes());

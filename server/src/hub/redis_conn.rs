@@ -14,10 +14,18 @@
 //! The next command resolves the master again. A command that failed that way is retried
 //! once on the new connection: every command the cluster sends is safe to repeat (claims
 //! are compare-and-set, wake-ups are idempotent).
+//!
+//! A failover does not always break the old connection: after `SENTINEL FAILOVER`, or
+//! while the old master is cut off rather than dead, it keeps accepting writes until the
+//! sentinels reconfigure it. So at most every [`MASTER_RECHECK`] a command also asks the
+//! sentinels, in the background, which node is the master; when it has changed, the
+//! connection is dropped and [`RedisConn::moved`] tells the subscriber to resubscribe on
+//! the new master (its resubscription re-checks pending commands, so a wake-up published
+//! on the old master in between costs latency, not the command).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
@@ -55,7 +63,17 @@ pub struct SentinelTarget {
     generation: AtomicU64,
     timeout: Duration,
     db: i64,
+    /// The master's address as last resolved, to tell a failover from a reconnection.
+    master_addr: std::sync::Mutex<Option<String>>,
+    /// When the sentinels were last asked, and whether a check is running now.
+    last_check: std::sync::Mutex<Instant>,
+    checking: AtomicBool,
+    /// Signalled when the sentinels name another master.
+    moved: tokio::sync::Notify,
 }
+
+/// How often a busy replica asks the sentinels whether the master has changed.
+pub const MASTER_RECHECK: Duration = Duration::from_secs(1);
 
 impl RedisConn {
     /// Builds the handle without connecting: the server starts while Redis is down, and
@@ -104,6 +122,10 @@ impl RedisConn {
                 generation: AtomicU64::new(0),
                 timeout,
                 db: cfg.db,
+                master_addr: std::sync::Mutex::new(None),
+                last_check: std::sync::Mutex::new(Instant::now()),
+                checking: AtomicBool::new(false),
+                moved: tokio::sync::Notify::new(),
             }))),
         }
     }
@@ -114,6 +136,14 @@ impl RedisConn {
         match self {
             RedisConn::Direct { client, .. } => client.get_async_pubsub().await,
             RedisConn::Sentinel(target) => target.master().await?.get_async_pubsub().await,
+        }
+    }
+
+    /// Resolves when the sentinels name another master (never with a single address).
+    pub async fn moved(&self) {
+        match self {
+            RedisConn::Direct { .. } => std::future::pending().await,
+            RedisConn::Sentinel(target) => target.moved.notified().await,
         }
     }
 }
@@ -171,8 +201,9 @@ impl SentinelTarget {
     }
 
     /// The current connection to the master, resolving and connecting if there is none.
-    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+    async fn connection(self: &Arc<Self>) -> RedisResult<(u64, MultiplexedConnection)> {
         if let Some(current) = self.lock_current().clone() {
+            self.recheck_in_background();
             return Ok(current);
         }
         let mut sentinel = self.sentinel.lock().await;
@@ -190,16 +221,50 @@ impl SentinelTarget {
             .await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.lock_current() = Some((generation, conn.clone()));
-        tracing::debug!(
-            master = %client.get_connection_info().addr(),
-            "connected to the Redis master the sentinels named"
-        );
+        self.master_is(client.get_connection_info().addr().to_string());
         Ok((generation, conn))
+    }
+
+    /// Records the master's address; a different one than before means a failover.
+    fn master_is(&self, addr: String) -> bool {
+        let mut known = self.master_addr.lock().unwrap_or_else(|e| e.into_inner());
+        let moved = known.as_ref().is_some_and(|a| *a != addr);
+        if moved {
+            tracing::info!(master = %addr, "the sentinels name another Redis master; following it");
+            self.moved.notify_waiters();
+        }
+        *known = Some(addr);
+        moved
+    }
+
+    /// At most every [`MASTER_RECHECK`], asks the sentinels which node is the master,
+    /// off the caller's path, and drops the connection if it is another one.
+    fn recheck_in_background(self: &Arc<Self>) {
+        {
+            let mut last = self.last_check.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < MASTER_RECHECK || self.checking.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let target = self.clone();
+        tokio::spawn(async move {
+            let asked = tokio::time::timeout(target.timeout, target.master()).await;
+            if let Ok(Ok(client)) = asked {
+                let generation = target.lock_current().as_ref().map(|(g, _)| *g);
+                if target.master_is(client.get_connection_info().addr().to_string())
+                    && let Some(generation) = generation
+                {
+                    target.forget(generation);
+                }
+            }
+            target.checking.store(false, Ordering::Release);
+        });
     }
 
     /// Runs `op` on the master's connection; after an error that means the node is gone
     /// or no longer the master, forgets that connection and tries once more.
-    async fn with_master<T, F, Fut>(&self, op: F) -> RedisResult<T>
+    async fn with_master<T, F, Fut>(self: &Arc<Self>, op: F) -> RedisResult<T>
     where
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,

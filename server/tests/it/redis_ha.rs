@@ -570,17 +570,34 @@ async fn sentinel_failover_under_a_connected_fleet_loses_no_command() {
             agent.id, seen.closes
         );
     }
-    let registry = query(
-        set.replica_port,
-        None,
-        None,
-        Some(REDIS_PASSWORD),
-        &["KEYS", "it:agent:*"],
-    )
-    .await
-    .unwrap();
-    let registry: Vec<String> = redis::FromRedisValue::from_redis_value(registry).unwrap();
-    assert_eq!(registry.len(), 2 * per_replica);
+    // Both replicas write to and subscribe on the new master, the old one's data is gone
+    // with its reconfiguration as a replica, and the registry is whole there.
+    within(WAIT, "both replicas follow the new master", async || {
+        let Ok(clients) = query(
+            set.replica_port,
+            None,
+            None,
+            Some(REDIS_PASSWORD),
+            &["CLIENT", "LIST"],
+        )
+        .await
+        else {
+            return false;
+        };
+        let clients: String = redis::FromRedisValue::from_redis_value(clients).unwrap();
+        let keys = query(
+            set.replica_port,
+            None,
+            None,
+            Some(REDIS_PASSWORD),
+            &["KEYS", "it:agent:*"],
+        )
+        .await
+        .map(|v| redis::FromRedisValue::from_redis_value(v).unwrap_or(Vec::<String>::new()));
+        clients.lines().filter(|l| l.contains(" sub=2 ")).count() == 2
+            && keys.is_ok_and(|k| k.len() == 2 * per_replica)
+    })
+    .await;
     eprintln!(
         "sentinel failover: promoted in {promoted_in:?}; {} commands ({during} before the \
          promotion was visible) all succeeded {delivered_in:?} later; cross-replica after: \
