@@ -44,7 +44,8 @@ use crate::config::{RedisConfig, RedisTarget, SentinelConfig};
 pub enum RedisConn {
     /// REDIS_HOST: the crate's reconnecting manager, plus the client for pub/sub.
     Direct {
-        client: Client,
+        /// Behind an `Arc` because the handle is cloned for every command.
+        client: Arc<Client>,
         manager: ConnectionManager,
         db: i64,
     },
@@ -111,7 +112,7 @@ impl RedisConn {
                 let manager =
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
                 Ok(RedisConn::Direct {
-                    client,
+                    client: Arc::new(client),
                     manager,
                     db: cfg.db,
                 })
