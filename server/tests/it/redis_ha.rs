@@ -17,6 +17,7 @@ use crate::helpers::*;
 use crate::procs::*;
 
 const REDIS_USER: &str = "agent-server";
+const INSPECTOR: &str = "inspector";
 const REDIS_PASSWORD: &str = "data-pass-Vx7#kQ9";
 const SENTINEL_PASSWORD: &str = "sentinel-pass-3Lr";
 
@@ -286,8 +287,21 @@ async fn replicas_share_a_tls_only_redis_as_an_acl_user() {
         "--user",
         "default",
         "off",
+        // The least the server needs, as docs/operations.md documents it.
         "--user",
         REDIS_USER,
+        "on",
+        &format!(">{REDIS_PASSWORD}"),
+        "~it:*",
+        "&it:*",
+        "+@read",
+        "+@write",
+        "+@pubsub",
+        "+@scripting",
+        "+ping",
+        // The test's own look inside.
+        "--user",
+        INSPECTOR,
         "on",
         &format!(">{REDIS_PASSWORD}"),
         "~*",
@@ -344,7 +358,7 @@ async fn replicas_share_a_tls_only_redis_as_an_acl_user() {
     let clients = query(
         tls_port,
         Some(&ca.cert),
-        Some(REDIS_USER),
+        Some(INSPECTOR),
         Some(REDIS_PASSWORD),
         &["CLIENT", "LIST"],
     )
@@ -359,7 +373,7 @@ async fn replicas_share_a_tls_only_redis_as_an_acl_user() {
     let keys = query(
         tls_port,
         Some(&ca.cert),
-        Some(REDIS_USER),
+        Some(INSPECTOR),
         Some(REDIS_PASSWORD),
         &["KEYS", "it:agent:*"],
     )
@@ -367,6 +381,13 @@ async fn replicas_share_a_tls_only_redis_as_an_acl_user() {
     .unwrap();
     let keys: Vec<String> = redis::FromRedisValue::from_redis_value(keys).unwrap();
     assert_eq!(keys.len(), 4, "{keys:?}");
+    for pod in &r.pods {
+        let log = pod.log();
+        assert!(
+            !log.contains("Redis unavailable"),
+            "every command the server sends is within the documented ACL:\n{log}"
+        );
+    }
     eprintln!("TLS + ACL user: cross-replica commands in {a_to_b:?} and {b_to_a:?}; 0 lost");
 }
 
