@@ -221,6 +221,31 @@ impl Replicas {
         }
     }
 
+    /// Waits until every agent of `fleet` is connected and recorded online.
+    async fn all_online(&self, fleet: &[FleetAgent]) {
+        within(WAIT, "every agent connects", async || {
+            fleet.iter().all(|a| a.connected_to().is_some())
+        })
+        .await;
+        for agent in fleet {
+            within(WAIT, "every agent is recorded online", async || {
+                let resp = self
+                    .http
+                    .get(format!(
+                        "{}/api/v1/agents/{}",
+                        self.pods[0].base(),
+                        agent.id
+                    ))
+                    .bearer_auth(&self.admin)
+                    .send()
+                    .await
+                    .unwrap();
+                status_json(resp).await.1["online"] == true
+            })
+            .await;
+        }
+    }
+
     /// A fleet pinned to replica `pod`, each agent reconnecting to it if cut off.
     fn fleet_on(&self, pod: usize, prefix: &str, n: usize) -> Vec<FleetAgent> {
         let balancer = Balancer::default();
@@ -244,13 +269,6 @@ impl Replicas {
         .await;
         started.elapsed()
     }
-}
-
-async fn all_connected(fleet: &[FleetAgent]) {
-    within(WAIT, "every agent connects", async || {
-        fleet.iter().all(|a| a.connected_to().is_some())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,8 +362,8 @@ async fn replicas_share_a_tls_only_redis_as_an_acl_user() {
     };
     let on_a = r.fleet_on(0, "tls-a", 2);
     let on_b = r.fleet_on(1, "tls-b", 2);
-    all_connected(&on_a).await;
-    all_connected(&on_b).await;
+    r.all_online(&on_a).await;
+    r.all_online(&on_b).await;
 
     let a_to_b = r.cross_replica_latency(&on_b[0], 0).await;
     let b_to_a = r.cross_replica_latency(&on_a[0], 1).await;
@@ -396,7 +414,8 @@ struct SentinelSet {
     master_port: u16,
     replica_port: u16,
     sentinel_ports: Vec<u16>,
-    _children: Vec<Child>,
+    /// The master's process first.
+    children: Vec<Child>,
     _dir: tempfile::TempDir,
 }
 
@@ -458,7 +477,7 @@ impl SentinelSet {
             master_port,
             replica_port,
             sentinel_ports,
-            _children: children,
+            children,
             _dir: dir,
         };
         // Ready when every sentinel sees the replica and the two other sentinels.
@@ -513,12 +532,30 @@ impl SentinelSet {
     }
 }
 
+/// How the master goes away.
+#[derive(Clone, Copy, Debug)]
+enum Failover {
+    /// `SENTINEL FAILOVER`: the old master stays up, writable until it is reconfigured.
+    Manual,
+    /// The master's process is killed; the sentinels notice after `down-after-milliseconds`.
+    MasterKilled,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_under_a_connected_fleet_loses_no_command() {
+    failover_under_a_connected_fleet(Failover::Manual).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_after_the_master_is_killed_loses_no_command() {
+    failover_under_a_connected_fleet(Failover::MasterKilled).await;
+}
+
+async fn failover_under_a_connected_fleet(how: Failover) {
     if !have_redis_server() {
         return;
     }
-    let set = SentinelSet::start().await;
+    let mut set = SentinelSet::start().await;
     let sentinels = set.sentinels_env();
     let Some(r) = Replicas::start(
         2,
@@ -536,8 +573,8 @@ async fn sentinel_failover_under_a_connected_fleet_loses_no_command() {
     let per_replica = 10;
     let on_a = r.fleet_on(0, "fo-a", per_replica);
     let on_b = r.fleet_on(1, "fo-b", per_replica);
-    all_connected(&on_a).await;
-    all_connected(&on_b).await;
+    r.all_online(&on_a).await;
+    r.all_online(&on_b).await;
     let before = r.cross_replica_latency(&on_b[0], 0).await;
     assert!(before < Duration::from_secs(1), "{before:?}");
 
@@ -555,9 +592,14 @@ async fn sentinel_failover_under_a_connected_fleet_loses_no_command() {
         send_round(&mut commands).await;
     }
     assert_eq!(set.master_port().await, Some(set.master_port));
-    set.sentinel(set.sentinel_ports[0], &["SENTINEL", "FAILOVER", "mymaster"])
-        .await
-        .expect("the sentinels accept a failover");
+    match how {
+        Failover::Manual => {
+            set.sentinel(set.sentinel_ports[0], &["SENTINEL", "FAILOVER", "mymaster"])
+                .await
+                .expect("the sentinels accept a failover");
+        }
+        Failover::MasterKilled => set.children[0].kill().await.unwrap(),
+    }
     let started = Instant::now();
     while set.master_port().await != Some(set.replica_port) {
         assert!(
@@ -620,7 +662,7 @@ async fn sentinel_failover_under_a_connected_fleet_loses_no_command() {
     })
     .await;
     eprintln!(
-        "sentinel failover: promoted in {promoted_in:?}; {} commands ({during} before the \
+        "sentinel failover ({how:?}): promoted in {promoted_in:?}; {} commands ({during} before the \
          promotion was visible) all succeeded {delivered_in:?} later; cross-replica after: \
          {after_a:?}, {after_b:?}; 0 lost, 0 agents reconnected",
         commands.len()
