@@ -50,6 +50,18 @@ where
             }
         }
     }
+    // A JSON log escapes `"` and `\` in a value, and a field recorded with `?` prints it
+    // Debug-escaped: mask those spellings too.
+    let escaped: Vec<String> = found
+        .iter()
+        .flat_map(|v| {
+            let json = serde_json::to_string(v).unwrap_or_default();
+            let debug = format!("{v:?}");
+            // Both are quoted: strip the quotes.
+            [json, debug].map(|quoted| quoted.get(1..quoted.len() - 1).unwrap_or("").to_string())
+        })
+        .collect();
+    found.extend(escaped);
     let mut secrets = SECRETS.write().unwrap_or_else(|e| e.into_inner());
     for value in found {
         if !value.is_empty() && !secrets.contains(&value) {
@@ -196,6 +208,15 @@ mod tests {
             "auth failed for ***"
         );
         assert!(matches!(redact("nothing to hide"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn escaped_spellings_of_a_secret_are_masked_too() {
+        register([r#"pa"ss\word-1"#]);
+        assert_eq!(
+            redact(r#"{"error":"auth pa\"ss\\word-1"}"#),
+            r#"{"error":"auth ***"}"#
+        );
     }
 
     #[test]
