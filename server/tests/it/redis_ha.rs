@@ -424,6 +424,8 @@ impl SentinelSet {
         let dir = tempfile::tempdir().unwrap();
         let (master_port, replica_port) = (free_port(), free_port());
         let data_node = |port: u16, replica_of: Option<u16>| {
+            let node_dir = dir.path().join(format!("node-{port}"));
+            std::fs::create_dir(&node_dir).unwrap();
             let mut args: Vec<String> = [
                 "--port",
                 &port.to_string(),
@@ -437,6 +439,9 @@ impl SentinelSet {
                 REDIS_PASSWORD,
                 "--masterauth",
                 REDIS_PASSWORD,
+                // A replica's full sync goes through an RDB file: keep it in the test's dir.
+                "--dir",
+                node_dir.to_str().unwrap(),
             ]
             .into_iter()
             .map(String::from)
