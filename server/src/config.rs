@@ -497,10 +497,12 @@ fn parse_redis(get: &impl Fn(&str) -> Option<String>) -> Result<Option<RedisConf
             })?,
         },
     };
-    let tls = parse_or(get, "REDIS_TLS", false, |v| match v {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err("`true` or `false`".into()),
+    let tls = parse_or(get, "REDIS_TLS", false, |v| {
+        match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => Err("`true` or `false`".into()),
+        }
     })?;
     let tls_ca = match get("REDIS_TLS_CA_FILE") {
         None => None,
