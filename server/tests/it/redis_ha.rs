@@ -416,36 +416,63 @@ struct SentinelSet {
     sentinel_ports: Vec<u16>,
     /// The master's process first.
     children: Vec<Child>,
+    /// With TLS: the CA that signed every node's certificate.
+    ca: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl SentinelSet {
-    async fn start() -> SentinelSet {
+    /// Plain TCP, or TLS only (every node, replication and the sentinels' own links).
+    async fn start(tls: bool) -> Option<SentinelSet> {
         let dir = tempfile::tempdir().unwrap();
         let (master_port, replica_port) = (free_port(), free_port());
+        let ca = if tls {
+            Some(TestCa::new(dir.path())?)
+        } else {
+            None
+        };
+        let node_cert = ca.as_ref().map(|ca| ca.issue("redis"));
+        // The same settings serve redis-server's command line and a sentinel's file.
+        let tls_settings = |port: u16| -> Vec<(String, String)> {
+            match (&ca, &node_cert) {
+                (Some(ca), Some(cert)) => vec![
+                    ("port".into(), "0".into()),
+                    ("tls-port".into(), port.to_string()),
+                    ("tls-cert-file".into(), cert.cert.display().to_string()),
+                    ("tls-key-file".into(), cert.key.display().to_string()),
+                    ("tls-ca-cert-file".into(), ca.cert.display().to_string()),
+                    ("tls-auth-clients".into(), "no".into()),
+                    ("tls-replication".into(), "yes".into()),
+                ],
+                _ => vec![("port".into(), port.to_string())],
+            }
+        };
         let data_node = |port: u16, replica_of: Option<u16>| {
             let node_dir = dir.path().join(format!("node-{port}"));
             std::fs::create_dir(&node_dir).unwrap();
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                REDIS_PASSWORD,
-                "--masterauth",
-                REDIS_PASSWORD,
-                // A replica's full sync goes through an RDB file: keep it in the test's dir.
-                "--dir",
-                node_dir.to_str().unwrap(),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect();
+            let mut args: Vec<String> = tls_settings(port)
+                .into_iter()
+                .flat_map(|(k, v)| [format!("--{k}"), v])
+                .collect();
+            args.extend(
+                [
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--requirepass",
+                    REDIS_PASSWORD,
+                    "--masterauth",
+                    REDIS_PASSWORD,
+                    // A replica's full sync goes through an RDB file: keep it in the test's dir.
+                    "--dir",
+                    node_dir.to_str().unwrap(),
+                ]
+                .into_iter()
+                .map(String::from),
+            );
             if let Some(master) = replica_of {
                 args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
             }
@@ -462,14 +489,19 @@ impl SentinelSet {
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\n\
+                    "{}\nbind 127.0.0.1\n\
                      requirepass \"{SENTINEL_PASSWORD}\"\n\
                      sentinel sentinel-pass \"{SENTINEL_PASSWORD}\"\n\
                      sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
                      sentinel auth-pass mymaster \"{REDIS_PASSWORD}\"\n\
                      sentinel down-after-milliseconds mymaster 1000\n\
                      sentinel failover-timeout mymaster 10000\n\
-                     sentinel parallel-syncs mymaster 1\n"
+                     sentinel parallel-syncs mymaster 1\n",
+                    tls_settings(*port)
+                        .iter()
+                        .map(|(k, v)| format!("{k} \"{v}\""))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                 ),
             )
             .unwrap();
@@ -483,6 +515,7 @@ impl SentinelSet {
             replica_port,
             sentinel_ports,
             children,
+            ca: ca.map(|ca| ca.cert.clone()),
             _dir: dir,
         };
         // Ready when every sentinel sees the replica and the two other sentinels.
@@ -509,11 +542,23 @@ impl SentinelSet {
             },
         )
         .await;
-        set
+        Some(set)
     }
 
     async fn sentinel(&self, port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        query(port, None, None, Some(SENTINEL_PASSWORD), args).await
+        query(
+            port,
+            self.ca.as_deref(),
+            None,
+            Some(SENTINEL_PASSWORD),
+            args,
+        )
+        .await
+    }
+
+    /// Runs a command on a data node.
+    async fn node(&self, port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        query(port, self.ca.as_deref(), None, Some(REDIS_PASSWORD), args).await
     }
 
     async fn master_port(&self) -> Option<u16> {
@@ -548,31 +593,38 @@ enum Failover {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_under_a_connected_fleet_loses_no_command() {
-    failover_under_a_connected_fleet(Failover::Manual).await;
+    failover_under_a_connected_fleet(Failover::Manual, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_after_the_master_is_killed_loses_no_command() {
-    failover_under_a_connected_fleet(Failover::MasterKilled).await;
+    failover_under_a_connected_fleet(Failover::MasterKilled, false).await;
 }
 
-async fn failover_under_a_connected_fleet(how: Failover) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_over_tls_loses_no_command() {
+    failover_under_a_connected_fleet(Failover::Manual, true).await;
+}
+
+async fn failover_under_a_connected_fleet(how: Failover, tls: bool) {
     if !have_redis_server() {
         return;
     }
-    let mut set = SentinelSet::start().await;
+    let Some(mut set) = SentinelSet::start(tls).await else {
+        return;
+    };
     let sentinels = set.sentinels_env();
-    let Some(r) = Replicas::start(
-        2,
-        &[
-            ("REDIS_SENTINELS", &sentinels),
-            ("REDIS_SENTINEL_MASTER", "mymaster"),
-            ("REDIS_SENTINEL_PASSWORD", SENTINEL_PASSWORD),
-            ("REDIS_PASSWORD", REDIS_PASSWORD),
-        ],
-    )
-    .await
-    else {
+    let mut env = vec![
+        ("REDIS_SENTINELS", sentinels.as_str()),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+        ("REDIS_SENTINEL_PASSWORD", SENTINEL_PASSWORD),
+        ("REDIS_PASSWORD", REDIS_PASSWORD),
+    ];
+    let ca = set.ca.as_ref().map(|p| p.to_str().unwrap().to_string());
+    if let Some(ca) = &ca {
+        env.extend([("REDIS_TLS", "true"), ("REDIS_TLS_CA_FILE", ca.as_str())]);
+    }
+    let Some(r) = Replicas::start(2, &env).await else {
         return;
     };
     let per_replica = 10;
@@ -641,33 +693,20 @@ async fn failover_under_a_connected_fleet(how: Failover) {
     // Both replicas write to and subscribe on the new master, the old one's data is gone
     // with its reconfiguration as a replica, and the registry is whole there.
     within(WAIT, "both replicas follow the new master", async || {
-        let Ok(clients) = query(
-            set.replica_port,
-            None,
-            None,
-            Some(REDIS_PASSWORD),
-            &["CLIENT", "LIST"],
-        )
-        .await
-        else {
+        let Ok(clients) = set.node(set.replica_port, &["CLIENT", "LIST"]).await else {
             return false;
         };
         let clients: String = redis::FromRedisValue::from_redis_value(clients).unwrap();
-        let keys = query(
-            set.replica_port,
-            None,
-            None,
-            Some(REDIS_PASSWORD),
-            &["KEYS", "it:agent:*"],
-        )
-        .await
-        .map(|v| redis::FromRedisValue::from_redis_value(v).unwrap_or(Vec::<String>::new()));
+        let keys = set
+            .node(set.replica_port, &["KEYS", "it:agent:*"])
+            .await
+            .map(|v| redis::FromRedisValue::from_redis_value(v).unwrap_or(Vec::<String>::new()));
         clients.lines().filter(|l| l.contains(" sub=2 ")).count() == 2
             && keys.is_ok_and(|k| k.len() == 2 * per_replica)
     })
     .await;
     eprintln!(
-        "sentinel failover ({how:?}): promoted in {promoted_in:?}; {} commands ({during} before the \
+        "sentinel failover ({how:?}, TLS {tls}): promoted in {promoted_in:?}; {} commands ({during} before the \
          promotion was visible) all succeeded {delivered_in:?} later; cross-replica after: \
          {after_a:?}, {after_b:?}; 0 lost, 0 agents reconnected",
         commands.len()
