@@ -66,15 +66,53 @@ pub enum LogFormat {
     Json,
 }
 
-/// Redis connection settings; present only when REDIS_HOST is set (cluster mode).
+/// Redis connection settings; present only when REDIS_HOST or REDIS_SENTINELS is set
+/// (cluster mode).
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    pub host: String,
-    pub port: u16,
+    /// Where the data node is: one address, or whatever master a Sentinel set names.
+    pub target: RedisTarget,
     pub db: i64,
+    /// REDIS_USERNAME: the ACL user (Redis 6+); without it the password is for `default`.
+    pub username: Option<String>,
     pub password: Option<Secret>,
+    /// REDIS_TLS: speak TLS to the data nodes and the sentinels (managed Redis services
+    /// require it).
+    pub tls: bool,
+    /// REDIS_TLS_CA_FILE: PEM certificates to trust instead of the system roots, for a
+    /// Redis whose certificate a private CA signed.
+    pub tls_ca: Option<TlsCa>,
     /// Prefix of every key and channel, so several installations can share one Redis.
     pub key_prefix: String,
+}
+
+/// Which Redis server the data connections go to.
+#[derive(Clone, Debug)]
+pub enum RedisTarget {
+    /// REDIS_HOST:REDIS_PORT.
+    Direct { host: String, port: u16 },
+    /// The current master of REDIS_SENTINEL_MASTER, as REDIS_SENTINELS report it; asked
+    /// again after every connection failure, so a failover moves this replica with it.
+    Sentinel(SentinelConfig),
+}
+
+/// Redis Sentinel settings.
+#[derive(Clone, Debug)]
+pub struct SentinelConfig {
+    /// REDIS_SENTINELS: `host:port` of every sentinel, tried in order.
+    pub nodes: Vec<(String, u16)>,
+    /// REDIS_SENTINEL_MASTER: the name the sentinels monitor the master under.
+    pub master: String,
+    /// REDIS_SENTINEL_PASSWORD: the sentinels' own `requirepass`, if any.
+    pub password: Option<Secret>,
+}
+
+/// A CA bundle read from REDIS_TLS_CA_FILE at start, so a missing file is a configuration
+/// error rather than a failure at the first connection.
+#[derive(Clone, Debug)]
+pub struct TlsCa {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
 }
 
 /// Where the JWT signing key comes from.
@@ -180,10 +218,18 @@ impl Config {
         Self::from_source(&Env)
     }
 
-    /// Parses and validates every key. Does no I/O.
+    /// Parses and validates every key. The only I/O is reading the files that `*_FILE`
+    /// variables and REDIS_TLS_CA_FILE name.
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let from_files = read_secret_files(src)?;
         // Empty values count as unset: the seed's Secret ships `REDIS_PASSWORD: ""`.
-        let get = |k: &str| src.get(k).filter(|v| !v.trim().is_empty());
+        let get = |k: &str| {
+            from_files
+                .get(k)
+                .cloned()
+                .or_else(|| src.get(k))
+                .filter(|v| !v.trim().is_empty())
+        };
 
         let host: IpAddr = parse_or(&get, "SERVER_HOST", "0.0.0.0".parse().unwrap(), |v| {
             v.parse()
@@ -258,21 +304,7 @@ impl Config {
             Some(url) => parse_database_url(&url)?,
         };
 
-        let redis = match get("REDIS_HOST") {
-            None => None,
-            Some(host) => Some(RedisConfig {
-                host,
-                port: parse_or(&get, "REDIS_PORT", 6379, |v| {
-                    v.parse().map_err(|_| "a TCP port number".into())
-                })?,
-                db: parse_or(&get, "REDIS_DB", 0, |v| match v.parse::<i64>() {
-                    Ok(n) if n >= 0 => Ok(n),
-                    _ => Err("a database index such as 0".into()),
-                })?,
-                password: get("REDIS_PASSWORD").map(Secret),
-                key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_else(|| "agent-server:".into()),
-            }),
-        };
+        let redis = parse_redis(&get)?;
 
         let clustered = redis.is_some() || matches!(database, DatabaseUrl::Postgres(_));
         let secret_key = match get("SECRET_KEY") {
@@ -405,6 +437,167 @@ fn parse_or<T>(
         Some(v) => parse(v.trim())
             .map_err(|expected| ConfigError::new(var, format!("`{v}` is not {expected}"))),
     }
+}
+
+impl Config {
+    /// Every secret value this configuration holds (and PGPASSWORD, which libpq reads from
+    /// the environment), for [`crate::redact`] to mask wherever it would be written.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::env::var("PGPASSWORD").into_iter().collect();
+        if let DatabaseUrl::Postgres(url) = &self.database {
+            out.push(url.expose().to_string());
+        }
+        if let SecretKeySource::Given(key) = &self.secret_key {
+            out.push(key.expose().to_string());
+        }
+        if let Some(previous) = &self.credentials.secret_key_previous {
+            out.push(previous.expose().to_string());
+        }
+        if let AdminPasswordSource::Given(password) = &self.ui.admin_password {
+            out.push(password.expose().to_string());
+        }
+        if let Some(redis) = &self.redis {
+            out.extend(redis.password.iter().map(|p| p.expose().to_string()));
+            if let RedisTarget::Sentinel(sentinel) = &redis.target {
+                out.extend(sentinel.password.iter().map(|p| p.expose().to_string()));
+            }
+        }
+        out
+    }
+}
+
+/// Settings that may instead be read from a file whose path `<NAME>_FILE` holds (the
+/// container convention for secrets that a Vault agent or a CSI driver mounts). Listing a
+/// name here is all it takes for a setting to accept the `_FILE` form.
+pub const FILE_VARIANTS: &[(&str, &str)] = &[
+    ("DATABASE_URL", "DATABASE_URL_FILE"),
+    ("SECRET_KEY", "SECRET_KEY_FILE"),
+    ("ADMIN_PASSWORD", "ADMIN_PASSWORD_FILE"),
+    ("REDIS_PASSWORD", "REDIS_PASSWORD_FILE"),
+    ("REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD_FILE"),
+    ("SECRET_KEY_PREVIOUS", "SECRET_KEY_PREVIOUS_FILE"),
+];
+
+/// Reads every `<NAME>_FILE` that is set: the file's content, without one trailing newline,
+/// is the value of `<NAME>`. Setting both forms is refused, so that nobody wonders which
+/// one won; an unreadable file names the variable and the path.
+fn read_secret_files(
+    src: &dyn Source,
+) -> Result<std::collections::HashMap<&'static str, String>, ConfigError> {
+    let set = |k: &str| src.get(k).filter(|v| !v.trim().is_empty());
+    let mut values = std::collections::HashMap::new();
+    for &(var, file_var) in FILE_VARIANTS {
+        let Some(path) = set(file_var) else { continue };
+        if set(var).is_some() {
+            return Err(ConfigError::new(
+                file_var,
+                format!("{var} and {file_var} are both set; set only one of them"),
+            ));
+        }
+        let content = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::new(file_var, format!("cannot read `{path}`: {e}")))?;
+        let value = content
+            .strip_suffix('\n')
+            .map(|v| v.strip_suffix('\r').unwrap_or(v))
+            .unwrap_or(&content);
+        values.insert(var, value.to_string());
+    }
+    Ok(values)
+}
+
+/// Cluster mode's Redis: REDIS_HOST, or REDIS_SENTINELS with REDIS_SENTINEL_MASTER; None
+/// when neither is set.
+fn parse_redis(get: &impl Fn(&str) -> Option<String>) -> Result<Option<RedisConfig>, ConfigError> {
+    let target = match (get("REDIS_SENTINELS"), get("REDIS_HOST")) {
+        (None, None) => return Ok(None),
+        (Some(nodes), _) => RedisTarget::Sentinel(parse_sentinel(get, &nodes)?),
+        (None, Some(host)) => RedisTarget::Direct {
+            host,
+            port: parse_or(get, "REDIS_PORT", 6379, |v| {
+                v.parse().map_err(|_| "a TCP port number".into())
+            })?,
+        },
+    };
+    let tls = parse_or(get, "REDIS_TLS", false, |v| {
+        match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => Err("`true` or `false`".into()),
+        }
+    })?;
+    let tls_ca = match get("REDIS_TLS_CA_FILE") {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(&path).map_err(|e| {
+                ConfigError::new("REDIS_TLS_CA_FILE", format!("cannot read `{path}`: {e}"))
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(ConfigError::new(
+                    "REDIS_TLS_CA_FILE",
+                    format!("`{path}` holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+                ));
+            }
+            Some(TlsCa {
+                path: PathBuf::from(path),
+                pem,
+            })
+        }
+    };
+    if tls_ca.is_some() && !tls {
+        return Err(ConfigError::new(
+            "REDIS_TLS_CA_FILE",
+            "is set but REDIS_TLS is not `true`; set REDIS_TLS=true to connect with TLS",
+        ));
+    }
+    Ok(Some(RedisConfig {
+        target,
+        db: parse_or(get, "REDIS_DB", 0, |v| match v.parse::<i64>() {
+            Ok(n) if n >= 0 => Ok(n),
+            _ => Err("a database index such as 0".into()),
+        })?,
+        username: get("REDIS_USERNAME"),
+        password: get("REDIS_PASSWORD").map(Secret),
+        tls,
+        tls_ca,
+        key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_else(|| "agent-server:".into()),
+    }))
+}
+
+/// REDIS_SENTINELS (`host:port,host:port`), REDIS_SENTINEL_MASTER, REDIS_SENTINEL_PASSWORD.
+fn parse_sentinel(
+    get: &impl Fn(&str) -> Option<String>,
+    nodes: &str,
+) -> Result<SentinelConfig, ConfigError> {
+    let nodes = nodes
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|node| {
+            node.rsplit_once(':')
+                .and_then(|(host, port)| {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    Some((host.to_string(), port.parse::<u16>().ok()?))
+                })
+                .filter(|(host, _)| !host.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "REDIS_SENTINELS",
+                        format!("`{node}` is not host:port (for example redis-sentinel-0:26379)"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let master = get("REDIS_SENTINEL_MASTER").ok_or_else(|| {
+        ConfigError::new(
+            "REDIS_SENTINEL_MASTER",
+            "is required with REDIS_SENTINELS: the name the sentinels monitor the master under (often `mymaster`)",
+        )
+    })?;
+    Ok(SentinelConfig {
+        nodes,
+        master,
+        password: get("REDIS_SENTINEL_PASSWORD").map(Secret),
+    })
 }
 
 fn duration(
@@ -727,7 +920,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.public_origin, "https://agent.myelintek.com");
         let redis = c.redis.unwrap();
-        assert_eq!(redis.host, "redis-service");
+        assert!(
+            matches!(redis.target, RedisTarget::Direct { ref host, port: 6379 } if host == "redis-service")
+        );
+        assert!(!redis.tls);
         assert!(
             redis.password.is_none(),
             "an empty REDIS_PASSWORD means no password"
@@ -876,5 +1072,139 @@ mod tests {
     fn secret_debug_output_is_redacted() {
         let c = parse(&[("SECRET_KEY", "0123456789abcdef0123456789abcdef-supersecret")]).unwrap();
         assert!(!format!("{c:?}").contains("supersecret"));
+    }
+    fn write_file(dir: &Path, name: &str, content: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn every_secret_setting_can_be_read_from_a_file_without_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = write_file(
+            dir.path(),
+            "url",
+            "postgres://app:Vx7#kQ9?mz%2Lr:8@db/agents\n",
+        );
+        let key = write_file(dir.path(), "key", "0123456789abcdef0123456789abcdef\r\n");
+        let admin = write_file(dir.path(), "admin", "an admin password\n\n");
+        let redis = write_file(dir.path(), "redis", "redis-pass");
+        let sentinel = write_file(dir.path(), "sentinel", "sentinel-pass\n");
+        let c = parse(&[
+            ("DATABASE_URL_FILE", &url),
+            ("SECRET_KEY_FILE", &key),
+            ("ADMIN_PASSWORD_FILE", &admin),
+            ("REDIS_SENTINELS", "s1:26379, s2:26380"),
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ("REDIS_PASSWORD_FILE", &redis),
+            ("REDIS_SENTINEL_PASSWORD_FILE", &sentinel),
+        ])
+        .unwrap();
+        assert!(
+            matches!(c.database, DatabaseUrl::Postgres(ref u) if u.expose() == "postgres://app:Vx7#kQ9?mz%2Lr:8@db/agents")
+        );
+        assert!(
+            matches!(c.secret_key, SecretKeySource::Given(ref k) if k.expose() == "0123456789abcdef0123456789abcdef")
+        );
+        // Only one newline is trimmed: the rest is part of the value.
+        assert!(
+            matches!(c.ui.admin_password, AdminPasswordSource::Given(ref p) if p.expose() == "an admin password\n")
+        );
+        let redis = c.redis.unwrap();
+        assert_eq!(redis.password.unwrap().expose(), "redis-pass");
+        let RedisTarget::Sentinel(sentinel) = redis.target else {
+            panic!("sentinel target expected");
+        };
+        assert_eq!(
+            sentinel.nodes,
+            vec![("s1".to_string(), 26379), ("s2".to_string(), 26380)]
+        );
+        assert_eq!(sentinel.master, "mymaster");
+        assert_eq!(sentinel.password.unwrap().expose(), "sentinel-pass");
+    }
+
+    #[test]
+    fn a_setting_given_both_directly_and_as_a_file_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = write_file(dir.path(), "key", "0123456789abcdef0123456789abcdef");
+        let e = parse(&[
+            ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+            ("SECRET_KEY_FILE", &key),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "SECRET_KEY_FILE");
+        assert!(e.problem.contains("SECRET_KEY and SECRET_KEY_FILE"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_names_the_variable_and_the_path() {
+        let e = parse(&[("REDIS_PASSWORD_FILE", "/nonexistent/redis-password")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_PASSWORD_FILE");
+        assert!(e.problem.contains("/nonexistent/redis-password"), "{e}");
+    }
+
+    #[test]
+    fn redis_tls_username_and_ca_are_parsed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write_file(
+            dir.path(),
+            "ca.pem",
+            "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n",
+        );
+        let c = parse(&[
+            ("REDIS_HOST", "cache.example"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_TLS", "true"),
+            ("REDIS_TLS_CA_FILE", &ca),
+            ("REDIS_USERNAME", "agent-server"),
+            ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+        ])
+        .unwrap();
+        let redis = c.redis.unwrap();
+        assert!(redis.tls);
+        assert_eq!(redis.username.as_deref(), Some("agent-server"));
+        assert!(redis.tls_ca.is_some());
+        let e = parse(&[("REDIS_HOST", "r"), ("REDIS_TLS", "maybe")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_TLS");
+        let e = parse(&[("REDIS_HOST", "r"), ("REDIS_TLS_CA_FILE", &ca)]).unwrap_err();
+        assert_eq!(e.var, "REDIS_TLS_CA_FILE");
+        let not_pem = write_file(dir.path(), "x", "hello");
+        let e = parse(&[
+            ("REDIS_HOST", "r"),
+            ("REDIS_TLS", "true"),
+            ("REDIS_TLS_CA_FILE", &not_pem),
+        ])
+        .unwrap_err();
+        assert!(e.problem.contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn sentinels_need_host_port_pairs_and_a_master_name() {
+        let e = parse(&[("REDIS_SENTINELS", "s1")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_SENTINELS");
+        let e = parse(&[("REDIS_SENTINELS", "s1:26379")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_SENTINEL_MASTER");
+    }
+
+    #[test]
+    fn configured_secrets_are_listed_for_redaction() {
+        let c = parse(&[
+            ("DATABASE_URL", "postgres://u:db-pass@db/x"),
+            ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+            ("ADMIN_PASSWORD", "admin-password-1"),
+            ("REDIS_HOST", "r"),
+            ("REDIS_PASSWORD", "redis-pass"),
+        ])
+        .unwrap();
+        let secrets = c.secrets();
+        for s in [
+            "postgres://u:db-pass@db/x",
+            "0123456789abcdef0123456789abcdef",
+            "admin-password-1",
+            "redis-pass",
+        ] {
+            assert!(secrets.iter().any(|x| x == s), "{s} missing");
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod ids;
 pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod redact;
 pub(crate) mod secrets;
 pub mod state;
 pub mod store;

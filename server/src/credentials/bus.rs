@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, IntoConnectionInfo, RedisResult};
+use redis::{AsyncCommands, RedisResult};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +18,7 @@ use super::Credentials;
 use crate::audit::chain;
 use crate::auth::Role;
 use crate::config::RedisConfig;
+use crate::hub::redis_conn::RedisConn;
 
 /// A revocation every replica must apply to its cache and its live sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,31 +51,19 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RevocationBus {
     pod: String,
     channel: String,
-    client: redis::Client,
-    /// For publishing; reconnects by itself. The subscription has its own connection.
-    conn: ConnectionManager,
+    /// For publishing; reconnects by itself (and follows a Sentinel failover). The
+    /// subscription has its own connection.
+    conn: RedisConn,
 }
 
 impl RevocationBus {
     /// Connects lazily, so the server starts while Redis is down.
+    /// TLS, the ACL user and Sentinel come from the same settings as the registry's.
     pub fn new(cfg: &RedisConfig, pod: String) -> RedisResult<Self> {
-        let info = (cfg.host.as_str(), cfg.port).into_connection_info()?;
-        let mut settings = info.redis_settings().clone().set_db(cfg.db);
-        if let Some(password) = &cfg.password {
-            settings = settings.set_password(password.expose());
-        }
-        let client = redis::Client::open(info.set_redis_settings(settings))?;
-        let conn_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), conn_config)?;
         Ok(RevocationBus {
             pod,
             channel: format!("{}revocations", cfg.key_prefix),
-            client,
-            conn,
+            conn: RedisConn::new(cfg, REDIS_TIMEOUT)?,
         })
     }
 
@@ -133,10 +121,9 @@ impl RevocationBus {
         let mut backoff = Duration::from_millis(200);
         loop {
             let attempt = async {
-                let mut pubsub =
-                    tokio::time::timeout(REDIS_TIMEOUT, self.client.get_async_pubsub())
-                        .await
-                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, self.conn.pubsub())
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
                 tokio::time::timeout(REDIS_TIMEOUT, pubsub.subscribe(&self.channel))
                     .await
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
@@ -161,6 +148,8 @@ impl RevocationBus {
                                 Some(msg) => self.handle(&credentials, msg.get_payload_bytes()),
                                 None => break,
                             },
+                            // A Sentinel failover: subscribe on the new master.
+                            _ = self.conn.moved() => break,
                         }
                     }
                     tracing::warn!("revocation subscription lost; resubscribing");

@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, IntoConnectionInfo, RedisResult, Script};
+use redis::{AsyncCommands, RedisResult, Script};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::redis_conn::RedisConn;
 use super::{Hub, SessionHandle};
 use crate::config::RedisConfig;
 use crate::error::error_chain;
@@ -88,9 +88,9 @@ pub enum Claim {
 pub struct Cluster {
     pod: String,
     prefix: String,
-    client: redis::Client,
-    /// Reconnects by itself; created lazily so the server starts while Redis is down.
-    conn: ConnectionManager,
+    /// Reconnects (and follows a Sentinel failover) by itself; created lazily so the
+    /// server starts while Redis is down.
+    conn: RedisConn,
     metrics: Arc<Metrics>,
     /// Whether the last Redis call succeeded; errors are logged once per outage.
     healthy: AtomicBool,
@@ -128,22 +128,10 @@ impl Cluster {
         offline_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> RedisResult<Self> {
-        let info = (cfg.host.as_str(), cfg.port).into_connection_info()?;
-        let mut settings = info.redis_settings().clone().set_db(cfg.db);
-        if let Some(password) = &cfg.password {
-            settings = settings.set_password(password.expose());
-        }
-        let client = redis::Client::open(info.set_redis_settings(settings))?;
-        let conn_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), conn_config)?;
+        let conn = RedisConn::new(cfg, REDIS_TIMEOUT)?;
         Ok(Cluster {
             pod,
             prefix: cfg.key_prefix.clone(),
-            client,
             conn,
             metrics,
             healthy: AtomicBool::new(true),
@@ -374,7 +362,7 @@ impl Cluster {
         let mut backoff = Duration::from_millis(200);
         loop {
             let subscribed = async {
-                let mut pubsub = Self::with_timeout(self.client.get_async_pubsub()).await?;
+                let mut pubsub = Self::with_timeout(self.conn.pubsub()).await?;
                 Self::with_timeout(pubsub.subscribe(&[&channel, &changes])).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             }
@@ -388,6 +376,8 @@ impl Cluster {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
+                        // Sentinel named another master: subscribe there instead.
+                        _ = self.conn.moved() => break,
                         msg = messages.next() => match msg {
                                                         Some(msg) if msg.get_channel_name() == changes => {
                                 self.relay_changes(&store, msg.get_payload_bytes());

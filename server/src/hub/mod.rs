@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod rebalance;
+pub mod redis_conn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};

@@ -28,6 +28,7 @@ use diesel::{PgConnection, SqliteConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use crate::config::DatabaseUrl;
+use crate::redact::redact;
 
 pub use agents::{AgentFilter, AgentPage, AgentRow, Hello};
 pub use api_tokens::{ApiTokenFilter, ApiTokenRow, CredentialState};
@@ -156,6 +157,11 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
 
 impl Store {
     /// Opens the pool and runs pending migrations. Blocking: call before serving.
+    ///
+    /// A PostgreSQL URL may leave out the password and TLS files: libpq takes them from
+    /// PGPASSWORD, PGSSLROOTCERT, PGSSLCERT and PGSSLKEY (and the other `PG*` variables),
+    /// which the server passes through untouched. libpq quotes parts of a URL it cannot
+    /// parse, so the open error is redacted before anyone can print it.
     pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StoreError> {
         let timeout = Duration::from_secs(5);
         let pool = match url {
@@ -165,7 +171,7 @@ impl Store {
                     .min_idle(Some(1))
                     .connection_timeout(timeout)
                     .build(ConnectionManager::<PgConnection>::new(url.expose()))
-                    .map_err(|e| StoreError::Open(e.to_string()))?;
+                    .map_err(|e| StoreError::Open(redact(&e.to_string()).into_owned()))?;
                 DbPool::Postgres(pool)
             }
             DatabaseUrl::Sqlite(path) => {

@@ -876,10 +876,15 @@ async fn redis_config(prefix: &str) -> Option<RedisConfig> {
     }
     let (host, port) = addr.rsplit_once(':').unwrap();
     Some(RedisConfig {
-        host: host.into(),
-        port: port.parse().unwrap(),
+        target: agent_server::config::RedisTarget::Direct {
+            host: host.into(),
+            port: port.parse().unwrap(),
+        },
         db: 0,
+        username: None,
         password: None,
+        tls: false,
+        tls_ca: None,
         key_prefix: prefix.into(),
     })
 }

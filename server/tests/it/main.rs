@@ -1,6 +1,7 @@
 //! Integration tests over real sockets, on SQLite and on PostgreSQL (TEST_POSTGRES_URL,
 //! default postgres://postgres@127.0.0.1:5432/postgres; each test gets its own database).
 
+mod certs;
 mod helpers;
 mod procs;
 
@@ -14,7 +15,9 @@ mod drain;
 mod http;
 mod jobs;
 mod process;
+mod redis_ha;
 mod rollouts;
+mod secrets;
 mod store;
 mod ui;
 mod websocket;
