@@ -100,6 +100,8 @@ async fn journaled(state_dir: &Path) {
             .into_iter()
             .flatten()
             .flatten()
+            // Only renamed entries count: a `.tmp` file is a write in progress.
+            .filter(|f| f.path().extension().is_some_and(|e| e == "json"))
             .any(|f| std::fs::read_to_string(f.path()).is_ok_and(|s| s.contains("\"outcome\":{")));
         if done {
             return;
@@ -281,7 +283,8 @@ async fn command_interrupted_by_the_agents_death_is_reported_not_rerun(server: S
 async fn deleted_agent_stops_with_a_clear_message(server: Server) {
     let mut agent = agent(&server, vec![]).await;
     server.online(ID).await;
-    assert_eq!(server.delete(&format!("/api/v1/agents/{ID}")).await, 204);
+    let status = server.delete(&format!("/api/v1/agents/{ID}")).await;
+    assert!((200..300).contains(&status), "{status}");
     assert_eq!(agent.exits().await, 77, "{}", agent.log.text());
     assert!(
         agent.log.text().contains("an operator deleted this agent"),
