@@ -8,6 +8,7 @@
 mod hpa;
 mod ingress_timeouts;
 mod pod_kill;
+mod real_agent;
 mod rolling_update;
 pub mod traffic;
 mod websocket;
@@ -33,15 +34,17 @@ pub enum Scenario {
     RollingUpdate,
     Hpa,
     PodKill,
+    RealAgent,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Websocket,
         Scenario::IngressTimeouts,
         Scenario::RollingUpdate,
         Scenario::Hpa,
         Scenario::PodKill,
+        Scenario::RealAgent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +54,7 @@ impl Scenario {
             Scenario::RollingUpdate => "rolling-update",
             Scenario::Hpa => "hpa",
             Scenario::PodKill => "pod-kill",
+            Scenario::RealAgent => "real-agent",
         }
     }
 
@@ -61,6 +65,7 @@ impl Scenario {
             Scenario::RollingUpdate => "ru",
             Scenario::Hpa => "hpa",
             Scenario::PodKill => "pk",
+            Scenario::RealAgent => "ra",
         }
     }
 }
@@ -108,6 +113,7 @@ pub async fn run<C: Cluster>(
         Scenario::RollingUpdate => rolling_update::run(cluster, opts, &mut report).await,
         Scenario::Hpa => hpa::run(cluster, opts, &mut report).await,
         Scenario::PodKill => pod_kill::run(cluster, opts, &mut report).await,
+        Scenario::RealAgent => real_agent::run(cluster, opts, &mut report).await,
     };
     if let Err(e) = outcome {
         report.failures.push(format!("{e:#}"));
