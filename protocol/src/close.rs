@@ -78,7 +78,7 @@ impl CloseCode {
         }
     }
 
-    pub fn code(self) -> u16 {
+    pub const fn code(self) -> u16 {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::TooBig => 1009,
@@ -95,7 +95,7 @@ impl CloseCode {
     }
 
     /// The reason text the server sends with the code.
-    pub fn reason(self) -> &'static str {
+    pub const fn reason(self) -> &'static str {
         match self {
             CloseCode::Normal => "normal",
             CloseCode::TooBig => "message too big; send large inventories over HTTP",
