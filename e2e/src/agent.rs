@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agent_protocol::{AgentMessage, CloseCode, ResultStatus, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -389,18 +390,28 @@ impl Runner {
             match end {
                 End::Stopped => break,
                 End::Closed {
-                    code: Some(c @ (4001 | 4002)),
+                    code: Some(c),
                     reason,
-                } => {
-                    self.shared.status.send_modify(|s| {
-                        s.stopped = Some(format!("closed {c} ({reason}); not reconnecting"))
-                    });
-                    return;
+                } => match CloseCode::from(c).policy() {
+                    // Deleted, or another process holds the id: the protocol says not to
+                    // reconnect in a loop.
+                    agent_protocol::Reconnect::Stop | agent_protocol::Reconnect::AnotherHost => {
+                        self.shared.status.send_modify(|s| {
+                            s.stopped = Some(format!("closed {c} ({reason}); not reconnecting"))
+                        });
+                        return;
+                    }
+                    agent_protocol::Reconnect::Soon => {
+                        delay = random_up_to(self.config.restart_delay)
+                    }
+                    // A fresh token is minted for every attempt, so 4003 needs no more.
+                    agent_protocol::Reconnect::RenewToken | agent_protocol::Reconnect::Backoff => {
+                        delay = self.config.backoff.delay(0)
+                    }
+                },
+                End::Closed { code: None, .. } | End::Network(_) => {
+                    delay = self.config.backoff.delay(0)
                 }
-                End::Closed {
-                    code: Some(1012), ..
-                } => delay = random_up_to(self.config.restart_delay),
-                End::Closed { .. } | End::Network(_) => delay = self.config.backoff.delay(0),
             }
             lost = Some(Lost {
                 at: now,
@@ -436,7 +447,10 @@ impl Runner {
                 Some(Ok(Message::Text(text))) => {
                     let v: Value = serde_json::from_str(text.as_str())
                         .map_err(|e| Failure::Io(format!("first message is not JSON: {e}")))?;
-                    if v["type"] != "welcome" {
+                    if !matches!(
+                        ServerMessage::parse(text.as_str()),
+                        Ok(ServerMessage::Welcome { .. })
+                    ) {
                         return Err(Failure::Io(format!("first message is not a welcome: {v}")));
                     }
                     return Ok((ws, v));
@@ -456,14 +470,14 @@ impl Runner {
 
     /// `hello`, then every result the server has not acknowledged yet.
     async fn greet(&mut self, ws: &mut Ws) -> Result<(), End> {
-        let hello = json!({
-            "type": "hello",
-            "version": self.config.version,
-            "hostname": self.config.client_id,
-            "os": std::env::consts::OS,
-            "arch": std::env::consts::ARCH,
-        });
-        send(ws, hello.to_string()).await?;
+        let hello = AgentMessage::Hello {
+            version: Some(self.config.version.clone()),
+            hostname: Some(self.config.client_id.clone()),
+            os: Some(std::env::consts::OS.into()),
+            arch: Some(std::env::consts::ARCH.into()),
+            labels: None,
+        };
+        send(ws, hello.to_json()).await?;
         let pending: Vec<String> = self
             .done
             .values()
@@ -521,15 +535,15 @@ impl Runner {
     }
 
     async fn on_text(&mut self, ws: &mut Ws, text: &str) -> Result<(), End> {
-        let Ok(msg) = serde_json::from_str::<Value>(text) else {
+        let Ok(msg) = ServerMessage::parse(text) else {
             self.stats()
                 .server_errors
                 .push(format!("unparseable message: {text}"));
             return Ok(());
         };
-        match msg["type"].as_str() {
-            Some("command") => {
-                let id = msg["id"].as_str().unwrap_or_default().to_string();
+        match msg {
+            ServerMessage::Command { id, name, args, .. } => {
+                let id = id.into_owned();
                 {
                     let mut stats = self.stats();
                     stats.deliveries += 1;
@@ -547,10 +561,11 @@ impl Runner {
                     // Still running; its result follows when it finishes.
                     return Ok(());
                 }
-                self.execute(ws, id, &msg).await
+                let args = serde_json::from_str(args.get()).unwrap_or(Value::Null);
+                self.execute(ws, id, &name, args).await
             }
-            Some("ack") => {
-                let id = msg["id"].as_str().unwrap_or_default();
+            ServerMessage::Ack { id } => {
+                let id = id.as_ref();
                 if let Some(done) = self.done.get_mut(id) {
                     done.acked = true;
                 }
@@ -560,32 +575,40 @@ impl Runner {
                     .or_insert_with(Instant::now);
                 Ok(())
             }
-            Some("error") => {
-                self.stats().server_errors.push(msg.to_string());
+            ServerMessage::Error { .. } => {
+                self.stats().server_errors.push(text.to_string());
                 Ok(())
             }
             _ => Ok(()),
         }
     }
 
-    async fn execute(&mut self, ws: &mut Ws, id: String, msg: &Value) -> Result<(), End> {
-        let args = msg.get("args").cloned().unwrap_or(Value::Null);
-        let (status, output) = match msg["name"].as_str().unwrap_or_default() {
-            "echo" => ("ok", json!({"echo": args, "agent": self.config.client_id})),
-            "fail" => ("error", json!({"error": args["message"]})),
+    async fn execute(
+        &mut self,
+        ws: &mut Ws,
+        id: String,
+        name: &str,
+        args: Value,
+    ) -> Result<(), End> {
+        let (status, output) = match name {
+            "echo" => (
+                ResultStatus::Ok,
+                json!({"echo": args, "agent": self.config.client_id}),
+            ),
+            "fail" => (ResultStatus::Error, json!({"error": args["message"]})),
             "sleep" => {
                 let ms = args["ms"].as_u64().unwrap_or(1000);
                 let tx = self.results_tx.clone();
                 self.executing.insert(id.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
-                    let text = result_text(&id, "ok", &json!({"slept_ms": ms}));
+                    let text = result_text(&id, ResultStatus::Ok, &json!({"slept_ms": ms}));
                     let _ = tx.send((id, text));
                 });
                 return Ok(());
             }
             other => (
-                "error",
+                ResultStatus::Error,
                 json!({"error": format!("unknown command `{other}`")}),
             ),
         };
@@ -601,8 +624,13 @@ impl Runner {
     }
 }
 
-fn result_text(id: &str, status: &str, output: &Value) -> String {
-    json!({"type": "result", "id": id, "status": status, "output": output}).to_string()
+fn result_text(id: &str, status: ResultStatus, output: &Value) -> String {
+    AgentMessage::Result {
+        id: id.to_string(),
+        status,
+        output: Some(output.clone()),
+    }
+    .to_json()
 }
 
 async fn send(ws: &mut Ws, text: String) -> Result<(), End> {
@@ -795,7 +823,8 @@ mod tests {
 
     #[test]
     fn results_are_protocol_messages() {
-        let v: Value = serde_json::from_str(&result_text("c1", "ok", &json!({"x": 1}))).unwrap();
+        let v: Value =
+            serde_json::from_str(&result_text("c1", ResultStatus::Ok, &json!({"x": 1}))).unwrap();
         assert_eq!(v["type"], "result");
         assert_eq!(v["id"], "c1");
         assert_eq!(v["status"], "ok");

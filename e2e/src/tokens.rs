@@ -1,35 +1,12 @@
-//! Tokens the way the server checks them (`server/src/auth.rs`): HMAC JWTs with `sub`,
-//! `role`, `iat` and `exp`. The harness holds the deployment's SECRET_KEY (it sets it on
+//! Tokens the way the server checks them: HMAC JWTs with the protocol's `Claims` (`sub`,
+//! `role`, `iat`, `exp`). The harness holds the deployment's SECRET_KEY (it sets it on
 //! both targets), so it mints its own admin and agent tokens instead of asking a server.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use agent_protocol::Claims;
+pub use agent_protocol::Role;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde::Serialize;
-
-/// The two roles the server knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Agent,
-    Admin,
-}
-
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Role::Agent => "agent",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    role: &'a str,
-    iat: u64,
-    exp: u64,
-}
 
 /// Signs tokens with one key. Cheap to clone and shareable across tasks.
 #[derive(Clone)]
@@ -41,9 +18,14 @@ pub struct Minter {
 impl Minter {
     /// `secret` is the deployment's SECRET_KEY; the algorithm is the server's default, HS256.
     pub fn new(secret: &str) -> Self {
+        Self::with_algorithm(secret, Algorithm::HS256)
+    }
+
+    /// For a server whose JWT_ALGORITHM is not the default.
+    pub fn with_algorithm(secret: &str, algorithm: Algorithm) -> Self {
         Self {
             key: EncodingKey::from_secret(secret.as_bytes()),
-            algorithm: Algorithm::HS256,
+            algorithm,
         }
     }
 
@@ -60,8 +42,8 @@ impl Minter {
 
     fn sign(&self, sub: &str, role: Role, iat: u64, exp: u64) -> String {
         let claims = Claims {
-            sub,
-            role: role.as_str(),
+            sub: sub.to_string(),
+            role,
             iat,
             exp,
         };

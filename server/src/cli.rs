@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use agent_protocol::ServerMessage;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -175,10 +176,10 @@ pub async fn check(config: &Config, url: &str, timeout: Duration) -> Result<Stri
             Message::Text(t) => t.to_string(),
             other => return Err(format!("expected a welcome text message, got {other:?}")),
         };
-        let welcome: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        if welcome["type"] != "welcome" {
-            return Err(format!("expected a welcome message, got {text}"));
-        }
+        let pod = match ServerMessage::parse(&text) {
+            Ok(ServerMessage::Welcome { pod, .. }) => pod.into_owned(),
+            _ => return Err(format!("expected a welcome message, got {text}")),
+        };
         let _ = ws.close(None).await;
         let _ = ws.flush().await;
         // Best effort: leave no check agent behind.
@@ -189,10 +190,7 @@ pub async fn check(config: &Config, url: &str, timeout: Duration) -> Result<Stri
             Some(&admin_token),
         )
         .await;
-        Ok(format!(
-            "ok: /health 200, WebSocket welcome from pod {}",
-            welcome["pod"]
-        ))
+        Ok(format!("ok: /health 200, WebSocket welcome from pod {pod}"))
     };
     tokio::time::timeout(timeout, work)
         .await

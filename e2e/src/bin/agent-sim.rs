@@ -114,7 +114,7 @@ struct Args {
 }
 
 fn duration(v: &str) -> Result<Duration, String> {
-    agent_server::config::parse_duration(v)
+    e2e::values::parse_duration(v)
         .ok_or_else(|| format!("`{v}` is not a duration such as 500ms, 15s or 2m"))
 }
 

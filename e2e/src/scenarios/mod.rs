@@ -8,6 +8,7 @@
 mod hpa;
 mod ingress_timeouts;
 mod pod_kill;
+mod real_agent;
 mod rolling_update;
 mod shared_binaries;
 pub mod traffic;
@@ -35,16 +36,18 @@ pub enum Scenario {
     Hpa,
     PodKill,
     SharedBinaries,
+    RealAgent,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Websocket,
         Scenario::IngressTimeouts,
         Scenario::RollingUpdate,
         Scenario::Hpa,
         Scenario::PodKill,
         Scenario::SharedBinaries,
+        Scenario::RealAgent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Scenario {
             Scenario::Hpa => "hpa",
             Scenario::PodKill => "pod-kill",
             Scenario::SharedBinaries => "shared-binaries",
+            Scenario::RealAgent => "real-agent",
         }
     }
 
@@ -66,6 +70,7 @@ impl Scenario {
             Scenario::Hpa => "hpa",
             Scenario::PodKill => "pk",
             Scenario::SharedBinaries => "sb",
+            Scenario::RealAgent => "ra",
         }
     }
 }
@@ -110,6 +115,7 @@ pub async fn run<C: Target>(scenario: Scenario, target: &mut C, opts: &Options) 
         Scenario::Hpa => hpa::run(target, opts, &mut report).await,
         Scenario::PodKill => pod_kill::run(target, opts, &mut report).await,
         Scenario::SharedBinaries => shared_binaries::run(target, opts, &mut report).await,
+        Scenario::RealAgent => real_agent::run(target, opts, &mut report).await,
     };
     if let Err(e) = outcome {
         report.failures.push(format!("{e:#}"));

@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use agent_protocol::{AgentMessage, CloseCode, Reconnect, ResultStatus, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::{AUTHORIZATION, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 
@@ -37,24 +37,9 @@ enum End {
     Dropped,
 }
 
-/// Messages from the server, as far as an agent cares.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Inbound {
-    Welcome {
-        #[serde(default)]
-        heartbeat_interval: f64,
-    },
-    Command {
-        id: String,
-        name: String,
-    },
-    Ack {},
-    HeartbeatAck {},
-    Error {},
-    #[serde(other)]
-    Other,
-}
+/// `AgentMessage::Heartbeat` as text, written once: heartbeats are the simulator's most
+/// frequent message.
+const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
 /// Far enough in the future to mean "never" for a timer.
 const NEVER: Duration = Duration::from_secs(86_400 * 365);
@@ -97,18 +82,18 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) {
                     }
                     End::Closed(code) => {
                         shared.stats.closed_by_server(code);
-                        match code {
+                        match CloseCode::from(code).policy() {
                             // Another process uses this id, or an operator deleted the
                             // agent: the protocol says not to reconnect in a loop.
-                            4001 | 4002 => {
+                            Reconnect::Stop | Reconnect::AnotherHost => {
                                 shared.stats.gave_up.fetch_add(1, RELAXED);
                                 return;
                             }
                             // Restarting or rebalancing: a short random delay.
-                            1012 => uniform(cfg.restart_delay),
+                            Reconnect::Soon => uniform(cfg.restart_delay),
                             // Token expired: a fresh one is minted on every connection.
-                            4003 => Duration::ZERO,
-                            _ => {
+                            Reconnect::RenewToken => Duration::ZERO,
+                            Reconnect::Backoff => {
                                 attempt = 1;
                                 cfg.backoff.delay(0)
                             }
@@ -168,10 +153,10 @@ async fn connect(
             })?;
         // `welcome` is always the first message.
         match ws.next().await {
-            Some(Ok(Message::Text(text))) => match serde_json::from_str::<Inbound>(&text) {
-                Ok(Inbound::Welcome { heartbeat_interval }) => {
-                    Ok((ws, (heartbeat_interval * 1000.0) as u64))
-                }
+            Some(Ok(Message::Text(text))) => match ServerMessage::parse(&text) {
+                Ok(ServerMessage::Welcome {
+                    heartbeat_interval, ..
+                }) => Ok((ws, (heartbeat_interval * 1000.0) as u64)),
                 _ => Err(ConnectFailure::Other),
             },
             _ => Err(ConnectFailure::Other),
@@ -192,11 +177,14 @@ async fn session(
     send_inventory: bool,
 ) -> End {
     let stats = &shared.stats;
-    let hello = serde_json::json!({
-        "type": "hello", "version": concat!("agent-sim/", env!("CARGO_PKG_VERSION")),
-        "hostname": id, "os": std::env::consts::OS, "arch": std::env::consts::ARCH,
-    });
-    if ws.send(Message::text(hello.to_string())).await.is_err() {
+    let hello = AgentMessage::Hello {
+        version: Some(concat!("agent-sim/", env!("CARGO_PKG_VERSION")).into()),
+        hostname: Some(id.into()),
+        os: Some(std::env::consts::OS.into()),
+        arch: Some(std::env::consts::ARCH.into()),
+        labels: None,
+    };
+    if ws.send(Message::text(hello.to_json())).await.is_err() {
         return End::Dropped;
     }
     if send_inventory && !send_inventory_now(shared, &mut ws, id, server).await {
@@ -235,7 +223,7 @@ async fn session(
             _ = &mut heartbeat => {
                 heartbeat.as_mut().reset(Instant::now() + if every.is_zero() { NEVER } else { every });
                 stats.heartbeats.fetch_add(1, RELAXED);
-                if ws.send(Message::text(r#"{"type":"heartbeat"}"#)).await.is_err() {
+                if ws.send(Message::text(HEARTBEAT)).await.is_err() {
                     return End::Dropped;
                 }
             }
@@ -288,43 +276,48 @@ fn first_heartbeat(every: Duration) -> Duration {
 /// Handles one server message; false when the connection failed.
 async fn on_text(shared: &Shared, ws: &mut Ws, index: u32, text: &str) -> bool {
     let stats = &shared.stats;
-    match serde_json::from_str::<Inbound>(text) {
-        Ok(Inbound::Command { id, name }) => {
-            let at = std::time::Instant::now();
-            stats.commands.fetch_add(1, RELAXED);
+    // The parsed message is dropped before the await below, so it never becomes part of
+    // the agent's task state: idle agents stay as small as before the typed messages.
+    let (id, result) = match ServerMessage::parse(text) {
+        Ok(ServerMessage::Command { id, name, .. }) => {
             // Running a command is instant and idempotent here, so a command delivered
             // again (at-least-once delivery) is answered again with the same result,
             // which is what the protocol asks of agents that already ran it.
-            let result = serde_json::json!({
-                "type": "result", "id": id, "status": "ok", "output": {"ran": name},
-            });
-            let sent = ws.send(Message::text(result.to_string())).await.is_ok();
-            if sent {
-                stats.results.fetch_add(1, RELAXED);
-            }
-            if let Some(tx) = &shared.receipts {
-                let _ = tx.send(Receipt {
-                    agent: index,
-                    command_id: id,
-                    at,
-                });
-            }
-            sent
+            let result = AgentMessage::Result {
+                id: id.to_string(),
+                status: ResultStatus::Ok,
+                output: Some(serde_json::json!({"ran": name})),
+            };
+            (id.into_owned(), result.to_json())
         }
-        Ok(Inbound::Ack {}) => {
+        Ok(ServerMessage::Ack { .. }) => {
             stats.acks.fetch_add(1, RELAXED);
-            true
+            return true;
         }
-        Ok(Inbound::HeartbeatAck {}) => {
+        Ok(ServerMessage::HeartbeatAck { .. }) => {
             stats.heartbeat_acks.fetch_add(1, RELAXED);
-            true
+            return true;
         }
-        Ok(Inbound::Error {}) => {
+        Ok(ServerMessage::Error { .. }) => {
             stats.errors.fetch_add(1, RELAXED);
-            true
+            return true;
         }
-        Ok(Inbound::Welcome { .. } | Inbound::Other) | Err(_) => true,
+        Ok(_) | Err(_) => return true,
+    };
+    let at = std::time::Instant::now();
+    stats.commands.fetch_add(1, RELAXED);
+    let sent = ws.send(Message::text(result)).await.is_ok();
+    if sent {
+        stats.results.fetch_add(1, RELAXED);
     }
+    if let Some(tx) = &shared.receipts {
+        let _ = tx.send(Receipt {
+            agent: index,
+            command_id: id,
+            at,
+        });
+    }
+    sent
 }
 
 /// Sends the inventory: as a message when small, over HTTP with the agent's own token
@@ -368,7 +361,7 @@ async fn send_inventory_now(shared: &Shared, ws: &mut Ws, id: &str, server: usiz
 /// Closes with 1000 and waits briefly for the server's reply.
 async fn close(ws: &mut Ws) {
     let frame = CloseFrame {
-        code: CloseCode::Normal,
+        code: WsCloseCode::Normal,
         reason: "".into(),
     };
     let _ = timeout(Duration::from_secs(2), async {
@@ -377,4 +370,14 @@ async fn close(ws: &mut Ws) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cached_heartbeat_is_the_protocols() {
+        assert_eq!(HEARTBEAT, AgentMessage::Heartbeat.to_json());
+    }
 }

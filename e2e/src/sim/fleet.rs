@@ -136,10 +136,8 @@ impl Fleet {
             0 => None,
             n if n <= WS_INVENTORY_MAX => {
                 let doc = super::inventory::document(n);
-                let text = format!(
-                    r#"{{"type":"inventory","data":{}}}"#,
-                    String::from_utf8_lossy(&doc)
-                );
+                let data = serde_json::from_slice(&doc).expect("the generated inventory is JSON");
+                let text = agent_protocol::AgentMessage::Inventory { data }.to_json();
                 Some(Inventory::WebSocket(Utf8Bytes::from(text)))
             }
             n => Some(Inventory::Http(super::inventory::document(n))),
@@ -215,5 +213,45 @@ async fn ramp(shared: Arc<Shared>, tasks: TaskTracker) {
             _ = shared.stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle agent costs its task (this future) plus its socket: keep the task small.
+    #[tokio::test]
+    async fn an_agent_task_stays_small() {
+        let cfg = FleetConfig {
+            servers: vec![Server {
+                base: "http://127.0.0.1:9".into(),
+                addr: "127.0.0.1:9".parse().unwrap(),
+            }],
+            prefix: "size".into(),
+            first: 0,
+            count: 0,
+            start_on: None,
+            sources: Vec::new(),
+            rate: 0,
+            heartbeat: Duration::ZERO,
+            hold: None,
+            churn_pause: Duration::ZERO,
+            inventory_bytes: 0,
+            backoff: super::super::backoff::Backoff {
+                base: Duration::from_secs(1),
+                cap: Duration::from_secs(1),
+            },
+            restart_delay: Duration::ZERO,
+            read_buffer: 4096,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let tokens = TokenSource::local(&"k".repeat(32), "HS256", Duration::from_secs(60)).unwrap();
+        let fleet = Fleet::start(cfg, tokens, None);
+        let task = super::super::agent::run(fleet.shared.clone(), 0);
+        let bytes = std::mem::size_of_val(&task);
+        eprintln!("agent task: {bytes} bytes");
+        drop(task);
+        assert!(bytes < 4096, "an agent task takes {bytes} bytes");
     }
 }

@@ -1,4 +1,4 @@
-//! Agent tokens: minted locally with the server's own `Tokens` and key (no load on the
+//! Agent tokens: minted locally with the server's key (no load on the
 //! server, the normal case for benchmarks), or enrolled through `POST /api/v1/tokens`
 //! with an admin token (once per agent, then cached).
 
@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use agent_server::auth::{Role, Tokens};
-use agent_server::config::Secret;
 use jsonwebtoken::Algorithm;
+
+use crate::tokens::{Minter, Role};
 
 pub enum TokenSource {
     /// The server's SECRET_KEY and JWT_ALGORITHM.
-    Local { tokens: Box<Tokens>, ttl: Duration },
+    Local { tokens: Box<Minter>, ttl: Duration },
     /// An admin token and the API of `base` (`http://host:port`).
     Api {
         http: reqwest::Client,
@@ -36,7 +36,7 @@ impl TokenSource {
             }
         };
         Ok(TokenSource::Local {
-            tokens: Box::new(Tokens::new(&Secret::new(secret_key), algorithm)),
+            tokens: Box::new(Minter::with_algorithm(secret_key, algorithm)),
             ttl,
         })
     }
@@ -103,15 +103,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_protocol::Claims;
+    use jsonwebtoken::{DecodingKey, Validation};
 
     #[tokio::test]
-    async fn local_tokens_verify_with_the_servers_own_code() {
+    async fn local_tokens_carry_the_protocols_claims() {
         let key = "k".repeat(32);
-        let source = TokenSource::local(&key, "HS256", Duration::from_secs(60)).unwrap();
+        let source = TokenSource::local(&key, "HS384", Duration::from_secs(60)).unwrap();
         let token = source.agent("sim-000001").await.unwrap();
-        let claims = Tokens::new(&Secret::new(key), Algorithm::HS256)
-            .verify(&token)
-            .unwrap();
+        let claims = jsonwebtoken::decode::<Claims>(
+            &token,
+            &DecodingKey::from_secret(key.as_bytes()),
+            &Validation::new(Algorithm::HS384),
+        )
+        .unwrap()
+        .claims;
         assert_eq!(
             (claims.sub.as_str(), claims.role),
             ("sim-000001", Role::Agent)

@@ -18,7 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::protocol::{self, Close, Inbound, Outbound, PROTOCOL_VERSION, ResultStatus};
+use super::protocol::{
+    self, Close, ErrorCode, Inbound, Metered, Outbound, PROTOCOL_VERSION, ResultStatus,
+};
 use crate::auth::unix_now;
 use crate::binaries::{Rollouts, rollout};
 use crate::config::Config;
@@ -174,12 +176,12 @@ impl Session {
         let handle = self.handle.clone();
         let welcome = Outbound::Welcome {
             protocol: PROTOCOL_VERSION,
-            client_id: &handle.client_id,
-            pod: &config.pod_id,
+            client_id: handle.client_id.as_str().into(),
+            pod: config.pod_id.as_str().into(),
             epoch: handle.epoch,
             heartbeat_interval: config.heartbeat_interval.as_secs_f64(),
             offline_timeout: config.offline_timeout.as_secs_f64(),
-            server_version: env!("CARGO_PKG_VERSION"),
+            server_version: env!("CARGO_PKG_VERSION").into(),
         };
         if let Err(end) = self.send(&welcome).await {
             return end;
@@ -231,7 +233,7 @@ impl Session {
                         Message::Text(text) => self.on_text(text.as_str()).await,
                         Message::Binary(_) => {
                             self.metrics_in(MessageType::Invalid);
-                            self.error("binary_not_supported", "send JSON text messages".into(), None).await
+                            self.error(ErrorCode::BinaryNotSupported, "send JSON text messages".into(), None).await
                         }
                         Message::Ping(_) => {
                             // tungstenite queues the pong; it goes out with the next flush.
@@ -283,9 +285,9 @@ impl Session {
             for cmd in &batch {
                 let args: &RawValue = serde_json::from_str(&cmd.args).unwrap_or(RawValue::NULL);
                 let msg = Outbound::Command {
-                    id: &cmd.id,
-                    name: &cmd.name,
-                    args,
+                    id: cmd.id.as_str().into(),
+                    name: cmd.name.as_str().into(),
+                    args: std::borrow::Cow::Borrowed(args),
                     created_at: cmd.created_at,
                     expires_at: cmd.expires_at,
                 };
@@ -323,7 +325,7 @@ impl Session {
                 self.metrics_in(MessageType::Invalid);
                 return self
                     .error(
-                        "invalid_message",
+                        ErrorCode::InvalidMessage,
                         format!("{e}; see docs/protocol.md for the message types"),
                         None,
                     )
@@ -363,7 +365,7 @@ impl Session {
                 // Once the hello is stored: an agent on an older version may be due an update.
                 let outcome = self.state.rollouts.after_hello(&id, epoch, facts).await;
                 if let Some(problem) = outcome.problem {
-                    self.error("invalid_message", problem, None).await?;
+                    self.error(ErrorCode::InvalidMessage, problem, None).await?;
                 }
                 self.send_update(outcome.offer).await
             }
@@ -380,7 +382,7 @@ impl Session {
                         self.state.metrics.store_errors.inc();
                         tracing::error!(agent = %id, error = %error_chain(&e), "could not store inventory");
                         self.error(
-                            "store_unavailable",
+                            ErrorCode::StoreUnavailable,
                             "inventory not stored; send it again later".into(),
                             None,
                         )
@@ -414,17 +416,24 @@ impl Session {
                     Ok(ResultOutcome::Stored(st)) => {
                         self.state.metrics.command(st, 1);
                         tracing::info!(agent = %id, command = %command_id, status = st.as_str(), "result stored");
-                        self.send(&Outbound::Ack { id: &command_id }).await
+                        self.send(&Outbound::Ack {
+                            id: command_id.as_str().into(),
+                        })
+                        .await
                     }
                     // A repeated result (sent again after a reconnect): acknowledge so
                     // the agent can forget it; the first result stands.
                     Ok(ResultOutcome::AlreadyFinal(_)) => {
-                        self.send(&Outbound::Ack { id: &command_id }).await
+                        self.send(&Outbound::Ack {
+                            id: command_id.as_str().into(),
+                        })
+                        .await
                     }
                     Ok(ResultOutcome::UnknownCommand) => {
                         tracing::warn!(agent = %id, command = %command_id, "result refused: no such command for this agent");
                         let msg = "no such command for this agent".to_string();
-                        self.error("unknown_command", msg, Some(&command_id)).await
+                        self.error(ErrorCode::UnknownCommand, msg, Some(&command_id))
+                            .await
                     }
                     Ok(ResultOutcome::StaleConnection) => {
                         tracing::warn!(agent = %id, command = %command_id, epoch, "result refused: stale connection");
@@ -434,7 +443,7 @@ impl Session {
                         self.state.metrics.store_errors.inc();
                         tracing::error!(agent = %id, error = %error_chain(&e), "could not store result");
                         let msg = "result not stored; send it again later".to_string();
-                        self.error("store_unavailable", msg, Some(&command_id))
+                        self.error(ErrorCode::StoreUnavailable, msg, Some(&command_id))
                             .await
                     }
                 }
@@ -445,14 +454,14 @@ impl Session {
     async fn send_update(&mut self, offer: Option<rollout::Offer>) -> Result<(), End> {
         let Some(o) = offer else { return Ok(()) };
         self.send(&Outbound::Update {
-            rollout_id: &o.rollout_id,
-            binary_id: &o.binary_id,
-            name: &o.name,
-            version: &o.version,
-            os: &o.os,
-            arch: &o.arch,
-            url: &o.url,
-            sha256: &o.sha256,
+            rollout_id: o.rollout_id.as_str().into(),
+            binary_id: o.binary_id.as_str().into(),
+            name: o.name.as_str().into(),
+            version: o.version.as_str().into(),
+            os: o.os.as_str().into(),
+            arch: o.arch.as_str().into(),
+            url: o.url.as_str().into(),
+            sha256: o.sha256.as_str().into(),
             size: o.size,
         })
         .await
@@ -460,11 +469,16 @@ impl Session {
 
     async fn error(
         &mut self,
-        code: &'static str,
+        code: ErrorCode,
         message: String,
         id: Option<&str>,
     ) -> Result<(), End> {
-        self.send(&Outbound::Error { code, message, id }).await
+        self.send(&Outbound::Error {
+            code,
+            message: message.into(),
+            id: id.map(Into::into),
+        })
+        .await
     }
 
     async fn send(&mut self, msg: &Outbound<'_>) -> Result<(), End> {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use agent_protocol::{AgentMessage, ResultStatus};
 use agent_server::AppState;
 use agent_server::auth::{Role, Tokens};
 use agent_server::config::Secret;
@@ -437,7 +438,13 @@ impl TestApp {
     pub async fn connect_as(&self, id: &str, version: &str, labels: &[&str]) -> Agent {
         let mut agent = self.connect(id).await;
         agent
-            .send(json!({"type": "hello", "version": version, "os": "linux", "arch": "x86_64", "labels": labels}))
+            .send_msg(&AgentMessage::Hello {
+                version: Some(version.into()),
+                hostname: None,
+                os: Some("linux".into()),
+                arch: Some("x86_64".into()),
+                labels: Some(labels.iter().map(|l| l.to_string()).collect()),
+            })
             .await;
         agent
     }
@@ -554,7 +561,7 @@ impl Agent {
     /// Sends a heartbeat and returns every message that arrived before its answer: the
     /// session handles messages in order, so this shows what an earlier message caused.
     pub async fn until_heartbeat_ack(&mut self) -> Vec<Value> {
-        self.send(json!({"type": "heartbeat"})).await;
+        self.send_msg(&AgentMessage::Heartbeat).await;
         let mut before = Vec::new();
         loop {
             let v = self.recv().await;
@@ -578,9 +585,21 @@ impl Agent {
         self.ws.send(Message::text(v.to_string())).await.unwrap();
     }
 
+    /// A typed message, as a real agent sends it.
+    pub async fn send_msg(&mut self, msg: &AgentMessage) {
+        self.ws.send(Message::text(msg.to_json())).await.unwrap();
+    }
+
+    /// `status` is `ok` or `error`.
     pub async fn result(&mut self, id: &str, status: &str, output: Value) {
-        self.send(json!({"type": "result", "id": id, "status": status, "output": output}))
-            .await;
+        let status: ResultStatus =
+            serde_json::from_value(json!(status)).expect("status is ok or error");
+        self.send_msg(&AgentMessage::Result {
+            id: id.to_string(),
+            status,
+            output: Some(output),
+        })
+        .await;
     }
 
     /// Drops the TCP connection without a close handshake, as a crashed host would.

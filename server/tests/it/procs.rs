@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agent_protocol::{AgentMessage, ResultStatus, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
@@ -300,16 +301,21 @@ impl FleetAgent {
                 while let Some(Ok(msg)) = ws.next().await {
                     match msg {
                         Message::Text(t) => {
-                            let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                            if v["type"] == "command" {
-                                let cid = v["id"].as_str().unwrap().to_string();
+                            if let Ok(ServerMessage::Command { id, .. }) =
+                                ServerMessage::parse(t.as_str())
+                            {
+                                let cid = id.into_owned();
                                 seen2.lock().unwrap().received.insert(cid.clone());
                                 if hold2.load(Ordering::Relaxed) {
                                     continue;
                                 }
                                 seen2.lock().unwrap().executed.insert(cid.clone());
-                                let result = json!({"type": "result", "id": cid, "status": "ok", "output": port});
-                                if ws.send(Message::text(result.to_string())).await.is_err() {
+                                let result = AgentMessage::Result {
+                                    id: cid,
+                                    status: ResultStatus::Ok,
+                                    output: Some(json!(port)),
+                                };
+                                if ws.send(Message::text(result.to_json())).await.is_err() {
                                     break;
                                 }
                             }

@@ -20,11 +20,9 @@ mod storm;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_server::auth::{Role, Tokens};
-use agent_server::config::Secret;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use jsonwebtoken::Algorithm;
+use e2e::tokens::{Minter, Role};
 use machine::Machine;
 use services::{Database, Redis, ServerProc};
 
@@ -298,7 +296,7 @@ async fn main() -> Result<()> {
     let secret: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
-    let tokens = Tokens::new(&Secret::new(secret.clone()), Algorithm::HS256);
+    let tokens = Minter::new(&secret);
     let admin = tokens.mint("bench-admin", Role::Admin, Duration::from_secs(86_400));
     let machine = Machine::detect(&format!("{}/postgres", args.postgres), &args.redis_server);
     let mut ctx = Ctx {
