@@ -2,8 +2,13 @@
 
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 
-/// A client_id is 1 to 128 characters of `[A-Za-z0-9._-]`: safe in URLs, file names, log
-/// lines and Redis keys without escaping.
+/// A client_id is 1 to 128 characters of `[A-Za-z0-9._-]`, other than `.` and `..`: safe
+/// in URLs, file names, log lines and Redis keys without escaping.
+///
+/// `.` and `..` are dot segments (RFC 3986 §5.2.4): curl, browsers' `fetch`, Python's
+/// requests and proxies remove them, so `/api/v1/agents/..` reaches `/api/v1/` and such
+/// an agent could never be addressed. Within this character set they are the only ids a
+/// URL normaliser changes (nothing here is percent-encoded or case-folded).
 pub fn check_client_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
         return Err(format!(
@@ -17,6 +22,11 @@ pub fn check_client_id(id: &str) -> Result<(), String> {
     {
         return Err(format!(
             "client_id may contain only letters, digits, '.', '_' and '-' (found {bad:?})"
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(format!(
+            "client_id may not be `{id}`: URL clients remove that path segment, so the agent could not be addressed"
         ));
     }
     Ok(())
@@ -58,6 +68,18 @@ mod tests {
         assert!(check_client_id(&"a".repeat(129)).is_err());
         for bad in ["a b", "a/b", "a%2Fb", "ä", "a:b"] {
             assert!(check_client_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_a_url_normaliser_would_change_are_refused() {
+        for bad in [".", ".."] {
+            let e = check_client_id(bad).unwrap_err();
+            assert!(e.contains("path segment"), "{e}");
+        }
+        // Only whole dot segments are removed; dots within an id are kept by URL clients.
+        for good in ["...", ".a", "a.", "a..b", "..a"] {
+            assert!(check_client_id(good).is_ok(), "{good}");
         }
     }
 
