@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub(crate) mod secrets;
 pub mod state;
+pub mod storable;
 pub mod store;
 pub(crate) mod tasks;
 pub mod telemetry;
