@@ -20,6 +20,11 @@ pub fn check_client_id(id: &str) -> Result<(), String> {
             "client_id may contain only letters, digits, '.', '_' and '-' (found {bad:?})"
         ));
     }
+    if id == "." || id == ".." {
+        return Err(format!(
+            "client_id may not be `{id}`: URL clients remove that path segment, so the agent could not be addressed"
+        ));
+    }
     Ok(())
 }
 
@@ -32,7 +37,7 @@ pub fn client_id_from_hostname(hostname: &str) -> Option<String> {
         .map(|c| if allowed(c) { c } else { '-' })
         .take(MAX_CLIENT_ID_LEN)
         .collect();
-    (!id.is_empty() && id.chars().any(|c| c.is_ascii_alphanumeric())).then_some(id)
+    (check_client_id(&id).is_ok() && id.chars().any(|c| c.is_ascii_alphanumeric())).then_some(id)
 }
 
 #[cfg(test)]
@@ -45,7 +50,7 @@ mod tests {
         assert!(check_client_id(&"a".repeat(128)).is_ok());
         assert!(check_client_id("").is_err());
         assert!(check_client_id(&"a".repeat(129)).is_err());
-        for bad in ["a b", "a/b", "a%2Fb", "ä", "a:b"] {
+        for bad in ["a b", "a/b", "a%2Fb", "ä", "a:b", ".", ".."] {
             assert!(check_client_id(bad).is_err(), "{bad}");
         }
     }

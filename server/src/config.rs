@@ -600,15 +600,21 @@ fn parse_sentinel(
     })
 }
 
+/// The longest duration a setting accepts: ten years. Longer means nothing more and only
+/// overflows the arithmetic it reaches (deadlines, `DRAIN_DELAY + DRAIN_WINDOW`).
+const MAX_SETTING_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 fn duration(
     get: &impl Fn(&str) -> Option<String>,
     var: &'static str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     parse_or(get, var, default, |v| {
-        parse_duration(v).ok_or_else(|| {
-            "a duration: seconds (\"15\") or a number with ms, s, m or h (\"500ms\", \"2m\")".into()
-        })
+        parse_duration(v)
+            .filter(|d| *d <= MAX_SETTING_DURATION)
+            .ok_or_else(|| {
+                "a duration of at most 3650d: seconds (\"15\") or a number with ms, s, m, h or d (\"500ms\", \"2m\")".into()
+            })
     })
 }
 
@@ -987,6 +993,22 @@ mod tests {
             e.to_string()
                 .starts_with("WS_HEARTBEAT_INTERVAL: `fast` is not a duration")
         );
+    }
+
+    #[test]
+    fn durations_beyond_ten_years_are_refused_not_overflowed() {
+        let huge = u64::MAX.to_string();
+        for var in [
+            "DRAIN_DELAY",
+            "WS_SEND_TIMEOUT",
+            "WS_HEARTBEAT_INTERVAL",
+            "AUDIT_RETENTION",
+        ] {
+            let e = parse(&[(var, huge.as_str())]).unwrap_err();
+            assert_eq!(e.var, var);
+            assert!(e.to_string().contains("at most 3650d"), "{e}");
+        }
+        assert!(parse(&[("AUDIT_RETENTION", "3650d")]).is_ok());
     }
 
     #[test]

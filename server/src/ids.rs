@@ -1,26 +1,9 @@
 //! Identifier rules shared by the WebSocket path, the API and the token minter.
 
-pub const MAX_CLIENT_ID_LEN: usize = 128;
+pub use agent_protocol::MAX_CLIENT_ID_LEN;
 
-/// A client_id is 1 to 128 characters of `[A-Za-z0-9._-]`: safe in URLs, file names, log
-/// lines and Redis keys without escaping.
-pub fn check_client_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
-        return Err(format!(
-            "client_id must be 1 to {MAX_CLIENT_ID_LEN} characters long (got {})",
-            id.len()
-        ));
-    }
-    if let Some(bad) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "client_id may contain only letters, digits, '.', '_' and '-' (found {bad:?})"
-        ));
-    }
-    Ok(())
-}
+/// The `client_id` rule, shared with agents: the protocol crate holds the one copy.
+pub use agent_protocol::check_client_id;
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(ms: i64) -> String {
@@ -58,6 +41,18 @@ mod tests {
         assert!(check_client_id(&"a".repeat(129)).is_err());
         for bad in ["a b", "a/b", "a%2Fb", "ä", "a:b"] {
             assert!(check_client_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_a_url_normaliser_would_change_are_refused() {
+        for bad in [".", ".."] {
+            let e = check_client_id(bad).unwrap_err();
+            assert!(e.contains("path segment"), "{e}");
+        }
+        // Only whole dot segments are removed; dots within an id are kept by URL clients.
+        for good in ["...", ".a", "a.", "a..b", "..a"] {
+            assert!(check_client_id(good).is_ok(), "{good}");
         }
     }
 

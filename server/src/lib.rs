@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod redact;
 pub(crate) mod secrets;
 pub mod state;
+pub mod storable;
 pub mod store;
 pub(crate) mod tasks;
 pub mod telemetry;

@@ -127,6 +127,30 @@ pub struct CloseLabels {
 }
 
 label_enum! {
+    /// Why a request to `/ws/{client_id}` got no 101: a rule of the opening handshake
+    /// (RFC 6455 §4.2.1, RFC 9110 §7.8) or one of our own checks before it.
+    RefusalReason {
+        Method => "method",
+        HttpVersion => "http_version",
+        UpgradeHeader => "upgrade_header",
+        ConnectionHeader => "connection_header",
+        Host => "host",
+        Key => "key",
+        WebsocketVersion => "websocket_version",
+        ClientId => "client_id",
+        Unauthorized => "unauthorized",
+        Forbidden => "forbidden",
+        Draining => "draining",
+        Other => "other",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeRefusalLabels {
+    pub reason: RefusalReason,
+}
+
+label_enum! {
     /// How a binary upload ended.
     UploadOutcome {
         Stored => "stored",
@@ -222,6 +246,9 @@ pub struct Metrics {
     pub ws_messages: Family<WsLabels, Counter>,
     pub ws_closes: Family<CloseLabels, Counter>,
     pub ws_rejected_upgrades: Counter,
+    /// The same refusals by reason: proxy misconfigurations show as `http_version`,
+    /// `upgrade_header` or `connection_header`.
+    pub ws_handshake_refusals: Family<HandshakeRefusalLabels, Counter>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Transitions into each status (a counter, not a census of the table).
@@ -276,8 +303,14 @@ impl Metrics {
         let ws_rejected_upgrades = Counter::default();
         registry.register(
             "ws_rejected_upgrades",
-            "WebSocket upgrade requests refused (bad id, token, origin, draining)",
+            "WebSocket upgrade requests refused (handshake, id, token, draining)",
             ws_rejected_upgrades.clone(),
+        );
+        let ws_handshake_refusals = Family::<HandshakeRefusalLabels, Counter>::default();
+        registry.register(
+            "ws_handshake_refusals",
+            "WebSocket upgrade requests refused before the 101, by reason",
+            ws_handshake_refusals.clone(),
         );
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
@@ -416,6 +449,7 @@ impl Metrics {
             ws_messages,
             ws_closes,
             ws_rejected_upgrades,
+            ws_handshake_refusals,
             http_requests,
             http_duration,
             commands,

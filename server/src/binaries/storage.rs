@@ -7,8 +7,10 @@
 //! and the directory fsynced. Until the rename nobody can see it; if anything fails first
 //! (client gone, disk full, wrong checksum, too large) the temporary file is removed.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -38,9 +40,9 @@ pub enum StorageError {
     #[error("the upload ended before the whole body arrived ({0}); nothing was stored")]
     Incomplete(String),
     #[error(
-        "the file of this binary ({sha256}) is missing from BINARY_STORAGE_PATH; every replica must mount the same volume"
+        "the file of this binary ({sha256}) is missing from BINARY_STORAGE_PATH ({dir}) on this replica, although its upload completed: the shared volume is misconfigured (every replica must mount the same volume there)"
     )]
-    Missing { sha256: String },
+    Missing { sha256: String, dir: PathBuf },
     #[error("binary storage at {path} failed: {source}")]
     Io {
         path: PathBuf,
@@ -53,6 +55,9 @@ pub enum StorageError {
 #[derive(Clone, Debug)]
 pub struct Storage {
     dir: PathBuf,
+    /// Files found missing, so that each is logged once per process and not once per
+    /// download attempt of every agent in a rollout.
+    missing_logged: Arc<Mutex<HashSet<String>>>,
 }
 
 /// A complete, checked upload still under its temporary name; dropping it removes it.
@@ -65,7 +70,10 @@ pub struct Received {
 
 impl Storage {
     pub fn new(dir: PathBuf) -> Self {
-        Storage { dir }
+        Storage {
+            dir,
+            missing_logged: Arc::default(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -189,8 +197,19 @@ impl Storage {
 
     /// Opens a stored file for reading, with its size.
     pub async fn open(&self, sha256: &str) -> Result<(tokio::fs::File, u64), StorageError> {
-        let missing = || StorageError::Missing {
-            sha256: sha256.to_string(),
+        let missing = || {
+            let error = StorageError::Missing {
+                sha256: sha256.to_string(),
+                dir: self.dir.clone(),
+            };
+            let first = self
+                .missing_logged
+                .lock()
+                .is_ok_and(|mut seen| seen.len() < 1024 && seen.insert(sha256.to_string()));
+            if first {
+                tracing::error!(error = %error, "binary file missing");
+            }
+            error
         };
         let path = self.path_of(sha256).ok_or_else(missing)?;
         let file = match tokio::fs::File::open(&path).await {

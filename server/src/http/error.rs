@@ -6,9 +6,11 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
+use super::ws::HandshakeRefusal;
 use crate::auth::AuthError;
 use crate::binaries::StorageError;
 use crate::error::error_chain;
+use crate::storable::NulError;
 use crate::store::StoreError;
 
 /// Defines [`ErrorCode`] with each variant's wire string and [`ErrorCode::ALL`].
@@ -56,6 +58,9 @@ error_codes! {
     InvalidChecksum => "invalid_checksum",
     /// A rollout's settings are out of bounds.
     InvalidRollout => "invalid_rollout",
+    /// A string in the body, path or query contains U+0000 (NUL), which is refused on
+    /// every backend because PostgreSQL cannot store it.
+    NulCharacter => "nul_character",
     /// The body is not JSON (`line`/`column` say where) or not UTF-8.
     InvalidJson => "invalid_json",
     /// The body is empty where a document is required.
@@ -102,7 +107,8 @@ error_codes! {
     TooManyStreams => "too_many_streams",
     /// The replica is shutting down; retry to reach another.
     Draining => "draining",
-    /// `/ws/{client_id}` was requested without a WebSocket handshake.
+    /// `/ws/{client_id}` was requested without a valid WebSocket opening handshake (the
+    /// message says which rule, and the status is RFC 6455's or RFC 9110's: 400 or 426).
     NotWebsocket => "not_websocket",
     /// The database does not answer; retry shortly.
     StoreUnavailable => "store_unavailable",
@@ -192,9 +198,9 @@ pub enum ApiError {
     /// The replica is shutting down.
     #[error("this server is shutting down; retry and you will reach another replica")]
     Draining,
-    /// A request to `/ws/{client_id}` without a WebSocket handshake.
-    #[error("expected a WebSocket upgrade request (Upgrade: websocket, Sec-WebSocket-Version: 13)")]
-    NotWebSocket,
+    /// A request to `/ws/{client_id}` without a valid WebSocket opening handshake.
+    #[error("{0}")]
+    Handshake(#[from] HandshakeRefusal),
     /// The database does not answer.
     #[error("storage is unavailable; retry shortly")]
     StoreUnavailable(#[source] StoreError),
@@ -209,6 +215,12 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => ApiError::StoreUnavailable(e),
             other => ApiError::Internal(other),
         }
+    }
+}
+
+impl From<NulError> for ApiError {
+    fn from(e: NulError) -> Self {
+        ApiError::bad_request(ErrorCode::NulCharacter, e.to_string())
     }
 }
 
@@ -246,7 +258,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code),
             ApiError::Conflict { code, .. } => (S::CONFLICT, *code),
             ApiError::InvalidJson { .. } => (S::BAD_REQUEST, C::InvalidJson),
-            ApiError::NotWebSocket => (S::BAD_REQUEST, C::NotWebsocket),
+            ApiError::Handshake(refusal) => (refusal.status(), C::NotWebsocket),
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
             ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized),
             ApiError::WrongPassword => (S::UNAUTHORIZED, C::WrongPassword),
@@ -263,7 +275,9 @@ impl ApiError {
                 StorageError::ChecksumMismatch { .. } => (S::BAD_REQUEST, C::ChecksumMismatch),
                 StorageError::Incomplete(_) => (S::BAD_REQUEST, C::UploadIncomplete),
                 StorageError::Full { .. } => (S::INSUFFICIENT_STORAGE, C::InsufficientStorage),
-                StorageError::Missing { .. } => (S::INTERNAL_SERVER_ERROR, C::BinaryFileMissing),
+                // A replica-local fault: another replica (or this one, once its volume
+                // is mounted right) can serve the file.
+                StorageError::Missing { .. } => (S::SERVICE_UNAVAILABLE, C::BinaryFileMissing),
                 StorageError::Io { .. } => (S::INTERNAL_SERVER_ERROR, C::StorageError),
             },
             ApiError::RangeNotSatisfiable { .. } => {
@@ -285,11 +299,8 @@ impl IntoResponse for ApiError {
             ApiError::StoreUnavailable(e) | ApiError::Internal(e) => {
                 tracing::error!(error = %error_chain(e), "request failed");
             }
-            ApiError::Storage(
-                e @ (StorageError::Missing { .. }
-                | StorageError::Io { .. }
-                | StorageError::Full { .. }),
-            ) => {
+            // A missing file is logged by `Storage::open`, once per file.
+            ApiError::Storage(e @ (StorageError::Io { .. } | StorageError::Full { .. })) => {
                 tracing::error!(error = %error_chain(e), "binary storage failed");
             }
             _ => {}
@@ -310,11 +321,17 @@ impl IntoResponse for ApiError {
             }
             ApiError::Draining
             | ApiError::StoreUnavailable(_)
-            | ApiError::TooManyStreams { .. } => {
+            | ApiError::TooManyStreams { .. }
+            | ApiError::Storage(StorageError::Missing { .. }) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
             }
             ApiError::TooManyRequests { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ApiError::Handshake(refusal) => {
+                for (name, value) in refusal.headers() {
+                    headers.insert(name, value);
+                }
             }
             ApiError::RangeNotSatisfiable { size } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

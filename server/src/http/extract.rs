@@ -15,6 +15,7 @@ use crate::auth::ui_session::{COOKIE, cookie_hash};
 use crate::auth::{AuthError, Role};
 use crate::ids::check_client_id;
 use crate::state::AppState;
+use crate::storable::check_json;
 use crate::store::now_ms;
 
 /// Bound on API request bodies other than inventories and uploads.
@@ -262,8 +263,18 @@ impl<T: DeserializeOwned, S: Sync, const LIMIT: usize> FromRequest<S> for ApiJso
                 "the request body is empty; send a JSON object",
             ));
         }
-        Ok(ApiJson(serde_json::from_slice(&bytes)?))
+        let value = serde_json::from_slice(&bytes)?;
+        json_storable("", &bytes)?;
+        Ok(ApiJson(value))
     }
+}
+
+/// Refuses a JSON body that holds U+0000 anywhere (see `storable`); the error names the
+/// field by its path within `document`.
+pub fn json_storable(document: &str, body: &[u8]) -> Result<()> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request(ErrorCode::InvalidJson, "the body is not UTF-8"))?;
+    Ok(check_json(document, text)?)
 }
 
 /// Refuses a body that declares a type other than JSON or the form type `curl -d` uses.

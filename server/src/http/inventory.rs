@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use super::agents::unknown_agent;
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{ClientId, Principal, check_json_content_type, read_body};
+use super::extract::{ClientId, Principal, check_json_content_type, json_storable, read_body};
 use crate::auth::Role;
 use crate::ids::rfc3339;
 use crate::state::AppState;
@@ -33,6 +33,7 @@ pub(super) async fn put(
     }
     // Validate without building a tree: a 10 MiB document would cost several times that.
     serde_json::from_slice::<serde::de::IgnoredAny>(&body)?;
+    json_storable("inventory", &body)?;
     let text = String::from_utf8(body)
         .map_err(|_| ApiError::bad_request(ErrorCode::InvalidJson, "the inventory is not UTF-8"))?;
     if principal.role == Role::Agent {

@@ -7,11 +7,13 @@ use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
-use http::{HeaderMap, HeaderValue, Method};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 use tracing::Instrument;
 
+use super::error::ApiError;
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::storable::NulError;
 
 /// The route label of requests that matched no route.
 const UNMATCHED: &str = "unmatched";
@@ -66,6 +68,35 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Ne
     resp
 }
 
+/// Refuses, on every route, a request whose path or query string decodes to text with
+/// U+0000 (`%00`): path parameters and query values reach the store, and PostgreSQL cannot
+/// hold NUL while SQLite can (see `storable`). A 400 `nul_character` naming the parameter.
+pub async fn refuse_nul(req: Request, next: Next) -> Response {
+    match uri_storable(req.uri()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn uri_storable(uri: &Uri) -> Result<(), NulError> {
+    // `%00` is the only way to spell U+0000 in a URI: raw control bytes are refused by
+    // the HTTP parser.
+    if uri.path().contains("%00") {
+        return Err(NulError {
+            field: "the path (as %00)".into(),
+        });
+    }
+    for pair in uri.query().unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key.contains("%00") || value.contains("%00") {
+            return Err(NulError {
+                field: format!("query parameter `{key}`"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The caller's `x-request-id` when it is sane, else a fresh one.
 fn request_id(headers: &HeaderMap) -> String {
     headers
@@ -108,5 +139,24 @@ mod tests {
             HeaderValue::from_static("bad id with spaces"),
         );
         assert_ne!(request_id(&h), "bad id with spaces");
+    }
+
+    #[test]
+    fn percent_encoded_nul_is_refused_in_path_and_query() {
+        let check = |u: &str| uri_storable(&u.parse().unwrap()).map_err(|e| e.field);
+        assert_eq!(check("/api/v1/agents?q=web&limit=5"), Ok(()));
+        assert_eq!(
+            check("/api/v1/agents?q=%2500"),
+            Ok(()),
+            "an encoded percent sign"
+        );
+        assert_eq!(
+            check("/api/v1/agents?limit=5&q=web%00"),
+            Err("query parameter `q`".into())
+        );
+        assert_eq!(
+            check("/api/v1/commands/a%00b"),
+            Err("the path (as %00)".into())
+        );
     }
 }

@@ -94,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .merge(api)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(middleware::refuse_nul))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             middleware::observe,

@@ -1,10 +1,12 @@
 //! Agents: identity, presence columns and the connection epoch.
 
+use diesel::dsl::sql;
 use diesel::prelude::*;
+use diesel::sql_types::{Bool, Text};
 use diesel::upsert::excluded;
 
 use super::schema::{agents, inventories};
-use super::{Change, Store, StoreError, now_ms, with_conn};
+use super::{Change, DbPool, Store, StoreError, now_ms, with_conn};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = agents)]
@@ -35,7 +37,8 @@ pub struct Hello {
 #[derive(Debug, Clone, Default)]
 pub struct AgentFilter {
     pub online: Option<bool>,
-    /// Substring of the id or hostname.
+    /// Substring of the id or hostname, ASCII letters matched case-insensitively on both
+    /// backends (see [`Store::list_agents`]).
     pub search: Option<String>,
     /// Keyset pagination: ids strictly greater than this.
     pub after: Option<String>,
@@ -230,12 +233,22 @@ impl Store {
         .await
     }
 
+    /// A page of agents. `search` matches a substring of the id or the hostname with ASCII
+    /// letters folded and every other character as is, identically on both backends:
+    /// SQLite's `LIKE` folds ASCII only and PostgreSQL's is case-sensitive, while its
+    /// `lower()` folds by the database's locale; `lower()` under the "C" collation
+    /// (PostgreSQL) and SQLite's own `lower()` both fold exactly ASCII.
     pub async fn list_agents(&self, filter: AgentFilter) -> Result<AgentPage, StoreError> {
         self.run(move |pool| {
             let pattern = filter
                 .search
                 .as_ref()
-                .map(|s| format!("%{}%", escape_like(s)));
+                .map(|s| format!("%{}%", escape_like(&s.to_ascii_lowercase())));
+            let folded = |column: &str| match pool {
+                DbPool::Postgres(_) => format!(r#"lower({column} COLLATE "C")"#),
+                DbPool::Sqlite(_) => format!("lower({column})"),
+            };
+            let (id_folded, hostname_folded) = (folded("agents.id"), folded("agents.hostname"));
             // Boxed queries let the optional filters compose; rebuilt per use because a
             // boxed query is consumed.
             macro_rules! filtered {
@@ -246,10 +259,11 @@ impl Store {
                     }
                     if let Some(p) = &pattern {
                         q = q.filter(
-                            agents::id
-                                .like(p.clone())
-                                .escape('\\')
-                                .or(agents::hostname.like(p.clone()).escape('\\')),
+                            sql::<Bool>(&format!("({id_folded} LIKE "))
+                                .bind::<Text, _>(p.clone())
+                                .sql(&format!(" ESCAPE '\\' OR {hostname_folded} LIKE "))
+                                .bind::<Text, _>(p.clone())
+                                .sql(" ESCAPE '\\')"),
                         );
                     }
                     q

@@ -139,6 +139,12 @@ pub struct Announcement {
 /// Announcements buffered per listener; one that falls further behind is told to resync.
 const CHANGE_BUFFER: usize = 1024;
 
+/// The longest wait for a pooled connection. When the database is down, every query
+/// waits this long before failing (as `StoreError::Unavailable`: a 503, or a
+/// `store_unavailable` message to an agent), so it bounds how late an outage is reported;
+/// a healthy pool hands out connections in microseconds.
+pub const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// SQLite pragmas applied to every pooled connection: WAL lets readers run beside the
 /// writer, busy_timeout turns lock contention into a short wait instead of an error, and
 /// foreign keys make `ON DELETE CASCADE` work.
@@ -163,7 +169,7 @@ impl Store {
     /// which the server passes through untouched. libpq quotes parts of a URL it cannot
     /// parse, so the open error is redacted before anyone can print it.
     pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StoreError> {
-        let timeout = Duration::from_secs(5);
+        let timeout = POOL_TIMEOUT;
         let pool = match url {
             DatabaseUrl::Postgres(url) => {
                 let pool = Pool::builder()

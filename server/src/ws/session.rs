@@ -4,7 +4,17 @@
 //! its [`SessionHandle`]: a wake-up (commands may be waiting in the store) or a close
 //! request. It never buffers commands in memory: each wake-up reads them from the store,
 //! so a slow or disconnected agent costs nothing but its socket.
+//!
+//! No await in the session can be stalled by the agent or by the store for long: every
+//! write is bounded by WS_SEND_TIMEOUT (then 4008) and races the close request and the
+//! token's expiry; every store or hub call also races them and keeps the heartbeat timer
+//! (pings, OFFLINE_TIMEOUT) running ([`Session::guarded`]). Pongs are never awaited:
+//! tungstenite sends them on the next read, as far as the socket takes them, so an agent
+//! that floods pings and never reads meets the next ping's send timeout like any other
+//! slow reader.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
-use tokio::time::{Instant, MissedTickBehavior, timeout};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -27,6 +37,7 @@ use crate::config::Config;
 use crate::error::error_chain;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::{CloseReason, Direction, MessageType, Metrics};
+use crate::storable::check_json;
 use crate::store::{CommandStatus, Hello, ResultOutcome, Store, now_ms};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
@@ -110,11 +121,16 @@ pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, 
     };
     tracing::info!(agent = %client_id, epoch, "agent connected");
 
+    let heartbeat = state.heartbeat_interval;
+    let mut ping = tokio::time::interval_at(ping_slot(Instant::now() + heartbeat), heartbeat);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let token_left = Duration::from_secs(token_exp.saturating_sub(unix_now()));
     let mut session = Session {
         state: state.clone(),
         ws,
         handle: handle.clone(),
-        token_exp,
+        ping,
+        token_expiry: Box::pin(tokio::time::sleep(token_left)),
     };
     let end = session.serve().await;
     let reason = match &end {
@@ -148,7 +164,9 @@ pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, 
     }
 }
 
-/// Sends our close frame and waits briefly for the agent's, so the close is clean.
+/// Sends our close frame and waits briefly for the agent's, so the close is clean. Both
+/// are bounded by CLOSE_GRACE: an agent that does not read never sees the frame, and its
+/// connection is dropped all the same.
 async fn close_socket(ws: &mut Socket, close: Close) {
     let frame = CloseFrame {
         code: CloseCode::from(close.code),
@@ -166,12 +184,21 @@ struct Session {
     state: Arc<SessionContext>,
     ws: Socket,
     handle: Arc<SessionHandle>,
-    /// The token's `exp`: the session ends when its credential does.
-    token_exp: u64,
+    /// Server pings, every HEARTBEAT_INTERVAL; each tick also checks OFFLINE_TIMEOUT.
+    ping: Interval,
+    /// Fires at the token's `exp`: the session ends when its credential does.
+    token_expiry: Pin<Box<Sleep>>,
 }
 
 impl Session {
     async fn serve(&mut self) -> End {
+        match self.serve_until_end().await {
+            Ok(never) => match never {},
+            Err(end) => end,
+        }
+    }
+
+    async fn serve_until_end(&mut self) -> Result<std::convert::Infallible, End> {
         let config = self.state.clone();
         let handle = self.handle.clone();
         let welcome = Outbound::Welcome {
@@ -183,77 +210,77 @@ impl Session {
             offline_timeout: config.offline_timeout.as_secs_f64(),
             server_version: env!("CARGO_PKG_VERSION").into(),
         };
-        if let Err(end) = self.send(&welcome).await {
-            return end;
-        }
+        self.send(&welcome).await?;
         // A fresh connection also gets commands delivered earlier without a result:
         // the previous connection may have dropped before the agent saw them.
-        if let Err(end) = self.deliver(true).await {
-            return end;
-        }
-
-        let heartbeat = config.heartbeat_interval;
-        let mut ping = tokio::time::interval_at(ping_slot(Instant::now() + heartbeat), heartbeat);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let token_left = Duration::from_secs(self.token_exp.saturating_sub(unix_now()));
-        let token_expiry = tokio::time::sleep(token_left);
-        tokio::pin!(token_expiry);
-        let offline_ms = config.offline_timeout.as_millis() as i64;
+        self.deliver(true).await?;
 
         loop {
             tokio::select! {
-                close = self.handle.closing() => return End::Server(close),
+                close = self.handle.closing() => return Err(End::Server(close)),
+                _ = &mut self.token_expiry => return Err(End::Server(protocol::TOKEN_EXPIRED)),
+                _ = self.ping.tick() => self.heartbeat().await?,
                 _ = self.handle.woken() => {
-                    if let Err(end) = self.deliver(false).await {
-                        return end;
-                    }
-                    let offer = self.state.rollouts.pending_offer(&self.handle.client_id, self.handle.epoch).await;
-                    if let Err(end) = self.send_update(offer).await {
-                        return end;
-                    }
+                    self.deliver(false).await?;
+                    let rollouts = self.state.rollouts.clone();
+                    let offer = self
+                        .guarded(rollouts.pending_offer(&handle.client_id, handle.epoch))
+                        .await?;
+                    self.send_update(offer).await?;
                 }
-                _ = ping.tick() => {
-                    if now_ms() - self.handle.last_inbound_ms() >= offline_ms {
-                        return End::Server(protocol::HEARTBEAT_TIMEOUT);
-                    }
-                    if let Err(end) = self.send_frame(Message::Ping(Default::default()), MessageType::Ping).await {
-                        return end;
-                    }
-                }
-                _ = &mut token_expiry => return End::Server(protocol::TOKEN_EXPIRED),
                 frame = self.ws.next() => {
                     let msg = match frame {
-                        None => return End::Network("connection closed without a close frame".into()),
-                        Some(Err(e)) => return classify(e),
+                        None => return Err(End::Network("connection closed without a close frame".into())),
+                        Some(Err(e)) => return Err(classify(e)),
                         Some(Ok(msg)) => msg,
                     };
                     // Any frame is a sign of life.
                     self.handle.touch(now_ms());
-                    let result = match msg {
-                        Message::Text(text) => self.on_text(text.as_str()).await,
+                    match msg {
+                        Message::Text(text) => self.on_text(text.as_str()).await?,
                         Message::Binary(_) => {
                             self.metrics_in(MessageType::Invalid);
-                            self.error(ErrorCode::BinaryNotSupported, "send JSON text messages".into(), None).await
+                            self.error(ErrorCode::BinaryNotSupported, "send JSON text messages".into(), None).await?
                         }
-                        Message::Ping(_) => {
-                            // tungstenite queues the pong; it goes out with the next flush.
-                            self.metrics_in(MessageType::Ping);
-                            self.ws.flush().await.map_err(|e| End::Network(e.to_string()))
-                        }
-                        Message::Pong(_) => {
-                            self.metrics_in(MessageType::Pong);
-                            Ok(())
-                        }
+                        // tungstenite queued the pong; the next read sends it, as far as
+                        // the socket takes it. Awaiting it here would let an agent that
+                        // sends pings and never reads hold the session still.
+                        Message::Ping(_) => self.metrics_in(MessageType::Ping),
+                        Message::Pong(_) => self.metrics_in(MessageType::Pong),
                         Message::Close(_) => {
                             self.metrics_in(MessageType::Close);
-                            return End::ClientClosed;
+                            return Err(End::ClientClosed);
                         }
-                        Message::Frame(_) => Ok(()),
-                    };
-                    if let Err(end) = result {
-                        return end;
+                        Message::Frame(_) => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// A heartbeat tick: closes a silent agent (4000), else pings it.
+    async fn heartbeat(&mut self) -> Result<(), End> {
+        let offline_ms = self.state.offline_timeout.as_millis() as i64;
+        if now_ms() - self.handle.last_inbound_ms() >= offline_ms {
+            return Err(End::Server(protocol::HEARTBEAT_TIMEOUT));
+        }
+        self.send_frame(Message::Ping(Default::default()), MessageType::Ping)
+            .await
+    }
+
+    /// Awaits `work` (a store or hub call) while close requests and the token's expiry
+    /// still end the session and the heartbeat keeps pinging and checking
+    /// OFFLINE_TIMEOUT, so an outage of the store holds up neither. `work` must not
+    /// borrow the session: clone the handle it needs first.
+    async fn guarded<T>(&mut self, work: impl Future<Output = T>) -> Result<T, End> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                close = self.handle.closing() => return Err(End::Server(close)),
+                _ = &mut self.token_expiry => return Err(End::Server(protocol::TOKEN_EXPIRED)),
+                out = &mut work => return Ok(out),
+                _ = self.ping.tick() => self.heartbeat().await?,
             }
         }
     }
@@ -263,16 +290,16 @@ impl Session {
         let store = self.state.store.clone();
         let mut after = None;
         loop {
-            let batch = match store
-                .commands_to_send(
+            let loaded = self
+                .guarded(store.commands_to_send(
                     self.handle.client_id.clone(),
                     include_delivered,
                     after.clone(),
                     now_ms(),
                     BATCH,
-                )
-                .await
-            {
+                ))
+                .await?;
+            let batch = match loaded {
                 Ok(batch) => batch,
                 Err(e) => {
                     // The commands stay pending; the periodic sweep wakes us again.
@@ -296,7 +323,7 @@ impl Session {
             }
             if !ids.is_empty() {
                 let n = ids.len();
-                match store.mark_delivered(ids, now_ms()).await {
+                match self.guarded(store.mark_delivered(ids, now_ms())).await? {
                     Ok(_) => self
                         .state
                         .metrics
@@ -333,6 +360,20 @@ impl Session {
             }
         };
         self.metrics_in(msg.metric_type());
+        // One rule for both backends: text PostgreSQL cannot store is refused here, whole
+        // and with the field named, on SQLite too.
+        if let Err(e) = check_json("", text) {
+            let id = match &msg {
+                Inbound::Result { id, .. } => Some(id.as_str()),
+                _ => None,
+            };
+            tracing::info!(agent = %self.handle.client_id, field = %e.field, "message refused: U+0000");
+            return self
+                .error(ErrorCode::InvalidMessage, e.to_string(), id)
+                .await;
+        }
+        let store = self.state.store.clone();
+        let rollouts = self.state.rollouts.clone();
         let id = self.handle.client_id.clone();
         let epoch = self.handle.epoch;
         match msg {
@@ -357,13 +398,21 @@ impl Session {
                     os,
                     arch,
                 };
-                if let Err(e) = self.state.store.agent_hello(id.clone(), epoch, hello).await {
+                if let Err(e) = self
+                    .guarded(store.agent_hello(id.clone(), epoch, hello))
+                    .await?
+                {
                     self.state.metrics.store_errors.inc();
-                    tracing::error!(agent = %self.handle.client_id, error = %error_chain(&e), "could not store hello");
-                    return Ok(());
+                    tracing::error!(agent = %id, error = %error_chain(&e), "could not store hello");
+                    // Never silence: without its hello stored the agent would be skipped
+                    // by rollouts, so it must know to say it again.
+                    let msg = "hello not stored; send it again later".to_string();
+                    return self.error(ErrorCode::StoreUnavailable, msg, None).await;
                 }
                 // Once the hello is stored: an agent on an older version may be due an update.
-                let outcome = self.state.rollouts.after_hello(&id, epoch, facts).await;
+                let outcome = self
+                    .guarded(rollouts.after_hello(&id, epoch, facts))
+                    .await?;
                 if let Some(problem) = outcome.problem {
                     self.error(ErrorCode::InvalidMessage, problem, None).await?;
                 }
@@ -372,10 +421,8 @@ impl Session {
             Inbound::Inventory { data } => {
                 let body = data.to_string();
                 match self
-                    .state
-                    .store
-                    .store_inventory(id.to_string(), body, now_ms())
-                    .await
+                    .guarded(store.store_inventory(id.to_string(), body, now_ms()))
+                    .await?
                 {
                     Ok(()) => Ok(()),
                     Err(e) => {
@@ -401,17 +448,15 @@ impl Session {
                 };
                 let output = output.map(|o| o.to_string());
                 let outcome = self
-                    .state
-                    .store
-                    .record_result(
+                    .guarded(store.record_result(
                         id.clone(),
                         epoch,
                         command_id.clone(),
                         status,
                         output,
                         now_ms(),
-                    )
-                    .await;
+                    ))
+                    .await?;
                 match outcome {
                     Ok(ResultOutcome::Stored(st)) => {
                         self.state.metrics.command(st, 1);
@@ -488,16 +533,23 @@ impl Session {
             .await
     }
 
-    /// Sends one frame; an agent that cannot take it within WS_SEND_TIMEOUT is closed,
-    /// so memory per agent stays bounded.
+    /// Sends one frame; an agent that cannot take it within WS_SEND_TIMEOUT is closed
+    /// (4008), so memory per agent stays bounded. A close request or the token's expiry
+    /// ends the wait at once.
     async fn send_frame(&mut self, frame: Message, kind: MessageType) -> Result<(), End> {
-        match timeout(self.state.send_timeout, self.ws.send(frame)).await {
-            Ok(Ok(())) => {
-                self.state.metrics.ws(Direction::Outbound, kind);
-                Ok(())
-            }
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(End::Server(protocol::SLOW_CONSUMER)),
+        let write = timeout(self.state.send_timeout, self.ws.send(frame));
+        tokio::select! {
+            biased;
+            close = self.handle.closing() => Err(End::Server(close)),
+            _ = &mut self.token_expiry => Err(End::Server(protocol::TOKEN_EXPIRED)),
+            written = write => match written {
+                Ok(Ok(())) => {
+                    self.state.metrics.ws(Direction::Outbound, kind);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(End::Server(protocol::SLOW_CONSUMER)),
+            },
         }
     }
 

@@ -269,6 +269,16 @@ pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Opt
     Some(app)
 }
 
+/// An app on the database at `url` (which the caller owns), with the test configuration
+/// plus `overrides`.
+pub async fn spawn_app_on(url: &str, overrides: &[(&str, &str)]) -> TestApp {
+    let data_dir = tempfile::tempdir().unwrap();
+    let config = test_config(url, data_dir.path(), overrides);
+    let mut app = start(config).await;
+    app._data_dir = Some(data_dir);
+    app
+}
+
 async fn start(config: Config) -> TestApp {
     let app = Application::build(config.clone())
         .await
