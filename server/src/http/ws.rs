@@ -34,8 +34,15 @@ pub(super) async fn upgrade(
     Query(query): Query<TokenQuery>,
     mut req: Request,
 ) -> Result<Response> {
-    let checked = client_id.and_then(|ClientId(id)| {
-        let exp = check_upgrade(&state, &id, query.token, req.headers())?;
+    // Owned, so that the request body (not Sync) is not borrowed across the await.
+    let headers = req.headers().clone();
+    let checked = async {
+        let ClientId(id) = client_id?;
+        let exp = check_upgrade(&state, &id, query.token, &headers).await?;
+        Ok::<_, ApiError>((id, exp))
+    }
+    .await
+    .and_then(|(id, exp)| {
         // RFC 6455's handshake checks and the 101 with its Sec-WebSocket-Accept.
         let switching =
             create_response_with_body(&req, Body::empty).map_err(|_| ApiError::NotWebSocket)?;
@@ -72,8 +79,9 @@ pub(super) async fn upgrade(
     Ok(switching)
 }
 
-/// Returns the token's expiry.
-fn check_upgrade(
+/// Returns the token's expiry. The token is checked against revocations too: a deleted
+/// or revoked agent's old token gets a 401 saying so.
+async fn check_upgrade(
     state: &AppState,
     client_id: &str,
     query_token: Option<String>,
@@ -87,7 +95,7 @@ fn check_upgrade(
         .or(query_token)
         .filter(|t| !t.is_empty())
         .ok_or(AuthError::Missing)?;
-    let claims = state.tokens.verify(&token)?;
+    let claims = state.creds.authenticate(&token).await?;
     if claims.role != Role::Agent {
         return Err(ApiError::Forbidden(
             "WebSocket sessions need an agent token (role agent)".into(),
