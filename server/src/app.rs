@@ -10,22 +10,22 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditPruner;
 use crate::auth::Tokens;
 use crate::auth::ui_session::UiSignIn;
 use crate::binaries::{Rollouts, Storage};
-use crate::audit::AuditPruner;
 use crate::config::{Config, Secret, SecretKeySource};
 use crate::credentials::{Credentials, RevocationBus};
 use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
 use crate::hub::rebalance::Rebalancer;
-use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
 use crate::secrets::load_or_create_signing_key;
 use crate::state::{AppState, State};
 use crate::store::{Store, StoreError};
+use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::ws::session::SessionContext;
 
 #[derive(Debug, thiserror::Error)]

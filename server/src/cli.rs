@@ -136,13 +136,8 @@ pub async fn check(config: &Config, url: &str, timeout: Duration) -> Result<Stri
         format!("{authority}:80")
     };
     let client_id = format!("{CHECK_CLIENT_ID}-{:08x}", rand::random::<u32>());
-    let agent_token = mint(
-        config,
-        &client_id,
-        Role::Agent,
-        Duration::from_secs(300),
-    )
-    .map_err(|e| e.to_string())?;
+    let agent_token = mint(config, &client_id, Role::Agent, Duration::from_secs(300))
+        .map_err(|e| e.to_string())?;
     let admin_token = mint(
         config,
         CHECK_CLIENT_ID,

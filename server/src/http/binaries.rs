@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{Admin, AdminContext, Page, Principal, Query, discard};
-use crate::audit::{AuditAction, AuditEvent};
 use super::files::{ByteRange, byte_range, file_body, if_range_allows, none_match, set};
+use crate::audit::{AuditAction, AuditEvent};
 use crate::binaries::StorageError;
 use crate::binaries::storage::is_sha256;
 use crate::ids::rfc3339;

@@ -73,7 +73,9 @@ pub(super) async fn list(
         .await?;
     let next = Page::next(secrets.len(), limit, secrets.last().map(|s| s.id.clone()));
     let secrets: Vec<EnrollSecretView> = secrets.into_iter().map(Into::into).collect();
-    Ok(Json(serde_json::json!({"enroll_secrets": secrets, "next": next})))
+    Ok(Json(
+        serde_json::json!({"enroll_secrets": secrets, "next": next}),
+    ))
 }
 
 /// `DELETE /api/v1/enroll-secrets/{id}`: no agent can enroll with it any more.

@@ -8,8 +8,8 @@ use http::{HeaderValue, StatusCode, header};
 
 use crate::audit::{AuditError, AuditQueryError};
 use crate::auth::AuthError;
-use crate::credentials::{CredentialError, EnrollError};
 use crate::binaries::StorageError;
+use crate::credentials::{CredentialError, EnrollError};
 use crate::error::error_chain;
 use crate::store::StoreError;
 

@@ -56,10 +56,7 @@ pub fn router(state: AppState) -> Router {
             get(inventory::get).post(inventory::put),
         )
         .route("/api/v1/commands/{id}", get(commands::get))
-        .route(
-            "/api/v1/agents/{client_id}/revoke",
-            post(agents::revoke),
-        )
+        .route("/api/v1/agents/{client_id}/revoke", post(agents::revoke))
         .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/api/v1/tokens/{id}", delete(tokens::revoke))
         .route(

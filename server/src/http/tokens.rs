@@ -114,7 +114,9 @@ pub(super) async fn list(
         })
         .await?;
     let tokens: Vec<TokenView> = found.tokens.into_iter().map(TokenView::from).collect();
-    Ok(Json(serde_json::json!({"tokens": tokens, "next": found.next})))
+    Ok(Json(
+        serde_json::json!({"tokens": tokens, "next": found.next}),
+    ))
 }
 
 /// `DELETE /api/v1/tokens/{id}`: the token stops working on every replica within a
@@ -125,5 +127,7 @@ pub(super) async fn revoke(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>> {
     let record = state.creds.revoke_token(&ctx, &id).await?;
-    Ok(Json(serde_json::to_value(TokenView::from(record)).unwrap_or_default()))
+    Ok(Json(
+        serde_json::to_value(TokenView::from(record)).unwrap_or_default(),
+    ))
 }

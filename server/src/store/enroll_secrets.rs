@@ -4,8 +4,8 @@
 use diesel::prelude::*;
 
 use super::api_tokens::{ApiTokenRow, bump_generation};
-use super::schema::{agent_credentials, agent_labels, agents, api_tokens, enroll_secrets};
 use super::rollouts::LABEL_FROM_ENROLLMENT;
+use super::schema::{agent_credentials, agent_labels, agents, api_tokens, enroll_secrets};
 use super::{Change, Store, StoreError, with_conn};
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]

@@ -445,7 +445,10 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
         .await
         .unwrap();
     let (status, enrolled) = status_json(resp).await;
-    assert_eq!(status, 201, "the secret the page showed enrolls: {enrolled}");
+    assert_eq!(
+        status, 201,
+        "the secret the page showed enrolls: {enrolled}"
+    );
     browser.screenshot("07-credentials.png").await;
 
     browser.click("#sign-out").await;

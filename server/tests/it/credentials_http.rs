@@ -58,7 +58,10 @@ async fn revocations_reach_the_other_replica_within_a_second(backend: Backend) {
     // Both replicas subscribe to the revocation channel at start; a first revocation
     // before that would only be seen within the cache's lifetime.
     let (status, minted) = a
-        .post("/api/v1/tokens", &json!({"client_id": "edge-1", "name": "edge"}))
+        .post(
+            "/api/v1/tokens",
+            &json!({"client_id": "edge-1", "name": "edge"}),
+        )
         .await;
     assert_eq!(status, 201, "{minted}");
     let agent_token = minted["token"].as_str().unwrap().to_string();
@@ -88,13 +91,17 @@ async fn revocations_reach_the_other_replica_within_a_second(backend: Backend) {
         .await
         .expect("B closes the revoked agent's session within a second");
     assert_eq!((code, reason.as_str()), (4002, "credentials revoked"));
-    within(Duration::from_secs(1), "B refuses the revoked agent token", async || {
-        matches!(
-            b.connect_with("edge-1", &[("authorization", &format!("Bearer {agent_token}"))], "")
-                .await,
-            Err((401, ref body)) if body.contains("revoked")
-        )
-    })
+    within(
+        Duration::from_secs(1),
+        "B refuses the revoked agent token",
+        async || {
+            matches!(
+                b.connect_with("edge-1", &[("authorization", &format!("Bearer {agent_token}"))], "")
+                    .await,
+                Err((401, ref body)) if body.contains("revoked")
+            )
+        },
+    )
     .await;
     let agent_revoked = started.elapsed();
 
@@ -104,13 +111,17 @@ async fn revocations_reach_the_other_replica_within_a_second(backend: Backend) {
         .await;
     assert_eq!(status, 200, "{body}");
     assert!(body["revoked_at"].is_string(), "{body}");
-    within(Duration::from_secs(1), "B refuses the revoked API token", async || {
-        let (status, body) = get_with(&b, "/api/v1/agents", &ci_token).await;
-        status == 401
-            && body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("revoked by an operator"))
-    })
+    within(
+        Duration::from_secs(1),
+        "B refuses the revoked API token",
+        async || {
+            let (status, body) = get_with(&b, "/api/v1/agents", &ci_token).await;
+            status == 401
+                && body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("revoked by an operator"))
+        },
+    )
     .await;
     println!(
         "revocation seen by the other replica: agent {agent_revoked:?}, token {:?}",
@@ -118,13 +129,13 @@ async fn revocations_reach_the_other_replica_within_a_second(backend: Backend) {
     );
     // The revoked token is listed only with include_revoked.
     let (_, live) = a.get("/api/v1/tokens").await;
-    let ids: Vec<&str> = live["tokens"]
+    let names: Vec<&str> = live["tokens"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t["name"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(ids, vec!["edge"], "{live}");
+    assert_eq!(names, vec!["edge"], "{live}");
     let (_, all) = a.get("/api/v1/tokens?include_revoked=true").await;
     assert_eq!(all["tokens"].as_array().unwrap().len(), 2, "{all}");
 }
@@ -132,10 +143,8 @@ async fn revocations_reach_the_other_replica_within_a_second(backend: Backend) {
 mod revocation_across_replicas {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
-        super::revocations_reach_the_other_replica_within_a_second(
-            crate::helpers::Backend::Sqlite,
-        )
-        .await;
+        super::revocations_reach_the_other_replica_within_a_second(crate::helpers::Backend::Sqlite)
+            .await;
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres() {
@@ -199,7 +208,11 @@ async fn enrollment_gives_a_working_token_and_each_refusal_says_why(app: TestApp
     assert_eq!(enrolled["labels"], json!(["rack-1"]));
     let token = enrolled["token"].as_str().unwrap();
     let mut agent = app
-        .connect_with("web-1", &[("authorization", &format!("Bearer {token}"))], "")
+        .connect_with(
+            "web-1",
+            &[("authorization", &format!("Bearer {token}"))],
+            "",
+        )
         .await
         .expect("the enrolled token opens a session");
     agent
@@ -216,13 +229,21 @@ async fn enrollment_gives_a_working_token_and_each_refusal_says_why(app: TestApp
 
     // Each refusal, with its status and code.
     let (status, body, _) = enroll(&app, json!({"secret": secret, "client_id": "web-2"})).await;
-    assert_eq!((status, code(&body)), (401, "enroll_secret_used_up"), "{body}");
+    assert_eq!(
+        (status, code(&body)),
+        (401, "enroll_secret_used_up"),
+        "{body}"
+    );
     let (status, body, _) = enroll(
         &app,
         json!({"secret": "agent-enroll-nonsense", "client_id": "web-2"}),
     )
     .await;
-    assert_eq!((status, code(&body)), (401, "unknown_enroll_secret"), "{body}");
+    assert_eq!(
+        (status, code(&body)),
+        (401, "unknown_enroll_secret"),
+        "{body}"
+    );
     let (_, open) = app
         .post("/api/v1/enroll-secrets", &json!({"name": "open"}))
         .await;
@@ -242,7 +263,11 @@ async fn enrollment_gives_a_working_token_and_each_refusal_says_why(app: TestApp
     assert_eq!(status, 200);
     let (status, body, _) =
         enroll(&app, json!({"secret": open_secret, "client_id": "web-3"})).await;
-    assert_eq!((status, code(&body)), (401, "enroll_secret_revoked"), "{body}");
+    assert_eq!(
+        (status, code(&body)),
+        (401, "enroll_secret_revoked"),
+        "{body}"
+    );
     let expired = "agent-enroll-expired-for-the-test";
     app.state
         .store
@@ -262,7 +287,11 @@ async fn enrollment_gives_a_working_token_and_each_refusal_says_why(app: TestApp
         .await
         .unwrap();
     let (status, body, _) = enroll(&app, json!({"secret": expired, "client_id": "web-3"})).await;
-    assert_eq!((status, code(&body)), (401, "enroll_secret_expired"), "{body}");
+    assert_eq!(
+        (status, code(&body)),
+        (401, "enroll_secret_expired"),
+        "{body}"
+    );
     assert!(
         body["error"]["message"]
             .as_str()
@@ -304,16 +333,21 @@ async fn a_deleted_agent_cannot_reconnect_with_its_old_token(app: TestApp) {
         .expect("the old token is refused");
     assert_eq!(refused.0, 401);
     assert!(refused.1.contains("was deleted"), "{}", refused.1);
-    assert_eq!(app.get("/api/v1/agents/gone").await.0, 404, "not created again");
+    assert_eq!(
+        app.get("/api/v1/agents/gone").await.0,
+        404,
+        "not created again"
+    );
     // A new token works: the agent can come back when an operator wants it to.
     let (_, minted) = app
         .post("/api/v1/tokens", &json!({"client_id": "gone"}))
         .await;
     let fresh = format!("Bearer {}", minted["token"].as_str().unwrap());
-    assert!(app
-        .connect_with("gone", &[("authorization", &fresh)], "")
-        .await
-        .is_ok());
+    assert!(
+        app.connect_with("gone", &[("authorization", &fresh)], "")
+            .await
+            .is_ok()
+    );
 }
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -351,8 +385,11 @@ async fn every_change_through_the_api_is_in_the_audit_log(app: TestApp) {
     .await;
     let binary = app.uploaded("agent", "2.0.0", "linux", "x86_64").await;
     let rollout = app.rollout(json!({"binary_id": binary})).await;
-    app.delete(&format!("/api/v1/rollouts/{}", rollout["id"].as_str().unwrap()))
-        .await;
+    app.delete(&format!(
+        "/api/v1/rollouts/{}",
+        rollout["id"].as_str().unwrap()
+    ))
+    .await;
     app.delete(&format!("/api/v1/binaries/{binary}")).await;
     app.delete("/api/v1/agents/host-1").await;
 
@@ -409,11 +446,21 @@ async fn every_change_through_the_api_is_in_the_audit_log(app: TestApp) {
     assert_eq!(by_actor["entries"].as_array().unwrap().len(), 11);
     let (_, first) = app.get("/api/v1/audit?limit=5").await;
     let next = first["next"].as_str().expect("a next page").to_string();
-    let (_, second) = app.get(&format!("/api/v1/audit?limit=5&after={next}")).await;
-    assert_eq!(second["entries"][0]["action"], "enroll_secret_revoked", "{second}");
+    let (_, second) = app
+        .get(&format!("/api/v1/audit?limit=5&after={next}"))
+        .await;
+    assert_eq!(
+        second["entries"][0]["action"], "enroll_secret_revoked",
+        "{second}"
+    );
     let (status, body) = app.get("/api/v1/audit?action=dropped_tables").await;
     assert_eq!((status, code(&body)), (400, "invalid_filter"));
-    assert!(body["error"]["message"].as_str().unwrap().contains("token_minted"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("token_minted")
+    );
     let (status, body) = app.get("/api/v1/audit?limit=0").await;
     assert_eq!((status, code(&body)), (400, "invalid_limit"));
     // Agents may not read it.
