@@ -835,6 +835,11 @@
     'job_cancelled',
   ];
 
+  // A moment in the future (an expiry), as a date and time.
+  function until(iso) {
+    return h('span', { title: iso }, iso ? new Date(iso).toLocaleString() : '—');
+  }
+
   function auditActor(e) {
     if (e.actor_kind === 'ui_session') return 'UI session ' + e.actor;
     if (e.actor_kind === 'enroll_secret') return 'enroll secret ' + e.actor;
@@ -912,7 +917,7 @@
           h('td', {}, t.name || h('span', { class: 'muted' }, '—')),
           h('td', { class: 'mono' }, t.client_id),
           h('td', {}, pill(t.role, t.role === 'admin' ? 'accent' : '')),
-          h('td', { class: 'nowrap', title: t.expires_at }, when(t.expires_at)),
+          h('td', { class: 'nowrap' }, until(t.expires_at)),
           h('td', { class: 'nowrap' }, t.last_used_at ? ago(t.last_used_at) : h('span', { class: 'muted' }, 'never')),
           h('td', {}, h('button', { class: 'btn small danger', onclick: async () => {
             if (!confirm('Revoke this token? Anything using it is refused from now on.')) return;
@@ -931,7 +936,7 @@
           h('td', {}, s.name, ' ', state),
           h('td', {}, s.labels.join(', ')),
           h('td', { class: 'num' }, s.use_count + (s.max_uses ? ' / ' + s.max_uses : '')),
-          h('td', { class: 'nowrap' }, s.expires_at ? when(s.expires_at) : h('span', { class: 'muted' }, 'never')),
+          h('td', { class: 'nowrap' }, s.expires_at ? until(s.expires_at) : h('span', { class: 'muted' }, 'never')),
           h('td', {}, s.revoked_at ? null : h('button', { class: 'btn small danger', onclick: async () => {
             if (!confirm('Revoke this enroll secret? Enrolled agents keep their tokens.')) return;
             try { await del('/api/v1/enroll-secrets/' + encodeURIComponent(s.id)); toast('Enroll secret revoked'); loadSecrets(); } catch (e) { toast(e.message, true); }
