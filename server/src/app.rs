@@ -10,10 +10,12 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditPruner;
 use crate::auth::Tokens;
 use crate::auth::ui_session::UiSignIn;
 use crate::binaries::{Rollouts, Storage};
 use crate::config::{Config, Secret, SecretKeySource};
+use crate::credentials::{Credentials, RevocationBus};
 use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
@@ -101,6 +103,19 @@ impl Application {
         };
         let sign_in = UiSignIn::new(&config).map_err(StartError::AdminPassword)?;
         let hub = Hub::new(metrics.clone(), cluster);
+        let tokens = Tokens::with_rotation(
+            &secret,
+            config.credentials.secret_key_previous.as_ref(),
+            config.jwt_algorithm,
+            config.credentials.jwt_leeway,
+        );
+        let bus = match &config.redis {
+            None => None,
+            Some(redis) => Some(Arc::new(
+                RevocationBus::new(redis, config.pod_id.clone()).map_err(StartError::Redis)?,
+            )),
+        };
+        let creds = Credentials::new(store.clone(), tokens.clone(), hub.clone(), bus);
         let storage = Storage::new(config.binary_storage_path.clone());
         let rollouts = Rollouts::new(
             &config,
@@ -117,7 +132,8 @@ impl Application {
             rollouts.clone(),
         ));
         let state = Arc::new(State {
-            tokens: Tokens::new(&secret, config.jwt_algorithm),
+            tokens,
+            creds,
             config: Arc::new(config),
             store,
             hub,
@@ -276,6 +292,21 @@ fn spawn_background(state: &State) {
             metrics: state.metrics.clone(),
         },
     );
+    tasks.spawn(
+        state
+            .creds
+            .last_used_flusher(LAST_USED_FLUSH_INTERVAL)
+            .run(stop.clone()),
+    );
+    tasks.spawn(
+        AuditPruner::new(state.store.clone(), config.credentials.audit_retention).run(stop.clone()),
+    );
+    if let Some(bus) = state.creds.bus() {
+        tasks.spawn(
+            bus.clone()
+                .run_subscriber(state.creds.clone(), stop.clone()),
+        );
+    }
     if let Some(cluster) = cluster {
         tasks.spawn(cluster.clone().run_subscriber(
             state.hub.clone(),
@@ -316,5 +347,8 @@ fn spawn_background(state: &State) {
 
 /// How often the UI's agents-per-pod summary is recomputed while someone watches.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the tokens' `last_used_at` is written (it is informational; batching keeps
+/// it off the request path).
+const LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 /// How often expired UI sessions are removed.
 const UI_SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(300);

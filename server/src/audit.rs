@@ -31,10 +31,14 @@ pub enum AuditAction {
     RolloutCancelled,
     SignInSucceeded,
     SignInFailed,
+    JobCreated,
+    JobPaused,
+    JobResumed,
+    JobCancelled,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 14] = [
+    pub const ALL: [AuditAction; 18] = [
         AuditAction::CommandCreated,
         AuditAction::AgentDeleted,
         AuditAction::AgentRevoked,
@@ -49,6 +53,10 @@ impl AuditAction {
         AuditAction::RolloutCancelled,
         AuditAction::SignInSucceeded,
         AuditAction::SignInFailed,
+        AuditAction::JobCreated,
+        AuditAction::JobPaused,
+        AuditAction::JobResumed,
+        AuditAction::JobCancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +75,10 @@ impl AuditAction {
             AuditAction::RolloutCancelled => "rollout_cancelled",
             AuditAction::SignInSucceeded => "sign_in_succeeded",
             AuditAction::SignInFailed => "sign_in_failed",
+            AuditAction::JobCreated => "job_created",
+            AuditAction::JobPaused => "job_paused",
+            AuditAction::JobResumed => "job_resumed",
+            AuditAction::JobCancelled => "job_cancelled",
         }
     }
 }

@@ -119,7 +119,10 @@ pub fn mint(config: &Config, sub: &str, role: Role, ttl: Duration) -> Result<Str
         .token)
 }
 
-/// The client id `check` connects as; removed again when the check passes.
+/// The prefix of the client id `check` connects as. Each run uses a fresh id
+/// (`agent-server-check-<8 hex digits>`), removed again when the check passes: deleting
+/// an agent revokes every token minted for its id before, so a fixed id would make the
+/// next run's token look like a revoked one.
 pub const CHECK_CLIENT_ID: &str = "agent-server-check";
 
 /// GET /health, then a WebSocket handshake that must yield the `welcome` message.
@@ -133,13 +136,9 @@ pub async fn check(config: &Config, url: &str, timeout: Duration) -> Result<Stri
     } else {
         format!("{authority}:80")
     };
-    let agent_token = mint(
-        config,
-        CHECK_CLIENT_ID,
-        Role::Agent,
-        Duration::from_secs(300),
-    )
-    .map_err(|e| e.to_string())?;
+    let client_id = format!("{CHECK_CLIENT_ID}-{:08x}", rand::random::<u32>());
+    let agent_token = mint(config, &client_id, Role::Agent, Duration::from_secs(300))
+        .map_err(|e| e.to_string())?;
     let admin_token = mint(
         config,
         CHECK_CLIENT_ID,
@@ -153,7 +152,7 @@ pub async fn check(config: &Config, url: &str, timeout: Duration) -> Result<Stri
         if status != 200 {
             return Err(format!("GET /health answered {status}"));
         }
-        let mut request = format!("ws://{authority}/ws/{CHECK_CLIENT_ID}")
+        let mut request = format!("ws://{authority}/ws/{client_id}")
             .into_client_request()
             .map_err(|e| e.to_string())?;
         request.headers_mut().insert(
@@ -186,7 +185,7 @@ pub async fn check(config: &Config, url: &str, timeout: Duration) -> Result<Stri
         let _ = http_request(
             &authority,
             "DELETE",
-            &format!("/api/v1/agents/{CHECK_CLIENT_ID}"),
+            &format!("/api/v1/agents/{client_id}"),
             Some(&admin_token),
         )
         .await;

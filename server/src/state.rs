@@ -8,6 +8,7 @@ use crate::auth::Tokens;
 use crate::auth::ui_session::UiSignIn;
 use crate::binaries::{Rollouts, Storage};
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::events::EventHub;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
@@ -28,6 +29,9 @@ pub struct State {
     pub hub: Hub,
     /// Mints and verifies the JWTs of agents and operators.
     pub tokens: Tokens,
+    /// Authentication against revocations, token and enroll-secret management, and the
+    /// audit log (`creds.audit()`).
+    pub creds: Credentials,
     /// The Prometheus registry.
     pub metrics: Arc<Metrics>,
     /// Draining flag, task tracker and stop signal.

@@ -193,6 +193,8 @@
     ['#/agents', 'Agents'],
     ['#/binaries', 'Binaries & updates'],
     ['#/cluster', 'Cluster'],
+    ['#/credentials', 'Credentials'],
+    ['#/audit', 'Audit'],
   ];
 
   function shell(active) {
@@ -822,6 +824,168 @@
     };
   }
 
+  // ---- Credentials and audit pages -------------------------------------------------------
+  // Their own section: tokens and enroll secrets (#/credentials), the audit log (#/audit).
+
+  const AUDIT_ACTIONS = [
+    'command_created', 'agent_deleted', 'agent_revoked', 'token_minted', 'token_revoked',
+    'enroll_secret_created', 'enroll_secret_used', 'enroll_secret_revoked',
+    'binary_uploaded', 'binary_deleted', 'rollout_created', 'rollout_cancelled',
+    'sign_in_succeeded', 'sign_in_failed', 'job_created', 'job_paused', 'job_resumed',
+    'job_cancelled',
+  ];
+
+  // A moment in the future (an expiry), as a date and time.
+  function until(iso) {
+    return h('span', { title: iso }, iso ? new Date(iso).toLocaleString() : '—');
+  }
+
+  function auditActor(e) {
+    if (e.actor_kind === 'ui_session') return 'UI session ' + e.actor;
+    if (e.actor_kind === 'enroll_secret') return 'enroll secret ' + e.actor;
+    if (e.actor_kind === 'anonymous') return 'anonymous';
+    return e.actor + (e.actor_jti ? ' (' + e.actor_jti.slice(-8) + ')' : '');
+  }
+
+  function auditPage(main) {
+    const params = new URLSearchParams(location.hash.split('?')[1] || '');
+    const actor = h('input', { type: 'search', id: 'audit-actor', placeholder: 'Actor (token subject, session, secret id)', value: params.get('actor') || '' });
+    const action = h('select', { id: 'audit-action' },
+      h('option', { value: '' }, 'All actions'),
+      AUDIT_ACTIONS.map((a) => h('option', { value: a }, a.replace(/_/g, ' '))));
+    action.value = params.get('action') || '';
+    const tbody = h('tbody');
+    const pager = h('div', { class: 'toolbar' });
+    // The cursors of the pages before this one, so that "Newer" can go back.
+    const view = { cursors: [], after: null, next: null };
+    async function load() {
+      const q = new URLSearchParams({ limit: '50' });
+      if (actor.value.trim()) q.set('actor', actor.value.trim());
+      if (action.value) q.set('action', action.value);
+      if (view.after) q.set('after', view.after);
+      let data;
+      try { data = await get('/api/v1/audit?' + q); } catch (e) { toast(e.message, true); return; }
+      view.next = data.next;
+      clear(tbody);
+      if (!data.entries.length) {
+        append(tbody, h('tr', {}, h('td', { colspan: 5, class: 'muted' }, 'No entries.')));
+      }
+      for (const e of data.entries) {
+        append(tbody, h('tr', { dataset: { action: e.action } },
+          h('td', { class: 'nowrap', title: e.at }, when(e.at)),
+          h('td', { class: 'mono' }, auditActor(e)),
+          h('td', {}, pill(e.action.replace(/_/g, ' '), e.action.endsWith('failed') ? 'bad' : 'accent')),
+          h('td', { class: 'mono' }, e.target || ''),
+          h('td', { class: 'mono muted' }, e.source || '')));
+      }
+      clear(pager);
+      append(pager, [
+        h('button', { class: 'btn small', id: 'audit-newer', disabled: !view.cursors.length,
+          onclick: () => { view.after = view.cursors.pop() || null; load(); } }, 'Newer'),
+        h('button', { class: 'btn small', id: 'audit-older', disabled: !view.next,
+          onclick: () => { view.cursors.push(view.after); view.after = view.next; load(); } }, 'Older'),
+      ]);
+    }
+    function refilter() { view.cursors = []; view.after = null; load(); }
+    actor.addEventListener('input', debounce(refilter, 250));
+    action.addEventListener('change', refilter);
+    append(main, [
+      h('div', { class: 'page-head' }, h('div', {}, h('h1', {}, 'Audit log'),
+        h('div', { class: 'sub' }, 'Every change made through the API or this console: who, what, from where and when. Newest first.'))),
+      h('div', { class: 'card' },
+        h('div', { class: 'toolbar' }, actor, action),
+        h('div', { class: 'table-wrap' }, h('table', { id: 'audit-table' },
+          h('thead', {}, h('tr', {}, h('th', {}, 'Time'), h('th', {}, 'Actor'), h('th', {}, 'Action'), h('th', {}, 'Target'), h('th', {}, 'Source'))),
+          tbody)),
+        pager),
+    ]);
+    load();
+    return { every: 15000, tick: () => { if (!view.after) load(); } };
+  }
+
+  function credentialsPage(main) {
+    const tokens = h('tbody');
+    const secrets = h('tbody');
+    const shown = h('div', { id: 'enroll-secret-shown' });
+    async function loadTokens() {
+      let data;
+      try { data = await get('/api/v1/tokens?limit=1000'); } catch (e) { toast(e.message, true); return; }
+      clear(tokens);
+      if (!data.tokens.length) append(tokens, h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No live tokens minted through the API.')));
+      for (const t of data.tokens) {
+        append(tokens, h('tr', { dataset: { token: t.id } },
+          h('td', {}, t.name || h('span', { class: 'muted' }, '—')),
+          h('td', { class: 'mono' }, t.client_id),
+          h('td', {}, pill(t.role, t.role === 'admin' ? 'accent' : '')),
+          h('td', { class: 'nowrap' }, until(t.expires_at)),
+          h('td', { class: 'nowrap' }, t.last_used_at ? ago(t.last_used_at) : h('span', { class: 'muted' }, 'never')),
+          h('td', {}, h('button', { class: 'btn small danger', onclick: async () => {
+            if (!confirm('Revoke this token? Anything using it is refused from now on.')) return;
+            try { await del('/api/v1/tokens/' + encodeURIComponent(t.id)); toast('Token revoked'); loadTokens(); } catch (e) { toast(e.message, true); }
+          } }, 'Revoke'))));
+      }
+    }
+    async function loadSecrets() {
+      let data;
+      try { data = await get('/api/v1/enroll-secrets?limit=1000'); } catch (e) { toast(e.message, true); return; }
+      clear(secrets);
+      if (!data.enroll_secrets.length) append(secrets, h('tr', {}, h('td', { colspan: 5, class: 'muted' }, 'No enroll secrets yet.')));
+      for (const s of data.enroll_secrets) {
+        const state = s.revoked_at ? pill('revoked', 'bad') : pill('active', 'ok');
+        append(secrets, h('tr', { dataset: { secret: s.id } },
+          h('td', {}, s.name, ' ', state),
+          h('td', {}, s.labels.join(', ')),
+          h('td', { class: 'num' }, s.use_count + (s.max_uses ? ' / ' + s.max_uses : '')),
+          h('td', { class: 'nowrap' }, s.expires_at ? until(s.expires_at) : h('span', { class: 'muted' }, 'never')),
+          h('td', {}, s.revoked_at ? null : h('button', { class: 'btn small danger', onclick: async () => {
+            if (!confirm('Revoke this enroll secret? Enrolled agents keep their tokens.')) return;
+            try { await del('/api/v1/enroll-secrets/' + encodeURIComponent(s.id)); toast('Enroll secret revoked'); loadSecrets(); } catch (e) { toast(e.message, true); }
+          } }, 'Revoke'))));
+      }
+    }
+    const name = h('input', { type: 'text', id: 'enroll-name', placeholder: 'e.g. rack 12', required: true, maxlength: 100 });
+    const labels = h('input', { type: 'text', id: 'enroll-labels', placeholder: 'labels, comma-separated (optional)' });
+    const maxUses = h('input', { type: 'number', id: 'enroll-max-uses', min: 1, placeholder: 'uses: unlimited' });
+    const form = h('form', { class: 'toolbar', id: 'enroll-form', onsubmit: async (ev) => {
+      ev.preventDefault();
+      const body = { name: name.value.trim() };
+      const ls = labels.value.split(',').map((l) => l.trim()).filter(Boolean);
+      if (ls.length) body.labels = ls;
+      if (maxUses.value) body.max_uses = Number(maxUses.value);
+      try {
+        const created = await post('/api/v1/enroll-secrets', body);
+        clear(shown);
+        append(shown, h('div', { class: 'card' }, h('div', { class: 'toolbar' },
+          h('strong', {}, 'Copy the secret now; it is not shown again: '),
+          h('code', { class: 'mono', id: 'enroll-secret-value' }, created.secret))));
+        name.value = ''; labels.value = ''; maxUses.value = '';
+        loadSecrets();
+      } catch (e) { toast(e.message, true); }
+    } }, name, labels, maxUses, h('button', { class: 'btn primary', type: 'submit' }, 'Create enroll secret'));
+    append(main, [
+      h('div', { class: 'page-head' }, h('div', {}, h('h1', {}, 'Credentials'),
+        h('div', { class: 'sub' }, 'Enroll secrets let agents get their own token (POST /api/v1/enroll); tokens minted through the API can be revoked one by one.'))),
+      h('h2', {}, 'Enroll secrets'),
+      h('div', { class: 'card' }, form, shown,
+        h('div', { class: 'table-wrap' }, h('table', { id: 'enroll-secrets-table' },
+          h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'Labels'), h('th', { class: 'num' }, 'Used'), h('th', {}, 'Expires'), h('th', {}, ''))),
+          secrets))),
+      h('h2', {}, 'Tokens'),
+      h('div', { class: 'card' }, h('div', { class: 'table-wrap' }, h('table', { id: 'tokens-table' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'Client id'), h('th', {}, 'Role'), h('th', {}, 'Expires'), h('th', {}, 'Last used'), h('th', {}, ''))),
+        tokens))),
+    ]);
+    loadTokens();
+    loadSecrets();
+    return { every: 30000, tick: () => { loadTokens(); loadSecrets(); } };
+  }
+
+  // Pages of this section, for the router.
+  const CREDENTIAL_PAGES = {
+    '#/audit': ['Audit', auditPage],
+    '#/credentials': ['Credentials', credentialsPage],
+  };
+
   // ---- Router ----------------------------------------------------------------------------------
 
   let current = null;
@@ -851,9 +1015,10 @@
     if (agent) page = agentPage(shell('#/agents'), decodeURIComponent(agent[1]));
     else if (path === '#/binaries') page = binariesPage(shell('#/binaries'));
     else if (path === '#/cluster') page = clusterPage(shell('#/cluster'));
+    else if (CREDENTIAL_PAGES[path]) page = CREDENTIAL_PAGES[path][1](shell(path));
     else page = agentsPage(shell('#/agents'));
     current = page;
-    document.title = 'agent-server · ' + ({ '#/binaries': 'Binaries', '#/cluster': 'Cluster' }[path] || (agent ? decodeURIComponent(agent[1]) : 'Agents'));
+    document.title = 'agent-server · ' + ({ '#/binaries': 'Binaries', '#/cluster': 'Cluster' }[path] || (CREDENTIAL_PAGES[path] || [])[0] || (agent ? decodeURIComponent(agent[1]) : 'Agents'));
     if (page && page.every) timer = setInterval(() => page.tick(), page.every);
   }
 

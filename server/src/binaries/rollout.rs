@@ -206,16 +206,20 @@ impl Rollouts {
         if let Some(reported) = facts.labels {
             let (valid, problem) = check_labels(reported);
             outcome.problem = problem;
-            if let Err(e) = self
+            match self
                 .0
                 .store
                 .set_agent_labels(agent.to_string(), valid.clone())
                 .await
             {
-                self.0.metrics.store_errors.inc();
-                tracing::error!(agent, error = %error_chain(&e), "could not store labels");
+                // Reported and enrolled labels together, as rollouts target them.
+                Ok(all) => labels = Some(all),
+                Err(e) => {
+                    self.0.metrics.store_errors.inc();
+                    tracing::error!(agent, error = %error_chain(&e), "could not store labels");
+                    labels = Some(valid);
+                }
             }
-            labels = Some(valid);
         }
         let (Some(current), Some(os), Some(arch)) = (facts.version, facts.os, facts.arch) else {
             return outcome;

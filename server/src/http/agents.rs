@@ -5,7 +5,7 @@ use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{Admin, ClientId, Page, Principal, Query};
+use super::extract::{Admin, AdminContext, ClientId, Page, Principal, Query};
 use crate::ids::rfc3339;
 use crate::state::AppState;
 use crate::store::{AgentFilter, AgentRow};
@@ -119,18 +119,32 @@ pub(super) async fn get(
     Ok(Json(serde_json::to_value(view).unwrap_or_default()))
 }
 
-/// `DELETE /api/v1/agents/{client_id}`: forgets the agent and closes its session.
+/// `DELETE /api/v1/agents/{client_id}`: forgets the agent, invalidates every token
+/// issued to it (so it cannot reconnect and be created again) and closes its session
+/// (4002) on whichever replica holds it.
 pub(super) async fn delete(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
 ) -> Result<Json<serde_json::Value>> {
-    if !state.store.delete_agent(client_id.clone()).await? {
-        return Err(unknown_agent(&client_id));
-    }
-    state.hub.route_delete(&client_id).await;
+    state.creds.delete_agent(&ctx, &client_id).await?;
     tracing::info!(agent = %client_id, "agent deleted");
     Ok(Json(serde_json::json!({"id": client_id, "deleted": true})))
+}
+
+/// `POST /api/v1/agents/{client_id}/revoke`: every token issued to the agent so far
+/// stops working on every replica, and its live session closes (4002). The agent and
+/// its history stay; it needs a new token (enrollment or `POST /api/v1/tokens`).
+pub(super) async fn revoke(
+    State(state): State<AppState>,
+    ClientId(client_id): ClientId,
+    AdminContext(ctx): AdminContext,
+) -> Result<Json<serde_json::Value>> {
+    let generation = state.creds.revoke_agent(&ctx, &client_id).await?;
+    tracing::info!(agent = %client_id, generation, "agent credentials revoked");
+    Ok(Json(
+        serde_json::json!({"id": client_id, "revoked": true, "generation": generation}),
+    ))
 }
 
 /// The 404 of an agent the store does not know.

@@ -19,8 +19,9 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{Admin, Page, Principal, Query, discard};
+use super::extract::{Admin, AdminContext, Page, Principal, Query, discard};
 use super::files::{ByteRange, byte_range, file_body, if_range_allows, none_match, set};
+use crate::audit::{AuditAction, AuditEvent};
 use crate::binaries::StorageError;
 use crate::binaries::storage::is_sha256;
 use crate::ids::rfc3339;
@@ -194,7 +195,7 @@ fn upload_outcome(e: &ApiError) -> UploadOutcome {
 /// the body: 201 with its metadata once it is on the volume.
 pub(super) async fn upload(
     State(state): State<AppState>,
-    principal: std::result::Result<Admin, ApiError>,
+    principal: std::result::Result<AdminContext, ApiError>,
     Query(params): Query<Vec<(String, String)>>,
     req: Request,
 ) -> Result<Response> {
@@ -216,11 +217,11 @@ pub(super) async fn upload(
 /// Everything that can be refused before the body is read.
 async fn precheck(
     state: &AppState,
-    principal: std::result::Result<Admin, ApiError>,
+    principal: std::result::Result<AdminContext, ApiError>,
     params: &[(String, String)],
     headers: &HeaderMap,
-) -> Result<UploadMeta> {
-    principal?;
+) -> Result<(UploadMeta, crate::audit::RequestContext)> {
+    let AdminContext(ctx) = principal?;
     let meta = UploadMeta::parse(params, headers)?;
     if let Some(ct) = headers.get(header::CONTENT_TYPE)
         && ct
@@ -256,7 +257,7 @@ async fn precheck(
     {
         return Err(duplicate(&meta, &existing));
     }
-    Ok(meta)
+    Ok((meta, ctx))
 }
 
 /// Bytes of a refused upload read and dropped so that the client, still sending, reads
@@ -265,13 +266,13 @@ const DRAIN_BUDGET: usize = 1024 * 1024;
 
 async fn receive_upload(
     state: &AppState,
-    principal: std::result::Result<Admin, ApiError>,
+    principal: std::result::Result<AdminContext, ApiError>,
     params: Vec<(String, String)>,
     req: Request,
 ) -> Result<Response> {
     let (parts, mut body) = req.into_parts();
-    let meta = match precheck(state, principal, &params, &parts.headers).await {
-        Ok(meta) => meta,
+    let (meta, ctx) = match precheck(state, principal, &params, &parts.headers).await {
+        Ok(checked) => checked,
         Err(e) => {
             // A client that sent `Expect: 100-continue` (curl does for large bodies)
             // has not sent the body and will not; others are still sending it.
@@ -325,6 +326,18 @@ async fn receive_upload(
         binary = %row.id, name = %row.name, version = %row.version, os = %row.os, arch = %row.arch,
         size = row.size_bytes, sha256 = %row.sha256, "binary stored"
     );
+    state
+        .creds
+        .audit()
+        .record_or_log(
+            AuditEvent::now(&ctx, AuditAction::BinaryUploaded, &row.id).with_detail(
+                serde_json::json!({
+                    "name": row.name, "version": row.version, "os": row.os,
+                    "arch": row.arch, "sha256": row.sha256,
+                }),
+            ),
+        )
+        .await;
     let location = format!("/api/v1/binaries/{}", row.id);
     Ok((
         StatusCode::CREATED,
@@ -404,7 +417,7 @@ pub(super) async fn get(
 pub(super) async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
 ) -> Result<Json<serde_json::Value>> {
     match state.store.delete_binary(id.clone()).await? {
         BinaryDeletion::NotFound => Err(ApiError::NotFound(format!("no binary `{id}`"))),
@@ -424,6 +437,11 @@ pub(super) async fn delete(
                 tracing::warn!(binary = %id, error = %e, "binary deleted but its file could not be removed");
             }
             tracing::info!(binary = %id, "binary deleted");
+            state
+                .creds
+                .audit()
+                .record_or_log(AuditEvent::now(&ctx, AuditAction::BinaryDeleted, &id))
+                .await;
             Ok(Json(serde_json::json!({"id": id, "deleted": true})))
         }
     }

@@ -9,7 +9,8 @@ use serde_json::value::RawValue;
 
 use super::agents::unknown_agent;
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{Admin, ApiJson, ClientId, Page, Principal};
+use super::extract::{AdminContext, ApiJson, ClientId, Page, Principal};
+use crate::audit::{AuditAction, AuditEvent};
 use crate::auth::Role;
 use crate::ids::rfc3339;
 use crate::state::AppState;
@@ -72,7 +73,7 @@ fn command_json(c: &CommandRow) -> serde_json::Value {
 pub(super) async fn create(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
     ApiJson(body): ApiJson<CreateCommand>,
 ) -> Result<impl IntoResponse> {
     let invalid = |m: String| ApiError::bad_request(ErrorCode::InvalidCommand, m);
@@ -117,6 +118,14 @@ pub(super) async fn create(
     // Stored first, then the session is told: a wake-up is only a hint to look.
     state.hub.route_wake(&client_id).await;
     tracing::info!(agent = %client_id, command = %command_id, name, "command queued");
+    state
+        .creds
+        .audit()
+        .record_or_log(
+            AuditEvent::now(&ctx, AuditAction::CommandCreated, &command_id)
+                .with_detail(serde_json::json!({"client_id": client_id, "name": name})),
+        )
+        .await;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/api/v1/commands/{command_id}"))],

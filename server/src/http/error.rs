@@ -7,8 +7,10 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
 use super::ws::HandshakeRefusal;
+use crate::audit::{AuditError, AuditQueryError};
 use crate::auth::AuthError;
 use crate::binaries::StorageError;
+use crate::credentials::{CredentialError, EnrollError};
 use crate::error::error_chain;
 use crate::storable::NulError;
 use crate::store::StoreError;
@@ -61,6 +63,26 @@ error_codes! {
     /// A string in the body, path or query contains U+0000 (NUL), which is refused on
     /// every backend because PostgreSQL cannot store it.
     NulCharacter => "nul_character",
+    /// A token's or enroll secret's `name`, or a label, is empty, too long or has control characters.
+    InvalidName => "invalid_name",
+    /// An enroll secret's `labels` are too many or invalid.
+    InvalidLabels => "invalid_labels",
+    /// An enroll secret's `expires_in_seconds` is out of bounds.
+    InvalidExpiry => "invalid_expiry",
+    /// An enroll secret's `max_uses` is out of bounds.
+    InvalidMaxUses => "invalid_max_uses",
+    /// An enrollment's `hostname` is empty, too long or has control characters.
+    InvalidHostname => "invalid_hostname",
+    /// An enrollment's secret is not known to this server.
+    UnknownEnrollSecret => "unknown_enroll_secret",
+    /// An enrollment's secret has expired.
+    EnrollSecretExpired => "enroll_secret_expired",
+    /// An enrollment's secret was revoked.
+    EnrollSecretRevoked => "enroll_secret_revoked",
+    /// An enrollment's secret was used as many times as it allows.
+    EnrollSecretUsedUp => "enroll_secret_used_up",
+    /// The client id is enrolled already and the secret does not allow re-enrollment.
+    AlreadyEnrolled => "already_enrolled",
     /// The body is not JSON (`line`/`column` say where) or not UTF-8.
     InvalidJson => "invalid_json",
     /// The body is empty where a document is required.
@@ -183,6 +205,14 @@ pub enum ApiError {
         /// Seconds until a retry may succeed.
         retry_after: u64,
     },
+    /// An enrollment refused for its secret (unknown, expired, revoked, used up).
+    #[error("{message}")]
+    EnrollRefused {
+        /// Which refusal.
+        code: ErrorCode,
+        /// What to do about it.
+        message: String,
+    },
     /// The web UI's sign-in is off.
     #[error("sign-in is disabled: set ADMIN_PASSWORD (the same on every replica) to enable it")]
     SignInDisabled,
@@ -224,6 +254,73 @@ impl From<NulError> for ApiError {
     }
 }
 
+/// The code of a credentials request's invalid `field`.
+fn field_code(field: &str) -> ErrorCode {
+    match field {
+        "client_id" => ErrorCode::InvalidClientId,
+        "ttl_seconds" => ErrorCode::InvalidTtl,
+        "limit" => ErrorCode::InvalidLimit,
+        "name" | "label" => ErrorCode::InvalidName,
+        "labels" => ErrorCode::InvalidLabels,
+        "expires_in_seconds" => ErrorCode::InvalidExpiry,
+        "max_uses" => ErrorCode::InvalidMaxUses,
+        "hostname" => ErrorCode::InvalidHostname,
+        _ => ErrorCode::InvalidQuery,
+    }
+}
+
+impl From<CredentialError> for ApiError {
+    fn from(e: CredentialError) -> Self {
+        match e {
+            CredentialError::Auth(e) => ApiError::Unauthorized(e),
+            CredentialError::Invalid { field, message } => {
+                ApiError::bad_request(field_code(field), message)
+            }
+            e @ CredentialError::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            CredentialError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<EnrollError> for ApiError {
+    fn from(e: EnrollError) -> Self {
+        let message = e.to_string();
+        let refused = |code| ApiError::EnrollRefused {
+            code,
+            message: message.clone(),
+        };
+        match e {
+            EnrollError::UnknownSecret => refused(ErrorCode::UnknownEnrollSecret),
+            EnrollError::Expired => refused(ErrorCode::EnrollSecretExpired),
+            EnrollError::Revoked => refused(ErrorCode::EnrollSecretRevoked),
+            EnrollError::UsedUp => refused(ErrorCode::EnrollSecretUsedUp),
+            EnrollError::AlreadyEnrolled { .. } => ApiError::Conflict {
+                code: ErrorCode::AlreadyEnrolled,
+                message,
+            },
+            EnrollError::Invalid { field, message } => {
+                ApiError::bad_request(field_code(field), message)
+            }
+            EnrollError::RateLimited { retry_after_secs } => ApiError::TooManyRequests {
+                message,
+                retry_after: retry_after_secs,
+            },
+            EnrollError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<AuditError> for ApiError {
+    fn from(e: AuditError) -> Self {
+        match e {
+            AuditError::Query(e @ AuditQueryError::Limit) => {
+                ApiError::bad_request(ErrorCode::InvalidLimit, e.to_string())
+            }
+            AuditError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<serde_json::Error> for ApiError {
     fn from(e: serde_json::Error) -> Self {
         let message = e.to_string();
@@ -262,6 +359,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
             ApiError::Unauthorized(_) => (S::UNAUTHORIZED, C::Unauthorized),
             ApiError::WrongPassword => (S::UNAUTHORIZED, C::WrongPassword),
+            ApiError::EnrollRefused { code, .. } => (S::UNAUTHORIZED, *code),
             ApiError::Forbidden(_) => (S::FORBIDDEN, C::Forbidden),
             ApiError::SignInDisabled => (S::FORBIDDEN, C::SignInDisabled),
             ApiError::NotFound(_) => (S::NOT_FOUND, C::NotFound),

@@ -11,6 +11,11 @@ use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, ErrorCode, Result};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::ConnectInfo;
+
+use crate::audit::{Actor, RequestContext, client_address};
 use crate::auth::ui_session::{COOKIE, cookie_hash};
 use crate::auth::{AuthError, Role};
 use crate::ids::check_client_id;
@@ -31,6 +36,8 @@ pub struct Principal {
     pub client_id: String,
     /// What the caller may do.
     pub role: Role,
+    /// Who the audit log says acted: the token's subject and `jti`, or the UI session.
+    pub actor: Actor,
 }
 
 impl Principal {
@@ -52,8 +59,10 @@ impl FromRequestParts<AppState> for Principal {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
         if let Some(token) = bearer(&parts.headers) {
-            let claims = state.tokens.verify(token)?;
+            // Signature and claims, then revocations (cached per replica).
+            let claims = state.creds.authenticate(token).await?;
             return Ok(Principal {
+                actor: Actor::from_claims(&claims),
                 client_id: claims.sub,
                 role: claims.role,
             });
@@ -64,9 +73,10 @@ impl FromRequestParts<AppState> for Principal {
         let Some(cookie) = session_cookie(&parts.headers) else {
             return Err(AuthError::Missing.into());
         };
+        let hash = cookie_hash(cookie);
         let live = state
             .store
-            .ui_session_expiry(cookie_hash(cookie), now_ms())
+            .ui_session_expiry(hash.clone(), now_ms())
             .await?;
         if live.is_none() {
             // An expired or revoked session is no credential.
@@ -79,7 +89,67 @@ impl FromRequestParts<AppState> for Principal {
         Ok(Principal {
             client_id: "ui".into(),
             role: Role::Admin,
+            actor: ui_actor(&hash),
         })
+    }
+}
+
+/// The audit log's name for a UI session: a short prefix of its stored hash, which
+/// tells sessions apart without being usable as the cookie.
+pub fn ui_actor(cookie_hash: &str) -> Actor {
+    Actor::UiSession {
+        id: cookie_hash.chars().take(12).collect(),
+    }
+}
+
+/// The client's address: the TCP peer, or from a trusted proxy (TRUSTED_PROXIES) the
+/// first untrusted `X-Forwarded-For` hop from the right (`audit::client_address`).
+pub fn source_address(parts: &Parts, state: &AppState) -> IpAddr {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let forwarded = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    client_address(peer, forwarded, &state.config.credentials.trusted_proxies)
+}
+
+/// The source address of a request, for routes without a credential (enrollment).
+#[derive(Debug, Clone, Copy)]
+pub struct Source(pub IpAddr);
+
+impl FromRequestParts<AppState> for Source {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        Ok(Source(source_address(parts, state)))
+    }
+}
+
+/// An admin caller and where the request came from, as every audited change takes it:
+/// the actor from the [`Principal`] (token subject and `jti`, or the UI session), the
+/// source from [`source_address`]. Agents get 403.
+#[derive(Debug, Clone)]
+pub struct AdminContext(pub RequestContext);
+
+impl FromRequestParts<AppState> for AdminContext {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        if principal.role != Role::Admin {
+            return Err(ApiError::Forbidden(
+                "this endpoint needs an admin token".into(),
+            ));
+        }
+        Ok(AdminContext(RequestContext {
+            actor: principal.actor,
+            source: Some(source_address(parts, state)),
+        }))
     }
 }
 

@@ -3,8 +3,10 @@
 
 mod agents;
 mod assets;
+mod audit;
 mod binaries;
 mod commands;
+mod enroll;
 pub mod error;
 mod events;
 pub mod extract;
@@ -22,7 +24,7 @@ mod ws;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use http::{HeaderValue, Method, header};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -54,7 +56,16 @@ pub fn router(state: AppState) -> Router {
             get(inventory::get).post(inventory::put),
         )
         .route("/api/v1/commands/{id}", get(commands::get))
-        .route("/api/v1/tokens", post(tokens::create))
+        .route("/api/v1/agents/{client_id}/revoke", post(agents::revoke))
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/api/v1/tokens/{id}", delete(tokens::revoke))
+        .route(
+            "/api/v1/enroll-secrets",
+            get(enroll::list).post(enroll::create),
+        )
+        .route("/api/v1/enroll-secrets/{id}", delete(enroll::revoke))
+        .route("/api/v1/enroll", post(enroll::enroll))
+        .route("/api/v1/audit", get(audit::list))
         .route(
             "/api/v1/session",
             get(session::get)
@@ -163,7 +174,7 @@ pub async fn serve(
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the condition is
@@ -174,7 +185,16 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        // The peer's address, for the audit log's source and the enrollment rate limit
+        // (`extract::RequestContext`).
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req
+            },
+        ));
         let conn = http1::Builder::new()
             // Without a timer hyper ignores the header timeout (slowloris).
             .timer(TokioTimer::new())

@@ -7,7 +7,8 @@ use http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{Admin, ApiJson, Page};
+use super::extract::{Admin, AdminContext, ApiJson, Page};
+use crate::audit::{AuditAction, AuditEvent};
 use crate::binaries::rollout::{self, Progress};
 use crate::ids::rfc3339;
 use crate::state::AppState;
@@ -63,7 +64,7 @@ async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
 /// "max_concurrent"?}`: makes a binary the desired version of its os/arch.
 pub(super) async fn create(
     State(state): State<AppState>,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
     ApiJson(body): ApiJson<CreateRollout>,
 ) -> Result<impl IntoResponse> {
     let invalid = |m: String| ApiError::bad_request(ErrorCode::InvalidRollout, m);
@@ -109,6 +110,19 @@ pub(super) async fn create(
                 rollout = %row.id, version = %row.version, os = %row.os, arch = %row.arch,
                 ?superseded, "rollout started"
             );
+            state
+                .creds
+                .audit()
+                .record_or_log(
+                    AuditEvent::now(&ctx, AuditAction::RolloutCreated, &row.id).with_detail(
+                        serde_json::json!({
+                            "binary_id": row.binary_id, "version": row.version,
+                            "os": row.os, "arch": row.arch, "label": row.label,
+                            "percentage": row.percentage,
+                        }),
+                    ),
+                )
+                .await;
             state.rollouts.apply_now().await?;
             let location = format!("/api/v1/rollouts/{}", row.id);
             Ok((
@@ -167,7 +181,7 @@ pub(super) async fn get(
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
 ) -> Result<Json<RolloutView>> {
     find(&state, &id).await?;
     let r = state
@@ -176,6 +190,11 @@ pub(super) async fn cancel(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no rollout `{id}`")))?;
     tracing::info!(rollout = %id, status = %r.status, "rollout cancelled");
+    state
+        .creds
+        .audit()
+        .record_or_log(AuditEvent::now(&ctx, AuditAction::RolloutCancelled, &id))
+        .await;
     state.rollouts.apply_now().await?;
     Ok(Json(view(&state, r).await?))
 }

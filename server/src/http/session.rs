@@ -12,7 +12,8 @@ use http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
 
 use super::error::{ApiError, Result};
-use super::extract::{ApiJson, cross_site, same_origin, session_cookie};
+use super::extract::{ApiJson, Source, cross_site, same_origin, session_cookie, ui_actor};
+use crate::audit::{Actor, AuditAction, AuditEvent, RequestContext};
 use crate::auth::ui_session::{COOKIE, cookie_hash};
 use crate::binaries::storage::hex;
 use crate::ids::rfc3339;
@@ -57,6 +58,7 @@ pub(super) struct SignIn {
 /// `POST /api/v1/session` with `{"password": …}`: sets the session cookie.
 pub(super) async fn sign_in(
     State(state): State<AppState>,
+    Source(source): Source,
     headers: HeaderMap,
     body: std::result::Result<ApiJson<SignIn, 4096>, ApiError>,
 ) -> Result<Response> {
@@ -79,16 +81,35 @@ pub(super) async fn sign_in(
         state.sign_in.failed();
         state.metrics.sign_in(SignInOutcome::WrongPassword);
         tracing::warn!("web UI sign-in with a wrong password");
+        let ctx = RequestContext {
+            actor: Actor::Anonymous,
+            source: Some(source),
+        };
+        state
+            .creds
+            .audit()
+            .record_or_log(AuditEvent::now(&ctx, AuditAction::SignInFailed, "ui"))
+            .await;
         return Err(ApiError::WrongPassword);
     }
     let cookie = hex(&rand::random::<[u8; 32]>());
     let now = now_ms();
     let ttl = state.config.ui.session_ttl;
     let expires_at = now + ttl.as_millis() as i64;
+    let hash = cookie_hash(&cookie);
     state
         .store
-        .create_ui_session(cookie_hash(&cookie), now, expires_at)
+        .create_ui_session(hash.clone(), now, expires_at)
         .await?;
+    let ctx = RequestContext {
+        actor: ui_actor(&hash),
+        source: Some(source),
+    };
+    state
+        .creds
+        .audit()
+        .record_or_log(AuditEvent::now(&ctx, AuditAction::SignInSucceeded, "ui"))
+        .await;
     state.metrics.sign_in(SignInOutcome::Ok);
     tracing::info!("web UI sign-in");
     let set = format!(

@@ -121,7 +121,9 @@ pub(super) async fn upgrade(
     Query(query): Query<TokenQuery>,
     mut req: Request,
 ) -> Result<Response> {
-    let checked = check_upgrade(&state, client_id, query.token, &req);
+    // Owned, so that the request body (not Sync) is not borrowed across the await.
+    let (method, version, headers) = (req.method().clone(), req.version(), req.headers().clone());
+    let checked = check_upgrade(&state, client_id, query.token, &method, version, &headers).await;
     let (client_id, exp, accept) = match checked {
         Ok(ok) => ok,
         Err(e) => {
@@ -169,25 +171,27 @@ pub(super) async fn upgrade(
 
 /// Every check before the 101, in the order a person fixes them: this replica, the
 /// transport (the handshake, where proxies go wrong), the id, then the credential. Returns
-/// the id, the token's expiry and the `Sec-WebSocket-Accept` value.
-fn check_upgrade(
+/// the id, the token's expiry and the `Sec-WebSocket-Accept` value. The token is checked
+/// against revocations too: a deleted or revoked agent's old token gets a 401 saying so.
+async fn check_upgrade(
     state: &AppState,
     client_id: std::result::Result<ClientId, ApiError>,
     query_token: Option<String>,
-    req: &Request,
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
 ) -> Result<(String, u64, HeaderValue)> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);
     }
-    let accept = check_handshake(req.method(), req.version(), req.headers())?;
+    let accept = check_handshake(method, version, headers)?;
     let ClientId(client_id) = client_id?;
-    let headers = req.headers();
     let token = bearer(headers)
         .map(str::to_string)
         .or(query_token)
         .filter(|t| !t.is_empty())
         .ok_or(AuthError::Missing)?;
-    let claims = state.tokens.verify(&token)?;
+    let claims = state.creds.authenticate(&token).await?;
     if claims.role != Role::Agent {
         return Err(ApiError::Forbidden(
             "WebSocket sessions need an agent token (role agent)".into(),

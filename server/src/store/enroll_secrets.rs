@@ -4,6 +4,7 @@
 use diesel::prelude::*;
 
 use super::api_tokens::{ApiTokenRow, bump_generation};
+use super::rollouts::LABEL_FROM_ENROLLMENT;
 use super::schema::{agent_credentials, agent_labels, agents, api_tokens, enroll_secrets};
 use super::{Change, Store, StoreError, with_conn};
 
@@ -193,9 +194,17 @@ impl Store {
                         return Err(TxError::Refused(EnrollRefusal::AlreadyEnrolled));
                     };
                     for label in secret.labels() {
+                        // Marked as the enrollment's, so that hellos (which replace the
+                        // labels the agent reports) keep them.
                         diesel::insert_into(agent_labels::table)
-                            .values((agent_labels::agent_id.eq(&client_id), agent_labels::label.eq(&label)))
-                            .on_conflict_do_nothing()
+                            .values((
+                                agent_labels::agent_id.eq(&client_id),
+                                agent_labels::label.eq(&label),
+                                agent_labels::source.eq(LABEL_FROM_ENROLLMENT),
+                            ))
+                            .on_conflict((agent_labels::agent_id, agent_labels::label))
+                            .do_update()
+                            .set(agent_labels::source.eq(LABEL_FROM_ENROLLMENT))
                             .execute(c)?;
                     }
                     token.name = Some(format!("enrolled with {}", secret.name));

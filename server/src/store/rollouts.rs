@@ -11,6 +11,9 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use super::schema::{agent_labels, agents, binaries, rollout_agents, rollouts};
 use super::{Change, Store, StoreError, with_conn};
 
+/// `agent_labels.source` of the labels an enroll secret gave: hellos keep them.
+pub const LABEL_FROM_ENROLLMENT: &str = "enroll";
+
 #[diesel::declare_sql_function]
 extern "SQL" {
     /// SQL `lower()`: agents report os and arch in whatever case they like.
@@ -496,22 +499,33 @@ impl Store {
         .await
     }
 
-    /// Replaces the labels an agent reported.
+    /// Replaces the labels an agent reported; labels its enroll secret gave it stay.
+    /// Returns every label the agent has afterwards (reported and enrolled), sorted.
     pub async fn set_agent_labels(
         &self,
         agent_id: String,
         labels: Vec<String>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         self.run(move |pool| {
-            with_conn!(pool, c => c.transaction::<(), StoreError, _>(|c| {
-                diesel::delete(agent_labels::table.filter(agent_labels::agent_id.eq(&agent_id))).execute(c)?;
+            with_conn!(pool, c => c.transaction::<Vec<String>, StoreError, _>(|c| {
+                diesel::delete(
+                    agent_labels::table
+                        .filter(agent_labels::agent_id.eq(&agent_id))
+                        .filter(agent_labels::source.ne(LABEL_FROM_ENROLLMENT)),
+                )
+                .execute(c)?;
                 for label in &labels {
+                    // An enrolled label reported again stays an enrolled one.
                     diesel::insert_into(agent_labels::table)
                         .values((agent_labels::agent_id.eq(&agent_id), agent_labels::label.eq(label)))
                         .on_conflict_do_nothing()
                         .execute(c)?;
                 }
-                Ok(())
+                Ok(agent_labels::table
+                    .filter(agent_labels::agent_id.eq(&agent_id))
+                    .order(agent_labels::label.asc())
+                    .select(agent_labels::label)
+                    .load(c)?)
             }))
         })
         .await

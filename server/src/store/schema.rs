@@ -93,6 +93,7 @@ diesel::table! {
     agent_labels (agent_id, label) {
         agent_id -> Text,
         label -> Text,
+        source -> Text,
     }
 }
 

@@ -409,6 +409,48 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
         .await;
     browser.screenshot("05-cluster.png").await;
 
+    // The audit log shows what this person just did, by their UI session.
+    browser.click("a[href='#/audit']").await;
+    for action in [
+        "sign_in_failed",
+        "sign_in_succeeded",
+        "command_created",
+        "binary_uploaded",
+        "rollout_created",
+    ] {
+        browser
+            .find_where(&format!("#audit-table tr[data-action='{action}']"), |t| {
+                action.starts_with("sign_in") || t.contains("UI session")
+            })
+            .await;
+    }
+    browser.screenshot("06-audit.png").await;
+
+    // An enroll secret is shown once, then listed with its use count only.
+    browser.click("a[href='#/credentials']").await;
+    browser.type_into("#enroll-name", "rack 12").await;
+    browser.type_into("#enroll-labels", "rack-12, eu").await;
+    browser.click("#enroll-form button[type='submit']").await;
+    let (_, secret) = browser
+        .find_where("#enroll-secret-value", |t| t.starts_with("agent-enroll-"))
+        .await;
+    browser
+        .find_where("#enroll-secrets-table tbody tr", |t| t.contains("rack 12"))
+        .await;
+    let resp = app
+        .http
+        .post(app.url("/api/v1/enroll"))
+        .json(&json!({"secret": secret, "client_id": "rack12-host"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, enrolled) = status_json(resp).await;
+    assert_eq!(
+        status, 201,
+        "the secret the page showed enrolls: {enrolled}"
+    );
+    browser.screenshot("07-credentials.png").await;
+
     browser.click("#sign-out").await;
     browser.find("#password").await;
     drop(cache);

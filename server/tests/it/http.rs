@@ -113,7 +113,7 @@ async fn a_trailing_slash_is_another_path_and_a_404(app: TestApp) {
 async fn a_known_path_with_another_method_is_a_405_listing_the_allowed_ones(app: TestApp) {
     let cases = [
         ("/api/v1/agents/x", "GET,HEAD,DELETE"),
-        ("/api/v1/tokens", "POST"),
+        ("/api/v1/tokens", "GET,HEAD,POST"),
         ("/health", "GET,HEAD"),
     ];
     for (path, allow) in cases {

@@ -11,6 +11,7 @@ mod browser;
 mod cluster;
 mod commands;
 mod credentials;
+mod credentials_http;
 mod drain;
 mod http;
 mod jobs;

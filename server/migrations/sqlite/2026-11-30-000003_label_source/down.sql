@@ -1,0 +1,1 @@
+ALTER TABLE agent_labels DROP COLUMN source;
