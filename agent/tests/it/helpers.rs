@@ -218,6 +218,8 @@ impl Server {
         vec![
             ("SERVER_HOST", "127.0.0.1".into()),
             ("SERVER_PORT", self.port.to_string()),
+            // Tests run in parallel: no fixed metrics port.
+            ("METRICS_PORT", "0".into()),
             ("SERVER_URL", self.base()),
             ("SECRET_KEY", SECRET.into()),
             ("DATABASE_URL", self.database_url.clone()),
