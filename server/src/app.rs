@@ -18,6 +18,8 @@ use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
 use crate::hub::rebalance::Rebalancer;
+use crate::jobs::Jobs;
+use crate::jobs::pacer::Pacer;
 use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
@@ -116,6 +118,7 @@ impl Application {
             metrics.clone(),
             rollouts.clone(),
         ));
+        let jobs = Jobs::new(store.clone(), metrics.clone());
         let state = Arc::new(State {
             tokens: Tokens::new(&secret, config.jwt_algorithm),
             config: Arc::new(config),
@@ -128,6 +131,7 @@ impl Application {
             sessions,
             sign_in,
             events: Arc::new(EventHub::default()),
+            jobs,
         });
         Ok(Application {
             listener,
@@ -234,6 +238,17 @@ fn spawn_background(state: &State) {
     let tasks = lifecycle.tasks();
     let stop = lifecycle.stop();
     tasks.spawn(state.rollouts.clone().run(stop.clone()));
+    if config.job_pacer {
+        tasks.spawn(
+            Pacer::new(
+                state.store.clone(),
+                state.hub.clone(),
+                state.metrics.clone(),
+                config.pod_id.clone(),
+            )
+            .run(stop.clone()),
+        );
+    }
     let cluster = state.hub.cluster().cloned();
     spawn_periodic(
         lifecycle,

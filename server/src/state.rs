@@ -10,6 +10,7 @@ use crate::binaries::{Rollouts, Storage};
 use crate::config::Config;
 use crate::events::EventHub;
 use crate::hub::Hub;
+use crate::jobs::Jobs;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -42,4 +43,6 @@ pub struct State {
     pub sign_in: UiSignIn,
     /// The web UI's event streams on this replica.
     pub events: Arc<EventHub>,
+    /// Fleet jobs: the handle the `/api/v1/jobs` handlers call.
+    pub jobs: Jobs,
 }

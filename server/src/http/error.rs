@@ -56,6 +56,14 @@ error_codes! {
     InvalidChecksum => "invalid_checksum",
     /// A rollout's settings are out of bounds.
     InvalidRollout => "invalid_rollout",
+    /// A job's target has an empty, unknown or malformed field.
+    InvalidTarget => "invalid_target",
+    /// A job's name, args, TTL, pacing or page parameters are out of bounds.
+    InvalidJob => "invalid_job",
+    /// A job's target matches no agent; nothing was stored.
+    NoAgentsMatch => "no_agents_match",
+    /// The job's status does not allow the action (pause, resume, cancel).
+    JobState => "job_state",
     /// The body is not JSON (`line`/`column` say where) or not UTF-8.
     InvalidJson => "invalid_json",
     /// The body is empty where a document is required.
@@ -160,6 +168,14 @@ pub enum ApiError {
         /// What to do about it.
         message: String,
     },
+    /// Well-formed, but nothing to act on (RFC 9110 §15.5.21).
+    #[error("{message}")]
+    Unprocessable {
+        /// Why.
+        code: ErrorCode,
+        /// What to change.
+        message: String,
+    },
     /// Binary storage refused or failed.
     #[error("{0}")]
     Storage(#[from] StorageError),
@@ -245,6 +261,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code),
             ApiError::Conflict { code, .. } => (S::CONFLICT, *code),
+            ApiError::Unprocessable { code, .. } => (S::UNPROCESSABLE_ENTITY, *code),
             ApiError::InvalidJson { .. } => (S::BAD_REQUEST, C::InvalidJson),
             ApiError::NotWebSocket => (S::BAD_REQUEST, C::NotWebsocket),
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),

@@ -441,6 +441,7 @@ impl Cluster {
                 Change::Commands,
                 Change::Binaries,
                 Change::Rollouts,
+                Change::Jobs,
             ]),
         };
         loop {
@@ -470,6 +471,7 @@ impl Cluster {
                     Change::Commands,
                     Change::Binaries,
                     Change::Rollouts,
+                    Change::Jobs,
                 ]
             } else {
                 batch.drain().collect()
