@@ -20,12 +20,12 @@ use crate::hub::cluster::Cluster;
 use crate::hub::rebalance::Rebalancer;
 use crate::jobs::Jobs;
 use crate::jobs::pacer::Pacer;
-use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
 use crate::secrets::load_or_create_signing_key;
 use crate::state::{AppState, State};
 use crate::store::{Store, StoreError};
+use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::ws::session::SessionContext;
 
 #[derive(Debug, thiserror::Error)]

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::watch;
 
 use crate::error::error_chain;
-use crate::tasks::Task;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use crate::tasks::Task;
 
 /// Event streams one replica serves at once.
 pub const MAX_STREAMS: usize = 64;

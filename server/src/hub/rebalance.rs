@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::Hub;
 use super::cluster::Cluster;
-use crate::tasks::Task;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::tasks::Task;
 use crate::ws::protocol;
 
 /// How many agents this replica should shed now: the amount above the cluster average,

@@ -434,7 +434,10 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
 }
 
 /// Simulated agents with labels that answer every command with `ran on <id>`.
-async fn answering_agents(app: &TestApp, agents: &[(&str, &[&str])]) -> Vec<tokio::task::JoinHandle<()>> {
+async fn answering_agents(
+    app: &TestApp,
+    agents: &[(&str, &[&str])],
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for (id, labels) in agents {
         let mut agent = app.connect_as(id, "2.5.0", labels).await;
@@ -444,7 +447,9 @@ async fn answering_agents(app: &TestApp, agents: &[(&str, &[&str])]) -> Vec<toki
             loop {
                 let command = agent.recv_type("command").await;
                 let output = json!({"stdout": format!("ran on {id}")});
-                agent.result(command["id"].as_str().unwrap(), "ok", output).await;
+                agent
+                    .result(command["id"].as_str().unwrap(), "ok", output)
+                    .await;
             }
         }));
     }
@@ -458,7 +463,12 @@ async fn a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result(ap
     let gpu: &[&str] = &["gpu", "rack-a3"];
     let fleet = answering_agents(
         &app,
-        &[("gpu-1", gpu), ("gpu-2", gpu), ("gpu-3", gpu), ("cpu-1", &["rack-a3"])],
+        &[
+            ("gpu-1", gpu),
+            ("gpu-2", gpu),
+            ("gpu-3", gpu),
+            ("cpu-1", &["rack-a3"]),
+        ],
     )
     .await;
 
@@ -466,7 +476,9 @@ async fn a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result(ap
     browser.type_into("#password", PASSWORD).await;
     browser.click("#sign-in").await;
     browser
-        .find_where("tr[data-agent='gpu-1']", |t| t.contains("gpu") && t.contains("rack-a3"))
+        .find_where("tr[data-agent='gpu-1']", |t| {
+            t.contains("gpu") && t.contains("rack-a3")
+        })
         .await;
     browser.type_into("#agent-label", "gpu").await;
     browser
@@ -476,14 +488,18 @@ async fn a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result(ap
 
     browser.click("#run-command").await;
     browser.type_into("#job-name", "restart-collector").await;
-    browser.type_into("#job-args", "{\"unit\": \"collector\"}").await;
+    browser
+        .type_into("#job-args", "{\"unit\": \"collector\"}")
+        .await;
     browser.type_into("#job-max-in-flight", "2").await;
     browser.click("#job-start").await;
     browser
         .find_where("#job-status", |t| t.contains("completed"))
         .await;
     browser
-        .find_where("#job-progress", |t| t.contains("Succeeded 3") && t.contains("of 3"))
+        .find_where("#job-progress", |t| {
+            t.contains("Succeeded 3") && t.contains("of 3")
+        })
         .await;
     for id in ["gpu-1", "gpu-2", "gpu-3"] {
         browser
@@ -506,7 +522,9 @@ async fn a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result(ap
 
     browser.click("nav a[href='#/jobs']").await;
     browser
-        .find_where(".card.job", |t| t.contains("restart-collector") && t.contains("completed"))
+        .find_where(".card.job", |t| {
+            t.contains("restart-collector") && t.contains("completed")
+        })
         .await;
     browser.screenshot("08-jobs.png").await;
     for task in fleet {

@@ -523,7 +523,11 @@ async fn a_job_created_on_one_replica_reaches_agents_on_both_and_is_seen_live_on
         let command = agent.recv_type("command").await;
         assert_eq!(command["name"], "check-disk");
         agent
-            .result(command["id"].as_str().unwrap(), "ok", json!({"stdout": "ok"}))
+            .result(
+                command["id"].as_str().unwrap(),
+                "ok",
+                json!({"stdout": "ok"}),
+            )
             .await;
         agent.recv_type("ack").await;
     }

@@ -70,14 +70,21 @@ async fn a_job_is_delivered_to_every_matching_agent_and_its_results_are_listed(a
     assert_eq!(job["targeted"], 3);
     assert_eq!(job["status"], "running");
     assert_eq!(job["max_in_flight"], 2);
-    read_until(&mut events, &mut seen, &format!("event: job\ndata: {{\"id\":\"{id}\"}}")).await;
+    read_until(
+        &mut events,
+        &mut seen,
+        &format!("event: job\ndata: {{\"id\":\"{id}\"}}"),
+    )
+    .await;
 
     for (i, agent) in gpu.iter_mut().enumerate() {
         let status = if i == 2 { "error" } else { "ok" };
         answer(agent, status, json!({"stdout": format!("restarted {i}")})).await;
     }
     let done = app
-        .eventually(&format!("/api/v1/jobs/{id}"), |j| j["status"] == "completed")
+        .eventually(&format!("/api/v1/jobs/{id}"), |j| {
+            j["status"] == "completed"
+        })
         .await;
     assert_eq!(done["counts"]["succeeded"], 2, "{done}");
     assert_eq!(done["counts"]["failed"], 1, "{done}");
@@ -89,11 +96,16 @@ async fn a_job_is_delivered_to_every_matching_agent_and_its_results_are_listed(a
         .await;
     assert_eq!(status, 200, "{page}");
     let results = page["results"].as_array().unwrap();
-    let agents: Vec<&str> = results.iter().map(|r| r["agent_id"].as_str().unwrap()).collect();
+    let agents: Vec<&str> = results
+        .iter()
+        .map(|r| r["agent_id"].as_str().unwrap())
+        .collect();
     assert_eq!(agents, ["gpu-1", "gpu-2"]);
     assert_eq!(results[0]["output"]["stdout"], "restarted 0");
     assert!(results[0]["duration_ms"].as_i64().unwrap() >= 0);
-    let (_, failed) = app.get(&format!("/api/v1/jobs/{id}/results?status=failed")).await;
+    let (_, failed) = app
+        .get(&format!("/api/v1/jobs/{id}/results?status=failed"))
+        .await;
     assert_eq!(failed["results"][0]["agent_id"], "gpu-3");
     let (_, first) = app.get(&format!("/api/v1/jobs/{id}/results?limit=1")).await;
     assert_eq!(first["next"], "gpu-1");
@@ -104,7 +116,10 @@ async fn a_job_is_delivered_to_every_matching_agent_and_its_results_are_listed(a
 
     // Each agent's command is an ordinary command, in its history.
     let (_, history) = app.get("/api/v1/agents/gpu-1/commands").await;
-    assert_eq!(history["commands"][0]["name"], "restart-collector", "{history}");
+    assert_eq!(
+        history["commands"][0]["name"], "restart-collector",
+        "{history}"
+    );
 
     let (status, list) = app.get("/api/v1/jobs?status=completed").await;
     assert_eq!(status, 200);
@@ -121,30 +136,68 @@ async fn bad_requests_are_400_naming_the_problem_and_no_match_is_422(app: TestAp
         async move { app.post("/api/v1/jobs", &body).await }
     };
     let (status, body) = post(json!({"name": "x", "target": {}})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_target")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_target")),
+        "{body}"
+    );
     let (status, body) = post(json!({"name": "x", "target": {"labels": []}})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_target")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_target")),
+        "{body}"
+    );
     let (status, body) = post(json!({"name": "x", "target": {"rack": "a3"}})).await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("`rack`"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`rack`"),
+        "{body}"
+    );
     let (status, body) = post(json!({"name": "x", "target": {"os": "linux"}, "paralel": 5})).await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("`paralel`"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`paralel`"),
+        "{body}"
+    );
     let (status, body) =
         post(json!({"name": "x", "target": {"os": "linux"}, "max_in_flight": 0})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_job")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_job")),
+        "{body}"
+    );
     let (status, body) = post(json!({"name": "", "target": {"os": "linux"}})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_job")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_job")),
+        "{body}"
+    );
 
     let (status, body) = post(json!({"name": "x", "target": {"labels": ["gpu"]}})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("no_agents_match")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("no_agents_match")),
+        "{body}"
+    );
     let (_, list) = app.get("/api/v1/jobs").await;
     assert_eq!(list["jobs"], json!([]), "nothing stored for a refused job");
 
     let (status, body) = app.get("/api/v1/jobs/no-such-job").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
     let (status, body) = app.get("/api/v1/jobs?status=sleeping").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_job")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_job"))
+    );
 
     let resp = app
         .http
@@ -173,26 +226,57 @@ async fn pause_resume_and_cancel_answer_the_new_status_or_409(app: TestApp) {
     assert_eq!(status, 201, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
     let path = |action: &str| format!("/api/v1/jobs/{id}/{action}");
-    app.eventually(&format!("/api/v1/jobs/{id}"), |j| j["counts"]["delivered"] == 1)
-        .await;
+    app.eventually(&format!("/api/v1/jobs/{id}"), |j| {
+        j["counts"]["delivered"] == 1
+    })
+    .await;
 
     let (status, body) = app.post(&path("resume"), &json!({})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("job_state")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("job_state")),
+        "{body}"
+    );
     let (status, body) = app.post(&path("pause"), &json!({})).await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("paused")), "{body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("paused")),
+        "{body}"
+    );
     assert_eq!(body["reason"], "paused by an operator");
     let (status, body) = app.post(&path("pause"), &json!({})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("job_state")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("job_state")),
+        "{body}"
+    );
     let (status, body) = app.post(&path("resume"), &json!({})).await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("running")), "{body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("running")),
+        "{body}"
+    );
     let (status, body) = app.post(&path("cancel"), &json!({})).await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("cancelled")), "{body}");
-    assert_eq!(body["counts"]["cancelled"], 2, "the two not yet delivered: {body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("cancelled")),
+        "{body}"
+    );
+    assert_eq!(
+        body["counts"]["cancelled"], 2,
+        "the two not yet delivered: {body}"
+    );
     for action in ["cancel", "pause", "resume"] {
         let (status, body) = app.post(&path(action), &json!({})).await;
-        assert_eq!((status, body["error"]["code"].as_str()), (409, Some("job_state")), "{action}: {body}");
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (409, Some("job_state")),
+            "{action}: {body}"
+        );
     }
-    let (status, _) = app.post("/api/v1/jobs/no-such-job/cancel", &json!({})).await;
+    let (status, _) = app
+        .post("/api/v1/jobs/no-such-job/cancel", &json!({}))
+        .await;
     assert_eq!(status, 404);
     let (status, _) = app.get(&path("cancel")).await;
     assert_eq!(status, 405);
