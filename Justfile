@@ -88,7 +88,7 @@ workflow-lint:
     echo "actionlint: .github/workflows clean"
 
 # `just bench idle` runs one benchmark; `just bench storm --agents 5000` another size.
-# Capacity benchmarks 1-6 against release builds, about 15 minutes (docs/benchmarks.md).
+# Capacity benchmarks 1-7 against release builds, about 15 minutes (docs/benchmarks.md).
 bench what="all" *ARGS:
     cargo build --release --locked -p agent-server -p e2e --bins
     cargo run --release --locked -q -p e2e --bin bench -- {{what}} {{ARGS}}

@@ -20,6 +20,8 @@ use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
 use crate::hub::rebalance::Rebalancer;
+use crate::jobs::Jobs;
+use crate::jobs::pacer::Pacer;
 use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
 use crate::secrets::load_or_create_signing_key;
@@ -131,6 +133,7 @@ impl Application {
             metrics.clone(),
             rollouts.clone(),
         ));
+        let jobs = Jobs::new(store.clone(), metrics.clone());
         let state = Arc::new(State {
             tokens,
             creds,
@@ -144,6 +147,7 @@ impl Application {
             sessions,
             sign_in,
             events: Arc::new(EventHub::default()),
+            jobs,
         });
         Ok(Application {
             listener,
@@ -250,6 +254,17 @@ fn spawn_background(state: &State) {
     let tasks = lifecycle.tasks();
     let stop = lifecycle.stop();
     tasks.spawn(state.rollouts.clone().run(stop.clone()));
+    if config.job_pacer {
+        tasks.spawn(
+            Pacer::new(
+                state.store.clone(),
+                state.hub.clone(),
+                state.metrics.clone(),
+                config.pod_id.clone(),
+            )
+            .run(stop.clone()),
+        );
+    }
     let cluster = state.hub.cluster().cloned();
     spawn_periodic(
         lifecycle,

@@ -178,6 +178,11 @@ pub struct Config {
     pub command_sweep_interval: Duration,
     /// REBALANCE: whether a replica above the cluster average sheds agents (cluster mode).
     pub rebalance: bool,
+    /// JOB_PACER: whether this replica runs the job pacer, which releases fleet jobs'
+    /// held commands to the agents connected here. Off, those agents' job commands stay
+    /// held until they connect to a replica whose pacer runs (troubleshooting, and tests
+    /// that take pacer turns by hand).
+    pub job_pacer: bool,
     /// REBALANCE_RATE: agents closed per second while shedding (more when the excess is
     /// so large that this rate would take longer than about 30 s).
     pub rebalance_rate: u32,
@@ -401,6 +406,11 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             rebalance: parse_or(&get, "REBALANCE", true, |v| match v {
+                "true" | "1" | "on" => Ok(true),
+                "false" | "0" | "off" => Ok(false),
+                _ => Err("true or false".into()),
+            })?,
+            job_pacer: parse_or(&get, "JOB_PACER", true, |v| match v {
                 "true" | "1" | "on" => Ok(true),
                 "false" | "0" | "off" => Ok(false),
                 _ => Err("true or false".into()),

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::events::EventHub;
 use crate::hub::Hub;
+use crate::jobs::Jobs;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -46,4 +47,6 @@ pub struct State {
     pub sign_in: UiSignIn,
     /// The web UI's event streams on this replica.
     pub events: Arc<EventHub>,
+    /// Fleet jobs: the handle the `/api/v1/jobs` handlers call.
+    pub jobs: Jobs,
 }

@@ -139,7 +139,7 @@
           setTimeout(() => { if (session.signedIn) this.start(); }, 3000);
         }
       });
-      for (const name of ['ready', 'agent', 'agents', 'command', 'commands', 'binaries', 'rollouts', 'summary', 'resync']) {
+      for (const name of ['ready', 'agent', 'agents', 'command', 'commands', 'binaries', 'rollouts', 'summary', 'resync', 'job', 'jobs']) {
         source.addEventListener(name, (e) => {
           let data = {};
           try { data = JSON.parse(e.data || '{}'); } catch (_) { /* keep {} */ }
@@ -191,6 +191,7 @@
 
   const NAV = [
     ['#/agents', 'Agents'],
+    ['#/jobs', 'Jobs'],
     ['#/binaries', 'Binaries & updates'],
     ['#/cluster', 'Cluster'],
     ['#/credentials', 'Credentials'],
@@ -262,7 +263,38 @@
 
   function agentsPage(main) {
     const params = new URLSearchParams(location.hash.split('?')[1] || '');
-    const view = { q: params.get('q') || '', online: params.get('online') || '', shown: 100 };
+    const view = { q: params.get('q') || '', online: params.get('online') || '', label: params.get('label') || '', shown: 100, total: 0, rows: [] };
+    // Fleet jobs: the agents ticked for "Run a command"; empty means the current filter.
+    const selected = new Set();
+    const runButton = h('button', { class: 'btn primary', id: 'run-command', onclick: () => openJobDialog(jobTarget()) });
+    const labelFilter = h('input', {
+      type: 'search', class: 'search', id: 'agent-label', placeholder: 'Label', value: view.label,
+      oninput: debounce(() => { view.label = labelFilter.value.trim(); view.shown = 100; selected.clear(); load(); }, 250),
+    });
+    const selectAll = h('input', {
+      type: 'checkbox', id: 'select-all', title: 'Select the agents shown',
+      onchange: () => {
+        for (const a of view.rows) { if (selectAll.checked) selected.add(a.id); else selected.delete(a.id); }
+        for (const box of tbody.querySelectorAll('input[type=checkbox]')) box.checked = selectAll.checked;
+        updateRun();
+      },
+    });
+    function updateRun() {
+      const n = selected.size || view.total;
+      runButton.textContent = 'Run a command on ' + n + ' agent' + (n === 1 ? '' : 's');
+      runButton.disabled = n === 0;
+    }
+    // What a job from this page targets: the ticked agents, else the filter (a search is
+    // no target field, so with one the agents shown are named).
+    function jobTarget() {
+      if (selected.size) return { target: { ids: [...selected] }, count: selected.size, what: selected.size + ' selected' };
+      if (view.q) return { target: { ids: view.rows.map((a) => a.id) }, count: view.rows.length, what: view.rows.length + ' shown' };
+      const target = {};
+      if (view.label) target.labels = [view.label];
+      if (view.online) target.online = view.online === 'true';
+      if (!Object.keys(target).length) target.percentage = 100;
+      return { target, count: view.total, what: 'every agent matching the filter' };
+    }
     const stats = h('div', { class: 'stats' });
     const tbody = h('tbody');
     const more = h('div', { class: 'more' });
@@ -293,6 +325,7 @@
       const q = new URLSearchParams({ limit: String(view.shown) });
       if (view.q) q.set('q', view.q);
       if (view.online) q.set('online', view.online);
+      if (view.label) q.set('label', view.label);
       let data;
       try { data = await get('/api/v1/agents?' + q); } catch (e) { toast(e.message, true); return; }
       clear(stats);
@@ -303,19 +336,32 @@
       ]);
       clear(tbody);
       if (!data.agents.length) {
-        append(tbody, h('tr', {}, h('td', { colspan: 7, class: 'empty' },
-          view.q || view.online ? 'No agent matches.' : 'No agent has connected yet. Mint a token with POST /api/v1/tokens and start one.')));
+        append(tbody, h('tr', {}, h('td', { colspan: 9, class: 'empty' },
+          view.q || view.online || view.label ? 'No agent matches.' : 'No agent has connected yet. Mint a token with POST /api/v1/tokens and start one.')));
       }
       for (const a of data.agents) {
+        const box = h('input', {
+          type: 'checkbox', class: 'pick', 'aria-label': 'Select ' + a.id, checked: selected.has(a.id),
+          onchange: () => { if (box.checked) selected.add(a.id); else selected.delete(a.id); updateRun(); },
+        });
         append(tbody, h('tr', { dataset: { agent: a.id } },
+          h('td', {}, box),
           h('td', {}, onlineStatus(a.online)),
           h('td', {}, h('a', { href: '#/agents/' + encodeURIComponent(a.id), class: 'mono' }, a.id)),
           h('td', {}, a.hostname || h('span', { class: 'muted' }, '—')),
           h('td', { class: 'mono' }, a.version || h('span', { class: 'muted' }, '—')),
           h('td', {}, platform(a.os, a.arch)),
+          h('td', { class: 'labels' }, (a.labels || []).map((l) => h('button', {
+            class: 'pill label', title: 'Show agents with this label',
+            onclick: () => { view.label = l; labelFilter.value = l; selected.clear(); load(); },
+          }, l))),
           h('td', { class: 'mono' }, a.pod || h('span', { class: 'muted' }, '—')),
           h('td', { class: 'nowrap' }, a.online ? when(a.connected_at) : when(a.last_seen))));
       }
+      view.total = data.total;
+      view.rows = data.agents;
+      selectAll.checked = data.agents.length > 0 && data.agents.every((a) => selected.has(a.id));
+      updateRun();
       clear(more);
       if (data.next) {
         append(more, h('button', { class: 'btn', onclick: () => { view.shown += 100; load(); } }, 'Show more'));
@@ -330,9 +376,9 @@
         h('div', { class: 'sub' }, 'Every host that has connected or was enrolled. Updates arrive live.'))),
       stats,
       h('div', { class: 'card' },
-        h('div', { class: 'toolbar' }, search, filter, h('div', { class: 'grow' })),
+        h('div', { class: 'toolbar' }, search, labelFilter, filter, h('div', { class: 'grow' }), runButton),
         h('div', { class: 'table-wrap' }, h('table', { id: 'agents-table' },
-          h('thead', {}, h('tr', {}, ['Status', 'Agent', 'Hostname', 'Version', 'Platform', 'Pod', 'Seen'].map((t) => h('th', {}, t)))),
+          h('thead', {}, h('tr', {}, h('th', {}, selectAll), ['Status', 'Agent', 'Hostname', 'Version', 'Platform', 'Labels', 'Pod', 'Seen'].map((t) => h('th', {}, t)))),
           tbody)),
         more),
     ]);
@@ -781,6 +827,208 @@
     };
   }
 
+  // ---- Jobs: the run-a-command dialog and the Jobs pages ------------------------------------
+
+  const JOB_STATUS_PILL = { running: 'info', paused: 'warn', cancelled: 'bad', completed: 'ok' };
+
+  // The dialog that starts a fleet job on `pick.target` (about `pick.count` agents).
+  function openJobDialog(pick) {
+    let dialog = document.getElementById('job-dialog');
+    if (!dialog) { dialog = h('dialog', { id: 'job-dialog' }); document.body.appendChild(dialog); }
+    clear(dialog);
+    const field = (label, input, help) => h('label', { class: 'field' }, h('span', {}, label), input, help ? h('small', {}, help) : null);
+    const num = (id, placeholder) => h('input', { type: 'number', id, min: '0', step: 'any', placeholder });
+    const name = h('input', { type: 'text', id: 'job-name', required: true, maxlength: '128', placeholder: 'uptime' });
+    const args = h('textarea', { id: 'job-args', rows: '3', placeholder: '{}' });
+    const maxInFlight = num('job-max-in-flight', 'unbounded');
+    const rate = num('job-rate', 'unbounded');
+    const canary = num('job-canary', 'none');
+    const ratio = num('job-max-failure-ratio', 'no brake');
+    const ttl = num('job-ttl', 'none');
+    const error = h('div', { class: 'error-text', id: 'job-error' });
+    const go = h('button', { class: 'btn primary', id: 'job-start', type: 'submit' }, 'Run on ' + pick.count + ' agent' + (pick.count === 1 ? '' : 's'));
+    const int = (input) => (input.value === '' ? undefined : Math.round(Number(input.value)));
+    append(dialog, h('form', {
+      onsubmit: async (e) => {
+        e.preventDefault();
+        error.textContent = '';
+        const body = { name: name.value.trim(), target: pick.target };
+        try {
+          if (args.value.trim()) body.args = JSON.parse(args.value);
+        } catch (err) { error.textContent = 'Args must be a JSON object: ' + err.message; return; }
+        if (int(maxInFlight) !== undefined) body.max_in_flight = int(maxInFlight);
+        if (int(rate) !== undefined) body.rate_per_second = int(rate);
+        if (int(canary) !== undefined) body.canary = { count: int(canary) };
+        if (ratio.value !== '') body.max_failure_ratio = Number(ratio.value);
+        if (int(ttl) !== undefined) body.ttl_seconds = int(ttl);
+        go.disabled = true;
+        try {
+          const job = await post('/api/v1/jobs', body);
+          dialog.close();
+          toast('Job started on ' + job.targeted + ' agents');
+          location.hash = '#/jobs/' + encodeURIComponent(job.id);
+        } catch (err) {
+          error.textContent = err.message;
+        } finally {
+          go.disabled = false;
+        }
+      },
+    }, h('div', { class: 'card-head' }, h('h2', {}, 'Run a command'), h('span', { class: 'muted' }, pick.what)),
+    h('div', { class: 'card-body' },
+      field('Command', name),
+      field('Args (JSON object)', args),
+      h('div', { class: 'fields cols-2' },
+        field('Max in flight', maxInFlight, 'Delivered and unanswered at once'),
+        field('Rate (per second)', rate, 'New deliveries per second')),
+      h('div', { class: 'fields cols-2' },
+        field('Canary (agents)', canary, 'These finish before the rest start'),
+        field('Max failure ratio', ratio, '0 to 1: pause when more fail')),
+      field('TTL (seconds)', ttl, 'Offline agents get it when they connect, until then'),
+      error,
+      h('div', { class: 'actions' }, h('button', { class: 'btn', type: 'button', onclick: () => dialog.close() }, 'Cancel'), go))));
+    dialog.showModal();
+    name.focus();
+  }
+
+  function jobProgress(j) {
+    const c = j.counts;
+    const total = Math.max(1, j.targeted);
+    const seg = (cls, n) => { const s = h('span', { class: cls, title: String(n) }); s.style.width = (100 * n / total) + '%'; return s; };
+    const ended = c.expired;
+    return [
+      h('div', { class: 'bar' }, seg('seg-ok', c.succeeded), seg('seg-bad', c.failed), seg('seg-info', c.delivered), seg('seg-wait', ended)),
+      h('div', { class: 'legend job-counts' },
+        h('span', {}, h('i', { class: 'seg-ok' }), 'Succeeded ', h('b', { dataset: { count: 'succeeded' } }, c.succeeded)),
+        h('span', {}, h('i', { class: 'seg-bad' }), 'Failed ', h('b', { dataset: { count: 'failed' } }, c.failed)),
+        h('span', {}, h('i', { class: 'seg-info' }), 'Delivered ', h('b', { dataset: { count: 'delivered' } }, c.delivered)),
+        h('span', {}, 'Pending ', h('b', { dataset: { count: 'pending' } }, c.pending)),
+        h('span', {}, h('i', { class: 'seg-wait' }), 'Expired ', h('b', { dataset: { count: 'expired' } }, c.expired),
+          c.cancelled ? ' (' + c.cancelled + ' by cancel)' : ''),
+        h('span', {}, 'of ', h('b', { dataset: { count: 'targeted' } }, j.targeted))),
+    ];
+  }
+
+  function jobActions(j, reload) {
+    const act = (action, label, cls) => h('button', {
+      class: 'btn small ' + (cls || ''), dataset: { action },
+      onclick: async () => {
+        try { await post('/api/v1/jobs/' + encodeURIComponent(j.id) + '/' + action); reload(); } catch (e) { toast(e.message, true); }
+      },
+    }, label);
+    return h('div', { class: 'job-actions' },
+      j.status === 'running' ? act('pause', 'Pause') : null,
+      j.status === 'paused' ? act('resume', 'Resume') : null,
+      j.status === 'running' || j.status === 'paused' ? act('cancel', 'Cancel', 'danger') : null);
+  }
+
+  function jobsPage(main) {
+    const list = h('div', { id: 'jobs-list' });
+    async function load() {
+      let data;
+      try { data = await get('/api/v1/jobs?limit=50'); } catch (e) { toast(e.message, true); return; }
+      clear(list);
+      if (!data.jobs.length) {
+        append(list, h('div', { class: 'card' }, h('div', { class: 'card-body empty' }, 'No job yet. Select agents on the Agents page and run a command on them.')));
+      }
+      for (const j of data.jobs) {
+        append(list, h('div', { class: 'card job', dataset: { job: j.id } },
+          h('div', { class: 'card-head' },
+            h('a', { href: '#/jobs/' + encodeURIComponent(j.id), class: 'mono' }, j.name),
+            ' ', pill(j.status, JOB_STATUS_PILL[j.status]),
+            j.reason ? h('span', { class: 'muted' }, ' ' + j.reason) : null,
+            h('div', { class: 'grow' }),
+            h('span', { class: 'muted nowrap' }, when(j.created_at)),
+            jobActions(j, load)),
+          h('div', { class: 'card-body' }, jobProgress(j))));
+      }
+    }
+    append(main, [
+      h('div', { class: 'page-head' }, h('div', {}, h('h1', {}, 'Jobs'),
+        h('div', { class: 'sub' }, 'Commands run on many agents, paced; progress arrives live.'))),
+      list,
+    ]);
+    load();
+    const refresh = debounce(load, 300);
+    return {
+      onEvent(name) { if (['job', 'jobs', 'command', 'commands', 'resync', 'ready'].includes(name)) refresh(); },
+      every: 5000,
+      tick: load,
+    };
+  }
+
+  function jobPage(main, id) {
+    const head = h('div');
+    const progress = h('div', { class: 'card-body', id: 'job-progress' });
+    const tbody = h('tbody');
+    const more = h('div', { class: 'more' });
+    const view = { status: '', shown: 100 };
+    const filter = h('div', { class: 'segmented', id: 'result-filter' });
+    function filterButtons() {
+      clear(filter);
+      for (const [value, label] of [['', 'All'], ['succeeded', 'Succeeded'], ['failed', 'Failed'], ['delivered', 'Delivered'], ['pending', 'Pending'], ['expired', 'Expired']]) {
+        append(filter, h('button', {
+          class: view.status === value ? 'on' : '', dataset: { status: value },
+          onclick: () => { view.status = value; view.shown = 100; filterButtons(); loadResults(); },
+        }, label));
+      }
+    }
+    async function loadJob() {
+      let j;
+      try { j = await get('/api/v1/jobs/' + encodeURIComponent(id)); } catch (e) { toast(e.message, true); return; }
+      clear(head);
+      append(head, [
+        h('div', { class: 'crumbs' }, h('a', { href: '#/jobs' }, 'Jobs'), ' / ', j.id),
+        h('div', { class: 'page-head' }, h('div', {},
+          h('h1', {}, h('span', { class: 'mono' }, j.name), ' ', h('span', { id: 'job-status' }, pill(j.status, JOB_STATUS_PILL[j.status]))),
+          h('div', { class: 'sub' }, 'Started ', when(j.created_at),
+            j.reason ? ' · ' + j.reason : '',
+            j.durations.p50_ms !== null ? ' · p50 ' + j.durations.p50_ms + ' ms, p95 ' + j.durations.p95_ms + ' ms' : '',
+            ' · in flight at most ', j.max_in_flight === null ? 'unbounded' : j.max_in_flight)),
+          jobActions(j, () => { loadJob(); loadResults(); })),
+      ]);
+      clear(progress);
+      append(progress, jobProgress(j));
+    }
+    async function loadResults() {
+      const q = new URLSearchParams({ limit: String(view.shown) });
+      if (view.status) q.set('status', view.status);
+      let data;
+      try { data = await get('/api/v1/jobs/' + encodeURIComponent(id) + '/results?' + q); } catch (e) { toast(e.message, true); return; }
+      clear(tbody);
+      if (!data.results.length) append(tbody, h('tr', {}, h('td', { colspan: 4, class: 'empty' }, 'No result matches.')));
+      for (const r of data.results) {
+        const kind = { succeeded: 'ok', failed: 'bad', delivered: 'info', expired: 'warn' }[r.status];
+        append(tbody, h('tr', { dataset: { agent: r.agent_id } },
+          h('td', {}, h('a', { href: '#/agents/' + encodeURIComponent(r.agent_id), class: 'mono' }, r.agent_id)),
+          h('td', {}, pill(r.held ? 'held' : r.status, kind)),
+          h('td', { class: 'num nowrap' }, r.duration_ms === null ? '—' : r.duration_ms + ' ms'),
+          h('td', {}, h('pre', { class: 'output' }, outputText(r.output)))));
+      }
+      clear(more);
+      if (data.next) append(more, h('button', { class: 'btn', onclick: () => { view.shown += 100; loadResults(); } }, 'Show more'));
+    }
+    filterButtons();
+    append(main, [
+      head,
+      h('div', { class: 'card' }, progress),
+      h('div', { class: 'card' },
+        h('div', { class: 'toolbar' }, h('h2', {}, 'Results'), h('div', { class: 'grow' }), filter),
+        h('div', { class: 'table-wrap' }, h('table', { id: 'results-table' },
+          h('thead', {}, h('tr', {}, ['Agent', 'Status', 'Duration', 'Output'].map((t) => h('th', {}, t)))), tbody)),
+        more),
+    ]);
+    loadJob();
+    loadResults();
+    const refresh = debounce(() => { loadJob(); loadResults(); }, 300);
+    return {
+      onEvent(name, data) {
+        if ((name === 'job' && data.id === id) || ['jobs', 'command', 'commands', 'resync', 'ready'].includes(name)) refresh();
+      },
+      every: 5000,
+      tick: () => { loadJob(); loadResults(); },
+    };
+  }
+
   // ---- Cluster page --------------------------------------------------------------------------
 
   function clusterPage(main) {
@@ -1012,13 +1260,16 @@
     live.start();
     let page;
     const agent = path.match(/^#\/agents\/(.+)$/);
+    const job = path.match(/^#\/jobs\/(.+)$/);
     if (agent) page = agentPage(shell('#/agents'), decodeURIComponent(agent[1]));
+    else if (job) page = jobPage(shell('#/jobs'), decodeURIComponent(job[1]));
+    else if (path === '#/jobs') page = jobsPage(shell('#/jobs'));
     else if (path === '#/binaries') page = binariesPage(shell('#/binaries'));
     else if (path === '#/cluster') page = clusterPage(shell('#/cluster'));
     else if (CREDENTIAL_PAGES[path]) page = CREDENTIAL_PAGES[path][1](shell(path));
     else page = agentsPage(shell('#/agents'));
     current = page;
-    document.title = 'agent-server · ' + ({ '#/binaries': 'Binaries', '#/cluster': 'Cluster' }[path] || (CREDENTIAL_PAGES[path] || [])[0] || (agent ? decodeURIComponent(agent[1]) : 'Agents'));
+    document.title = 'agent-server · ' + ({ '#/binaries': 'Binaries', '#/cluster': 'Cluster', '#/jobs': 'Jobs' }[path] || (CREDENTIAL_PAGES[path] || [])[0] || (job ? 'Job' : agent ? decodeURIComponent(agent[1]) : 'Agents'));
     if (page && page.every) timer = setInterval(() => page.tick(), page.every);
   }
 

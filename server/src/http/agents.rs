@@ -22,6 +22,9 @@ struct AgentView {
     hostname: Option<String>,
     os: Option<String>,
     arch: Option<String>,
+    /// What the agent reported in its hello (in lists only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     inventory: Option<InventorySummaryView>,
 }
@@ -44,6 +47,7 @@ impl AgentView {
             hostname: a.hostname,
             os: a.os,
             arch: a.arch,
+            labels: None,
             inventory: None,
             id: a.id,
         }
@@ -56,9 +60,11 @@ pub(super) struct AgentQuery {
     online: Option<String>,
     status: Option<String>,
     q: Option<String>,
+    label: Option<String>,
 }
 
-/// `GET /api/v1/agents?online=&q=&limit=&after=`: agents by client_id, with counts.
+/// `GET /api/v1/agents?online=&q=&label=&limit=&after=`: agents by client_id, each with
+/// its labels, and the counts.
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
@@ -80,6 +86,7 @@ pub(super) async fn list(
     let filter = AgentFilter {
         online,
         search: query.q.filter(|q| !q.is_empty()),
+        label: query.label.filter(|l| !l.is_empty()),
         after: page.after(),
         limit,
     };
@@ -89,7 +96,21 @@ pub(super) async fn list(
         limit,
         found.agents.last().map(|a| a.id.clone()),
     );
-    let agents: Vec<AgentView> = found.agents.into_iter().map(AgentView::new).collect();
+    let mut labels: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (agent, label) in found.labels {
+        labels.entry(agent).or_default().push(label);
+    }
+    let agents: Vec<AgentView> = found
+        .agents
+        .into_iter()
+        .map(|a| {
+            let own = labels.remove(&a.id).unwrap_or_default();
+            AgentView {
+                labels: Some(own),
+                ..AgentView::new(a)
+            }
+        })
+        .collect();
     Ok(Json(serde_json::json!({
         "agents": agents,
         "total": found.total,

@@ -83,6 +83,14 @@ error_codes! {
     EnrollSecretUsedUp => "enroll_secret_used_up",
     /// The client id is enrolled already and the secret does not allow re-enrollment.
     AlreadyEnrolled => "already_enrolled",
+    /// A job's target has an empty, unknown or malformed field.
+    InvalidTarget => "invalid_target",
+    /// A job's name, args, TTL, pacing or page parameters are out of bounds.
+    InvalidJob => "invalid_job",
+    /// A job's target matches no agent; nothing was stored.
+    NoAgentsMatch => "no_agents_match",
+    /// The job's status does not allow the action (pause, resume, cancel).
+    JobState => "job_state",
     /// The body is not JSON (`line`/`column` say where) or not UTF-8.
     InvalidJson => "invalid_json",
     /// The body is empty where a document is required.
@@ -186,6 +194,14 @@ pub enum ApiError {
         /// Which conflict.
         code: ErrorCode,
         /// What to do about it.
+        message: String,
+    },
+    /// Well-formed, but nothing to act on (RFC 9110 §15.5.21).
+    #[error("{message}")]
+    Unprocessable {
+        /// Why.
+        code: ErrorCode,
+        /// What to change.
         message: String,
     },
     /// Binary storage refused or failed.
@@ -354,6 +370,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => (S::BAD_REQUEST, *code),
             ApiError::Conflict { code, .. } => (S::CONFLICT, *code),
+            ApiError::Unprocessable { code, .. } => (S::UNPROCESSABLE_ENTITY, *code),
             ApiError::InvalidJson { .. } => (S::BAD_REQUEST, C::InvalidJson),
             ApiError::Handshake(refusal) => (refusal.status(), C::NotWebsocket),
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),

@@ -1,7 +1,7 @@
 //! `GET /api/v1/events`: Server-Sent Events that tell the web UI what to refresh.
 //!
 //! Events carry ids, not data (`agent`, `command`, `commands`, `agents`, `binaries`,
-//! `rollouts`), plus a periodic `summary` of agents per pod. They come from the store's
+//! `rollouts`, `job`, `jobs`), plus a periodic `summary` of agents per pod. They come from the store's
 //! announcements: this replica's own and, in cluster mode, those the other replicas
 //! forward over Redis (`hub::cluster`). Each stream is bounded: a client that falls
 //! behind gets `resync` (refetch everything) instead of an ever-growing queue, and a
@@ -51,6 +51,7 @@ fn change_event(change: Change) -> Event {
         Change::Binaries => event("binaries", "{}"),
         Change::Rollouts => event("rollouts", "{}"),
         Change::Job { id } => event("job", &serde_json::json!({ "id": id }).to_string()),
+        Change::Jobs => event("jobs", "{}"),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod extract;
 mod files;
 mod health;
 mod inventory;
+mod jobs;
 mod metrics;
 mod middleware;
 mod pods;
@@ -90,6 +91,12 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/rollouts/{id}",
             get(rollouts::get).delete(rollouts::cancel),
         )
+        .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
+        .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/jobs/{id}/results", get(jobs::results))
+        .route("/api/v1/jobs/{id}/pause", post(jobs::pause))
+        .route("/api/v1/jobs/{id}/resume", post(jobs::resume))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/pods", get(pods::list))
         // Before the layer, so that OPTIONS preflights reach CORS through the fallback.
         .method_not_allowed_fallback(method_not_allowed)

@@ -431,6 +431,7 @@ impl Cluster {
                 Change::Commands,
                 Change::Binaries,
                 Change::Rollouts,
+                Change::Jobs,
             ]),
         };
         loop {
@@ -460,6 +461,7 @@ impl Cluster {
                     Change::Commands,
                     Change::Binaries,
                     Change::Rollouts,
+                    Change::Jobs,
                 ]
             } else {
                 batch.drain().collect()

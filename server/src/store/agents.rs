@@ -5,7 +5,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Bool, Text};
 use diesel::upsert::excluded;
 
-use super::schema::{agents, inventories};
+use super::schema::{agent_labels, agents, inventories};
 use super::{Change, DbPool, Store, StoreError, now_ms, with_conn};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -40,6 +40,8 @@ pub struct AgentFilter {
     /// Substring of the id or hostname, ASCII letters matched case-insensitively on both
     /// backends (see [`Store::list_agents`]).
     pub search: Option<String>,
+    /// Only agents that reported this label in their hello.
+    pub label: Option<String>,
     /// Keyset pagination: ids strictly greater than this.
     pub after: Option<String>,
     pub limit: i64,
@@ -51,6 +53,8 @@ pub struct AgentPage {
     /// Matches of the filter, ignoring pagination.
     pub total: i64,
     pub online: i64,
+    /// `(agent_id, label)` of the page's agents, by agent and label.
+    pub labels: Vec<(String, String)>,
 }
 
 #[derive(Insertable)]
@@ -257,6 +261,15 @@ impl Store {
                     if let Some(online) = filter.online {
                         q = q.filter(agents::online.eq(online));
                     }
+                    if let Some(label) = &filter.label {
+                        q = q.filter(
+                            agents::id.eq_any(
+                                agent_labels::table
+                                    .filter(agent_labels::label.eq(label.clone()))
+                                    .select(agent_labels::agent_id),
+                            ),
+                        );
+                    }
                     if let Some(p) = &pattern {
                         q = q.filter(
                             sql::<Bool>(&format!("({id_folded} LIKE "))
@@ -281,7 +294,13 @@ impl Store {
                     .load(c)?;
                 let total = filtered!().count().get_result(c)?;
                 let online = filtered!().filter(agents::online.eq(true)).count().get_result(c)?;
-                Ok(AgentPage { agents, total, online })
+                let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+                let labels = agent_labels::table
+                    .filter(agent_labels::agent_id.eq_any(ids))
+                    .order((agent_labels::agent_id.asc(), agent_labels::label.asc()))
+                    .select((agent_labels::agent_id, agent_labels::label))
+                    .load(c)?;
+                Ok(AgentPage { agents, total, online, labels })
             })
         })
         .await

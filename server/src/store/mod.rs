@@ -126,6 +126,8 @@ pub enum Change {
     Job {
         id: String,
     },
+    /// Any job may have changed (a replica's burst of changes, forwarded as one).
+    Jobs,
 }
 
 /// A change and where it was committed: replicas forward only their own.

@@ -1,6 +1,7 @@
 //! The web UI in a real browser: headless Chromium driven over the WebDriver protocol by
 //! chromedriver. Signs in, watches a simulated agent come online, sends it a command and
-//! sees the result, uploads a binary and rolls it out; screenshots of every page go to
+//! sees the result, uploads a binary and rolls it out, runs a command on the agents with
+//! a label as a fleet job and sees every result; screenshots of every page go to
 //! `target/ui-artifacts/`.
 //!
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium
@@ -178,9 +179,27 @@ impl Browser {
         }
     }
 
+    /// Clicks the element matching `css`. Live pages re-render on events, so the element
+    /// found may be replaced before the click lands: then it is found again.
     async fn click(&self, css: &str) {
-        let id = self.find(css).await;
-        self.click_element(&id).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let id = self.find(css).await;
+            let r = self
+                .cmd(
+                    reqwest::Method::POST,
+                    &format!("/element/{id}/click"),
+                    Some(json!({})),
+                )
+                .await;
+            if r.is_null() {
+                return;
+            }
+            assert!(
+                r["error"] == "stale element reference" && tokio::time::Instant::now() < deadline,
+                "click on {css} failed: {r}"
+            );
+        }
     }
 
     async fn click_element(&self, id: &str) {
@@ -456,7 +475,108 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     drop(cache);
 }
 
+/// Simulated agents with labels that answer every command with `ran on <id>`.
+async fn answering_agents(
+    app: &TestApp,
+    agents: &[(&str, &[&str])],
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (id, labels) in agents {
+        let mut agent = app.connect_as(id, "2.5.0", labels).await;
+        agent.until_heartbeat_ack().await;
+        let id = id.to_string();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let command = agent.recv_type("command").await;
+                let output = json!({"stdout": format!("ran on {id}")});
+                agent
+                    .result(command["id"].as_str().unwrap(), "ok", output)
+                    .await;
+            }
+        }));
+    }
+    tasks
+}
+
+async fn a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result(app: TestApp) {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let gpu: &[&str] = &["gpu", "rack-a3"];
+    let fleet = answering_agents(
+        &app,
+        &[
+            ("gpu-1", gpu),
+            ("gpu-2", gpu),
+            ("gpu-3", gpu),
+            ("cpu-1", &["rack-a3"]),
+        ],
+    )
+    .await;
+
+    browser.goto(&app.url("/")).await;
+    browser.type_into("#password", PASSWORD).await;
+    browser.click("#sign-in").await;
+    browser
+        .find_where("tr[data-agent='gpu-1']", |t| {
+            t.contains("gpu") && t.contains("rack-a3")
+        })
+        .await;
+    browser.type_into("#agent-label", "gpu").await;
+    browser
+        .find_where("#run-command", |t| t == "Run a command on 3 agents")
+        .await;
+    browser.screenshot("06-agents-by-label.png").await;
+
+    browser.click("#run-command").await;
+    browser.type_into("#job-name", "restart-collector").await;
+    browser
+        .type_into("#job-args", "{\"unit\": \"collector\"}")
+        .await;
+    browser.type_into("#job-max-in-flight", "2").await;
+    browser.click("#job-start").await;
+    browser
+        .find_where("#job-status", |t| t.contains("completed"))
+        .await;
+    browser
+        .find_where("#job-progress", |t| {
+            t.contains("Succeeded 3") && t.contains("of 3")
+        })
+        .await;
+    for id in ["gpu-1", "gpu-2", "gpu-3"] {
+        browser
+            .find_where(&format!("#results-table tr[data-agent='{id}']"), |t| {
+                t.contains("succeeded") && t.contains(&format!("ran on {id}"))
+            })
+            .await;
+    }
+    browser.screenshot("07-job.png").await;
+    browser.click("#result-filter [data-status='failed']").await;
+    browser
+        .find_where("#results-table tbody", |t| t.contains("No result matches"))
+        .await;
+
+    let (_, jobs) = app.get("/api/v1/jobs").await;
+    let job = &jobs["jobs"][0];
+    assert_eq!(job["target"], json!({"labels": ["gpu"]}));
+    assert_eq!(job["max_in_flight"], 2);
+    assert_eq!(job["args"], json!({"unit": "collector"}));
+
+    browser.click("nav a[href='#/jobs']").await;
+    browser
+        .find_where(".card.job", |t| {
+            t.contains("restart-collector") && t.contains("completed")
+        })
+        .await;
+    browser.screenshot("08-jobs.png").await;
+    for task in fleet {
+        task.abort();
+    }
+}
+
 on_sqlite! {
     a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_binary
+        with ["ADMIN_PASSWORD" = "correct horse battery staple"];
+    a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result
         with ["ADMIN_PASSWORD" = "correct horse battery staple"];
 }

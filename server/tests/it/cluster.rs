@@ -483,3 +483,71 @@ async fn live_views_on_one_replica_see_changes_made_on_another() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_created_on_one_replica_reaches_agents_on_both_and_is_seen_live_on_the_other() {
+    let Some(c) = cluster(2, &[]).await else {
+        return;
+    };
+    let mut events = c
+        .http
+        .get(format!("{}/api/v1/events", c.pods[1].base()))
+        .bearer_auth(&c.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status().as_u16(), 200);
+    let mut agents = Vec::new();
+    for (pod, id) in [(0, "job-a1"), (0, "job-a2"), (1, "job-b1"), (1, "job-b2")] {
+        let mut agent = c.connect(pod, id).await;
+        agent
+            .send(json!({"type": "hello", "version": "2.0.0", "os": "linux", "arch": "x86_64", "labels": ["fleet"]}))
+            .await;
+        agent.until_heartbeat_ack().await;
+        agents.push(agent);
+    }
+    let started = Instant::now();
+    let resp = c
+        .http
+        .post(format!("{}/api/v1/jobs", c.pods[0].base()))
+        .bearer_auth(&c.admin)
+        .json(&json!({"name": "check-disk", "target": {"labels": ["fleet"]}, "max_in_flight": 3}))
+        .send()
+        .await
+        .unwrap();
+    let (status, job) = status_json(resp).await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["targeted"], 4);
+    let id = job["id"].as_str().unwrap().to_string();
+    for agent in &mut agents {
+        let command = agent.recv_type("command").await;
+        assert_eq!(command["name"], "check-disk");
+        agent
+            .result(
+                command["id"].as_str().unwrap(),
+                "ok",
+                json!({"stdout": "ok"}),
+            )
+            .await;
+        agent.recv_type("ack").await;
+    }
+    let mut done = Value::Null;
+    eventually(WAIT, "the job completes", async || {
+        done = c.get(1, &format!("/api/v1/jobs/{id}")).await.1;
+        done["status"] == "completed"
+    })
+    .await;
+    assert_eq!(done["counts"]["succeeded"], 4, "{done}");
+    let took = started.elapsed();
+    // The stream on pod-b hears of the job created on pod-a, over Redis.
+    let mut text = String::new();
+    while !text.contains(&format!("event: job\ndata: {{\"id\":\"{id}\"}}")) {
+        let chunk = tokio::time::timeout(WAIT, events.chunk())
+            .await
+            .expect("a job event within the wait bound")
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    eprintln!("job on 2 replicas: 4 agents, all results stored {took:?} after the POST; 0 lost");
+}

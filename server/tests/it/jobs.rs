@@ -1,9 +1,10 @@
 //! Fleet jobs below HTTP: targeting, pacing across replicas, canary, failure brake,
 //! cancel, offline agents and TTL, against real sessions and a real database.
 //!
-//! Pacer turns are taken explicitly (`Pacer::turn`) where a scenario needs to know what
-//! one turn released; the two-replica scenario runs the pacers as tasks, as a replica
-//! does.
+//! These apps run without their own pacer (`JOB_PACER=false`): turns are taken
+//! explicitly (`Pacer::turn`) where a scenario needs to know what one turn released; the
+//! two-replica scenario runs the pacers as tasks, as a replica does. The HTTP scenarios
+//! (`jobs_http.rs`) run with the replicas' own pacers.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -661,12 +662,12 @@ async fn commands_of_agents_that_never_connect_expire_at_the_ttl(app: TestApp) {
 }
 
 on_both_backends! {
-    targeting_rules_combine_and_all_must_hold;
-    bad_targets_are_refused_with_a_message_and_no_match_is_distinct;
-    two_replicas_pacing_never_exceeds_max_in_flight;
-    canary_finishes_before_the_rest_start;
-    brake_pauses_the_job_and_resume_continues;
-    cancel_mid_flight_expires_what_was_not_delivered;
-    offline_agents_get_their_command_when_they_connect;
-    commands_of_agents_that_never_connect_expire_at_the_ttl;
+    targeting_rules_combine_and_all_must_hold with ["JOB_PACER" = "false"];
+    bad_targets_are_refused_with_a_message_and_no_match_is_distinct with ["JOB_PACER" = "false"];
+    two_replicas_pacing_never_exceeds_max_in_flight with ["JOB_PACER" = "false"];
+    canary_finishes_before_the_rest_start with ["JOB_PACER" = "false"];
+    brake_pauses_the_job_and_resume_continues with ["JOB_PACER" = "false"];
+    cancel_mid_flight_expires_what_was_not_delivered with ["JOB_PACER" = "false"];
+    offline_agents_get_their_command_when_they_connect with ["JOB_PACER" = "false"];
+    commands_of_agents_that_never_connect_expire_at_the_ttl with ["JOB_PACER" = "false"];
 }

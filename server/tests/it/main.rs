@@ -16,6 +16,7 @@ mod drain;
 mod http;
 mod jobs;
 mod outage;
+mod jobs_http;
 mod process;
 mod redis_ha;
 mod reliability;

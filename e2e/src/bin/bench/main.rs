@@ -1,4 +1,4 @@
-//! bench: the capacity benchmarks of issue 7, against agent-server built in release and
+//! bench: the capacity benchmarks of issue 7 (and 15's jobs), against agent-server built in release and
 //! run as separate processes, with a database, a redis-server and agent-sim fleets of
 //! their own. `just bench` runs them all; `just bench-smoke` runs tiny sizes (CI).
 //!
@@ -11,6 +11,7 @@ mod churn;
 mod heartbeat;
 mod idle;
 mod inventory;
+mod jobs;
 mod latency;
 mod machine;
 mod procfs;
@@ -86,6 +87,8 @@ enum Bench {
     Inventory,
     /// 6. Connection churn: connects and disconnects per second.
     Churn,
+    /// 7. Fleet jobs: one command to every agent on 2 replicas, unbounded and paced.
+    Jobs,
 }
 
 /// One figure against its target.
@@ -327,6 +330,7 @@ async fn main() -> Result<()> {
             Bench::Storm,
             Bench::Inventory,
             Bench::Churn,
+            Bench::Jobs,
         ],
         one => vec![one],
     };
@@ -339,6 +343,7 @@ async fn main() -> Result<()> {
             Bench::Storm => storm::run(&mut ctx).await,
             Bench::Inventory => inventory::run(&mut ctx).await,
             Bench::Churn => churn::run(&mut ctx).await,
+            Bench::Jobs => jobs::run(&mut ctx).await,
             Bench::All => Ok(()),
         };
         if let Err(e) = result {
