@@ -7,7 +7,8 @@ use axum::response::IntoResponse;
 use http::{StatusCode, header};
 
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{Admin, ApiJson, Query};
+use super::extract::{Admin, AdminContext, ApiJson, Query};
+use crate::audit::{AuditAction, AuditEvent};
 use crate::jobs::{CreateJob, JobError, JobPage, JobView, ListJobs, ListResults, ResultPage};
 use crate::state::AppState;
 
@@ -34,10 +35,11 @@ impl From<JobError> for ApiError {
 /// 400 `invalid_target`/`invalid_job`, 422 `no_agents_match`.
 pub(super) async fn create(
     State(state): State<AppState>,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
     ApiJson(body): ApiJson<CreateJob>,
 ) -> Result<impl IntoResponse> {
     let view = state.jobs.create(body).await?;
+    audit(&state, &ctx, AuditAction::JobCreated, &view.id).await;
     let location = format!("/api/v1/jobs/{}", view.id);
     Ok((
         StatusCode::CREATED,
@@ -78,25 +80,45 @@ pub(super) async fn results(
 pub(super) async fn pause(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
 ) -> Result<Json<JobView>> {
-    Ok(Json(state.jobs.pause(&id).await?))
+    let view = state.jobs.pause(&id).await?;
+    audit(&state, &ctx, AuditAction::JobPaused, &id).await;
+    Ok(Json(view))
 }
 
 /// `POST /api/v1/jobs/{id}/resume` → [`JobView`]; 404; 409 `job_state` unless paused.
 pub(super) async fn resume(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
 ) -> Result<Json<JobView>> {
-    Ok(Json(state.jobs.resume(&id).await?))
+    let view = state.jobs.resume(&id).await?;
+    audit(&state, &ctx, AuditAction::JobResumed, &id).await;
+    Ok(Json(view))
 }
 
 /// `POST /api/v1/jobs/{id}/cancel` → [`JobView`]; 404; 409 `job_state` once ended.
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    _: Admin,
+    AdminContext(ctx): AdminContext,
 ) -> Result<Json<JobView>> {
-    Ok(Json(state.jobs.cancel(&id).await?))
+    let view = state.jobs.cancel(&id).await?;
+    audit(&state, &ctx, AuditAction::JobCancelled, &id).await;
+    Ok(Json(view))
+}
+
+/// Records a job action in the audit log (logged, never failing the request).
+async fn audit(
+    state: &AppState,
+    ctx: &crate::audit::RequestContext,
+    action: AuditAction,
+    id: &str,
+) {
+    state
+        .creds
+        .audit()
+        .record_or_log(AuditEvent::now(ctx, action, id))
+        .await;
 }

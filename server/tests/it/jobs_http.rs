@@ -280,6 +280,23 @@ async fn pause_resume_and_cancel_answer_the_new_status_or_409(app: TestApp) {
     assert_eq!(status, 404);
     let (status, _) = app.get(&path("cancel")).await;
     assert_eq!(status, 405);
+
+    // Each accepted action is in the audit log, with the job as its target; refusals are not.
+    let (status, log) = app.get("/api/v1/audit?limit=100").await;
+    assert_eq!(status, 200, "{log}");
+    let actions: Vec<&str> = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["target"] == json!(id))
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for action in ["job_created", "job_paused", "job_resumed", "job_cancelled"] {
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
+    }
 }
 
 on_both_backends! {
