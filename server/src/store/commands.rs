@@ -4,7 +4,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 
 use super::schema::{agents, commands};
-use super::{Change, Store, StoreError, with_conn};
+use super::{Change, Store, StoreError, WriteTransaction, with_conn};
 
 /// Lifecycle: `pending` → `delivered` → `succeeded` | `failed`; `pending`/`delivered` →
 /// `expired` once past the optional TTL.
@@ -199,7 +199,7 @@ impl Store {
     ) -> Result<ResultOutcome, StoreError> {
         let announced = (command_id.clone(), agent_id.clone());
         let outcome = self.run(move |pool| {
-            with_conn!(pool, c => c.transaction::<ResultOutcome, StoreError, _>(|c| {
+            with_conn!(pool, c => c.write_transaction::<ResultOutcome, StoreError, _>(|c| {
                 let current: Option<i64> = agents::table.find(&agent_id).select(agents::epoch).first(c).optional()?;
                 if current != Some(epoch) {
                     return Ok(ResultOutcome::StaleConnection);

@@ -91,6 +91,37 @@ macro_rules! with_conn {
 }
 pub(crate) use with_conn;
 
+/// A transaction for work that reads before it writes. On SQLite a deferred transaction
+/// that reads first holds a snapshot it cannot upgrade once another connection has
+/// committed a write (SQLITE_BUSY at once, which busy_timeout does not wait out), so there
+/// it begins IMMEDIATE and takes the write lock first; PostgreSQL needs nothing special.
+pub(crate) trait WriteTransaction: Sized {
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<diesel::result::Error>;
+}
+
+impl WriteTransaction for PgConnection {
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<diesel::result::Error>,
+    {
+        diesel::Connection::transaction(self, f)
+    }
+}
+
+impl WriteTransaction for SqliteConnection {
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<diesel::result::Error>,
+    {
+        self.immediate_transaction(f)
+    }
+}
+
 /// Cheap-to-clone handle on the connection pool.
 #[derive(Clone)]
 pub struct Store {
