@@ -18,12 +18,12 @@ use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
 use crate::hub::rebalance::Rebalancer;
-use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
 use crate::secrets::load_or_create_signing_key;
 use crate::state::{AppState, State};
 use crate::store::{Store, StoreError};
+use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
 use crate::ws::session::SessionContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("invalid Redis settings: {0}")]
     Redis(#[source] redis::RedisError),
+    #[error("TLS_CERT_FILE/TLS_KEY_FILE: {0}")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("could not listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -59,6 +61,7 @@ pub struct Application {
     listener: TcpListener,
     metrics_listener: TcpListener,
     state: AppState,
+    tls: Option<(tokio_rustls::TlsAcceptor, crate::http::tls::CertReloader)>,
 }
 
 impl Application {
@@ -85,6 +88,12 @@ impl Application {
                     addr: config.metrics_listen,
                     source,
                 })?;
+        let tls = match &config.tls {
+            None => None,
+            Some(files) => Some(
+                crate::http::tls::acceptor(files.clone()).map_err(|e| StartError::Tls(e.into()))?,
+            ),
+        };
         let metrics = Arc::new(Metrics::new());
         let cluster = match &config.redis {
             None => None,
@@ -133,6 +142,7 @@ impl Application {
             listener,
             metrics_listener,
             state,
+            tls,
         })
     }
 
@@ -163,15 +173,24 @@ impl Application {
             listener,
             metrics_listener,
             state,
+            tls,
         } = self;
         spawn_background(&state);
 
         let header_timeout = state.config.http_header_timeout;
         let stop_accepting = CancellationToken::new();
-        let server = tokio::spawn(crate::http::serve(
+        let acceptor = tls.map(|(acceptor, reloader)| {
+            state
+                .lifecycle
+                .tasks()
+                .spawn(reloader.run(state.lifecycle.stop().clone()));
+            acceptor
+        });
+        let server = tokio::spawn(crate::http::serve_with_tls(
             listener,
             crate::http::router(state.clone()),
             header_timeout,
+            acceptor,
             stop_accepting.clone(),
         ));
         // Scrapes keep working through the drain; the listener closes with the jobs.

@@ -6,12 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{Admin, ClientId, Page, Principal, Query};
+use super::openapi::{AgentListDoc, DeletedDoc, ErrorBody};
 use crate::ids::rfc3339;
 use crate::state::AppState;
 use crate::store::{AgentFilter, AgentRow};
 
-#[derive(Serialize)]
-struct AgentView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct AgentView {
     id: String,
     online: bool,
     pod: Option<String>,
@@ -22,11 +23,13 @@ struct AgentView {
     hostname: Option<String>,
     os: Option<String>,
     arch: Option<String>,
+    /// Only on a single agent, when it has sent one.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     inventory: Option<InventorySummaryView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct InventorySummaryView {
     size_bytes: i64,
     received_at: String,
@@ -59,6 +62,25 @@ pub(super) struct AgentQuery {
 }
 
 /// `GET /api/v1/agents?online=&q=&limit=&after=`: agents by client_id, with counts.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents",
+    tag = "agents",
+    params(
+        ("online" = Option<String>, Query, description = "`true`/`false` (or `all`)"),
+        ("status" = Option<String>, Query, description = "`online`/`offline`, the older name of `online`"),
+        ("q" = Option<String>, Query, description = "Substring of the client_id"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 100)"),
+        ("after" = Option<String>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of agents", body = AgentListDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
@@ -100,6 +122,22 @@ pub(super) async fn list(
 }
 
 /// `GET /api/v1/agents/{client_id}`: one agent, with its inventory's size and time.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{client_id}",
+    tag = "agents",
+    params(
+        ("client_id" = String, Path, description = "The agent's client_id"),
+    ),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
@@ -120,6 +158,22 @@ pub(super) async fn get(
 }
 
 /// `DELETE /api/v1/agents/{client_id}`: forgets the agent and closes its session.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/agents/{client_id}",
+    tag = "agents",
+    params(
+        ("client_id" = String, Path, description = "The agent's client_id"),
+    ),
+    responses(
+        (status = 200, description = "Forgotten; its session is closed", body = DeletedDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn delete(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,

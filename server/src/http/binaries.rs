@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{Admin, Page, Principal, Query, discard};
 use super::files::{ByteRange, byte_range, file_body, if_range_allows, none_match, set};
+use super::openapi::{BinaryFile, BinaryListDoc, DeletedDoc, ErrorBody};
 use crate::binaries::StorageError;
 use crate::binaries::storage::is_sha256;
 use crate::ids::rfc3339;
@@ -40,7 +41,7 @@ fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct BinaryView {
     id: String,
     name: String,
@@ -192,6 +193,31 @@ fn upload_outcome(e: &ApiError) -> UploadOutcome {
 
 /// `POST /api/v1/binaries?name=&version=&os=&arch=&notes=&sha256=` with the file as
 /// the body: 201 with its metadata once it is on the volume.
+#[utoipa::path(
+    post,
+    path = "/api/v1/binaries",
+    tag = "binaries",
+    params(
+        ("name" = String, Query, description = "Letters, digits, `.`, `_`, `-`; 1 to 64"),
+        ("version" = String, Query, description = "Letters, digits, `.`, `_`, `+`, `-`; 1 to 64"),
+        ("os" = String, Query, description = "e.g. linux"),
+        ("arch" = String, Query, description = "e.g. x86_64"),
+        ("notes" = Option<String>, Query, description = "At most 2000 characters"),
+        ("sha256" = Option<String>, Query, description = "64 hex digits; or the X-Checksum-Sha256 header"),
+    ),
+    request_body(content = BinaryFile, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored on the volume", body = BinaryView),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 409, description = "Conflicts with the current state; `error.code` says how", body = ErrorBody),
+        (status = 413, description = "The body is larger than the endpoint accepts", body = ErrorBody),
+        (status = 415, description = "The body's Content-Type is not accepted", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+        (status = 507, description = "The storage volume is full", body = ErrorBody),
+    ),
+)]
 pub(super) async fn upload(
     State(state): State<AppState>,
     principal: std::result::Result<Admin, ApiError>,
@@ -354,6 +380,26 @@ pub(super) struct BinaryQuery {
 }
 
 /// `GET /api/v1/binaries?name=&version=&os=&arch=&limit=&before=`, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/binaries",
+    tag = "binaries",
+    params(
+        ("name" = Option<String>, Query, description = "Exact name"),
+        ("version" = Option<String>, Query, description = "Exact version"),
+        ("os" = Option<String>, Query, description = "Exact os"),
+        ("arch" = Option<String>, Query, description = "Exact arch"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 500 (default 100)"),
+        ("before" = Option<String>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of binaries, newest first", body = BinaryListDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
@@ -392,6 +438,20 @@ async fn find(state: &AppState, id: &str) -> Result<BinaryRow> {
 
 /// `GET /api/v1/binaries/{id}`: any valid token, since agents fetch what an `update`
 /// names with their own.
+#[utoipa::path(
+    get,
+    path = "/api/v1/binaries/{id}",
+    tag = "binaries",
+    params(
+        ("id" = String, Path, description = "The binary's id"),
+    ),
+    responses(
+        (status = 200, description = "The binary's metadata", body = BinaryView),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -401,6 +461,22 @@ pub(super) async fn get(
 }
 
 /// `DELETE /api/v1/binaries/{id}`: refused while the binary is a rollout's target.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/binaries/{id}",
+    tag = "binaries",
+    params(
+        ("id" = String, Path, description = "The binary's id"),
+    ),
+    responses(
+        (status = 200, description = "Deleted", body = DeletedDoc),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 409, description = "Conflicts with the current state; `error.code` says how", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -431,6 +507,23 @@ pub(super) async fn delete(
 
 /// `GET|HEAD /api/v1/binaries/{id}/download`: the file, with Content-Length, an ETag
 /// (its sha256), X-Checksum-Sha256 and single-range requests. Any valid token.
+#[utoipa::path(
+    get,
+    path = "/api/v1/binaries/{id}/download",
+    tag = "binaries",
+    params(
+        ("id" = String, Path, description = "The binary's id"),
+    ),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = BinaryFile),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = BinaryFile),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 416, description = "The range is outside the file", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn download(
     State(state): State<AppState>,
     Path(id): Path<String>,

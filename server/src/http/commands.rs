@@ -10,16 +10,19 @@ use serde_json::value::RawValue;
 use super::agents::unknown_agent;
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{Admin, ApiJson, ClientId, Page, Principal};
+use super::openapi::{CommandCreatedDoc, CommandDoc, CommandListDoc, ErrorBody};
 use crate::auth::Role;
 use crate::ids::rfc3339;
 use crate::state::AppState;
 use crate::store::{CommandRow, CommandStatus, NewCommand, now_ms};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateCommand {
     name: String,
     #[serde(default)]
+    /// A JSON object.
+    #[schema(value_type = Option<Object>)]
     args: Option<Box<RawValue>>,
     #[serde(default)]
     ttl_seconds: Option<u64>,
@@ -69,6 +72,25 @@ fn command_json(c: &CommandRow) -> serde_json::Value {
 
 /// `POST /api/v1/agents/{client_id}/commands` with `{"name", "args"?, "ttl_seconds"?}`:
 /// 202 with the command's id once it is stored; the agent gets it now or on reconnect.
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/{client_id}/commands",
+    tag = "commands",
+    params(
+        ("client_id" = String, Path, description = "The agent's client_id"),
+    ),
+    request_body(content = CreateCommand, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Stored; delivered now or on reconnect", body = CommandCreatedDoc, headers(("Location" = String, description = "The command's URL"))),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 413, description = "The body is larger than the endpoint accepts", body = ErrorBody),
+        (status = 415, description = "The body's Content-Type is not accepted", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
@@ -130,6 +152,20 @@ pub(super) async fn create(
 }
 
 /// `GET /api/v1/commands/{id}`: admins read any command, agents their own.
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands/{id}",
+    tag = "commands",
+    params(
+        ("id" = String, Path, description = "The command's id"),
+    ),
+    responses(
+        (status = 200, description = "The command", body = CommandDoc),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -144,6 +180,23 @@ pub(super) async fn get(
 }
 
 /// `GET /api/v1/agents/{client_id}/commands?limit=&before=`: newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{client_id}/commands",
+    tag = "commands",
+    params(
+        ("client_id" = String, Path, description = "The agent's client_id"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 500 (default 50)"),
+        ("before" = Option<String>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of commands, newest first", body = CommandListDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,

@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::error::{ApiError, Result};
 use super::extract::Admin;
+use super::openapi::ErrorBody;
 use crate::events::{EventHub, MAX_STREAMS};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
@@ -68,6 +69,17 @@ impl Drop for Slot {
 }
 
 /// `GET /api/v1/events`: the stream; 503 while draining or at [`MAX_STREAMS`].
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "events",
+    responses(
+        (status = 200, description = "Server-sent events (text/event-stream) of fleet changes", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn stream(State(state): State<AppState>, _: Admin) -> Result<Response> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);

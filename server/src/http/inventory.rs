@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use super::agents::unknown_agent;
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{ClientId, Principal, check_json_content_type, read_body};
+use super::openapi::{ErrorBody, InventoryDoc, InventoryStoredDoc};
 use crate::auth::Role;
 use crate::ids::rfc3339;
 use crate::state::AppState;
@@ -15,6 +16,25 @@ use crate::store::now_ms;
 
 /// `POST /api/v1/agents/{client_id}/inventory`: replaces the inventory with the body, a
 /// JSON document of at most MAX_INVENTORY_BYTES (413 above).
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/{client_id}/inventory",
+    tag = "inventory",
+    params(
+        ("client_id" = String, Path, description = "The agent's client_id"),
+    ),
+    request_body(content = Value, description = "Any JSON document", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stored, replacing the previous one", body = InventoryStoredDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 413, description = "The body is larger than the endpoint accepts", body = ErrorBody),
+        (status = 415, description = "The body's Content-Type is not accepted", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn put(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
@@ -55,6 +75,22 @@ pub(super) async fn put(
 }
 
 /// `GET /api/v1/agents/{client_id}/inventory`: the document as it was sent.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{client_id}/inventory",
+    tag = "inventory",
+    params(
+        ("client_id" = String, Path, description = "The agent's client_id"),
+    ),
+    responses(
+        (status = 200, description = "The inventory as it was sent", body = InventoryDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,

@@ -5,10 +5,22 @@ use axum::extract::State;
 
 use super::error::Result;
 use super::extract::Admin;
+use super::openapi::{ErrorBody, PodListDoc};
 use crate::state::AppState;
 
 /// Agents online per replica, from the agents table; this replica is listed even with
 /// none.
+#[utoipa::path(
+    get,
+    path = "/api/v1/pods",
+    tag = "pods",
+    responses(
+        (status = 200, description = "Agents online per replica", body = PodListDoc),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,

@@ -8,12 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{Admin, ApiJson, Page};
+use super::openapi::{ErrorBody, RolloutListDoc};
 use crate::binaries::rollout::{self, Progress};
 use crate::ids::rfc3339;
 use crate::state::AppState;
 use crate::store::{RolloutRow, RolloutStart, RolloutStatus, now_ms};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateRollout {
     binary_id: String,
@@ -25,7 +26,7 @@ pub(super) struct CreateRollout {
     max_concurrent: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct RolloutView {
     id: String,
     binary_id: String,
@@ -38,6 +39,8 @@ pub(super) struct RolloutView {
     status: String,
     created_at: String,
     ended_at: Option<String>,
+    /// Agents of this os/arch by state.
+    #[schema(value_type = Object)]
     progress: Progress,
 }
 
@@ -61,6 +64,23 @@ async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
 
 /// `POST /api/v1/rollouts` with `{"binary_id", "label"?, "percentage"?,
 /// "max_concurrent"?}`: makes a binary the desired version of its os/arch.
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts",
+    tag = "rollouts",
+    request_body(content = CreateRollout, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Started; supersedes the active rollout of its os/arch", body = RolloutView, headers(("Location" = String, description = "The rollout's URL"))),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 409, description = "Conflicts with the current state; `error.code` says how", body = ErrorBody),
+        (status = 413, description = "The body is larger than the endpoint accepts", body = ErrorBody),
+        (status = 415, description = "The body's Content-Type is not accepted", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create(
     State(state): State<AppState>,
     _: Admin,
@@ -131,6 +151,21 @@ pub(super) async fn create(
 }
 
 /// `GET /api/v1/rollouts?limit=`: newest first, each with its progress.
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts",
+    tag = "rollouts",
+    params(
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 500 (default 50)"),
+    ),
+    responses(
+        (status = 200, description = "Rollouts, newest first", body = RolloutListDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
@@ -153,6 +188,21 @@ async fn find(state: &AppState, id: &str) -> Result<RolloutRow> {
 }
 
 /// `GET /api/v1/rollouts/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}",
+    tag = "rollouts",
+    params(
+        ("id" = String, Path, description = "The rollout's id"),
+    ),
+    responses(
+        (status = 200, description = "The rollout", body = RolloutView),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -164,6 +214,21 @@ pub(super) async fn get(
 
 /// `DELETE /api/v1/rollouts/{id}`: cancels it; agents are no longer told to update.
 /// The row stays, as history.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/rollouts/{id}",
+    tag = "rollouts",
+    params(
+        ("id" = String, Path, description = "The rollout's id"),
+    ),
+    responses(
+        (status = 200, description = "Cancelled (kept as history)", body = RolloutView),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 404, description = "No such resource", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,

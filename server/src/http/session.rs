@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::error::{ApiError, Result};
 use super::extract::{ApiJson, cross_site, same_origin, session_cookie};
+use super::openapi::{ErrorBody, SessionDoc};
 use crate::auth::ui_session::{COOKIE, cookie_hash};
 use crate::binaries::storage::hex;
 use crate::ids::rfc3339;
@@ -48,13 +49,30 @@ fn no_store(body: serde_json::Value, cookie: Option<String>) -> Response {
     resp
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SignIn {
     password: String,
 }
 
 /// `POST /api/v1/session` with `{"password": …}`: sets the session cookie.
+#[utoipa::path(
+    post,
+    path = "/api/v1/session",
+    tag = "session",
+    request_body(content = SignIn, content_type = "application/json"),
+    security(()),
+    responses(
+        (status = 200, description = "Signed in; `Set-Cookie` carries the session", body = SessionDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 413, description = "The body is larger than the endpoint accepts", body = ErrorBody),
+        (status = 415, description = "The body's Content-Type is not accepted", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+        (status = 429, description = "Too many failed sign-ins (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn sign_in(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -102,6 +120,16 @@ pub(super) async fn sign_in(
 }
 
 /// `GET /api/v1/session`: whether this browser is signed in, and whether it could be.
+#[utoipa::path(
+    get,
+    path = "/api/v1/session",
+    tag = "session",
+    security(()),
+    responses(
+        (status = 200, description = "Whether this browser is signed in", body = SessionDoc),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get(State(state): State<AppState>, headers: HeaderMap) -> Result<Response> {
     let expires = match session_cookie(&headers) {
         Some(cookie) => {
@@ -126,6 +154,17 @@ pub(super) async fn get(State(state): State<AppState>, headers: HeaderMap) -> Re
 
 /// `DELETE /api/v1/session`: ends the session everywhere and clears the cookie. Like
 /// every state-changing request made with the cookie, it must come from this origin.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/session",
+    tag = "session",
+    security(()),
+    responses(
+        (status = 200, description = "Signed out; the cookie is cleared", body = SessionDoc),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn sign_out(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -10,16 +10,18 @@ use serde::Deserialize;
 
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{Admin, ApiJson};
+use super::openapi::{ErrorBody, TokenDoc};
 use crate::auth::{DEFAULT_AGENT_TOKEN_TTL, Role};
 use crate::ids::{check_client_id, rfc3339};
 use crate::state::AppState;
 use crate::store::now_ms;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateToken {
     client_id: String,
     #[serde(default)]
+    #[schema(value_type = Option<super::openapi::RoleDoc>)]
     role: Option<Role>,
     #[serde(default)]
     ttl_seconds: Option<u64>,
@@ -29,6 +31,21 @@ const MAX_TOKEN_TTL: u64 = 366 * 86_400;
 
 /// `POST /api/v1/tokens` with `{"client_id", "role"?, "ttl_seconds"?}`: 201 with the
 /// token. Minting an agent token enrolls the agent, so commands can be queued for it.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    tag = "tokens",
+    request_body(content = CreateToken, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The token", body = TokenDoc),
+        (status = 400, description = "Invalid input; `error.code` says which rule was broken", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential does not grant this", body = ErrorBody),
+        (status = 413, description = "The body is larger than the endpoint accepts", body = ErrorBody),
+        (status = 415, description = "The body's Content-Type is not accepted", body = ErrorBody),
+        (status = 503, description = "The database does not answer or the replica is draining; retry (`Retry-After`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create(
     State(state): State<AppState>,
     _: Admin,

@@ -16,5 +16,6 @@ mod jobs;
 mod process;
 mod rollouts;
 mod store;
+mod tls;
 mod ui;
 mod websocket;
