@@ -6,7 +6,7 @@
 # may get a 500, and every response must match its documented status codes and schema.
 # Both tools come from PyPI into target/contract-venv (first run only).
 #
-# CONTRACT_EXAMPLES (default 25) bounds the examples per operation, so that the run is a
+# CONTRACT_EXAMPLES (default 100) bounds the examples per operation, so that the run is a
 # smoke test of a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,8 @@ if [ ! -x "$venv/bin/schemathesis" ] || [ ! -x "$venv/bin/openapi-spec-validator
         { echo "pip install failed; see $venv/pip.log" >&2; exit 2; }
 fi
 
-cargo build --locked -p agent-server
+# With the tests, so that the binary shares the build `cargo test` already made.
+cargo build --locked -p agent-server --tests
 bin=target/debug/agent-server
 out=target/contract
 mkdir -p "$out"
@@ -61,7 +62,7 @@ token=$("$bin" token --sub contract --role admin --ttl 1h)
     --header "Authorization: Bearer $token" \
     --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance \
     --exclude-path /api/v1/events \
-    --max-examples "${CONTRACT_EXAMPLES:-25}" \
+    --max-examples "${CONTRACT_EXAMPLES:-100}" \
     --phases examples,coverage,fuzzing \
     --request-timeout 10 \
     --no-color \

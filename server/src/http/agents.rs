@@ -65,6 +65,7 @@ pub(super) struct AgentQuery {
 #[utoipa::path(
     get,
     path = "/api/v1/agents",
+    operation_id = "list_agents",
     tag = "agents",
     params(
         ("online" = Option<String>, Query, description = "`true`/`false` (or `all`)"),
@@ -125,6 +126,7 @@ pub(super) async fn list(
 #[utoipa::path(
     get,
     path = "/api/v1/agents/{client_id}",
+    operation_id = "get_agent",
     tag = "agents",
     params(
         ("client_id" = String, Path, description = "The agent's client_id"),
@@ -161,6 +163,7 @@ pub(super) async fn get(
 #[utoipa::path(
     delete,
     path = "/api/v1/agents/{client_id}",
+    operation_id = "delete_agent",
     tag = "agents",
     params(
         ("client_id" = String, Path, description = "The agent's client_id"),

@@ -196,6 +196,7 @@ fn upload_outcome(e: &ApiError) -> UploadOutcome {
 #[utoipa::path(
     post,
     path = "/api/v1/binaries",
+    operation_id = "upload_binary",
     tag = "binaries",
     params(
         ("name" = String, Query, description = "Letters, digits, `.`, `_`, `-`; 1 to 64"),
@@ -383,6 +384,7 @@ pub(super) struct BinaryQuery {
 #[utoipa::path(
     get,
     path = "/api/v1/binaries",
+    operation_id = "list_binaries",
     tag = "binaries",
     params(
         ("name" = Option<String>, Query, description = "Exact name"),
@@ -441,6 +443,7 @@ async fn find(state: &AppState, id: &str) -> Result<BinaryRow> {
 #[utoipa::path(
     get,
     path = "/api/v1/binaries/{id}",
+    operation_id = "get_binary",
     tag = "binaries",
     params(
         ("id" = String, Path, description = "The binary's id"),
@@ -464,6 +467,7 @@ pub(super) async fn get(
 #[utoipa::path(
     delete,
     path = "/api/v1/binaries/{id}",
+    operation_id = "delete_binary",
     tag = "binaries",
     params(
         ("id" = String, Path, description = "The binary's id"),
@@ -510,6 +514,7 @@ pub(super) async fn delete(
 #[utoipa::path(
     get,
     path = "/api/v1/binaries/{id}/download",
+    operation_id = "download_binary",
     tag = "binaries",
     params(
         ("id" = String, Path, description = "The binary's id"),

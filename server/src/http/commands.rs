@@ -75,6 +75,7 @@ fn command_json(c: &CommandRow) -> serde_json::Value {
 #[utoipa::path(
     post,
     path = "/api/v1/agents/{client_id}/commands",
+    operation_id = "create_command",
     tag = "commands",
     params(
         ("client_id" = String, Path, description = "The agent's client_id"),
@@ -155,6 +156,7 @@ pub(super) async fn create(
 #[utoipa::path(
     get,
     path = "/api/v1/commands/{id}",
+    operation_id = "get_command",
     tag = "commands",
     params(
         ("id" = String, Path, description = "The command's id"),
@@ -183,6 +185,7 @@ pub(super) async fn get(
 #[utoipa::path(
     get,
     path = "/api/v1/agents/{client_id}/commands",
+    operation_id = "list_commands",
     tag = "commands",
     params(
         ("client_id" = String, Path, description = "The agent's client_id"),

@@ -72,6 +72,7 @@ impl Drop for Slot {
 #[utoipa::path(
     get,
     path = "/api/v1/events",
+    operation_id = "stream_events",
     tag = "events",
     responses(
         (status = 200, description = "Server-sent events (text/event-stream) of fleet changes", content_type = "text/event-stream", body = String),

@@ -19,6 +19,7 @@ use crate::store::now_ms;
 #[utoipa::path(
     post,
     path = "/api/v1/agents/{client_id}/inventory",
+    operation_id = "put_inventory",
     tag = "inventory",
     params(
         ("client_id" = String, Path, description = "The agent's client_id"),
@@ -78,6 +79,7 @@ pub(super) async fn put(
 #[utoipa::path(
     get,
     path = "/api/v1/agents/{client_id}/inventory",
+    operation_id = "get_inventory",
     tag = "inventory",
     params(
         ("client_id" = String, Path, description = "The agent's client_id"),

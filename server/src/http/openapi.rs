@@ -78,6 +78,7 @@ pub fn document_json() -> serde_json::Value {
 #[utoipa::path(
     get,
     path = "/api/v1/openapi.json",
+    operation_id = "get_openapi",
     tag = "meta",
     security(()),
     responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)),

@@ -13,6 +13,7 @@ use crate::state::AppState;
 #[utoipa::path(
     get,
     path = "/api/v1/pods",
+    operation_id = "list_pods",
     tag = "pods",
     responses(
         (status = 200, description = "Agents online per replica", body = PodListDoc),

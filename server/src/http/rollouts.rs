@@ -67,6 +67,7 @@ async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
 #[utoipa::path(
     post,
     path = "/api/v1/rollouts",
+    operation_id = "create_rollout",
     tag = "rollouts",
     request_body(content = CreateRollout, content_type = "application/json"),
     responses(
@@ -154,6 +155,7 @@ pub(super) async fn create(
 #[utoipa::path(
     get,
     path = "/api/v1/rollouts",
+    operation_id = "list_rollouts",
     tag = "rollouts",
     params(
         ("limit" = Option<i64>, Query, description = "Page size, 1 to 500 (default 50)"),
@@ -191,6 +193,7 @@ async fn find(state: &AppState, id: &str) -> Result<RolloutRow> {
 #[utoipa::path(
     get,
     path = "/api/v1/rollouts/{id}",
+    operation_id = "get_rollout",
     tag = "rollouts",
     params(
         ("id" = String, Path, description = "The rollout's id"),
@@ -217,6 +220,7 @@ pub(super) async fn get(
 #[utoipa::path(
     delete,
     path = "/api/v1/rollouts/{id}",
+    operation_id = "cancel_rollout",
     tag = "rollouts",
     params(
         ("id" = String, Path, description = "The rollout's id"),

@@ -59,6 +59,7 @@ pub(super) struct SignIn {
 #[utoipa::path(
     post,
     path = "/api/v1/session",
+    operation_id = "sign_in",
     tag = "session",
     request_body(content = SignIn, content_type = "application/json"),
     security(()),
@@ -123,6 +124,7 @@ pub(super) async fn sign_in(
 #[utoipa::path(
     get,
     path = "/api/v1/session",
+    operation_id = "get_session",
     tag = "session",
     security(()),
     responses(
@@ -157,6 +159,7 @@ pub(super) async fn get(State(state): State<AppState>, headers: HeaderMap) -> Re
 #[utoipa::path(
     delete,
     path = "/api/v1/session",
+    operation_id = "sign_out",
     tag = "session",
     security(()),
     responses(

@@ -34,6 +34,7 @@ const MAX_TOKEN_TTL: u64 = 366 * 86_400;
 #[utoipa::path(
     post,
     path = "/api/v1/tokens",
+    operation_id = "create_token",
     tag = "tokens",
     request_body(content = CreateToken, content_type = "application/json"),
     responses(
