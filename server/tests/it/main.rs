@@ -13,6 +13,7 @@ mod credentials;
 mod drain;
 mod http;
 mod jobs;
+mod openapi;
 mod process;
 mod rollouts;
 mod store;
