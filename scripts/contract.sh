@@ -54,10 +54,13 @@ curl -fsS "$base/api/v1/openapi.json" -o "$out/openapi.json"
 
 token=$("$bin" token --sub contract --role admin --ttl 1h)
 
+# From inside $out, where schemathesis keeps its cache (.schemathesis/) and reports.
+root=$PWD
+cd "$out"
 # Excluded: GET /api/v1/events is a server-sent event stream that never ends, so a
 # request to it cannot complete. DELETE /api/v1/session would only clear a cookie the
 # run does not use, but it is harmless and stays in.
-"$venv/bin/schemathesis" run "$out/openapi.json" \
+"$root/$venv/bin/schemathesis" run openapi.json \
     --url "$base" \
     --header "Authorization: Bearer $token" \
     --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance \
@@ -67,5 +70,5 @@ token=$("$bin" token --sub contract --role admin --ttl 1h)
     --request-timeout 10 \
     --no-color \
     --suppress-health-check all \
-    --report junit --report-dir "$out" \
+    --report junit --report-dir . \
     "$@"
