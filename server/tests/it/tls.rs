@@ -112,10 +112,14 @@ async fn https_and_wss_on_server_port_with_a_certificate_reloaded_from_disk() {
         &[
             ("TLS_CERT_FILE", cert_file.to_str().unwrap()),
             ("TLS_KEY_FILE", key_file.to_str().unwrap()),
+            ("HTTP_HEADER_TIMEOUT", "1s"),
         ],
     )
     .await
     .unwrap();
+
+    // A client that connects and never starts its handshake (slowloris) holds up no one.
+    let mut silent = TcpStream::connect(app.addr).await.unwrap();
 
     // HTTPS, trusting the CA, with ALPN http/1.1.
     let stream = tls_connect(&ca, app.addr).await;
@@ -124,6 +128,13 @@ async fn https_and_wss_on_server_port_with_a_certificate_reloaded_from_disk() {
     let (status, body) = https_get(stream, "/api/v1/pods", &app.admin).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("pod-test"), "{body}");
+
+    // The silent client is cut off after HTTP_HEADER_TIMEOUT.
+    let mut byte = [0u8; 1];
+    let cut = tokio::time::timeout(WAIT, silent.read(&mut byte))
+        .await
+        .expect("a silent TLS client is disconnected within the handshake bound");
+    assert!(matches!(cut, Ok(0) | Err(_)), "{cut:?}");
 
     // WSS: an agent session over the same port.
     let stream = tls_connect(&ca, app.addr).await;
