@@ -13,7 +13,6 @@ mod credentials;
 mod drain;
 mod http;
 mod jobs;
-mod openapi;
 mod process;
 mod rollouts;
 mod store;
