@@ -64,6 +64,9 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     telemetry::init(&config);
+    // Before the listener opens: a SIGTERM that arrives as soon as the server answers
+    // must start the drain, not end the process by the signal's default action.
+    let shutdown = shutdown_signal();
     let app = match Application::build(config.clone()).await {
         Ok(app) => app,
         Err(e) => {
@@ -86,17 +89,21 @@ async fn serve(config: Config) -> ExitCode {
         offline_timeout = ?config.offline_timeout,
         "agent-server listening"
     );
-    app.run_until_stopped(shutdown_signal()).await;
+    app.run_until_stopped(shutdown).await;
     ExitCode::SUCCESS
 }
 
-async fn shutdown_signal() {
+/// Registers the SIGTERM and SIGINT handlers now; the returned future resolves on the
+/// first of them.
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
