@@ -49,7 +49,7 @@ pub enum StartError {
 }
 
 /// Resolves the signing key: SECRET_KEY, or the embedded default's generated file.
-pub fn signing_key(config: &Config) -> Result<Secret, StartError> {
+pub(crate) fn signing_key(config: &Config) -> Result<Secret, StartError> {
     match &config.secret_key {
         SecretKeySource::Given(secret) => Ok(secret.clone()),
         SecretKeySource::DataDir(path) => {

@@ -17,28 +17,46 @@ use crate::store::{AuditFilter, AuditRow, NewAuditRow, Store, StoreError, now_ms
 /// What was done. Stored and queried in snake_case (`token_minted`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuditAction {
+    /// `POST /api/v1/agents/{client_id}/commands` (and the UI's equivalent); target: the client id.
     CommandCreated,
+    /// `DELETE /api/v1/agents/{client_id}`; target: the client id.
     AgentDeleted,
+    /// Every token of an agent revoked at once; target: the client id.
     AgentRevoked,
+    /// An API token minted; target: its `jti`.
     TokenMinted,
+    /// An API token revoked; target: its `jti`.
     TokenRevoked,
+    /// An enroll secret created; target: its id.
     EnrollSecretCreated,
+    /// An agent enrolled with a secret; target: the new client id.
     EnrollSecretUsed,
+    /// An enroll secret revoked; target: its id.
     EnrollSecretRevoked,
+    /// A binary uploaded; target: its id.
     BinaryUploaded,
+    /// A binary deleted; target: its id.
     BinaryDeleted,
+    /// A rollout started; target: its id.
     RolloutCreated,
+    /// A rollout cancelled; target: its id.
     RolloutCancelled,
+    /// A web UI sign-in with the admin password.
     SignInSucceeded,
+    /// A refused web UI sign-in (wrong password or rate-limited); the actor is anonymous.
     SignInFailed,
+    /// A fleet job created; target: its id.
     JobCreated,
+    /// A fleet job paused; target: its id.
     JobPaused,
+    /// A fleet job resumed; target: its id.
     JobResumed,
+    /// A fleet job cancelled; target: its id.
     JobCancelled,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 18] = [
+    pub(crate) const ALL: [AuditAction; 18] = [
         AuditAction::CommandCreated,
         AuditAction::AgentDeleted,
         AuditAction::AgentRevoked,
@@ -59,6 +77,8 @@ impl AuditAction {
         AuditAction::JobCancelled,
     ];
 
+    /// The stored and query-string spelling, snake_case (`token_minted`); `FromStr` parses it
+    /// back and lists every action when it cannot.
     pub fn as_str(self) -> &'static str {
         match self {
             AuditAction::CommandCreated => "command_created",
@@ -104,19 +124,27 @@ impl std::str::FromStr for AuditAction {
 pub enum Actor {
     /// A bearer token: its `sub` and, when it has one, its `jti`.
     Token {
+        /// The token's `sub`: a client id or an operator's name.
         subject: String,
+        /// The token's `jti`; CLI-minted tokens have none.
         jti: Option<String>,
     },
     /// A web UI sign-in, by a short, non-secret prefix of its stored hash.
-    UiSession { id: String },
+    UiSession {
+        /// The prefix of the session's stored hash.
+        id: String,
+    },
     /// Enrollment, by the enroll secret's id.
-    EnrollSecret { id: String },
+    EnrollSecret {
+        /// The enroll secret's id.
+        id: String,
+    },
     /// No credential (a failed sign-in).
     Anonymous,
 }
 
 impl Actor {
-    pub fn from_claims(claims: &Claims) -> Self {
+    pub(crate) fn from_claims(claims: &Claims) -> Self {
         Actor::Token {
             subject: claims.sub.clone(),
             jti: claims.jti.clone(),
@@ -136,6 +164,7 @@ impl Actor {
 /// The actor of a request and the client's address, as every audited function takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestContext {
+    /// Who made the request.
     pub actor: Actor,
     /// From [`client_address`].
     pub source: Option<IpAddr>,
@@ -145,9 +174,12 @@ pub struct RequestContext {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEvent {
     /// Milliseconds since the Unix epoch.
-    pub at_ms: i64,
+    pub(crate) at_ms: i64,
+    /// Who did it.
     pub actor: Actor,
+    /// The client's address, from [`client_address`]; `None` when unknown.
     pub source: Option<IpAddr>,
+    /// What was done.
     pub action: AuditAction,
     /// What was acted on: a client id, a token's `jti`, a secret's id, a binary id…
     pub target: Option<String>,
@@ -168,7 +200,7 @@ impl AuditEvent {
         }
     }
 
-    pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
+    pub(crate) fn with_detail(mut self, detail: serde_json::Value) -> Self {
         self.detail = Some(detail);
         self
     }
@@ -205,7 +237,7 @@ fn storable(s: String) -> String {
 /// right, skipping trusted proxies: the first address that is not one is the client.
 /// When an entry is not an address, the hop that appended it cannot be believed, so
 /// the last trusted hop is answered.
-pub fn client_address<'a>(
+pub(crate) fn client_address<'a>(
     peer: IpAddr,
     forwarded_for: impl IntoIterator<Item = &'a str>,
     trusted: &[ipnet::IpNet],
@@ -265,6 +297,7 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 pub struct AuditQuery {
     /// A token's subject, a UI session's id or an enroll secret's id.
     pub actor: Option<String>,
+    /// Only entries of this action.
     pub action: Option<AuditAction>,
     /// Only entries at or after this time (ms).
     pub since_ms: Option<i64>,
@@ -274,12 +307,13 @@ pub struct AuditQuery {
     pub limit: Option<u32>,
 }
 
-pub const DEFAULT_AUDIT_PAGE: u32 = 100;
-pub const MAX_AUDIT_PAGE: u32 = 1000;
+pub(crate) const DEFAULT_AUDIT_PAGE: u32 = 100;
+pub(crate) const MAX_AUDIT_PAGE: u32 = 1000;
 
 /// A page of entries, newest first.
 #[derive(Debug, Clone)]
 pub struct AuditPage {
+    /// At most the query's `limit` entries, newest first.
     pub entries: Vec<AuditRow>,
     /// Pass as `after` for the next (older) page; `None` on the last page.
     pub next: Option<i64>,
@@ -288,14 +322,19 @@ pub struct AuditPage {
 /// A query the audit log cannot answer (400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuditQueryError {
+    /// `limit` outside 1..=[`MAX_AUDIT_PAGE`].
     #[error("limit must be from 1 to {MAX_AUDIT_PAGE}")]
     Limit,
 }
 
+/// Why [`Audit::query`] failed: the query (400) or the store (503 without a connection,
+/// 500 otherwise).
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
+    /// The query itself is wrong: answered 400.
     #[error(transparent)]
     Query(#[from] AuditQueryError),
+    /// The database failed; see [`StoreError`].
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -307,6 +346,7 @@ pub struct Audit {
 }
 
 impl Audit {
+    /// An audit log over `store`, where its entries live.
     pub fn new(store: Store) -> Self {
         Audit { store }
     }
@@ -318,7 +358,7 @@ impl Audit {
 
     /// Appends an event after the change it describes was committed: a failure here must
     /// not turn a done change into an error for the caller, so it is logged instead.
-    pub async fn record_or_log(&self, event: AuditEvent) {
+    pub(crate) async fn record_or_log(&self, event: AuditEvent) {
         let action = event.action.as_str();
         if let Err(e) = self.record(event).await {
             tracing::error!(action, error = %chain(&e), "could not append to the audit log");
@@ -363,6 +403,7 @@ pub struct AuditPruner {
 const PRUNE_BATCH: i64 = 5000;
 
 impl AuditPruner {
+    /// A pruner deleting entries older than `retention`, once an hour.
     pub fn new(store: Store, retention: Duration) -> Self {
         AuditPruner {
             store,
@@ -371,6 +412,7 @@ impl AuditPruner {
         }
     }
 
+    /// Prunes every `interval` instead of hourly (tests use seconds).
     pub fn with_interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
         self
@@ -389,6 +431,8 @@ impl AuditPruner {
         }
     }
 
+    /// Prunes every interval until `stop` is cancelled; a failed pass is logged and retried
+    /// at the next interval, never fatal.
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

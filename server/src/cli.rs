@@ -16,6 +16,7 @@ use crate::auth::{MAX_TTL, MIN_TTL, MintOptions, Role, Tokens, TtlOutOfRange};
 use crate::config::{Config, parse_duration};
 use crate::ids::check_client_id;
 
+/// The `--help` text, also printed (on stderr, exit 64) after a usage error.
 pub const USAGE: &str = "\
 usage:
   agent-server                     serve (configuration from the environment; see README)
@@ -25,30 +26,44 @@ usage:
                                    check /health and a WebSocket handshake at URL
   agent-server --version | --help";
 
+/// What the command line asks for, as [`parse`] reads it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
+    /// No arguments: run the server.
     Serve,
+    /// `token`: print a token signed with this configuration's key.
     Token {
+        /// `--sub`: the subject, a `client_id` for an agent.
         sub: String,
+        /// `--role`: `agent` or `admin`.
         role: Role,
+        /// `--ttl` (`24h`, `30d`, `3600`), 1 s to 10 years; default 30 days for an agent, one
+        /// day for an admin.
         ttl: Duration,
     },
+    /// `check`: a health and WebSocket handshake check against a running server.
     Check {
+        /// `--url`: the server's base URL (`http://agent-server:8080`).
         url: String,
+        /// `--timeout` for the whole check (default 10 s).
         timeout: Duration,
     },
+    /// `--help`, `-h` or `help`.
     Help,
+    /// `--version` or `-V`.
     Version,
 }
 
 /// Default token lifetimes: agents hold theirs for a long time, humans for a day.
-pub fn default_ttl(role: Role) -> Duration {
+pub(crate) fn default_ttl(role: Role) -> Duration {
     match role {
         Role::Agent => crate::auth::DEFAULT_AGENT_TOKEN_TTL,
         Role::Admin => crate::auth::DEFAULT_ADMIN_TOKEN_TTL,
     }
 }
 
+/// Reads the arguments after the program name. `Err` is a message naming the argument at
+/// fault, to print with [`USAGE`].
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     let mut args = args.into_iter();
     let sub = args.next();
@@ -123,7 +138,7 @@ pub fn mint(config: &Config, sub: &str, role: Role, ttl: Duration) -> Result<Str
 /// (`agent-server-check-<8 hex digits>`), removed again when the check passes: deleting
 /// an agent revokes every token minted for its id before, so a fixed id would make the
 /// next run's token look like a revoked one.
-pub const CHECK_CLIENT_ID: &str = "agent-server-check";
+pub(crate) const CHECK_CLIENT_ID: &str = "agent-server-check";
 
 /// GET /health, then a WebSocket handshake that must yield the `welcome` message.
 pub async fn check(config: &Config, url: &str, timeout: Duration) -> Result<String, String> {

@@ -14,6 +14,7 @@ use jsonwebtoken::Algorithm;
 /// Where configuration values come from. Production reads the process environment; tests
 /// pass a map so they never touch (or race on) process-wide state.
 pub trait Source {
+    /// The value of `key`, or `None` when it is not set.
     fn get(&self, key: &str) -> Option<String>;
 }
 
@@ -37,10 +38,11 @@ impl<F: Fn(&str) -> Option<String>> Source for F {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a value so that it prints as `Secret([redacted])`.
     pub fn new(value: impl Into<String>) -> Self {
         Self(value.into())
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -61,7 +63,7 @@ pub enum DatabaseUrl {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
@@ -72,9 +74,11 @@ pub enum LogFormat {
 pub struct RedisConfig {
     /// Where the data node is: one address, or whatever master a Sentinel set names.
     pub target: RedisTarget,
+    /// REDIS_DB: the database index on the data nodes (default 0).
     pub db: i64,
     /// REDIS_USERNAME: the ACL user (Redis 6+); without it the password is for `default`.
     pub username: Option<String>,
+    /// REDIS_PASSWORD (or REDIS_PASSWORD_FILE).
     pub password: Option<Secret>,
     /// REDIS_TLS: speak TLS to the data nodes and the sentinels (managed Redis services
     /// require it).
@@ -90,7 +94,12 @@ pub struct RedisConfig {
 #[derive(Clone, Debug)]
 pub enum RedisTarget {
     /// REDIS_HOST:REDIS_PORT.
-    Direct { host: String, port: u16 },
+    Direct {
+        /// REDIS_HOST: a name or an address.
+        host: String,
+        /// REDIS_PORT (default 6379).
+        port: u16,
+    },
     /// The current master of REDIS_SENTINEL_MASTER, as REDIS_SENTINELS report it; asked
     /// again after every connection failure, so a failover moves this replica with it.
     Sentinel(SentinelConfig),
@@ -111,7 +120,9 @@ pub struct SentinelConfig {
 /// error rather than a failure at the first connection.
 #[derive(Clone, Debug)]
 pub struct TlsCa {
+    /// The file it was read from, for messages.
     pub path: PathBuf,
+    /// Its contents: one or more PEM certificates.
     pub pem: Vec<u8>,
 }
 
@@ -128,69 +139,75 @@ pub enum SecretKeySource {
 #[derive(Clone, Debug)]
 pub struct Config {
     /// SERVER_HOST:SERVER_PORT; port 0 picks a free port (tests).
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// SERVER_HOST:METRICS_PORT, where `/metrics` is served (and only there); port 0
     /// picks a free port (tests).
-    pub metrics_listen: SocketAddr,
+    pub(crate) metrics_listen: SocketAddr,
     /// SERVER_URL: the public URL agents and browsers use; its origin is the only one
     /// allowed for browser requests (CORS on /api, Origin on /ws).
-    pub server_url: String,
+    pub(crate) server_url: String,
     /// `scheme://host[:port]` of `server_url`, precomputed for Origin comparisons.
-    pub public_origin: String,
+    pub(crate) public_origin: String,
+    /// Present in cluster mode only (REDIS_HOST or REDIS_SENTINELS set); see [`RedisConfig`].
     pub redis: Option<RedisConfig>,
     /// WS_HEARTBEAT_INTERVAL: how often the server pings each agent, so that proxies see
     /// traffic in both directions.
     pub heartbeat_interval: Duration,
     /// WS_OFFLINE_TIMEOUT: silence after which an agent is disconnected and marked offline.
     pub offline_timeout: Duration,
+    /// BINARY_STORAGE_PATH: where uploaded agent binaries live (default `DATA_DIR/binaries`);
+    /// shared by every replica.
     pub binary_storage_path: PathBuf,
     /// LOG_LEVEL: a level (`info`) or a full `tracing` filter directive.
-    pub log_level: String,
-    pub log_format: LogFormat,
+    pub(crate) log_level: String,
+    pub(crate) log_format: LogFormat,
+    /// DATABASE_URL (or DATABASE_URL_FILE): PostgreSQL, or SQLite in DATA_DIR by default.
     pub database: DatabaseUrl,
+    /// SECRET_KEY (or SECRET_KEY_FILE), or the key generated in DATA_DIR.
     pub secret_key: SecretKeySource,
-    pub jwt_algorithm: Algorithm,
+    pub(crate) jwt_algorithm: Algorithm,
     /// POD_ID: this replica's name (the downward API's `metadata.name`).
     pub pod_id: String,
+    /// POD_IP: this replica's address (the downward API's `status.podIP`), if given.
     pub pod_ip: Option<IpAddr>,
     /// DATA_DIR: the embedded SQLite database and generated secret live here.
     pub data_dir: PathBuf,
     /// DRAIN_DELAY: time to keep serving with readiness 503 before closing agents, for
     /// clusters without the native preStop sleep.
-    pub drain_delay: Duration,
+    pub(crate) drain_delay: Duration,
     /// DRAIN_WINDOW: agents are closed with 1012 spread over this window so that they do
     /// not all reconnect in the same second.
-    pub drain_window: Duration,
+    pub(crate) drain_window: Duration,
     /// SHUTDOWN_TIMEOUT: bound on the whole shutdown after SIGTERM.
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
     /// MAX_INVENTORY_BYTES: bound on an inventory request body.
-    pub max_inventory_bytes: usize,
+    pub(crate) max_inventory_bytes: usize,
     /// WS_MAX_MESSAGE_BYTES: bound on one WebSocket message (large inventories use HTTP).
-    pub ws_max_message_bytes: usize,
+    pub(crate) ws_max_message_bytes: usize,
     /// WS_SEND_TIMEOUT: an agent that cannot take a frame within this time is closed.
-    pub ws_send_timeout: Duration,
+    pub(crate) ws_send_timeout: Duration,
     /// HTTP_HEADER_TIMEOUT: slowloris bound on reading request headers.
-    pub http_header_timeout: Duration,
+    pub(crate) http_header_timeout: Duration,
     /// DATABASE_POOL_SIZE: connections per process.
-    pub database_pool_size: u32,
+    pub(crate) database_pool_size: u32,
     /// COMMAND_SWEEP_INTERVAL: how often this pod re-checks pending commands of its agents
     /// (a safety net for lost wake-ups) and expires commands past their TTL.
-    pub command_sweep_interval: Duration,
+    pub(crate) command_sweep_interval: Duration,
     /// REBALANCE: whether a replica above the cluster average sheds agents (cluster mode).
     pub rebalance: bool,
     /// JOB_PACER: whether this replica runs the job pacer, which releases fleet jobs'
     /// held commands to the agents connected here. Off, those agents' job commands stay
     /// held until they connect to a replica whose pacer runs (troubleshooting, and tests
     /// that take pacer turns by hand).
-    pub job_pacer: bool,
+    pub(crate) job_pacer: bool,
     /// REBALANCE_RATE: agents closed per second while shedding (more when the excess is
     /// so large that this rate would take longer than about 30 s).
-    pub rebalance_rate: u32,
+    pub(crate) rebalance_rate: u32,
     /// REBALANCE_TOLERANCE (percent): how far above the average a replica may be before
     /// it sheds.
-    pub rebalance_tolerance: f64,
+    pub(crate) rebalance_tolerance: f64,
     /// Agent binaries and fleet updates (MAX_BINARY_BYTES, ROLLOUT_*).
-    pub releases: ReleaseConfig,
+    pub(crate) releases: ReleaseConfig,
     /// The web UI's sign-in (ADMIN_PASSWORD, UI_SESSION_TTL).
     pub ui: UiConfig,
     /// Credentials: key rotation, clock leeway, audit retention, trusted proxies.
@@ -201,7 +218,9 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 #[error("{var}: {problem}")]
 pub struct ConfigError {
+    /// The variable at fault, as the operator set it (`WS_OFFLINE_TIMEOUT`).
     pub var: &'static str,
+    /// What is wrong with its value and what is expected instead.
     pub problem: String,
 }
 
@@ -215,7 +234,7 @@ impl ConfigError {
 }
 
 /// Minimum SECRET_KEY length: HMAC keys shorter than the hash output weaken the signature.
-pub const MIN_SECRET_KEY_BYTES: usize = 32;
+pub(crate) const MIN_SECRET_KEY_BYTES: usize = 32;
 
 impl Config {
     /// Reads the process environment.
@@ -431,6 +450,7 @@ impl Config {
         })
     }
 
+    /// Whether the database is the SQLite file (a single-replica setup).
     pub fn is_sqlite(&self) -> bool {
         matches!(self.database, DatabaseUrl::Sqlite(_))
     }
@@ -479,7 +499,7 @@ impl Config {
 /// Settings that may instead be read from a file whose path `<NAME>_FILE` holds (the
 /// container convention for secrets that a Vault agent or a CSI driver mounts). Listing a
 /// name here is all it takes for a setting to accept the `_FILE` form.
-pub const FILE_VARIANTS: &[(&str, &str)] = &[
+pub(crate) const FILE_VARIANTS: &[(&str, &str)] = &[
     ("DATABASE_URL", "DATABASE_URL_FILE"),
     ("SECRET_KEY", "SECRET_KEY_FILE"),
     ("ADMIN_PASSWORD", "ADMIN_PASSWORD_FILE"),
@@ -640,7 +660,7 @@ fn bytes(
 }
 
 /// Parses `15` (seconds, the seed's form), `500ms`, `15s`, `2m`, `1h`, `30d`.
-pub fn parse_duration(v: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(v: &str) -> Option<Duration> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
@@ -657,7 +677,7 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
-pub fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     if d.subsec_millis() != 0 || d.is_zero() {
         format!("{}ms", d.as_millis())
     } else {
@@ -690,7 +710,7 @@ fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
 
 /// `scheme://host[:port]` of an http(s) URL, lower-cased, default ports dropped, as browsers
 /// send it in the `Origin` header.
-pub fn origin_of(url: &str) -> Option<String> {
+pub(crate) fn origin_of(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let scheme = scheme.to_ascii_lowercase();
     if scheme != "http" && scheme != "https" {
@@ -709,18 +729,18 @@ pub fn origin_of(url: &str) -> Option<String> {
 
 /// Agent binaries on BINARY_STORAGE_PATH and the paced rollout of new versions.
 #[derive(Clone, Debug)]
-pub struct ReleaseConfig {
+pub(crate) struct ReleaseConfig {
     /// MAX_BINARY_BYTES: largest binary an upload may carry (413 above).
-    pub max_binary_bytes: u64,
+    pub(crate) max_binary_bytes: u64,
     /// ROLLOUT_MAX_CONCURRENT: how many agents of one rollout may be updating at once,
     /// unless the rollout sets its own `max_concurrent`.
-    pub rollout_max_concurrent: u32,
+    pub(crate) rollout_max_concurrent: u32,
     /// ROLLOUT_UPDATE_TIMEOUT: an agent that has not come back with the new version this
     /// long after its `update` message counts as failed and frees its slot.
-    pub rollout_update_timeout: Duration,
+    pub(crate) rollout_update_timeout: Duration,
     /// ROLLOUT_CHECK_INTERVAL: how often each replica offers free rollout slots to its
     /// connected agents and expires updates that timed out.
-    pub rollout_check_interval: Duration,
+    pub(crate) rollout_check_interval: Duration,
 }
 
 impl ReleaseConfig {
@@ -756,14 +776,14 @@ impl ReleaseConfig {
 pub struct CredentialsConfig {
     /// SECRET_KEY_PREVIOUS: the key being rotated out. Tokens it signed still verify;
     /// new tokens are signed with SECRET_KEY only (docs/operations.md).
-    pub secret_key_previous: Option<Secret>,
+    pub(crate) secret_key_previous: Option<Secret>,
     /// JWT_LEEWAY: clock skew tolerated on `exp` and `nbf`; at most 5 minutes.
-    pub jwt_leeway: Duration,
+    pub(crate) jwt_leeway: Duration,
     /// AUDIT_RETENTION: audit entries older than this are pruned.
-    pub audit_retention: Duration,
+    pub(crate) audit_retention: Duration,
     /// TRUSTED_PROXIES: comma-separated addresses or CIDRs of reverse proxies whose
     /// `X-Forwarded-For` is believed; from anyone else the header is ignored.
-    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl CredentialsConfig {
@@ -817,7 +837,7 @@ impl CredentialsConfig {
 
 /// Parses `10.0.0.0/8, 192.168.1.7, fd00::/8`; a bare address is a /32 or /128. Returns
 /// the first entry that is neither.
-pub fn parse_networks(list: &str) -> Result<Vec<ipnet::IpNet>, String> {
+pub(crate) fn parse_networks(list: &str) -> Result<Vec<ipnet::IpNet>, String> {
     list.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -845,13 +865,15 @@ pub enum AdminPasswordSource {
 /// Sign-in to the web UI.
 #[derive(Clone, Debug)]
 pub struct UiConfig {
+    /// ADMIN_PASSWORD (or ADMIN_PASSWORD_FILE), the password generated in DATA_DIR, or
+    /// sign-in disabled.
     pub admin_password: AdminPasswordSource,
     /// UI_SESSION_TTL: how long a sign-in lasts.
-    pub session_ttl: Duration,
+    pub(crate) session_ttl: Duration,
 }
 
 /// Minimum ADMIN_PASSWORD length.
-pub const MIN_ADMIN_PASSWORD_CHARS: usize = 12;
+pub(crate) const MIN_ADMIN_PASSWORD_CHARS: usize = 12;
 
 impl UiConfig {
     fn parse(

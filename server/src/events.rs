@@ -13,11 +13,11 @@ use crate::store::{Store, StoreError};
 use crate::tasks::Task;
 
 /// Event streams one replica serves at once.
-pub const MAX_STREAMS: usize = 64;
+pub(crate) const MAX_STREAMS: usize = 64;
 
 /// The replica's event-stream bookkeeping.
 #[derive(Debug)]
-pub struct EventHub {
+pub(crate) struct EventHub {
     /// Open event streams on this replica (at most [`MAX_STREAMS`]).
     streams: AtomicUsize,
     /// The latest agents-per-pod summary (JSON), refreshed while streams are open; empty

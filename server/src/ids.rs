@@ -1,12 +1,10 @@
 //! Identifier rules shared by the WebSocket path, the API and the token minter.
 
-pub use agent_protocol::MAX_CLIENT_ID_LEN;
-
 /// The `client_id` rule, shared with agents: the protocol crate holds the one copy.
-pub use agent_protocol::check_client_id;
+pub(crate) use agent_protocol::check_client_id;
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let millis = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);

@@ -2,7 +2,7 @@
 //!
 //! `ARCHITECTURE.md` at the repository root maps these modules to the design.
 
-pub mod app;
+pub(crate) mod app;
 pub mod audit;
 pub mod auth;
 pub mod binaries;
@@ -10,17 +10,17 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod error;
-pub mod events;
+pub(crate) mod events;
 pub(crate) mod http;
 pub mod hub;
-pub mod ids;
+pub(crate) mod ids;
 pub mod jobs;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod metrics;
-pub mod redact;
+pub(crate) mod redact;
 pub(crate) mod secrets;
-pub mod state;
-pub mod storable;
+pub(crate) mod state;
+pub(crate) mod storable;
 pub mod store;
 pub(crate) mod tasks;
 pub mod telemetry;

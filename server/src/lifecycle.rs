@@ -14,7 +14,7 @@ use crate::ws::protocol;
 /// Shared by everything that runs for the life of the process. Shutdown sets `draining`,
 /// then cancels `stop` and waits for `tasks`.
 #[derive(Debug, Default)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     /// Set at SIGTERM: readiness fails, new WebSocket upgrades and event streams get 503,
     /// and this replica stops counting in the cluster's balance.
     draining: AtomicBool,
@@ -26,12 +26,12 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// A lifecycle that is neither draining nor stopped.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Whether shutdown has begun.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 

@@ -16,7 +16,7 @@ macro_rules! label_enum {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
         pub enum $name {
-            $($variant),*
+            $(#[doc = concat!("`", $text, "`")] $variant),*
         }
 
         impl EncodeLabelValue for $name {
@@ -31,6 +31,7 @@ macro_rules! label_enum {
 }
 
 label_enum! {
+    /// Which way a WebSocket message went, seen from the server.
     Direction {
         Inbound => "inbound",
         Outbound => "outbound",
@@ -58,13 +59,13 @@ label_enum! {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WsLabels {
+pub(crate) struct WsLabels {
     pub direction: Direction,
     pub r#type: MessageType,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
+pub(crate) struct HttpLabels {
     pub method: &'static str,
     /// The matched route template, from the fixed route table (bounded).
     pub route: String,
@@ -72,12 +73,13 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
+pub(crate) struct RouteLabels {
     /// The matched route template, from the fixed route table (bounded).
     pub route: String,
 }
 
 label_enum! {
+    /// A command status, as the `status` label of `agent_server_commands_total`.
     StatusLabel {
         Pending => "pending",
         Delivered => "delivered",
@@ -99,8 +101,10 @@ impl From<CommandStatus> for StatusLabel {
     }
 }
 
+/// The labels of `agent_server_commands_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabels {
+    /// The status the commands moved into.
     pub status: StatusLabel,
 }
 
@@ -122,7 +126,7 @@ label_enum! {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CloseLabels {
+pub(crate) struct CloseLabels {
     pub reason: CloseReason,
 }
 
@@ -146,7 +150,7 @@ label_enum! {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeRefusalLabels {
+pub(crate) struct HandshakeRefusalLabels {
     pub reason: RefusalReason,
 }
 
@@ -165,7 +169,7 @@ label_enum! {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UploadLabels {
+pub(crate) struct UploadLabels {
     pub outcome: UploadOutcome,
 }
 
@@ -180,7 +184,7 @@ label_enum! {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DownloadLabels {
+pub(crate) struct DownloadLabels {
     pub kind: DownloadKind,
 }
 
@@ -193,7 +197,7 @@ label_enum! {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UpdateOutcomeLabels {
+pub(crate) struct UpdateOutcomeLabels {
     pub outcome: UpdateOutcome,
 }
 
@@ -208,7 +212,7 @@ label_enum! {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SignInLabels {
+pub(crate) struct SignInLabels {
     pub outcome: SignInOutcome,
 }
 
@@ -224,13 +228,15 @@ label_enum! {
     }
 }
 
+/// The labels of `agent_server_jobs_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabels {
+    /// What happened to the job.
     pub event: JobEvent,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BuildLabels {
+pub(crate) struct BuildLabels {
     pub version: &'static str,
 }
 
@@ -241,38 +247,41 @@ fn latency_histogram() -> Histogram {
 
 /// All metrics of one process; cheap to share behind an `Arc`.
 pub struct Metrics {
+    /// Every metric below, registered under the `agent_server` prefix; `/metrics`
+    /// encodes it (see [`Metrics::encode`]).
     pub registry: Registry,
-    pub connected_agents: Gauge,
-    pub ws_messages: Family<WsLabels, Counter>,
-    pub ws_closes: Family<CloseLabels, Counter>,
-    pub ws_rejected_upgrades: Counter,
+    pub(crate) connected_agents: Gauge,
+    pub(crate) ws_messages: Family<WsLabels, Counter>,
+    pub(crate) ws_closes: Family<CloseLabels, Counter>,
+    pub(crate) ws_rejected_upgrades: Counter,
     /// The same refusals by reason: proxy misconfigurations show as `http_version`,
     /// `upgrade_header` or `connection_header`.
-    pub ws_handshake_refusals: Family<HandshakeRefusalLabels, Counter>,
-    pub http_requests: Family<HttpLabels, Counter>,
-    pub http_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub(crate) ws_handshake_refusals: Family<HandshakeRefusalLabels, Counter>,
+    pub(crate) http_requests: Family<HttpLabels, Counter>,
+    pub(crate) http_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Transitions into each status (a counter, not a census of the table).
     pub commands: Family<CommandLabels, Counter>,
+    /// 1 while this replica drains (SIGTERM received), else 0.
     pub draining: Gauge,
-    pub store_errors: Counter,
+    pub(crate) store_errors: Counter,
     /// Cluster mode: 1 while Redis answers.
-    pub redis_up: Gauge,
-    pub redis_errors: Counter,
-    pub wakeups_sent: Counter,
-    pub wakeups_received: Counter,
+    pub(crate) redis_up: Gauge,
+    pub(crate) redis_errors: Counter,
+    pub(crate) wakeups_sent: Counter,
+    pub(crate) wakeups_received: Counter,
     /// Registry entries refreshed (one per agent per heartbeat interval).
-    pub presence_refreshes: Counter,
-    pub rebalance_closes: Counter,
+    pub(crate) presence_refreshes: Counter,
+    pub(crate) rebalance_closes: Counter,
     /// Replicas that reported their agent count recently.
-    pub cluster_pods: Gauge,
-    pub binary_uploads: Family<UploadLabels, Counter>,
-    pub binary_downloads: Family<DownloadLabels, Counter>,
+    pub(crate) cluster_pods: Gauge,
+    pub(crate) binary_uploads: Family<UploadLabels, Counter>,
+    pub(crate) binary_downloads: Family<DownloadLabels, Counter>,
     /// Bytes of binaries sent to clients (ranges included).
-    pub binary_download_bytes: Counter,
-    pub updates_offered: Counter,
-    pub update_outcomes: Family<UpdateOutcomeLabels, Counter>,
-    pub ui_sign_ins: Family<SignInLabels, Counter>,
-    pub ui_event_streams: Gauge,
+    pub(crate) binary_download_bytes: Counter,
+    pub(crate) updates_offered: Counter,
+    pub(crate) update_outcomes: Family<UpdateOutcomeLabels, Counter>,
+    pub(crate) ui_sign_ins: Family<SignInLabels, Counter>,
+    pub(crate) ui_event_streams: Gauge,
     /// Fleet jobs by event (created, braked, paused, resumed, cancelled, completed).
     pub jobs: Family<JobLabels, Counter>,
     /// Held job commands this replica's pacer released to its agents.
@@ -280,6 +289,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Every metric at zero, registered in a fresh registry (one per process; tests make
+    /// one per app).
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("agent_server");
         let connected_agents = Gauge::default();
@@ -474,12 +485,14 @@ impl Metrics {
         }
     }
 
+    /// Counts one WebSocket message (`agent_server_ws_messages_total`).
     pub fn ws(&self, direction: Direction, r#type: MessageType) {
         self.ws_messages
             .get_or_create(&WsLabels { direction, r#type })
             .inc();
     }
 
+    /// Counts `n` commands moving into `status` (`agent_server_commands_total`).
     pub fn command(&self, status: CommandStatus, n: u64) {
         self.commands
             .get_or_create(&CommandLabels {
@@ -488,34 +501,41 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Counts one binary upload by how it ended.
     pub fn upload(&self, outcome: UploadOutcome) {
         self.binary_uploads
             .get_or_create(&UploadLabels { outcome })
             .inc();
     }
 
+    /// Counts one binary download by what it answered (full, partial, not modified,
+    /// unsatisfiable range).
     pub fn download(&self, kind: DownloadKind) {
         self.binary_downloads
             .get_or_create(&DownloadLabels { kind })
             .inc();
     }
 
-    pub fn update_outcome(&self, outcome: UpdateOutcome) {
+    pub(crate) fn update_outcome(&self, outcome: UpdateOutcome) {
         self.update_outcomes
             .get_or_create(&UpdateOutcomeLabels { outcome })
             .inc();
     }
 
+    /// Counts one web UI sign-in attempt by how it ended.
     pub fn sign_in(&self, outcome: SignInOutcome) {
         self.ui_sign_ins
             .get_or_create(&SignInLabels { outcome })
             .inc();
     }
 
+    /// Counts one fleet job event (`agent_server_jobs_total`).
     pub fn job(&self, event: JobEvent) {
         self.jobs.get_or_create(&JobLabels { event }).inc();
     }
 
+    /// Counts one ended WebSocket session by its reason
+    /// (`agent_server_ws_sessions_closed_total`).
     pub fn closed(&self, reason: CloseReason) {
         self.ws_closes.get_or_create(&CloseLabels { reason }).inc();
     }

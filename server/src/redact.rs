@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::sync::RwLock;
 
 /// What a secret is replaced with.
-pub const MASK: &str = "***";
+pub(crate) const MASK: &str = "***";
 
 /// Pieces of a password shorter than this are not redacted on their own: a driver that
 /// quotes a fragment cut at a URL delimiter leaks little, and masking every two-letter
@@ -26,7 +26,7 @@ static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
 /// Adds secret values to mask from now on. A value that looks like a URL also registers
 /// its password, raw and percent-decoded, and the pieces of it a URL parser could cut it
 /// into, because that is how drivers quote a URL they could not parse.
-pub fn register<I, S>(values: I)
+pub(crate) fn register<I, S>(values: I)
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
@@ -73,7 +73,7 @@ where
 
 /// `text` with every registered secret and every URL's `user:password@` replaced by
 /// [`MASK`]. Borrowed when there was nothing to replace.
-pub fn redact(text: &str) -> Cow<'_, str> {
+pub(crate) fn redact(text: &str) -> Cow<'_, str> {
     let mut out = Cow::Borrowed(text);
     {
         let secrets = SECRETS.read().unwrap_or_else(|e| e.into_inner());
@@ -154,7 +154,7 @@ fn hex(b: u8) -> Option<u8> {
 /// A `tracing_subscriber` writer that redacts whatever it is given before passing it on.
 /// The fmt layer writes each event with one `write_all` of the whole formatted line, so a
 /// secret is never split across two writes.
-pub struct RedactingWriter<W>(pub W);
+pub(crate) struct RedactingWriter<W>(pub W);
 
 impl<W: Write> Write for RedactingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -169,7 +169,7 @@ impl<W: Write> Write for RedactingWriter<W> {
 }
 
 /// Makes a [`RedactingWriter`] around standard error for each event.
-pub fn stderr() -> RedactingWriter<io::Stderr> {
+pub(crate) fn stderr() -> RedactingWriter<io::Stderr> {
     RedactingWriter(io::stderr())
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::config::{MIN_ADMIN_PASSWORD_CHARS, MIN_SECRET_KEY_BYTES, Secret};
 
 /// The signing key at `path`, or a new one (32 random bytes in hex).
-pub fn load_or_create_signing_key(path: &Path) -> io::Result<Secret> {
+pub(crate) fn load_or_create_signing_key(path: &Path) -> io::Result<Secret> {
     load_or_create(path, "key", MIN_SECRET_KEY_BYTES, || {
         let key: [u8; 32] = rand::random();
         key.iter().map(|b| format!("{b:02x}")).collect()
@@ -18,7 +18,7 @@ pub fn load_or_create_signing_key(path: &Path) -> io::Result<Secret> {
 
 /// The admin password at `path`, or a new one: 24 characters from an alphabet without
 /// look-alikes, so a person can type it.
-pub fn load_or_create_admin_password(path: &Path) -> io::Result<Secret> {
+pub(crate) fn load_or_create_admin_password(path: &Path) -> io::Result<Secret> {
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ23456789";
     load_or_create(path, "password", MIN_ADMIN_PASSWORD_CHARS, || {
         (0..24)

@@ -32,21 +32,21 @@ pub struct State {
     pub tokens: Tokens,
     /// Authentication against revocations, token and enroll-secret management, and the
     /// audit log (`creds.audit()`).
-    pub creds: Credentials,
+    pub(crate) creds: Credentials,
     /// The Prometheus registry.
     pub metrics: Arc<Metrics>,
     /// Draining flag, task tracker and stop signal.
-    pub lifecycle: Arc<Lifecycle>,
+    pub(crate) lifecycle: Arc<Lifecycle>,
     /// Binaries on the shared volume (BINARY_STORAGE_PATH).
-    pub storage: Storage,
+    pub(crate) storage: Storage,
     /// Rollouts of new agent versions: the cache and the offers.
-    pub rollouts: Rollouts,
+    pub(crate) rollouts: Rollouts,
     /// What every WebSocket session shares.
-    pub sessions: Arc<SessionContext>,
+    pub(crate) sessions: Arc<SessionContext>,
     /// The web UI's admin password and sign-in rate limit.
-    pub sign_in: UiSignIn,
+    pub(crate) sign_in: UiSignIn,
     /// The web UI's event streams on this replica.
-    pub events: Arc<EventHub>,
+    pub(crate) events: Arc<EventHub>,
     /// Fleet jobs: the handle the `/api/v1/jobs` handlers call.
-    pub jobs: Jobs,
+    pub(crate) jobs: Jobs,
 }

@@ -17,13 +17,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 
-pub mod ui_session;
+pub(crate) mod ui_session;
 
 /// Lifetime of an agent token unless the minter asks for another: agents hold theirs
 /// for a long time.
-pub const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+pub(crate) const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// Lifetime of an admin token unless the minter asks for another: a working day.
-pub const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
 
 /// Who a token speaks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -36,6 +36,7 @@ pub enum Role {
 }
 
 impl Role {
+    /// The claim's and the API's spelling, lowercase (`agent`, `admin`).
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Agent => "agent",
@@ -60,6 +61,7 @@ impl std::str::FromStr for Role {
 pub struct Claims {
     /// The subject: a `client_id` for agents, a free-form name for admins.
     pub sub: String,
+    /// What the token may do.
     pub role: Role,
     /// Expiry, whole seconds since the Unix epoch (a fractional `exp` is rounded down).
     pub exp: u64,
@@ -91,27 +93,44 @@ impl Claims {
 /// message ever contains the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum AuthError {
+    /// No token in the request (neither `Authorization: Bearer` nor, on `/ws/{client_id}`,
+    /// `?token=`).
     #[error("a token is required: send `Authorization: Bearer <token>`")]
     Missing,
+    /// `exp` (RFC 7519 §4.1.4) is past, beyond the JWT_LEEWAY allowance.
     #[error("the token expired at {exp} (seconds since the Unix epoch); mint a new one")]
-    Expired { exp: u64 },
+    Expired {
+        /// The token's `exp`, seconds since the Unix epoch.
+        exp: u64,
+    },
+    /// `nbf` (RFC 7519 §4.1.5) is still ahead, beyond the JWT_LEEWAY allowance.
     #[error(
         "the token is not yet valid: its nbf is {nbf} (seconds since the Unix epoch); check the clocks of this server and of the host that minted it"
     )]
-    NotYetValid { nbf: u64 },
+    NotYetValid {
+        /// The token's `nbf`, seconds since the Unix epoch.
+        nbf: u64,
+    },
+    /// Signed with neither SECRET_KEY nor SECRET_KEY_PREVIOUS.
     #[error(
         "the token's signature does not match this server's key (SECRET_KEY, or SECRET_KEY_PREVIOUS during a rotation)"
     )]
     BadSignature,
+    /// The header's `alg` is not the one configured; `alg: none` is refused too.
     #[error("the token's algorithm is not accepted; this server accepts {0:?} only")]
     WrongAlgorithm(Algorithm),
+    /// Not three base64url parts of JSON (RFC 7519 §7.2); says which part is wrong.
     #[error("the token is not a JWT: {0}")]
     Malformed(&'static str),
+    /// A claim the server needs is absent or of the wrong type.
     #[error("the token's `{claim}` claim {problem}")]
     Claim {
+        /// The claim's name (`sub`, `role`, `exp`, `gen`…).
         claim: &'static str,
+        /// What is wrong with it.
         problem: ClaimProblem,
     },
+    /// The token verifies but was revoked since; see [`Revoked`].
     #[error("the token was revoked: {0}")]
     Revoked(Revoked),
 }
@@ -119,16 +138,22 @@ pub enum AuthError {
 /// What is wrong with one claim.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
 pub enum ClaimProblem {
+    /// Required but absent.
     #[error("is missing")]
     Missing,
+    /// Must be a JSON string.
     #[error("must be a string")]
     NotAString,
+    /// Must be a NumericDate (RFC 7519 §2): seconds since the Unix epoch.
     #[error("must be a number of seconds since the Unix epoch (RFC 7519 NumericDate)")]
     NotANumericDate,
+    /// `role` is neither `agent` nor `admin`.
     #[error("must be `agent` or `admin`")]
     UnknownRole,
+    /// `gen` must be a whole number.
     #[error("must be a whole number")]
     NotAnInteger,
+    /// Must not be an empty string.
     #[error("must not be empty")]
     Empty,
 }
@@ -136,17 +161,25 @@ pub enum ClaimProblem {
 /// Why a token that verifies is no longer honoured.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum Revoked {
+    /// The agent's credential generation moved past the token's `gen`.
     #[error(
         "the agent `{client_id}` was deleted or its credentials revoked after this token was minted; enroll again or mint a new token"
     )]
-    AgentGeneration { client_id: String },
+    AgentGeneration {
+        /// The agent whose tokens are no longer honoured.
+        client_id: String,
+    },
+    /// The recorded token was revoked (`DELETE /api/v1/tokens/{id}` or the UI).
     #[error("token `{jti}` was revoked by an operator")]
-    TokenRevoked { jti: String },
+    TokenRevoked {
+        /// The revoked token's `jti`.
+        jti: String,
+    },
 }
 
 /// The shortest and longest token lifetime accepted by the API and the CLI.
-pub const MIN_TTL: Duration = Duration::from_secs(1);
-pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+pub(crate) const MIN_TTL: Duration = Duration::from_secs(1);
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// A token lifetime outside [`MIN_TTL`]..=[`MAX_TTL`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
@@ -155,10 +188,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
     MIN_TTL.as_secs(),
     MAX_TTL.as_secs()
 )]
-pub struct TtlOutOfRange;
+pub(crate) struct TtlOutOfRange;
 
 /// Checks a lifetime in seconds, as the API and the CLI receive it.
-pub fn ttl_from_secs(secs: u64) -> Result<Duration, TtlOutOfRange> {
+pub(crate) fn ttl_from_secs(secs: u64) -> Result<Duration, TtlOutOfRange> {
     let ttl = Duration::from_secs(secs);
     if (MIN_TTL..=MAX_TTL).contains(&ttl) {
         Ok(ttl)
@@ -168,20 +201,24 @@ pub fn ttl_from_secs(secs: u64) -> Result<Duration, TtlOutOfRange> {
 }
 
 /// The default and the bound of JWT_LEEWAY.
-pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(5);
-pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_LEEWAY: Duration = Duration::from_secs(5);
+pub(crate) const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
 /// What to put in a new token besides `sub`, `role` and the lifetime.
 #[derive(Clone, Debug, Default)]
 pub struct MintOptions {
+    /// The `jti` to record the token under; `None` for an unrecorded token (the CLI).
     pub jti: Option<String>,
+    /// The agent's credential generation, signed as the private claim `gen`.
     pub generation: Option<i64>,
 }
 
 /// A signed token and its claims.
 #[derive(Clone, Debug)]
 pub struct Minted {
+    /// The compact JWT (RFC 7519), for `Authorization: Bearer`.
     pub token: String,
+    /// What it carries.
     pub claims: Claims,
 }
 
@@ -267,7 +304,7 @@ impl Tokens {
     }
 
     /// [`Tokens::verify`] at `now` (seconds since the Unix epoch), for tests.
-    pub fn verify_at(&self, token: &str, now: f64) -> Result<Claims, AuthError> {
+    pub(crate) fn verify_at(&self, token: &str, now: f64) -> Result<Claims, AuthError> {
         if token.split('.').count() != 3 {
             return Err(AuthError::Malformed(
                 "expected three base64url parts separated by dots",

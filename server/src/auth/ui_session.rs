@@ -13,7 +13,7 @@ use crate::config::{AdminPasswordSource, Config, Secret};
 use crate::secrets::load_or_create_admin_password;
 
 /// The session cookie's name.
-pub const COOKIE: &str = "agent_server_session";
+pub(crate) const COOKIE: &str = "agent_server_session";
 /// Failed sign-ins allowed per window, per replica; more are refused with 429 until the
 /// window ends, so the password cannot be guessed at speed.
 const MAX_FAILURES: u32 = 10;
@@ -22,7 +22,7 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 type HmacSha256 = Hmac<Sha256>;
 
 /// What the sign-in endpoint checks a password against.
-pub struct UiSignIn {
+pub(crate) struct UiSignIn {
     /// HMAC of the admin password under `mac_key`; `None` when sign-in is disabled.
     /// Comparing MACs with `verify_slice` takes the same time whatever the guess.
     password_mac: Option<Vec<u8>>,
@@ -35,7 +35,7 @@ pub struct UiSignIn {
 impl UiSignIn {
     /// Resolves the admin password: ADMIN_PASSWORD, the embedded default's generated
     /// file (its location is logged), or none (sign-in disabled, with a warning).
-    pub fn new(config: &Config) -> std::io::Result<Self> {
+    pub(crate) fn new(config: &Config) -> std::io::Result<Self> {
         let password = match &config.ui.admin_password {
             AdminPasswordSource::Given(secret) => Some(secret.clone()),
             AdminPasswordSource::DataDir(path) => {
@@ -63,12 +63,12 @@ impl UiSignIn {
     }
 
     /// Whether an admin password is set.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.password_mac.is_some()
     }
 
     /// Whether `given` is the admin password, in constant time.
-    pub fn password_matches(&self, given: &str) -> bool {
+    pub(crate) fn password_matches(&self, given: &str) -> bool {
         let Some(expected) = &self.password_mac else {
             return false;
         };
@@ -80,7 +80,7 @@ impl UiSignIn {
     }
 
     /// Seconds until sign-in is allowed again, if too many attempts failed.
-    pub fn limited(&self) -> Option<u64> {
+    pub(crate) fn limited(&self) -> Option<u64> {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if f.0.elapsed() >= FAILURE_WINDOW {
             *f = (Instant::now(), 0);
@@ -89,7 +89,7 @@ impl UiSignIn {
     }
 
     /// Counts a failed attempt.
-    pub fn failed(&self) {
+    pub(crate) fn failed(&self) {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         f.1 += 1;
     }
@@ -104,6 +104,6 @@ fn mac(key: &[u8], password: &Secret) -> Vec<u8> {
 
 /// The store key of a session cookie: its SHA-256, in hex, so a leaked table grants
 /// nothing.
-pub fn cookie_hash(cookie: &str) -> String {
+pub(crate) fn cookie_hash(cookie: &str) -> String {
     hex(&Sha256::digest(cookie.as_bytes()))
 }

@@ -4,8 +4,8 @@
 //! a cache of the active rollouts so that sessions skip the database when there are none.
 
 pub mod rollout;
-pub mod storage;
-pub mod version;
+pub(crate) mod storage;
+pub(crate) mod version;
 
-pub use rollout::Rollouts;
-pub use storage::{Storage, StorageError};
+pub(crate) use rollout::Rollouts;
+pub(crate) use storage::{Storage, StorageError};

@@ -29,7 +29,7 @@ use crate::store::{ActiveRollout, Claim, RolloutRow, RolloutStatus, Store, Store
 
 /// What an agent said about itself in its hello, as far as rollouts care.
 #[derive(Debug, Clone, Default)]
-pub struct AgentFacts {
+pub(crate) struct AgentFacts {
     pub version: Option<String>,
     pub os: Option<String>,
     pub arch: Option<String>,
@@ -39,7 +39,7 @@ pub struct AgentFacts {
 
 /// An `update` to send: everything an agent needs to fetch and check the binary.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offer {
+pub(crate) struct Offer {
     pub rollout_id: String,
     pub binary_id: String,
     pub name: String,
@@ -53,18 +53,18 @@ pub struct Offer {
 }
 
 #[derive(Debug, Default)]
-pub struct HelloOutcome {
+pub(crate) struct HelloOutcome {
     /// Send this update now.
     pub offer: Option<Offer>,
     /// Part of the hello was refused (invalid labels); tell the agent.
     pub problem: Option<String>,
 }
 
-pub const MAX_LABELS: usize = 32;
-pub const MAX_LABEL_LEN: usize = 64;
+pub(crate) const MAX_LABELS: usize = 32;
+pub(crate) const MAX_LABEL_LEN: usize = 64;
 
 /// Keeps the valid labels (deduplicated) and describes the invalid ones.
-pub fn check_labels(reported: Vec<String>) -> (Vec<String>, Option<String>) {
+pub(crate) fn check_labels(reported: Vec<String>) -> (Vec<String>, Option<String>) {
     let valid_label = |l: &str| {
         !l.is_empty()
             && l.len() <= MAX_LABEL_LEN
@@ -112,7 +112,7 @@ pub fn selected(binary_id: &str, agent: &str, percentage: i32) -> bool {
 /// This replica's rollout service: the cache of active rollouts, the offers to sessions
 /// and the task that hands out free slots. A cheap handle (an `Arc`).
 #[derive(Clone)]
-pub struct Rollouts(Arc<Inner>);
+pub(crate) struct Rollouts(Arc<Inner>);
 
 struct Inner {
     store: Store,
@@ -138,7 +138,7 @@ struct Inner {
 
 impl Rollouts {
     /// The service, with an empty cache until its first round.
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         store: Store,
         hub: Hub,
@@ -168,13 +168,13 @@ impl Rollouts {
     }
 
     /// Asks the rollout task to run now (coalesces).
-    pub fn kick(&self) {
+    pub(crate) fn kick(&self) {
         self.0.kick.notify_one();
     }
 
     /// Refreshes the cache and offers free slots at once; other replicas follow within
     /// ROLLOUT_CHECK_INTERVAL.
-    pub async fn apply_now(&self) -> Result<(), StoreError> {
+    pub(crate) async fn apply_now(&self) -> Result<(), StoreError> {
         self.refresh().await?;
         self.kick();
         Ok(())
@@ -200,7 +200,12 @@ impl Rollouts {
 
     /// Called by a session once its hello is stored: records the labels, notices an agent
     /// that came back updated (freeing its slot), and decides whether to send an update now.
-    pub async fn after_hello(&self, agent: &str, epoch: i64, facts: AgentFacts) -> HelloOutcome {
+    pub(crate) async fn after_hello(
+        &self,
+        agent: &str,
+        epoch: i64,
+        facts: AgentFacts,
+    ) -> HelloOutcome {
         let mut outcome = HelloOutcome::default();
         let mut labels = None;
         if let Some(reported) = facts.labels {
@@ -298,7 +303,7 @@ impl Rollouts {
 
     /// Called by a session when woken: the update this agent holds a slot for, if it has
     /// not been sent on this connection yet.
-    pub async fn pending_offer(&self, agent: &str, epoch: i64) -> Option<Offer> {
+    pub(crate) async fn pending_offer(&self, agent: &str, epoch: i64) -> Option<Offer> {
         let active = self.active();
         if active.is_empty() {
             return None;
@@ -318,7 +323,7 @@ impl Rollouts {
     }
 
     /// Re-reads the active rollouts into the cache.
-    pub async fn refresh(&self) -> Result<(), StoreError> {
+    pub(crate) async fn refresh(&self) -> Result<(), StoreError> {
         let active = self.0.store.active_rollouts().await?;
         *self.0.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
         Ok(())
@@ -330,7 +335,7 @@ impl Rollouts {
     /// Offers each active rollout's free slots to agents connected to this replica, and
     /// wakes agents here that hold a slot but were not sent the update on their current
     /// connection. Returns how many slots were claimed.
-    pub async fn dispatch(&self) -> Result<usize, StoreError> {
+    pub(crate) async fn dispatch(&self) -> Result<usize, StoreError> {
         let mut claimed = 0;
         let pod = self.0.pod_id.clone();
         for target in self.active().iter() {
@@ -412,7 +417,7 @@ impl Rollouts {
 
     /// The rollout task: a round every ROLLOUT_CHECK_INTERVAL, or at once when kicked,
     /// until `stop`.
-    pub async fn run(self, stop: CancellationToken) {
+    pub(crate) async fn run(self, stop: CancellationToken) {
         let removed = self.0.storage.remove_stale_uploads(STALE_UPLOAD_AGE).await;
         if removed > 0 {
             tracing::info!(files = removed, "removed abandoned temporary upload files");
@@ -434,7 +439,7 @@ impl Rollouts {
 
     /// Counts the rollout's agents. Reads every agent of the rollout's os/arch in pages:
     /// this is for operators, not for hot paths.
-    pub async fn progress(&self, r: &RolloutRow) -> Result<Progress, StoreError> {
+    pub(crate) async fn progress(&self, r: &RolloutRow) -> Result<Progress, StoreError> {
         let state = &self.0;
         let counts = state.store.update_counts(r.id.clone()).await?;
         let mut p = Progress {
@@ -482,7 +487,7 @@ impl Rollouts {
 
 /// How far a rollout has come.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// Agents this rollout concerns: its os/arch (and label), within its percentage.
     pub targeted: i64,
     /// Of those, how many report the target version or newer.

@@ -24,7 +24,7 @@ const TEMP_PREFIX: &str = ".upload-";
 const TEMP_SUFFIX: &str = ".part";
 
 #[derive(Debug, thiserror::Error)]
-pub enum StorageError {
+pub(crate) enum StorageError {
     #[error("the upload is larger than the limit of {limit} bytes (MAX_BINARY_BYTES)")]
     TooLarge { limit: u64 },
     #[error("the upload is empty; send the binary as the request body")]
@@ -53,7 +53,7 @@ pub enum StorageError {
 
 /// The binaries directory. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Storage {
+pub(crate) struct Storage {
     dir: PathBuf,
     /// Files found missing, so that each is logged once per process and not once per
     /// download attempt of every agent in a rollout.
@@ -62,21 +62,21 @@ pub struct Storage {
 
 /// A complete, checked upload still under its temporary name; dropping it removes it.
 #[derive(Debug)]
-pub struct Received {
+pub(crate) struct Received {
     pub sha256: String,
     pub size: u64,
     temp: TempFile,
 }
 
 impl Storage {
-    pub fn new(dir: PathBuf) -> Self {
+    pub(crate) fn new(dir: PathBuf) -> Self {
         Storage {
             dir,
             missing_logged: Arc::default(),
         }
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -99,7 +99,7 @@ impl Storage {
     }
 
     /// Bytes available to us on the volume, when the platform says.
-    pub fn free_bytes(&self) -> Option<u64> {
+    pub(crate) fn free_bytes(&self) -> Option<u64> {
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
         let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -116,7 +116,7 @@ impl Storage {
 
     /// Refuses an upload whose announced size does not fit on the volume, before a byte
     /// of it is read.
-    pub async fn check_room(&self, announced: u64) -> Result<(), StorageError> {
+    pub(crate) async fn check_room(&self, announced: u64) -> Result<(), StorageError> {
         tokio::fs::create_dir_all(&self.dir)
             .await
             .map_err(|e| self.io(e))?;
@@ -128,7 +128,7 @@ impl Storage {
 
     /// Streams `body` into a temporary file: hashed, bounded by `limit`, fsynced, and
     /// checked against `expected` (lower-case hex) when the client sent one.
-    pub async fn receive<B>(
+    pub(crate) async fn receive<B>(
         &self,
         body: &mut B,
         limit: u64,
@@ -180,7 +180,7 @@ impl Storage {
     /// Moves a received file to its final name and makes the rename durable. A file with
     /// the same content may already be there (the same build uploaded under another
     /// name); renaming over it is harmless.
-    pub async fn commit(&self, received: Received) -> Result<(), StorageError> {
+    pub(crate) async fn commit(&self, received: Received) -> Result<(), StorageError> {
         let target = self
             .path_of(&received.sha256)
             .ok_or_else(|| self.io(io::Error::other("not a sha256")))?;
@@ -196,7 +196,7 @@ impl Storage {
     }
 
     /// Opens a stored file for reading, with its size.
-    pub async fn open(&self, sha256: &str) -> Result<(tokio::fs::File, u64), StorageError> {
+    pub(crate) async fn open(&self, sha256: &str) -> Result<(tokio::fs::File, u64), StorageError> {
         let missing = || {
             let error = StorageError::Missing {
                 sha256: sha256.to_string(),
@@ -222,7 +222,7 @@ impl Storage {
     }
 
     /// Removes a stored file; a file already gone is fine.
-    pub async fn remove(&self, sha256: &str) -> Result<(), StorageError> {
+    pub(crate) async fn remove(&self, sha256: &str) -> Result<(), StorageError> {
         let Some(path) = self.path_of(sha256) else {
             return Ok(());
         };
@@ -235,7 +235,7 @@ impl Storage {
 
     /// Removes temporary files older than `age`: uploads cut short by a crash. Younger
     /// ones may belong to an upload in progress on another replica.
-    pub async fn remove_stale_uploads(&self, age: Duration) -> usize {
+    pub(crate) async fn remove_stale_uploads(&self, age: Duration) -> usize {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -265,11 +265,11 @@ impl Storage {
 }
 
 /// Whether `s` is 64 lower-case hex digits.
-pub fn is_sha256(s: &str) -> bool {
+pub(crate) fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
         .iter()

@@ -23,7 +23,7 @@ use crate::hub::redis_conn::RedisConn;
 /// A revocation every replica must apply to its cache and its live sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Revocation {
+pub(crate) enum Revocation {
     /// Tokens of this agent minted for a generation below `generation` are invalid.
     Agent {
         client_id: String,
@@ -48,6 +48,8 @@ struct Envelope {
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// This replica's end of the revocation channel: publishes the revocations made here and
+/// applies those of the other replicas (see the module doc for why a lost one is harmless).
 pub struct RevocationBus {
     pod: String,
     channel: String,
@@ -69,7 +71,7 @@ impl RevocationBus {
 
     /// Tells the other replicas. Returns whether Redis took the message; when it did
     /// not, they learn within the cache TTL from the database.
-    pub async fn publish(&self, revocation: &Revocation) -> bool {
+    pub(crate) async fn publish(&self, revocation: &Revocation) -> bool {
         let payload = serde_json::to_string(&Envelope {
             origin: self.pod.clone(),
             revocation: revocation.clone(),
@@ -102,7 +104,7 @@ impl RevocationBus {
     ///
     /// Spawned by the assembly code in cluster mode:
     /// `tasks.spawn(bus.clone().run_subscriber(credentials.clone(), stop.clone()))`.
-    pub async fn run_subscriber(
+    pub(crate) async fn run_subscriber(
         self: Arc<Self>,
         credentials: Credentials,
         stop: CancellationToken,

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use super::bus::Revocation;
 
 /// How long a database answer is trusted without hearing otherwise.
-pub const CACHE_TTL: Duration = Duration::from_secs(60);
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(60);
 /// Entries per map; beyond it, expired entries go, then everything (and is re-read).
-pub const CACHE_CAPACITY: usize = 200_000;
+pub(crate) const CACHE_CAPACITY: usize = 200_000;
 
 /// What the database says about a token's `jti`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenState {
+pub(crate) enum TokenState {
     Live,
     Revoked,
     /// Not in `api_tokens`: minted by the CLI or another implementation.
@@ -37,7 +37,7 @@ impl TokenState {
     }
 }
 
-pub struct CredentialCache {
+pub(crate) struct CredentialCache {
     ttl: Duration,
     capacity: usize,
     inner: Mutex<Inner>,
@@ -56,7 +56,7 @@ impl Default for CredentialCache {
 }
 
 impl CredentialCache {
-    pub fn new(ttl: Duration, capacity: usize) -> Self {
+    pub(crate) fn new(ttl: Duration, capacity: usize) -> Self {
         CredentialCache {
             ttl,
             capacity: capacity.max(1),
@@ -69,7 +69,7 @@ impl CredentialCache {
     }
 
     /// The agent's generation, if known and fresh.
-    pub fn generation(&self, client_id: &str) -> Option<i64> {
+    pub(crate) fn generation(&self, client_id: &str) -> Option<i64> {
         let now = Instant::now();
         self.lock()
             .generations
@@ -79,7 +79,7 @@ impl CredentialCache {
     }
 
     /// The token's state, if known and fresh.
-    pub fn token(&self, jti: &str) -> Option<TokenState> {
+    pub(crate) fn token(&self, jti: &str) -> Option<TokenState> {
         let now = Instant::now();
         self.lock()
             .tokens
@@ -90,7 +90,7 @@ impl CredentialCache {
 
     /// Records a generation read from the database or heard on the bus; a lower one
     /// than already known is ignored (generations only grow).
-    pub fn put_generation(&self, client_id: &str, generation: i64) {
+    pub(crate) fn put_generation(&self, client_id: &str, generation: i64) {
         let now = Instant::now();
         let capacity = self.capacity;
         let ttl = self.ttl;
@@ -104,7 +104,7 @@ impl CredentialCache {
     }
 
     /// Records a token's state; a token known revoked stays revoked.
-    pub fn put_token(&self, jti: &str, state: TokenState) {
+    pub(crate) fn put_token(&self, jti: &str, state: TokenState) {
         let now = Instant::now();
         let capacity = self.capacity;
         let ttl = self.ttl;
@@ -119,7 +119,7 @@ impl CredentialCache {
         *entry = (kept, now);
     }
 
-    pub fn apply(&self, revocation: &Revocation) {
+    pub(crate) fn apply(&self, revocation: &Revocation) {
         match revocation {
             Revocation::Agent {
                 client_id,
@@ -131,19 +131,16 @@ impl CredentialCache {
     }
 
     /// Forgets everything: revocations may have been missed (the bus reconnected).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut inner = self.lock();
         inner.generations.clear();
         inner.tokens.clear();
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         let inner = self.lock();
         inner.generations.len() + inner.tokens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

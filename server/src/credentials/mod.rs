@@ -19,7 +19,7 @@
 
 pub mod bus;
 pub mod cache;
-pub mod rate_limit;
+pub(crate) mod rate_limit;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -40,26 +40,27 @@ use crate::store::{
     Store, StoreError, now_ms,
 };
 use crate::ws::protocol;
-pub use bus::{Revocation, RevocationBus};
-pub use cache::{CredentialCache, TokenState};
+pub(crate) use bus::Revocation;
+pub use bus::RevocationBus;
+pub(crate) use cache::{CredentialCache, TokenState};
 pub use rate_limit::RateLimiter;
 
 /// Lifetime of an agent token when none is asked for (API minting, enrollment).
-pub const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+pub(crate) const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// Lifetime of an admin token when none is asked for.
-pub const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
 /// Longest token name, enroll secret name and label.
-pub const MAX_NAME_CHARS: usize = 100;
-pub const MAX_LABELS: usize = 32;
-pub const MAX_HOSTNAME_CHARS: usize = 253;
+pub(crate) const MAX_NAME_CHARS: usize = 100;
+pub(crate) const MAX_LABELS: usize = 32;
+pub(crate) const MAX_HOSTNAME_CHARS: usize = 253;
 /// Bound on an enroll secret's `max_uses`.
-pub const MAX_ENROLL_USES: u64 = 1_000_000;
+pub(crate) const MAX_ENROLL_USES: u64 = 1_000_000;
 /// Page size bounds of the token and enroll secret lists.
-pub const DEFAULT_PAGE: u32 = 100;
-pub const MAX_PAGE: u32 = 1000;
+pub(crate) const DEFAULT_PAGE: u32 = 100;
+pub(crate) const MAX_PAGE: u32 = 1000;
 /// Enrollment attempts per source address: a burst, then a steady rate.
-pub const ENROLL_BURST: u32 = 10;
-pub const ENROLL_PER_SECOND: f64 = 1.0;
+pub(crate) const ENROLL_BURST: u32 = 10;
+pub(crate) const ENROLL_PER_SECOND: f64 = 1.0;
 const ENROLL_TRACKED_ADDRESSES: usize = 100_000;
 /// Pending `last_used_at` updates kept between flushes; beyond it, updates are dropped
 /// (they are informational) rather than memory growing.
@@ -74,12 +75,20 @@ pub enum CredentialError {
     /// 400: a field of the request is invalid; `field` names it.
     #[error("{message}")]
     Invalid {
+        /// The request field at fault (`client_id`, `ttl_seconds`, `limit`, `name`…); it picks
+        /// the error code of the 400.
         field: &'static str,
+        /// What is wrong and what to send instead.
         message: String,
     },
     /// 404.
     #[error("no {what} `{id}`")]
-    NotFound { what: &'static str, id: String },
+    NotFound {
+        /// What was looked for (`token`, `enroll secret`).
+        what: &'static str,
+        /// The id asked for.
+        id: String,
+    },
     /// 503 when the pool is exhausted, else 500 (as `StoreError` maps today).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -117,16 +126,24 @@ pub enum EnrollError {
     #[error(
         "client_id `{client_id}` is already enrolled and this enroll secret does not allow re-enrollment; use another client_id, or ask an operator to delete the agent first"
     )]
-    AlreadyEnrolled { client_id: String },
+    AlreadyEnrolled {
+        /// The client id asked for.
+        client_id: String,
+    },
     /// 400.
     #[error("{message}")]
     Invalid {
+        /// The request field at fault (`client_id`, `hostname`).
         field: &'static str,
+        /// What is wrong and what to send instead.
         message: String,
     },
     /// 429 with `Retry-After: retry_after_secs`.
     #[error("too many enrollment attempts from this address; retry in {retry_after_secs} s")]
-    RateLimited { retry_after_secs: u64 },
+    RateLimited {
+        /// Seconds until the address's bucket allows another attempt.
+        retry_after_secs: u64,
+    },
     /// 503 / 500.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -138,10 +155,13 @@ pub enum EnrollError {
 pub struct MintRequest {
     /// The subject: the agent's `client_id`, or an admin's name (same character rules).
     pub client_id: String,
+    /// `agent` (default) or `admin`.
     #[serde(default)]
     pub role: Option<Role>,
+    /// Lifetime, 1 s to 10 years; default 30 days for an agent, one day for an admin.
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    /// A label shown in the token list and the audit log (up to 100 characters).
     #[serde(default)]
     pub name: Option<String>,
 }
@@ -149,23 +169,31 @@ pub struct MintRequest {
 /// A token just minted: shown once.
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
+    /// The JWT (RFC 7519): returned this once, never stored.
     pub token: String,
+    /// What was recorded about it (`jti`, name, role, subject, expiry).
     pub record: ApiTokenRow,
 }
 
 /// `GET /api/v1/tokens?subject=&role=&include_revoked=&after=&limit=`.
 #[derive(Debug, Clone, Default)]
 pub struct TokenListQuery {
+    /// Only tokens of this `sub`.
     pub subject: Option<String>,
+    /// Only tokens of this role.
     pub role: Option<Role>,
+    /// Also revoked and expired tokens (`include_revoked=true`).
     pub include_inactive: bool,
+    /// The `next` of the previous page.
     pub after: Option<String>,
+    /// 1 to 1000; default 100.
     pub limit: Option<u32>,
 }
 
 /// A page of recorded tokens, oldest first.
 #[derive(Debug, Clone)]
 pub struct TokenPage {
+    /// At most `limit` tokens, by `jti`.
     pub tokens: Vec<ApiTokenRow>,
     /// Pass as `after` for the next page.
     pub next: Option<String>,
@@ -175,11 +203,15 @@ pub struct TokenPage {
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewEnrollSecret {
+    /// The operator's name for it (1 to 100 characters); tokens minted by enrollment carry it.
     pub name: String,
+    /// Labels every agent enrolling with it gets (up to 32), as if reported in a `hello`.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// The secret is refused after this long; never by default.
     #[serde(default)]
     pub expires_in_seconds: Option<u64>,
+    /// Enrollments allowed, 1 to 1,000,000; unlimited by default.
     #[serde(default)]
     pub max_uses: Option<u64>,
     /// Whether an already enrolled client id may enroll again with this secret.
@@ -190,7 +222,9 @@ pub struct NewEnrollSecret {
 /// An enroll secret just created: `secret` is shown this once.
 #[derive(Debug, Clone)]
 pub struct CreatedEnrollSecret {
+    /// The enroll secret itself: returned this once, stored only as its SHA-256.
     pub secret: String,
+    /// What was recorded about it.
     pub record: EnrollSecretRow,
 }
 
@@ -198,8 +232,11 @@ pub struct CreatedEnrollSecret {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
+    /// The enroll secret an operator handed out.
     pub secret: String,
+    /// The `client_id` to enroll (the rules of `docs/protocol.md`).
     pub client_id: String,
+    /// The host's name (up to 253 characters), stored as if sent in a `hello`.
     #[serde(default)]
     pub hostname: Option<String>,
 }
@@ -207,7 +244,9 @@ pub struct EnrollRequest {
 /// What `POST /api/v1/enroll` answers (201).
 #[derive(Debug, Clone)]
 pub struct Enrolled {
+    /// The enrolled `client_id`.
     pub client_id: String,
+    /// The agent's JWT (RFC 7519), for `Authorization: Bearer` on `/ws/{client_id}`.
     pub token: String,
     /// Milliseconds since the Unix epoch.
     pub expires_at_ms: i64,
@@ -234,6 +273,9 @@ pub struct Credentials {
 struct PendingLastUsed(Mutex<HashMap<String, i64>>);
 
 impl Credentials {
+    /// Credentials over `store` (tokens, secrets, audit log), verifying with `tokens`,
+    /// closing sessions of revoked agents through `hub`, and in cluster mode telling the
+    /// other replicas over `bus`.
     pub fn new(store: Store, tokens: Tokens, hub: Hub, bus: Option<Arc<RevocationBus>>) -> Self {
         Credentials {
             audit: Audit::new(store.clone()),
@@ -257,14 +299,17 @@ impl Credentials {
         self
     }
 
+    /// The JWT minter and verifier.
     pub fn tokens(&self) -> &Tokens {
         &self.tokens
     }
 
+    /// The audit log, which every credential change is recorded in.
     pub fn audit(&self) -> &Audit {
         &self.audit
     }
 
+    /// The revocation bus; `None` outside cluster mode.
     pub fn bus(&self) -> Option<&Arc<RevocationBus>> {
         self.bus.as_ref()
     }
@@ -285,7 +330,7 @@ impl Credentials {
     }
 
     /// The revocation half of [`Credentials::authenticate`], for claims already verified.
-    pub async fn check_revocation(&self, claims: &Claims) -> Result<(), CredentialError> {
+    pub(crate) async fn check_revocation(&self, claims: &Claims) -> Result<(), CredentialError> {
         let client_id = (claims.role == Role::Agent).then_some(claims.sub.as_str());
         let mut generation = client_id.and_then(|id| self.cache.generation(id));
         let mut token = claims.jti.as_deref().and_then(|j| self.cache.token(j));
@@ -354,12 +399,12 @@ impl Credentials {
     }
 
     /// Forgets every cached answer (the revocation bus reconnected).
-    pub fn forget_cached(&self) {
+    pub(crate) fn forget_cached(&self) {
         self.cache.clear();
     }
 
     /// Applies a revocation on this replica: the cache, then live sessions.
-    pub fn apply_local(&self, revocation: &Revocation) {
+    pub(crate) fn apply_local(&self, revocation: &Revocation) {
         self.cache.apply(revocation);
         match revocation {
             Revocation::Agent {
@@ -886,6 +931,8 @@ impl LastUsedFlusher {
         Ok(n)
     }
 
+    /// Flushes every interval until `stop` is cancelled, then once more so that a draining
+    /// replica loses no recorded use; a failed flush is logged, its values dropped.
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

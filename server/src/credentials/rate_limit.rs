@@ -10,6 +10,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Token buckets keyed by client address: a burst of attempts at once, then a steady rate
+/// per second (see [`RateLimiter::new`]).
 pub struct RateLimiter {
     /// Tokens added per second.
     rate: f64,
@@ -44,7 +46,7 @@ impl RateLimiter {
         self.check_at(addr, Instant::now())
     }
 
-    pub fn check_at(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn check_at(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
         let mut key = normalise(addr);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !buckets.contains_key(&key) && buckets.len() >= self.max_addresses {

@@ -30,7 +30,7 @@ use crate::state::AppState;
 use crate::store::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow, now_ms};
 
 /// The header a client may send with an upload, and that downloads carry.
-pub const CHECKSUM_HEADER: &str = "x-checksum-sha256";
+pub(crate) const CHECKSUM_HEADER: &str = "x-checksum-sha256";
 
 /// A query parameter, if present and not empty.
 fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {

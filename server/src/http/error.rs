@@ -20,17 +20,17 @@ macro_rules! error_codes {
     ($($(#[doc = $doc:literal])* $variant:ident => $code:literal,)*) => {
         /// The machine-readable `error.code` of every error response.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum ErrorCode {
+        pub(crate) enum ErrorCode {
             $($(#[doc = $doc])* $variant,)*
         }
 
         impl ErrorCode {
             /// Every code, for the test that keeps README's list complete.
             #[cfg(test)]
-            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant),*];
+            pub(crate) const ALL: &[ErrorCode] = &[$(ErrorCode::$variant),*];
 
             /// The code as it appears in responses.
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self {
                     $(ErrorCode::$variant => $code,)*
                 }
@@ -148,7 +148,7 @@ error_codes! {
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// A parameter or body field is invalid; the code says which kind.
     #[error("{message}")]
     BadRequest {
@@ -356,7 +356,7 @@ impl From<serde_json::Error> for ApiError {
 
 impl ApiError {
     /// A 400 with `code` and a message saying what to change.
-    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code,
             message: message.into(),
@@ -364,7 +364,7 @@ impl ApiError {
     }
 
     /// The status (RFC 9110's meaning for each kind of failure) and the `error.code`.
-    pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
+    pub(crate) fn status_and_code(&self) -> (StatusCode, ErrorCode) {
         use ErrorCode as C;
         use StatusCode as S;
         match self {
@@ -460,7 +460,7 @@ impl IntoResponse for ApiError {
 }
 
 /// What every handler returns.
-pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {

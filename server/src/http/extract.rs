@@ -24,25 +24,25 @@ use crate::storable::check_json;
 use crate::store::now_ms;
 
 /// Bound on API request bodies other than inventories and uploads.
-pub const MAX_API_BODY: usize = 64 * 1024;
+pub(crate) const MAX_API_BODY: usize = 64 * 1024;
 
 /// The caller, from `Authorization: Bearer <token>` or, without that header, the web
 /// UI's session cookie (an admin). A cookie on a state-changing request must come with
 /// this server's own `Origin` (see [`same_origin`]), which with SameSite=Strict keeps
 /// other sites from riding on it.
 #[derive(Debug, Clone)]
-pub struct Principal {
+pub(crate) struct Principal {
     /// The token's `sub`: an agent's client_id, or an operator's name (`ui` for the UI).
-    pub client_id: String,
+    pub(crate) client_id: String,
     /// What the caller may do.
-    pub role: Role,
+    pub(crate) role: Role,
     /// Who the audit log says acted: the token's subject and `jti`, or the UI session.
-    pub actor: Actor,
+    pub(crate) actor: Actor,
 }
 
 impl Principal {
     /// An admin, or the agent `client_id` itself.
-    pub fn require_self_or_admin(&self, client_id: &str) -> Result<()> {
+    pub(crate) fn require_self_or_admin(&self, client_id: &str) -> Result<()> {
         match self.role {
             Role::Admin => Ok(()),
             Role::Agent if self.client_id == client_id => Ok(()),
@@ -96,7 +96,7 @@ impl FromRequestParts<AppState> for Principal {
 
 /// The audit log's name for a UI session: a short prefix of its stored hash, which
 /// tells sessions apart without being usable as the cookie.
-pub fn ui_actor(cookie_hash: &str) -> Actor {
+pub(crate) fn ui_actor(cookie_hash: &str) -> Actor {
     Actor::UiSession {
         id: cookie_hash.chars().take(12).collect(),
     }
@@ -104,7 +104,7 @@ pub fn ui_actor(cookie_hash: &str) -> Actor {
 
 /// The client's address: the TCP peer, or from a trusted proxy (TRUSTED_PROXIES) the
 /// first untrusted `X-Forwarded-For` hop from the right (`audit::client_address`).
-pub fn source_address(parts: &Parts, state: &AppState) -> IpAddr {
+pub(crate) fn source_address(parts: &Parts, state: &AppState) -> IpAddr {
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -120,7 +120,7 @@ pub fn source_address(parts: &Parts, state: &AppState) -> IpAddr {
 
 /// The source address of a request, for routes without a credential (enrollment).
 #[derive(Debug, Clone, Copy)]
-pub struct Source(pub IpAddr);
+pub(crate) struct Source(pub IpAddr);
 
 impl FromRequestParts<AppState> for Source {
     type Rejection = ApiError;
@@ -134,7 +134,7 @@ impl FromRequestParts<AppState> for Source {
 /// the actor from the [`Principal`] (token subject and `jti`, or the UI session), the
 /// source from [`source_address`]. Agents get 403.
 #[derive(Debug, Clone)]
-pub struct AdminContext(pub RequestContext);
+pub(crate) struct AdminContext(pub RequestContext);
 
 impl FromRequestParts<AppState> for AdminContext {
     type Rejection = ApiError;
@@ -155,7 +155,7 @@ impl FromRequestParts<AppState> for AdminContext {
 
 /// A caller with the admin role (a [`Principal`] that is an admin); agents get 403.
 #[derive(Debug, Clone)]
-pub struct Admin;
+pub(crate) struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
@@ -172,7 +172,7 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// The bearer token of `Authorization`, if it has that scheme (case-insensitive).
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -182,7 +182,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The session cookie's value, from any `Cookie` header.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn session_cookie(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -197,7 +197,7 @@ pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
 /// Whether a browser request comes from this server's own pages: its `Origin` is
 /// SERVER_URL's origin or names the host it was sent to (a port-forward, for one). A
 /// browser that sends no `Origin` must say `Sec-Fetch-Site: same-origin`.
-pub fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
+pub(crate) fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("same-origin");
     };
@@ -212,7 +212,7 @@ pub fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
 }
 
 /// The refusal of a cookie-authenticated request from another site.
-pub fn cross_site() -> ApiError {
+pub(crate) fn cross_site() -> ApiError {
     ApiError::Forbidden(
         "cross-site request refused: requests signed in with the UI's cookie must come from this server's own pages".into(),
     )
@@ -221,7 +221,7 @@ pub fn cross_site() -> ApiError {
 /// A `{client_id}` path parameter that follows the id rules (`ids::check_client_id`);
 /// anything else is a 400 `invalid_client_id`.
 #[derive(Debug, Clone)]
-pub struct ClientId(pub String);
+pub(crate) struct ClientId(pub String);
 
 impl FromRequestParts<AppState> for ClientId {
     type Rejection = ApiError;
@@ -238,7 +238,7 @@ impl FromRequestParts<AppState> for ClientId {
 /// A query string decoded into `T` (serde_urlencoded); undecodable is a 400
 /// `invalid_query`.
 #[derive(Debug, Clone)]
-pub struct Query<T>(pub T);
+pub(crate) struct Query<T>(pub T);
 
 impl<T: DeserializeOwned, S: Sync> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
@@ -254,7 +254,7 @@ impl<T: DeserializeOwned, S: Sync> FromRequestParts<S> for Query<T> {
 /// and `after` (each a `next` value from a previous page). An empty value means the
 /// parameter is absent, everywhere.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct Page {
+pub(crate) struct Page {
     limit: Option<String>,
     before: Option<String>,
     after: Option<String>,
@@ -262,7 +262,7 @@ pub struct Page {
 
 impl Page {
     /// `limit`, from 1 to `max`; `default` when absent or empty.
-    pub fn limit(&self, default: i64, max: i64) -> Result<i64> {
+    pub(crate) fn limit(&self, default: i64, max: i64) -> Result<i64> {
         match self.limit.as_deref().filter(|v| !v.is_empty()) {
             None => Ok(default),
             Some(v) => match v.parse::<i64>() {
@@ -276,12 +276,12 @@ impl Page {
     }
 
     /// `after`, an id cursor, if given.
-    pub fn after(&self) -> Option<String> {
+    pub(crate) fn after(&self) -> Option<String> {
         self.after.clone().filter(|a| !a.is_empty())
     }
 
     /// `before`, a `{created_at}.{id}` cursor, if given.
-    pub fn before(&self) -> Result<Option<(i64, String)>> {
+    pub(crate) fn before(&self) -> Result<Option<(i64, String)>> {
         let Some(cursor) = self.before.as_deref().filter(|v| !v.is_empty()) else {
             return Ok(None);
         };
@@ -298,7 +298,7 @@ impl Page {
     }
 
     /// The `next` cursor of a page of `len` rows: the last row's, when the page is full.
-    pub fn next<T>(len: usize, limit: i64, last: Option<T>) -> Option<T> {
+    pub(crate) fn next<T>(len: usize, limit: i64, last: Option<T>) -> Option<T> {
         (len as i64 == limit).then_some(last).flatten()
     }
 }
@@ -318,7 +318,7 @@ impl<S: Sync> FromRequestParts<S> for Page {
 /// `*+json`) or `application/x-www-form-urlencoded`, which is what `curl -d` sends; any
 /// other is a 415.
 #[derive(Debug, Clone)]
-pub struct ApiJson<T, const LIMIT: usize = MAX_API_BODY>(pub T);
+pub(crate) struct ApiJson<T, const LIMIT: usize = MAX_API_BODY>(pub T);
 
 impl<T: DeserializeOwned, S: Sync, const LIMIT: usize> FromRequest<S> for ApiJson<T, LIMIT> {
     type Rejection = ApiError;
@@ -341,14 +341,14 @@ impl<T: DeserializeOwned, S: Sync, const LIMIT: usize> FromRequest<S> for ApiJso
 
 /// Refuses a JSON body that holds U+0000 anywhere (see `storable`); the error names the
 /// field by its path within `document`.
-pub fn json_storable(document: &str, body: &[u8]) -> Result<()> {
+pub(crate) fn json_storable(document: &str, body: &[u8]) -> Result<()> {
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request(ErrorCode::InvalidJson, "the body is not UTF-8"))?;
     Ok(check_json(document, text)?)
 }
 
 /// Refuses a body that declares a type other than JSON or the form type `curl -d` uses.
-pub fn check_json_content_type(headers: &HeaderMap) -> Result<()> {
+pub(crate) fn check_json_content_type(headers: &HeaderMap) -> Result<()> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -372,7 +372,11 @@ pub fn check_json_content_type(headers: &HeaderMap) -> Result<()> {
 }
 
 /// Reads a body of at most `limit` bytes; over the limit it is a 413 and nothing is kept.
-pub async fn read_body(headers: &HeaderMap, body: &mut Body, limit: usize) -> Result<Vec<u8>> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: &mut Body,
+    limit: usize,
+) -> Result<Vec<u8>> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -403,7 +407,7 @@ pub async fn read_body(headers: &HeaderMap, body: &mut Body, limit: usize) -> Re
 /// Reads and drops up to `budget` bytes of what remains of a refused body, so that the
 /// client (usually still sending) reads our answer instead of a broken pipe. Past the
 /// budget the connection is closed, as proxies do.
-pub async fn discard(body: &mut Body, mut budget: usize) {
+pub(crate) async fn discard(body: &mut Body, mut budget: usize) {
     while let Some(Ok(frame)) = body.frame().await {
         let n = frame.data_ref().map_or(0, |d| d.len());
         if n >= budget {

@@ -17,7 +17,7 @@ const CHUNK: usize = 64 * 1024;
 
 /// What to send of a file of known size.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ByteRange {
+pub(crate) enum ByteRange {
     /// The whole file (no Range, an ignored one, or If-Range did not match).
     Whole,
     /// These bytes, inclusive: a 206.
@@ -29,7 +29,7 @@ pub enum ByteRange {
 /// The range to serve for `Range` on a file of `size` bytes. Several ranges, other
 /// units and malformed headers are ignored (the whole file is served), as RFC 9110
 /// §14.2 allows; a suffix longer than the file is the whole file (§14.1.3).
-pub fn byte_range(header: Option<&str>, size: u64) -> ByteRange {
+pub(crate) fn byte_range(header: Option<&str>, size: u64) -> ByteRange {
     let Some(value) = header else {
         return ByteRange::Whole;
     };
@@ -58,7 +58,7 @@ pub fn byte_range(header: Option<&str>, size: u64) -> ByteRange {
 }
 
 /// Whether `If-None-Match` names `etag` by weak comparison, or is `*` (RFC 9110 §13.1.2).
-pub fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+pub(crate) fn none_match(headers: &HeaderMap, etag: &str) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -72,7 +72,7 @@ pub fn none_match(headers: &HeaderMap, etag: &str) -> bool {
 /// header, yes; with it, only if it is an entity tag that matches `etag` by strong
 /// comparison (neither weak). A date or `*` never matches: we send no Last-Modified,
 /// and `*` is not a valid If-Range.
-pub fn if_range_allows(headers: &HeaderMap, etag: &str) -> bool {
+pub(crate) fn if_range_allows(headers: &HeaderMap, etag: &str) -> bool {
     match headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
         None => true,
         Some(value) => {
@@ -84,7 +84,7 @@ pub fn if_range_allows(headers: &HeaderMap, etag: &str) -> bool {
 
 /// A body of `len` bytes of `file` from `start`, read in chunks; `on_chunk` sees the
 /// size of each chunk sent (for metrics).
-pub async fn file_body(
+pub(crate) async fn file_body(
     mut file: tokio::fs::File,
     start: u64,
     len: u64,
@@ -100,7 +100,7 @@ pub async fn file_body(
 }
 
 /// Inserts a header whose value we built; values that cannot be headers are skipped.
-pub fn set(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
+pub(crate) fn set(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
     }

@@ -19,7 +19,11 @@ use crate::storable::NulError;
 const UNMATCHED: &str = "unmatched";
 
 /// Request id, span, access log and metrics for one request.
-pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+pub(crate) async fn observe(
+    State(metrics): State<Arc<Metrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let route: String = req
@@ -71,7 +75,7 @@ pub async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Ne
 /// Refuses, on every route, a request whose path or query string decodes to text with
 /// U+0000 (`%00`): path parameters and query values reach the store, and PostgreSQL cannot
 /// hold NUL while SQLite can (see `storable`). A 400 `nul_character` naming the parameter.
-pub async fn refuse_nul(req: Request, next: Next) -> Response {
+pub(crate) async fn refuse_nul(req: Request, next: Next) -> Response {
     match uri_storable(req.uri()) {
         Ok(()) => next.run(req).await,
         Err(e) => ApiError::from(e).into_response(),

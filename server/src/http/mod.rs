@@ -7,9 +7,9 @@ mod audit;
 mod binaries;
 mod commands;
 mod enroll;
-pub mod error;
+pub(crate) mod error;
 mod events;
-pub mod extract;
+pub(crate) mod extract;
 mod files;
 mod health;
 mod inventory;
@@ -41,7 +41,7 @@ use error::ApiError;
 /// The route table of the main listener. Paths match exactly: a trailing slash is
 /// another path, so `/api/v1/agents/` is a 404 like every unknown path. Every GET route
 /// answers HEAD; a known path with another method is a 405 with `Allow`.
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/agents", get(agents::list))
         .route(
@@ -121,7 +121,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The route table of the metrics listener (METRICS_PORT).
-pub fn metrics_router(state: AppState) -> Router {
+pub(crate) fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics::scrape))
         .fallback(not_found)
@@ -169,7 +169,7 @@ async fn method_not_allowed(method: Method) -> axum::response::Response {
 /// finish its in-flight request and close, and hands back their tracker so the caller can
 /// wait for them. An upgraded (WebSocket) connection leaves this tracking the moment it
 /// upgrades; sessions are tracked by the lifecycle's own `TaskTracker`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     header_timeout: Duration,

@@ -30,7 +30,7 @@ const NGINX_HINT: &str = "behind nginx: `proxy_http_version 1.1; proxy_set_heade
 /// §15.5.22); one that asks but is malformed is a 400 (RFC 6455 §4.2.1); an unknown
 /// WebSocket version is a 426 listing the one we speak (§4.4).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HandshakeRefusal {
+pub(crate) enum HandshakeRefusal {
     /// Not a GET (HEAD reaches this handler with GET's route).
     #[error("a WebSocket handshake is a GET request (RFC 6455 §4.1), not {0}")]
     Method(String),
@@ -66,7 +66,7 @@ pub enum HandshakeRefusal {
 
 impl HandshakeRefusal {
     /// The status RFC 6455 and RFC 9110 give this refusal.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             HandshakeRefusal::Host | HandshakeRefusal::Key(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::UPGRADE_REQUIRED,
@@ -76,7 +76,7 @@ impl HandshakeRefusal {
     /// The headers RFC 6455 and RFC 9110 require with this refusal: `Upgrade` (with the
     /// `upgrade` connection option it needs) on a 426, `Sec-WebSocket-Version` when the
     /// version was wrong.
-    pub fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+    pub(crate) fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
         match self {
             HandshakeRefusal::WebSocketVersion(_) => vec![
                 (
@@ -211,7 +211,7 @@ async fn check_upgrade(
 }
 
 /// RFC 6455 §4.2.1's checks of the opening handshake; returns `Sec-WebSocket-Accept`.
-pub fn check_handshake(
+pub(crate) fn check_handshake(
     method: &Method,
     version: Version,
     headers: &HeaderMap,

@@ -53,7 +53,7 @@ return 0
 /// A message on a replica's channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum BusMessage {
+pub(crate) enum BusMessage {
     /// Commands may be waiting for this agent.
     Wake { id: String },
     /// A connection with this epoch exists elsewhere: close any older one.
@@ -64,7 +64,7 @@ pub enum BusMessage {
 
 /// Changes one replica committed within a short window, for the others' live views.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ChangeBatch {
+pub(crate) struct ChangeBatch {
     pub origin: String,
     pub changes: Vec<Change>,
 }
@@ -78,13 +78,20 @@ const CHANGE_BATCH_MAX: usize = 256;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
     /// Registered; `previous` is the replica that held the agent before, if another.
-    Claimed { previous: Option<String> },
+    Claimed {
+        /// The POD_ID of the replica that held the agent, which is told to close its
+        /// session.
+        previous: Option<String>,
+    },
     /// A newer connection is registered: this one is stale.
     Superseded,
     /// Redis did not answer; the database epoch still fences stale connections.
     Unknown,
 }
 
+/// This replica's part of the cluster (cluster mode only): agent presence in Redis (which
+/// replica holds which agent), the per-replica bus channel for wake-ups and closes, the
+/// changes channel for live views, and the replica counts rebalancing reads.
 pub struct Cluster {
     pod: String,
     prefix: String,
@@ -99,7 +106,7 @@ pub struct Cluster {
     outage_logged_ms: AtomicI64,
     /// Signalled when Redis comes back or the subscriber resubscribes: presence is
     /// re-registered and pending commands are re-checked without waiting for a tick.
-    pub resync: Notify,
+    pub(crate) resync: Notify,
     claim: Script,
     release: Script,
     /// Lifetime of an agent entry without refresh.
@@ -121,6 +128,9 @@ const OUTAGE_LOG_QUIET: Duration = Duration::from_secs(30);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Cluster {
+    /// A cluster member named `pod` (its POD_ID). Presence entries live for
+    /// `offline_timeout + heartbeat` without a refresh. Connects lazily: `Err` only for an
+    /// unusable configuration, never because Redis is down.
     pub fn new(
         cfg: &RedisConfig,
         pod: String,
@@ -160,11 +170,12 @@ impl Cluster {
         format!("{}pods", self.prefix)
     }
 
+    /// This replica's POD_ID.
     pub fn pod(&self) -> &str {
         &self.pod
     }
 
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
@@ -232,7 +243,7 @@ impl Cluster {
     }
 
     /// Removes a connection's entry unless a newer connection already replaced it.
-    pub async fn release(&self, id: &str, epoch: i64) {
+    pub(crate) async fn release(&self, id: &str, epoch: i64) {
         let mut conn = self.conn.clone();
         let mut invocation = self.release.key(self.agent_key(id));
         invocation.arg(epoch);
@@ -241,14 +252,14 @@ impl Cluster {
     }
 
     /// The replica an agent is connected to, per the registry.
-    pub async fn owner(&self, id: &str) -> Option<String> {
+    pub(crate) async fn owner(&self, id: &str) -> Option<String> {
         let mut conn = self.conn.clone();
         let key = self.agent_key(id);
         let result = Self::with_timeout(conn.hget::<_, _, Option<String>>(key, "pod")).await;
         self.track("lookup", result).flatten()
     }
 
-    pub async fn publish(&self, pod: &str, msg: &BusMessage) -> bool {
+    pub(crate) async fn publish(&self, pod: &str, msg: &BusMessage) -> bool {
         let mut conn = self.conn.clone();
         let payload = serde_json::to_string(msg).unwrap_or_default();
         let result =
@@ -262,7 +273,7 @@ impl Cluster {
 
     /// Re-claims every local session's entry (recreating entries lost to a Redis restart
     /// or FLUSHALL) and returns the sessions that a newer connection has superseded.
-    pub async fn refresh(&self, sessions: &[Arc<SessionHandle>]) -> Vec<Arc<SessionHandle>> {
+    pub(crate) async fn refresh(&self, sessions: &[Arc<SessionHandle>]) -> Vec<Arc<SessionHandle>> {
         let mut stale = Vec::new();
         let mut conn = self.conn.clone();
         // Loading per cycle re-installs the script after a Redis restart emptied its cache.
@@ -301,13 +312,13 @@ impl Cluster {
         stale
     }
 
-    pub fn mark_routable(&self) {
+    pub(crate) fn mark_routable(&self) {
         self.routable.store(true, Ordering::Relaxed);
     }
 
     /// Publishes this replica's agent count (once it is routable) and returns every live
     /// replica's count.
-    pub async fn exchange_counts(&self, mine: usize) -> Option<HashMap<String, u64>> {
+    pub(crate) async fn exchange_counts(&self, mine: usize) -> Option<HashMap<String, u64>> {
         let mut conn = self.conn.clone();
         let now = now_ms();
         let key = self.pods_key();
@@ -346,6 +357,7 @@ impl Cluster {
         self.track("leave", result);
     }
 
+    /// A Redis `PING` within 2 s, for readiness; `Err` is the error chain to report.
     pub async fn ping(&self) -> Result<(), String> {
         let mut conn = self.conn.clone();
         let result = Self::with_timeout(redis::cmd("PING").query_async::<String>(&mut conn)).await;
@@ -356,7 +368,12 @@ impl Cluster {
 
     /// Listens on this replica's channel until `stop`, resubscribing after any failure
     /// on a connection of its own (a subscribed connection can issue no other command).
-    pub async fn run_subscriber(self: Arc<Self>, hub: Hub, store: Store, stop: CancellationToken) {
+    pub(crate) async fn run_subscriber(
+        self: Arc<Self>,
+        hub: Hub,
+        store: Store,
+        stop: CancellationToken,
+    ) {
         let channel = self.channel(&self.pod);
         let changes = self.changes_channel();
         let mut backoff = Duration::from_millis(200);
@@ -414,7 +431,7 @@ impl Cluster {
 
     /// Forwards this replica's committed changes to the others, batched per
     /// [`CHANGE_BATCH_WINDOW`], until `stop`.
-    pub async fn forward_changes(self: Arc<Self>, store: Store, stop: CancellationToken) {
+    pub(crate) async fn forward_changes(self: Arc<Self>, store: Store, stop: CancellationToken) {
         let mut changes = store.subscribe();
         let mut batch: std::collections::HashSet<Change> = std::collections::HashSet::new();
         let add = |batch: &mut std::collections::HashSet<Change>, received| match received {

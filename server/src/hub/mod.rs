@@ -10,7 +10,7 @@
 
 pub mod cluster;
 pub mod rebalance;
-pub mod redis_conn;
+pub(crate) mod redis_conn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -25,11 +25,12 @@ use cluster::{BusMessage, Claim, Cluster};
 
 /// One live session, shared between its task and the hub.
 pub struct SessionHandle {
+    /// The agent's `client_id`, the key of its registration.
     pub client_id: String,
     /// The connection's epoch from the store; the highest epoch wins.
     pub epoch: i64,
     /// Milliseconds since the epoch when the session was registered.
-    pub connected_at_ms: i64,
+    pub(crate) connected_at_ms: i64,
     /// Signalled when commands may be waiting; coalesces, so it never queues.
     wake: Notify,
     /// Cancelled to make the session close itself with `close_reason`.
@@ -42,10 +43,13 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// Tells the session that commands may be waiting in the store; wake-ups coalesce, and
+    /// a lost one costs latency only (the sweep wakes sessions too).
     pub fn wake(&self) {
         self.wake.notify_one();
     }
 
+    /// Resolves at the next [`SessionHandle::wake`] (or at once if one came since the last).
     pub async fn woken(&self) {
         self.wake.notified().await
     }
@@ -56,22 +60,26 @@ impl SessionHandle {
         self.closing.cancel();
     }
 
+    /// Resolves once [`SessionHandle::close`] was called, with the close to send (RFC 6455
+    /// close code and reason); `1012` draining if none was recorded.
     pub async fn closing(&self) -> Close {
         self.closing.cancelled().await;
         *self.close_reason.get().unwrap_or(&protocol::DRAINING)
     }
 
+    /// Records a frame from the agent at `now_ms` (milliseconds since the Unix epoch), for
+    /// the offline timeout and the presence refresh.
     pub fn touch(&self, now_ms: i64) {
         self.last_inbound_ms.store(now_ms, Ordering::Relaxed);
         self.active.store(true, Ordering::Relaxed);
     }
 
-    pub fn last_inbound_ms(&self) -> i64 {
+    pub(crate) fn last_inbound_ms(&self) -> i64 {
         self.last_inbound_ms.load(Ordering::Relaxed)
     }
 
     /// Whether a frame arrived since the last call.
-    pub fn take_active(&self) -> bool {
+    pub(crate) fn take_active(&self) -> bool {
         self.active.swap(false, Ordering::Relaxed)
     }
 }
@@ -90,6 +98,8 @@ pub struct Hub {
 pub struct Superseded;
 
 impl Hub {
+    /// An empty registry; `cluster` is given in cluster mode (REDIS_HOST or REDIS_SENTINELS
+    /// set).
     pub fn new(metrics: Arc<Metrics>, cluster: Option<Arc<Cluster>>) -> Self {
         Hub {
             sessions: Arc::default(),
@@ -98,6 +108,7 @@ impl Hub {
         }
     }
 
+    /// The cross-replica part; `None` outside cluster mode.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.as_ref()
     }
@@ -137,7 +148,7 @@ impl Hub {
     }
 
     /// Removes the session if it is still the registered one.
-    pub fn unregister(&self, handle: &SessionHandle) {
+    pub(crate) fn unregister(&self, handle: &SessionHandle) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if sessions
             .get(&handle.client_id)
@@ -148,6 +159,7 @@ impl Hub {
         }
     }
 
+    /// This replica's session of `client_id`, if it is connected here.
     pub fn get(&self, client_id: &str) -> Option<Arc<SessionHandle>> {
         self.sessions
             .lock()
@@ -206,7 +218,7 @@ impl Hub {
     }
 
     /// Unregisters a session here and its registry entry, if still its own.
-    pub async fn disconnect(&self, handle: &SessionHandle) {
+    pub(crate) async fn disconnect(&self, handle: &SessionHandle) {
         self.unregister(handle);
         if let Some(cluster) = &self.cluster {
             cluster.release(&handle.client_id, handle.epoch).await;
@@ -214,7 +226,7 @@ impl Hub {
     }
 
     /// Wakes the agent's session on whichever replica holds it.
-    pub async fn route_wake(&self, client_id: &str) {
+    pub(crate) async fn route_wake(&self, client_id: &str) {
         if !self.wake(client_id) {
             self.tell_owner(
                 client_id,
@@ -254,6 +266,7 @@ impl Hub {
         }
     }
 
+    /// A snapshot of this replica's sessions.
     pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
         self.sessions
             .lock()
@@ -263,6 +276,7 @@ impl Hub {
             .collect()
     }
 
+    /// Sessions open on this replica (the `agent_server_connected_agents` gauge).
     pub fn len(&self) -> usize {
         self.sessions
             .lock()
@@ -270,6 +284,7 @@ impl Hub {
             .len()
     }
 
+    /// Whether no session is open on this replica.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

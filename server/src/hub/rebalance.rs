@@ -18,7 +18,7 @@ use crate::ws::protocol;
 /// How many agents this replica should shed now: the amount above the cluster average,
 /// if it exceeds the average by more than `tolerance` (0.1 = 10 %). `counts` holds every
 /// live replica's count, this one's included.
-pub fn excess(mine: usize, counts: &HashMap<String, u64>, tolerance: f64) -> usize {
+pub(crate) fn excess(mine: usize, counts: &HashMap<String, u64>, tolerance: f64) -> usize {
     if counts.len() < 2 {
         return 0;
     }
@@ -36,7 +36,7 @@ pub fn excess(mine: usize, counts: &HashMap<String, u64>, tolerance: f64) -> usi
 const SHED_HORIZON_SECS: usize = 30;
 
 /// This second's budget: REBALANCE_RATE, or more when the excess is large.
-pub fn budget(excess: usize, rate: u32) -> usize {
+pub(crate) fn budget(excess: usize, rate: u32) -> usize {
     excess.min((rate as usize).max(excess.div_ceil(SHED_HORIZON_SECS)))
 }
 

@@ -41,7 +41,7 @@ use crate::config::{RedisConfig, RedisTarget, SentinelConfig};
 
 /// A handle on the command connection; clone it per call.
 #[derive(Clone)]
-pub enum RedisConn {
+pub(crate) enum RedisConn {
     /// REDIS_HOST: the crate's reconnecting manager, plus the client for pub/sub.
     Direct {
         /// Behind an `Arc` because the handle is cloned for every command.
@@ -54,7 +54,7 @@ pub enum RedisConn {
 }
 
 /// The Sentinel target's shared state.
-pub struct SentinelTarget {
+pub(crate) struct SentinelTarget {
     /// Asks the sentinels for the master; behind an async lock because resolving takes
     /// `&mut` and several callers may find the connection gone at once.
     sentinel: tokio::sync::Mutex<SentinelClient>,
@@ -74,13 +74,13 @@ pub struct SentinelTarget {
 }
 
 /// How often a busy replica asks the sentinels whether the master has changed.
-pub const MASTER_RECHECK: Duration = Duration::from_secs(1);
+pub(crate) const MASTER_RECHECK: Duration = Duration::from_secs(1);
 
 impl RedisConn {
     /// Builds the handle without connecting: the server starts while Redis is down, and
     /// connects (or resolves the master) on first use. `timeout` bounds connecting and each
     /// response.
-    pub fn new(cfg: &RedisConfig, timeout: Duration) -> RedisResult<Self> {
+    pub(crate) fn new(cfg: &RedisConfig, timeout: Duration) -> RedisResult<Self> {
         install_crypto_provider();
         let certificates = cfg.tls_ca.as_ref().map(|ca| TlsCertificates {
             client_tls: None,
@@ -133,7 +133,7 @@ impl RedisConn {
 
     /// A new pub/sub connection (a subscribed connection can issue no other command), to
     /// the master as of now.
-    pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+    pub(crate) async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
         match self {
             RedisConn::Direct { client, .. } => client.get_async_pubsub().await,
             RedisConn::Sentinel(target) => target.master().await?.get_async_pubsub().await,
@@ -141,7 +141,7 @@ impl RedisConn {
     }
 
     /// Resolves when the sentinels name another master (never with a single address).
-    pub async fn moved(&self) {
+    pub(crate) async fn moved(&self) {
         match self {
             RedisConn::Direct { .. } => std::future::pending().await,
             RedisConn::Sentinel(target) => target.moved.notified().await,

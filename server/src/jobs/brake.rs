@@ -9,7 +9,7 @@
 use crate::store::{JobCounts, JobPacing, JobRow};
 
 /// The reason to pause the job, if the brake trips.
-pub fn verdict(job: &JobRow, pacing: &JobPacing, counts: &JobCounts) -> Option<String> {
+pub(crate) fn verdict(job: &JobRow, pacing: &JobPacing, counts: &JobCounts) -> Option<String> {
     let max = job.max_failure_ratio?;
     let failed = counts.failed - pacing.brake_failed;
     let finished = counts.finished() - pacing.brake_finished;

@@ -28,13 +28,13 @@ use crate::store::{
 };
 
 /// Longest job (and command) name.
-pub const MAX_NAME: usize = 128;
+pub(crate) const MAX_NAME: usize = 128;
 /// Longest TTL, as for single commands.
-pub const MAX_TTL_SECONDS: u64 = 30 * 86_400;
+pub(crate) const MAX_TTL_SECONDS: u64 = 30 * 86_400;
 /// Minimum results before the brake may trip, unless the request says otherwise.
-pub const DEFAULT_MIN_SAMPLE: i64 = 10;
+pub(crate) const DEFAULT_MIN_SAMPLE: i64 = 10;
 /// Largest page of jobs or results.
-pub const MAX_PAGE: i64 = 500;
+pub(crate) const MAX_PAGE: i64 = 500;
 /// Stored for "no in-flight bound"; shown as `null`.
 const UNBOUNDED: i64 = i64::MAX;
 
@@ -47,6 +47,7 @@ pub struct CreateJob {
     /// JSON object sent as the command's args; `{}` when absent.
     #[serde(default)]
     pub args: Option<Box<RawValue>>,
+    /// Which agents get it; see [`Target`].
     pub target: Target,
     /// Each command expires this long after the job is created (1 s to 30 days); none
     /// by default, so offline agents get it whenever they connect.
@@ -58,7 +59,7 @@ pub struct CreateJob {
     /// Most commands released per second (after an idle second, one second's worth at
     /// once); unbounded by default.
     #[serde(default)]
-    pub rate_per_second: Option<i64>,
+    pub(crate) rate_per_second: Option<i64>,
     /// Released first, alone; the rest start when each canary command is final.
     #[serde(default)]
     pub canary: Option<Canary>,
@@ -74,8 +75,10 @@ pub struct CreateJob {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Canary {
+    /// This many commands (clamped to the targeted count).
     #[serde(default)]
     pub count: Option<i64>,
+    /// 1 to 100 percent of the targeted agents, rounded up, at least one.
     #[serde(default)]
     pub percentage: Option<i64>,
 }
@@ -84,10 +87,13 @@ pub struct Canary {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListJobs {
+    /// Only jobs with this [`JobStatus`] (`running`, `paused`, `cancelled`, `completed`).
     #[serde(default)]
     pub status: Option<String>,
+    /// 1 to 500; default 50.
     #[serde(default)]
     pub limit: Option<i64>,
+    /// The `next` of the previous page: jobs older than it.
     #[serde(default)]
     pub before: Option<String>,
 }
@@ -100,8 +106,10 @@ pub struct ListResults {
     /// `pending`, `delivered`, `succeeded`, `failed` or `expired`.
     #[serde(default)]
     pub status: Option<String>,
+    /// 1 to 500; default 100.
     #[serde(default)]
     pub limit: Option<i64>,
+    /// The `next` of the previous page: results of client_ids after it.
     #[serde(default)]
     pub after: Option<String>,
 }
@@ -109,33 +117,47 @@ pub struct ListResults {
 /// A job, its counts and durations: the body of every job response.
 #[derive(Debug, Serialize)]
 pub struct JobView {
+    /// A UUIDv7: ids sort by creation time.
     pub id: String,
+    /// The command name every targeted agent receives.
     pub name: String,
+    /// The command's args, as sent (`{}` when none were given).
     pub args: Box<RawValue>,
+    /// The target as given at creation.
     pub target: Box<RawValue>,
+    /// Where the job is in its lifecycle.
     pub status: JobStatus,
     /// Why it is paused or ended.
     pub reason: Option<String>,
     /// Agents the job was stored for (one command each).
     pub targeted: i64,
+    /// Commands released first, alone (0: no canary).
     pub canary: i64,
     /// `null`: unbounded.
     pub max_in_flight: Option<i64>,
-    pub rate_per_second: Option<i64>,
+    pub(crate) rate_per_second: Option<i64>,
+    /// The brake's failure ratio (0 to 1); `null`: no brake.
     pub max_failure_ratio: Option<f64>,
+    /// Results needed before the brake may trip.
     pub min_sample: i64,
+    /// Commands released so far by the pacers.
     pub released: i64,
+    /// The job's commands by status.
     pub counts: JobCounts,
+    /// From delivery to result, in milliseconds.
     pub durations: JobDurations,
     /// RFC 3339 UTC.
     pub created_at: String,
-    pub updated_at: String,
-    pub ended_at: Option<String>,
+    pub(crate) updated_at: String,
+    pub(crate) ended_at: Option<String>,
+    /// RFC 3339 UTC; `null`: its commands never expire.
     pub expires_at: Option<String>,
 }
 
+/// A page of `GET /api/v1/jobs`, newest first.
 #[derive(Debug, Serialize)]
 pub struct JobPage {
+    /// At most `limit` jobs.
     pub jobs: Vec<JobView>,
     /// Cursor for the next page (`before=`), absent on the last.
     pub next: Option<String>,
@@ -144,8 +166,10 @@ pub struct JobPage {
 /// One agent's command in a job.
 #[derive(Debug, Serialize)]
 pub struct JobResult {
+    /// The agent's `client_id`.
     pub agent_id: String,
-    pub command_id: String,
+    pub(crate) command_id: String,
+    /// A command status in lowercase (`pending` … `expired`).
     pub status: String,
     /// Held back by the pacer (status `pending`, not released yet).
     pub held: bool,
@@ -153,12 +177,15 @@ pub struct JobResult {
     pub output: Option<Box<RawValue>>,
     /// From the last delivery to the result.
     pub duration_ms: Option<i64>,
-    pub delivered_at: Option<String>,
+    pub(crate) delivered_at: Option<String>,
+    /// RFC 3339 UTC; when the result came or the command expired.
     pub completed_at: Option<String>,
 }
 
+/// A page of `GET /api/v1/jobs/{id}/results`, by client_id.
 #[derive(Debug, Serialize)]
 pub struct ResultPage {
+    /// At most `limit` results.
     pub results: Vec<JobResult>,
     /// Cursor for the next page (`after=`), absent on the last.
     pub next: Option<String>,
@@ -183,8 +210,11 @@ pub enum JobError {
     /// 409 `conflict`.
     #[error("job `{id}` is {status}; cannot {action} it")]
     WrongState {
+        /// The job's id.
         id: String,
+        /// Its current status (`completed`).
         status: &'static str,
+        /// What was asked (`pause`, `resume`, `cancel`).
         action: &'static str,
     },
     /// 503 when the pool is exhausted, else 500 (as `StoreError` everywhere).
@@ -200,6 +230,8 @@ pub struct Jobs {
 }
 
 impl Jobs {
+    /// The jobs API over `store`; `metrics` counts jobs created, paused, resumed and
+    /// cancelled.
     pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
         Jobs { store, metrics }
     }

@@ -21,12 +21,12 @@ use crate::metrics::{JobEvent, Metrics};
 use crate::store::{Pace, Store, StoreError, now_ms};
 
 /// A turn happens at least this often while jobs run (rate pacing, agents connecting).
-pub const TICK: Duration = Duration::from_millis(250);
+pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// Turns prompted by changes (results freeing slots, a new job) are at least this far
 /// apart, so that a burst of results costs one turn.
-pub const MIN_GAP: Duration = Duration::from_millis(50);
+pub(crate) const MIN_GAP: Duration = Duration::from_millis(50);
 /// Most commands released by one statement.
-pub const MAX_BATCH: i64 = 20_000;
+pub(crate) const MAX_BATCH: i64 = 20_000;
 
 /// Built from the narrow handles it uses; spawned by the application's assembly code:
 /// `tasks.spawn(Pacer::new(store, hub, metrics, pod_id).run(stop))`.
@@ -41,6 +41,9 @@ pub struct Pacer {
 }
 
 impl Pacer {
+    /// A pacer for the replica `pod` (its POD_ID): releases commands of agents connected to
+    /// it, wakes their sessions through `hub`, and counts releases, brake trips and completed
+    /// jobs in `metrics`.
     pub fn new(store: Store, hub: Hub, metrics: Arc<Metrics>, pod: String) -> Self {
         Pacer {
             store,

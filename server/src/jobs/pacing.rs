@@ -17,7 +17,7 @@ use crate::store::{JobCounts, JobPacing, JobRow};
 const BURST_MS: i64 = 1000;
 
 /// Commands the job may release now (never negative).
-pub fn budget(job: &JobRow, pacing: &JobPacing, counts: &JobCounts, now: i64) -> i64 {
+pub(crate) fn budget(job: &JobRow, pacing: &JobPacing, counts: &JobCounts, now: i64) -> i64 {
     let in_flight = counts.in_flight();
     let mut budget = job.max_in_flight.saturating_sub(in_flight);
     if job.canary > 0 {
@@ -41,7 +41,7 @@ fn credit(clock: i64, rate: i64, now: i64) -> i64 {
 }
 
 /// The job's clock after releasing `n` commands at `now`.
-pub fn advance_clock(job: &JobRow, pacing: &JobPacing, now: i64, n: i64) -> i64 {
+pub(crate) fn advance_clock(job: &JobRow, pacing: &JobPacing, now: i64, n: i64) -> i64 {
     match job.rate_per_second {
         None => now,
         Some(rate) => {

@@ -16,7 +16,7 @@ use crate::ids::check_client_id;
 use crate::store::{AgentPredicate, AgentSelection};
 
 /// Most ids one target may list.
-pub const MAX_TARGET_IDS: usize = 10_000;
+pub(crate) const MAX_TARGET_IDS: usize = 10_000;
 /// Longest os, arch or version accepted.
 const MAX_FIELD_LEN: usize = 64;
 
@@ -54,13 +54,13 @@ pub struct Target {
 
 /// A version field parsed: the comparison and the version it compares with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VersionRule {
-    pub op: VersionOp,
+pub(crate) struct VersionRule {
+    pub(crate) op: VersionOp,
     pub version: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionOp {
+pub(crate) enum VersionOp {
     Eq,
     Ne,
     Lt,
@@ -70,7 +70,7 @@ pub enum VersionOp {
 }
 
 impl VersionRule {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let ops = [
             (">=", VersionOp::Ge),
@@ -96,7 +96,7 @@ impl VersionRule {
         })
     }
 
-    pub fn matches(&self, reported: &str) -> bool {
+    pub(crate) fn matches(&self, reported: &str) -> bool {
         let ord = version::compare(reported, &self.version);
         match self.op {
             VersionOp::Eq => ord == Ordering::Equal,
@@ -110,8 +110,8 @@ impl VersionRule {
 }
 
 /// A checked target, ready for the store.
-pub struct Resolved {
-    pub selection: AgentSelection,
+pub(crate) struct Resolved {
+    pub(crate) selection: AgentSelection,
     /// Present when the version or the percentage must be checked per agent.
     pub keep: Option<AgentPredicate>,
 }
@@ -120,7 +120,7 @@ impl Target {
     /// Checks every field and splits the target into what SQL selects and what is
     /// checked per agent. `hash_key` seeds the percentage (the job's name). Errors are
     /// messages for the operator.
-    pub fn resolve(&self, hash_key: &str) -> Result<Resolved, String> {
+    pub(crate) fn resolve(&self, hash_key: &str) -> Result<Resolved, String> {
         if *self == Target::default() {
             return Err(
                 "target must name at least one of ids, labels, os, arch, version, online, percentage (the whole fleet is {\"percentage\": 100})"

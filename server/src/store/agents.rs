@@ -8,19 +8,35 @@ use diesel::upsert::excluded;
 use super::schema::{agent_labels, agents, inventories};
 use super::{Change, DbPool, Store, StoreError, now_ms, with_conn};
 
+/// An agent as stored: identity, presence and what its last `hello` said. Timestamps are
+/// milliseconds since the Unix epoch.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = agents)]
 pub struct AgentRow {
+    /// The agent's `client_id`.
     pub id: String,
+    /// First contact (a connection or enrollment).
     pub created_at: i64,
+    /// Whether a connection is open on some replica. Set by the replica holding it, cleared
+    /// on close or, when that replica dies, by the sweep of stale pods.
     pub online: bool,
+    /// The pod (replica) holding the connection; `None` while offline.
     pub pod: Option<String>,
+    /// Connections so far: each new one takes the next epoch, and writes about a connection
+    /// (hello, close) apply only while its epoch is current, so a late close of a superseded
+    /// connection cannot mark a reconnected agent offline.
     pub epoch: i64,
-    pub connected_at: Option<i64>,
+    pub(crate) connected_at: Option<i64>,
+    /// Last frame heard from the agent, refreshed in batches (so up to a refresh interval old).
     pub last_seen: Option<i64>,
+    /// The agent's version from its last `hello`; `None` until it sent one.
     pub version: Option<String>,
+    /// The host name from its last `hello`.
     pub hostname: Option<String>,
+    /// The operating system from its last `hello` (`linux`: the reference agent sends
+    /// Rust's `std::env::consts::OS`).
     pub os: Option<String>,
+    /// The CPU architecture from its last `hello` (`x86_64`, `aarch64`).
     pub arch: Option<String>,
 }
 
@@ -28,14 +44,18 @@ pub struct AgentRow {
 #[derive(Debug, Clone, Default, AsChangeset)]
 #[diesel(table_name = agents)]
 pub struct Hello {
+    /// The agent's version.
     pub version: Option<String>,
+    /// The host's name.
     pub hostname: Option<String>,
+    /// The operating system (`linux`).
     pub os: Option<String>,
+    /// The CPU architecture (`x86_64`, `aarch64`).
     pub arch: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct AgentFilter {
+pub(crate) struct AgentFilter {
     pub online: Option<bool>,
     /// Substring of the id or hostname, ASCII letters matched case-insensitively on both
     /// backends (see [`Store::list_agents`]).
@@ -48,7 +68,7 @@ pub struct AgentFilter {
 }
 
 #[derive(Debug)]
-pub struct AgentPage {
+pub(crate) struct AgentPage {
     pub agents: Vec<AgentRow>,
     /// Matches of the filter, ignoring pagination.
     pub total: i64,
@@ -70,7 +90,7 @@ struct NewConnection<'a> {
 }
 
 /// Inventory size and time, shown with an agent without loading the body.
-pub type InventorySummary = Option<(i64, i64)>;
+pub(crate) type InventorySummary = Option<(i64, i64)>;
 
 impl Store {
     /// Records a new connection and returns its epoch, one more than any earlier
@@ -129,6 +149,8 @@ impl Store {
         Ok(current)
     }
 
+    /// Stores what the `hello` of connection `epoch` reports; fields left out keep their stored
+    /// values, and a `hello` of a superseded connection changes nothing.
     pub async fn agent_hello(
         &self,
         id: String,
@@ -157,7 +179,7 @@ impl Store {
 
     /// Refreshes `last_seen` for agents this pod heard from, in chunks that keep each
     /// statement small.
-    pub async fn touch_agents(&self, ids: Vec<String>, now: i64) -> Result<(), StoreError> {
+    pub(crate) async fn touch_agents(&self, ids: Vec<String>, now: i64) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -175,7 +197,7 @@ impl Store {
 
     /// Marks offline every agent whose pod stopped refreshing it before `cutoff`: the
     /// agents of a pod that died without closing its connections.
-    pub async fn mark_stale_offline(&self, cutoff: i64) -> Result<usize, StoreError> {
+    pub(crate) async fn mark_stale_offline(&self, cutoff: i64) -> Result<usize, StoreError> {
         let n = self
             .run(move |pool| {
                 with_conn!(pool, c => Ok(diesel::update(agents::table)
@@ -207,6 +229,8 @@ impl Store {
         Ok(())
     }
 
+    /// The agent and its inventory's size (bytes) and receipt time (ms), if an inventory was
+    /// stored; `None` for an unknown `client_id`.
     pub async fn get_agent(
         &self,
         id: String,
@@ -230,6 +254,7 @@ impl Store {
         .await
     }
 
+    /// Whether `client_id` is a known agent.
     pub async fn agent_exists(&self, id: String) -> Result<bool, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(diesel::select(diesel::dsl::exists(agents::table.find(&id))).get_result(c)?))
@@ -242,7 +267,7 @@ impl Store {
     /// SQLite's `LIKE` folds ASCII only and PostgreSQL's is case-sensitive, while its
     /// `lower()` folds by the database's locale; `lower()` under the "C" collation
     /// (PostgreSQL) and SQLite's own `lower()` both fold exactly ASCII.
-    pub async fn list_agents(&self, filter: AgentFilter) -> Result<AgentPage, StoreError> {
+    pub(crate) async fn list_agents(&self, filter: AgentFilter) -> Result<AgentPage, StoreError> {
         self.run(move |pool| {
             let pattern = filter
                 .search

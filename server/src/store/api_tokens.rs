@@ -6,11 +6,14 @@ use diesel::prelude::*;
 use super::schema::{agent_credentials, api_tokens};
 use super::{Store, StoreError, now_ms, with_conn};
 
+/// A token minted through the API or by enrollment, as recorded: enough to list and
+/// revoke it, never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = api_tokens)]
 pub struct ApiTokenRow {
     /// The token's `jti` (a UUIDv7, so ids sort by creation time).
     pub jti: String,
+    /// The operator's label for it, or the enroll secret's name for an enrolled agent's token.
     pub name: Option<String>,
     /// `agent` or `admin`.
     pub role: String,
@@ -18,14 +21,18 @@ pub struct ApiTokenRow {
     pub subject: String,
     /// Milliseconds since the Unix epoch, as every timestamp here.
     pub created_at: i64,
+    /// Its `exp`, in milliseconds (the claim itself is in seconds, RFC 7519 §4.1.4).
     pub expires_at: i64,
+    /// The last request authenticated with it, recorded lazily (batched, so up to a flush
+    /// interval late).
     pub last_used_at: Option<i64>,
+    /// When it was revoked; a revoked token is refused (401).
     pub revoked_at: Option<i64>,
 }
 
 /// Which recorded tokens to list: ordered by `jti` (creation time), keyset-paginated.
 #[derive(Debug, Clone, Default)]
-pub struct ApiTokenFilter {
+pub(crate) struct ApiTokenFilter {
     pub subject: Option<String>,
     pub role: Option<String>,
     /// Include revoked tokens and tokens that expired before `now`.
@@ -37,7 +44,7 @@ pub struct ApiTokenFilter {
 
 /// What the database says about one presented token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CredentialState {
+pub(crate) struct CredentialState {
     /// The agent's current credential generation (0 when never bumped); `None` when no
     /// client id was asked about.
     pub generation: Option<i64>,
@@ -47,7 +54,7 @@ pub struct CredentialState {
 }
 
 impl Store {
-    pub async fn insert_api_token(&self, row: ApiTokenRow) -> Result<(), StoreError> {
+    pub(crate) async fn insert_api_token(&self, row: ApiTokenRow) -> Result<(), StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => diesel::insert_into(api_tokens::table).values(&row).execute(c)?);
             Ok(())
@@ -55,6 +62,7 @@ impl Store {
         .await
     }
 
+    /// The recorded token with this `jti`; `None` for an unrecorded one (CLI-minted).
     pub async fn get_api_token(&self, jti: String) -> Result<Option<ApiTokenRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(api_tokens::table
@@ -66,7 +74,7 @@ impl Store {
         .await
     }
 
-    pub async fn list_api_tokens(
+    pub(crate) async fn list_api_tokens(
         &self,
         filter: ApiTokenFilter,
         now: i64,
@@ -97,7 +105,7 @@ impl Store {
 
     /// Marks a token revoked (the first revocation's time is kept). Returns the row, or
     /// `None` when no token has this `jti`.
-    pub async fn revoke_api_token(
+    pub(crate) async fn revoke_api_token(
         &self,
         jti: String,
         now: i64,
@@ -119,7 +127,10 @@ impl Store {
 
     /// Records when tokens were last used, one statement per token, only ever moving
     /// `last_used_at` forward. Called in batches by the credentials' flusher.
-    pub async fn touch_api_tokens(&self, uses: Vec<(String, i64)>) -> Result<(), StoreError> {
+    pub(crate) async fn touch_api_tokens(
+        &self,
+        uses: Vec<(String, i64)>,
+    ) -> Result<(), StoreError> {
         if uses.is_empty() {
             return Ok(());
         }
@@ -139,7 +150,7 @@ impl Store {
     }
 
     /// The agent's credential generation and the token's state, in one round trip.
-    pub async fn credential_state(
+    pub(crate) async fn credential_state(
         &self,
         client_id: Option<String>,
         jti: Option<String>,
@@ -171,14 +182,14 @@ impl Store {
     }
 
     /// The agent's current credential generation (0 when never bumped).
-    pub async fn agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
+    pub(crate) async fn agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
         let state = self.credential_state(Some(client_id), None).await?;
         Ok(state.generation.unwrap_or(0))
     }
 
     /// Invalidates every token minted for the agent so far, and returns the new
     /// generation. A single upsert, so concurrent bumps on several replicas all count.
-    pub async fn bump_agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
+    pub(crate) async fn bump_agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
         self.run(move |pool| {
             let now = now_ms();
             with_conn!(pool, c => Ok(bump_generation!(c, &client_id, now)?))

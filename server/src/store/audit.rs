@@ -7,7 +7,7 @@ use super::{Store, StoreError, with_conn};
 
 #[derive(Debug, Clone, PartialEq, Eq, Insertable)]
 #[diesel(table_name = audit_log)]
-pub struct NewAuditRow {
+pub(crate) struct NewAuditRow {
     /// Milliseconds since the Unix epoch.
     pub at: i64,
     /// `token`, `ui_session`, `enroll_secret` or `anonymous`.
@@ -24,36 +24,47 @@ pub struct NewAuditRow {
     pub detail: Option<String>,
 }
 
+/// One entry of the audit log as stored; [`NewAuditRow`] documents the columns.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = audit_log)]
 pub struct AuditRow {
+    /// Ascending with insertion; the keyset of `GET /api/v1/audit` pages (`after`).
     pub id: i64,
+    /// Milliseconds since the Unix epoch.
     pub at: i64,
+    /// `token`, `ui_session`, `enroll_secret` or `anonymous`.
     pub actor_kind: String,
+    /// The token's subject, the UI session's short id or the enroll secret's id; empty for
+    /// `anonymous`.
     pub actor: String,
+    /// The token's `jti`, when the actor is a token that has one.
     pub actor_jti: Option<String>,
+    /// The client's address as text (see `audit::client_address`).
     pub source: Option<String>,
+    /// An `audit::AuditAction` in snake_case (`token_minted`).
     pub action: String,
+    /// What was acted on: a client id, a `jti`, a secret's, binary's, rollout's or job's id.
     pub target: Option<String>,
+    /// A small JSON object with action-specific facts; never a secret.
     pub detail: Option<String>,
 }
 
 /// Which entries to read, newest first.
 #[derive(Debug, Clone, Default)]
-pub struct AuditFilter {
+pub(crate) struct AuditFilter {
     pub actor: Option<String>,
     pub action: Option<String>,
     /// Only entries at or after this time (ms).
-    pub since: Option<i64>,
+    pub(crate) since: Option<i64>,
     /// Keyset pagination: entries with an id strictly below this one (the last id of
     /// the previous page).
-    pub before_id: Option<i64>,
+    pub(crate) before_id: Option<i64>,
     pub limit: i64,
 }
 
 impl Store {
     /// Appends one entry and returns its id.
-    pub async fn append_audit(&self, row: NewAuditRow) -> Result<i64, StoreError> {
+    pub(crate) async fn append_audit(&self, row: NewAuditRow) -> Result<i64, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(diesel::insert_into(audit_log::table)
                 .values(&row)
@@ -63,7 +74,10 @@ impl Store {
         .await
     }
 
-    pub async fn query_audit(&self, filter: AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
+    pub(crate) async fn query_audit(
+        &self,
+        filter: AuditFilter,
+    ) -> Result<Vec<AuditRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let mut q = audit_log::table.into_boxed();
@@ -90,7 +104,7 @@ impl Store {
 
     /// Deletes entries older than `cutoff` (ms), at most `batch` of them, so that a long
     /// backlog is pruned in several short statements. Returns how many were deleted.
-    pub async fn prune_audit(&self, cutoff: i64, batch: i64) -> Result<usize, StoreError> {
+    pub(crate) async fn prune_audit(&self, cutoff: i64, batch: i64) -> Result<usize, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let ids = audit_log::table

@@ -8,7 +8,7 @@ use super::{Change, Store, StoreError, with_conn};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = binaries)]
-pub struct BinaryRow {
+pub(crate) struct BinaryRow {
     pub id: String,
     pub name: String,
     pub version: String,
@@ -22,7 +22,7 @@ pub struct BinaryRow {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct BinaryFilter {
+pub(crate) struct BinaryFilter {
     pub name: Option<String>,
     pub version: Option<String>,
     pub os: Option<String>,
@@ -34,7 +34,7 @@ pub struct BinaryFilter {
 
 /// What became of an insert.
 #[derive(Debug)]
-pub enum BinaryInsert {
+pub(crate) enum BinaryInsert {
     Inserted,
     /// A binary with the same name, version, os and arch exists (its id).
     Duplicate(String),
@@ -42,7 +42,7 @@ pub enum BinaryInsert {
 
 /// What became of a delete.
 #[derive(Debug, PartialEq, Eq)]
-pub enum BinaryDeletion {
+pub(crate) enum BinaryDeletion {
     NotFound,
     /// The binary is the target of this active rollout; nothing was deleted.
     RolloutTarget(String),
@@ -55,7 +55,7 @@ pub enum BinaryDeletion {
 
 impl Store {
     /// The id of the binary with this name, version, os and arch, if any.
-    pub async fn find_binary(
+    pub(crate) async fn find_binary(
         &self,
         name: String,
         version: String,
@@ -77,7 +77,7 @@ impl Store {
 
     /// Inserts the metadata; the unique (name, version, os, arch) key decides races
     /// between replicas.
-    pub async fn insert_binary(&self, row: BinaryRow) -> Result<BinaryInsert, StoreError> {
+    pub(crate) async fn insert_binary(&self, row: BinaryRow) -> Result<BinaryInsert, StoreError> {
         let outcome = self
             .run(move |pool| {
                 with_conn!(pool, c => {
@@ -105,7 +105,7 @@ impl Store {
         Ok(outcome)
     }
 
-    pub async fn get_binary(&self, id: String) -> Result<Option<BinaryRow>, StoreError> {
+    pub(crate) async fn get_binary(&self, id: String) -> Result<Option<BinaryRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(binaries::table
                 .find(&id)
@@ -117,7 +117,10 @@ impl Store {
     }
 
     /// Newest first.
-    pub async fn list_binaries(&self, filter: BinaryFilter) -> Result<Vec<BinaryRow>, StoreError> {
+    pub(crate) async fn list_binaries(
+        &self,
+        filter: BinaryFilter,
+    ) -> Result<Vec<BinaryRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let mut q = binaries::table.into_boxed();
@@ -152,7 +155,7 @@ impl Store {
     /// Deletes the metadata, refusing while the binary is an active rollout's target. The
     /// history of ended rollouts of this binary goes with it. A rollout started
     /// concurrently on another replica is caught by the foreign key.
-    pub async fn delete_binary(&self, id: String) -> Result<BinaryDeletion, StoreError> {
+    pub(crate) async fn delete_binary(&self, id: String) -> Result<BinaryDeletion, StoreError> {
         let outcome = self
             .run(move |pool| {
                 with_conn!(pool, c => {

@@ -11,15 +11,20 @@ use super::{Change, Store, StoreError, WriteTransaction, with_conn};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CommandStatus {
+    /// Stored; not yet sent on a connection.
     Pending,
+    /// Sent at least once; no result yet. Resent on the agent's next connection.
     Delivered,
+    /// The agent reported success.
     Succeeded,
+    /// The agent reported failure.
     Failed,
+    /// Past its TTL before a result came.
     Expired,
 }
 
 impl CommandStatus {
-    pub const ALL: [CommandStatus; 5] = [
+    pub(crate) const ALL: [CommandStatus; 5] = [
         CommandStatus::Pending,
         CommandStatus::Delivered,
         CommandStatus::Succeeded,
@@ -27,6 +32,7 @@ impl CommandStatus {
         CommandStatus::Expired,
     ];
 
+    /// The stored and JSON spelling, lowercase (`pending`).
     pub fn as_str(self) -> &'static str {
         match self {
             CommandStatus::Pending => "pending",
@@ -37,25 +43,39 @@ impl CommandStatus {
         }
     }
 
+    /// The status spelled `s`; `None` for anything else (the `?status=` of a job's
+    /// results is checked with it).
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
+/// A command as stored. Timestamps are milliseconds since the Unix epoch.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = commands)]
 pub struct CommandRow {
+    /// A UUIDv7: ids sort by creation time.
     pub id: String,
+    /// The `client_id` of the agent it is for.
     pub agent_id: String,
+    /// What to run, as the agent knows it (the reference agent: `ping`, `inventory`,
+    /// `exec`).
     pub name: String,
     /// JSON object, stored as text.
     pub args: String,
+    /// A [`CommandStatus`] in lowercase.
     pub status: String,
+    /// The agent's `output` from its `result`, as JSON text; `None` until then or when it sent
+    /// none.
     pub output: Option<String>,
+    /// When it was stored.
     pub created_at: i64,
-    pub delivered_at: Option<i64>,
+    pub(crate) delivered_at: Option<i64>,
+    /// When the result came or it expired.
     pub completed_at: Option<i64>,
+    /// `created_at` plus the `ttl_seconds` asked for; `None`: it never expires.
     pub expires_at: Option<i64>,
+    /// How many times it was sent: more than one after a connection dropped before the result.
     pub attempts: i32,
     /// The fleet job this command belongs to, if any.
     pub job_id: Option<String>,
@@ -63,7 +83,7 @@ pub struct CommandRow {
 
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = commands)]
-pub struct NewCommand {
+pub(crate) struct NewCommand {
     pub id: String,
     pub agent_id: String,
     pub name: String,
@@ -75,7 +95,7 @@ pub struct NewCommand {
 
 /// What became of a `result` an agent sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResultOutcome {
+pub(crate) enum ResultOutcome {
     Stored(CommandStatus),
     /// No such command, or it belongs to another agent (indistinguishable on purpose).
     UnknownCommand,
@@ -88,7 +108,7 @@ pub enum ResultOutcome {
 const OPEN: [&str; 2] = ["pending", "delivered"];
 
 impl Store {
-    pub async fn insert_command(&self, cmd: NewCommand) -> Result<(), StoreError> {
+    pub(crate) async fn insert_command(&self, cmd: NewCommand) -> Result<(), StoreError> {
         let (id, agent_id) = (cmd.id.clone(), cmd.agent_id.clone());
         self.run(move |pool| {
             with_conn!(pool, c => diesel::insert_into(commands::table).values(&cmd).execute(c)?);
@@ -99,7 +119,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn get_command(&self, id: String) -> Result<Option<CommandRow>, StoreError> {
+    pub(crate) async fn get_command(&self, id: String) -> Result<Option<CommandRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(commands::table.find(&id).select(CommandRow::as_select()).first(c).optional()?))
         })
@@ -169,7 +189,11 @@ impl Store {
         .await
     }
 
-    pub async fn mark_delivered(&self, ids: Vec<String>, now: i64) -> Result<usize, StoreError> {
+    pub(crate) async fn mark_delivered(
+        &self,
+        ids: Vec<String>,
+        now: i64,
+    ) -> Result<usize, StoreError> {
         let n = self
             .run(move |pool| {
                 with_conn!(pool, c => Ok(diesel::update(commands::table)
@@ -188,7 +212,7 @@ impl Store {
 
     /// Stores an agent's result if the command is its own, still open, and the reporting
     /// connection is the agent's current one.
-    pub async fn record_result(
+    pub(crate) async fn record_result(
         &self,
         agent_id: String,
         epoch: i64,

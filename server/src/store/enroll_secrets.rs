@@ -8,10 +8,13 @@ use super::rollouts::LABEL_FROM_ENROLLMENT;
 use super::schema::{agent_credentials, agent_labels, agents, api_tokens, enroll_secrets};
 use super::{Change, Store, StoreError, with_conn};
 
+/// An enroll secret as stored. Timestamps are milliseconds since the Unix epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = enroll_secrets)]
 pub struct EnrollSecretRow {
+    /// A UUIDv7, as the API and the audit log name it.
     pub id: String,
+    /// The operator's name for it; tokens minted by enrollment carry it as their `name`.
     pub name: String,
     /// Hex SHA-256 of the secret; the secret itself is never stored.
     pub secret_sha256: String,
@@ -20,11 +23,17 @@ pub struct EnrollSecretRow {
     /// Whether a client id that is already enrolled may enroll again (its earlier
     /// tokens are then invalidated).
     pub allow_reenroll: bool,
+    /// When it was created.
     pub created_at: i64,
+    /// After this it is refused as expired; `None`: it never expires.
     pub expires_at: Option<i64>,
+    /// Enrollments allowed in all; `None`: unlimited.
     pub max_uses: Option<i64>,
+    /// Enrollments so far.
     pub use_count: i64,
+    /// The last enrollment with it.
     pub last_used_at: Option<i64>,
+    /// When it was revoked; a revoked secret is refused.
     pub revoked_at: Option<i64>,
 }
 
@@ -38,9 +47,13 @@ impl EnrollSecretRow {
 /// One enrollment to attempt.
 #[derive(Debug, Clone)]
 pub struct EnrollAttempt {
+    /// Hex SHA-256 of the secret the agent presented.
     pub secret_sha256: String,
+    /// The `client_id` the agent asks for.
     pub client_id: String,
+    /// The host name it reports, stored as in a `hello`.
     pub hostname: Option<String>,
+    /// Milliseconds since the Unix epoch, for expiry and `last_used_at`.
     pub now: i64,
     /// The token to record; its `name` is filled in with the secret's name.
     pub token: ApiTokenRow,
@@ -49,15 +62,22 @@ pub struct EnrollAttempt {
 /// Why an enrollment was refused. Nothing was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnrollRefusal {
+    /// No secret has this hash.
     UnknownSecret,
+    /// The secret was revoked.
     Revoked,
+    /// The secret is past its `expires_at`.
     Expired,
+    /// The secret reached its `max_uses`.
     UsedUp,
+    /// The client id is already enrolled and the secret does not allow re-enrollment.
     AlreadyEnrolled,
 }
 
+/// What [`Store::enroll`] did: everything written in one transaction, or nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnrollOutcome {
+    /// The agent exists, its labels are the secret's and its token is recorded.
     Enrolled {
         /// The agent's credential generation, to put in its token.
         generation: i64,
@@ -66,6 +86,7 @@ pub enum EnrollOutcome {
         /// The client id was enrolled before; its earlier tokens are now invalid.
         reenrolled: bool,
     },
+    /// Refused for the reason given; nothing was written.
     Refused(EnrollRefusal),
 }
 
@@ -82,6 +103,7 @@ impl From<diesel::result::Error> for TxError {
 }
 
 impl Store {
+    /// Stores a new secret (by its hash); the id must be new.
     pub async fn insert_enroll_secret(&self, row: EnrollSecretRow) -> Result<(), StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => diesel::insert_into(enroll_secrets::table).values(&row).execute(c)?);

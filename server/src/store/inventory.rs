@@ -8,7 +8,7 @@ use super::{Store, StoreError, with_conn};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = inventories)]
-pub struct InventoryRow {
+pub(crate) struct InventoryRow {
     pub agent_id: String,
     /// Validated JSON, stored as text.
     pub body: String,
@@ -19,7 +19,7 @@ pub struct InventoryRow {
 impl Store {
     /// Replaces the agent's inventory with `body` (validated JSON); shared by the HTTP
     /// endpoint and the WebSocket `inventory` message.
-    pub async fn store_inventory(
+    pub(crate) async fn store_inventory(
         &self,
         client_id: String,
         body: String,
@@ -47,7 +47,7 @@ impl Store {
         .await
     }
 
-    pub async fn get_inventory(
+    pub(crate) async fn get_inventory(
         &self,
         agent_id: String,
     ) -> Result<Option<InventoryRow>, StoreError> {

@@ -25,20 +25,25 @@ extern "SQL" {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// Releasing commands as its pacing allows.
     Running,
+    /// Releasing nothing until resumed; released commands still run.
     Paused,
+    /// Stopped by an operator: its unreleased and open commands were expired.
     Cancelled,
+    /// Every command has a final status.
     Completed,
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 4] = [
+    pub(crate) const ALL: [JobStatus; 4] = [
         JobStatus::Running,
         JobStatus::Paused,
         JobStatus::Cancelled,
         JobStatus::Completed,
     ];
 
+    /// The stored and JSON spelling, lowercase (`running`).
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Running => "running",
@@ -48,32 +53,48 @@ impl JobStatus {
         }
     }
 
+    /// The status spelled `s`; `None` for anything else (`?status=` of `GET /api/v1/jobs`).
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
+/// A job as stored; its commands are rows of `commands` with its id in `job_id`.
+/// Timestamps are milliseconds since the Unix epoch.
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = jobs)]
 pub struct JobRow {
+    /// A UUIDv7: ids sort by creation time.
     pub id: String,
+    /// The command name every targeted agent receives.
     pub name: String,
     /// JSON object, stored as text.
     pub args: String,
     /// The target as given (JSON), for display.
     pub target: String,
+    /// A [`JobStatus`] in lowercase.
     pub status: String,
+    /// Why it is paused or ended: the brake's verdict (`9 of 10 results failed…`) or the
+    /// operator's action.
     pub reason: Option<String>,
+    /// Agents selected at creation, one command each.
     pub targeted: i64,
     /// Commands released first; the rest wait until each of them is final.
     pub canary: i64,
+    /// Most commands released and without a final status at once; `i64::MAX` stands for
+    /// unbounded.
     pub max_in_flight: i64,
-    pub rate_per_second: Option<i64>,
+    pub(crate) rate_per_second: Option<i64>,
+    /// The brake pauses the job when failed ÷ (succeeded + failed) exceeds this (0 to 1);
+    /// `None`: no brake.
     pub max_failure_ratio: Option<f64>,
+    /// Results needed before the brake may trip.
     pub min_sample: i64,
+    /// When its commands expire; `None`: never.
     pub expires_at: Option<i64>,
+    /// When it was created.
     pub created_at: i64,
-    pub ended_at: Option<i64>,
+    pub(crate) ended_at: Option<i64>,
     /// Commands the cancel expired.
     pub cancelled: i64,
 }
@@ -82,24 +103,25 @@ pub struct JobRow {
 #[derive(Debug, Clone, Default, Queryable, Selectable, Insertable)]
 #[diesel(table_name = job_pacing)]
 pub struct JobPacing {
+    /// The job's id.
     pub job_id: String,
     /// Last release (or creation).
-    pub updated_at: i64,
+    pub(crate) updated_at: i64,
     /// Commands released so far.
     pub released: i64,
     /// Virtual time (ms) up to which the rate's release credit has been spent.
-    pub release_clock: i64,
+    pub(crate) release_clock: i64,
     /// Failed and finished results already judged before the last resume.
-    pub brake_failed: i64,
-    pub brake_finished: i64,
+    pub(crate) brake_failed: i64,
+    pub(crate) brake_finished: i64,
 }
 
 /// A job with its pacing state.
-pub type JobRecord = (JobRow, JobPacing);
+pub(crate) type JobRecord = (JobRow, JobPacing);
 
 /// Which agents a job goes to, as far as SQL can tell; every present field must hold.
 #[derive(Debug, Clone, Default)]
-pub struct AgentSelection {
+pub(crate) struct AgentSelection {
     pub ids: Option<Vec<String>>,
     /// The agent has every one of these labels.
     pub labels: Vec<String>,
@@ -111,18 +133,18 @@ pub struct AgentSelection {
 
 /// A further per-agent test that SQL cannot make (version order, the stable hash),
 /// given the agent's id and reported version.
-pub type AgentPredicate = Box<dyn Fn(&str, Option<&str>) -> bool + Send>;
+pub(crate) type AgentPredicate = Box<dyn Fn(&str, Option<&str>) -> bool + Send>;
 
 /// How many commands the canary releases, resolved against the targeted count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CanarySize {
+pub(crate) enum CanarySize {
     Count(i64),
     /// 1 to 100 percent of the targeted agents, at least one.
     Percentage(i64),
 }
 
 impl CanarySize {
-    pub fn resolve(self, targeted: i64) -> i64 {
+    pub(crate) fn resolve(self, targeted: i64) -> i64 {
         match self {
             CanarySize::Count(n) => n.clamp(0, targeted),
             CanarySize::Percentage(p) => ((targeted * p + 99) / 100).clamp(1, targeted),
@@ -132,7 +154,7 @@ impl CanarySize {
 
 /// What became of creating a job.
 #[derive(Debug)]
-pub enum JobCreation {
+pub(crate) enum JobCreation {
     /// Stored with `targeted` commands, one per matching agent.
     Created(Box<JobRecord>),
     /// No agent matched; nothing was stored.
@@ -142,13 +164,17 @@ pub enum JobCreation {
 /// A job's commands by where they are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct JobCounts {
+    /// Commands stored, one per targeted agent.
     pub targeted: i64,
     /// Not delivered yet, held ones included.
     pub pending: i64,
     /// Of `pending`, those the pacer has not released yet.
     pub held: i64,
+    /// Sent and without a result yet.
     pub delivered: i64,
+    /// Final: the agent reported success.
     pub succeeded: i64,
+    /// Final: the agent reported failure.
     pub failed: i64,
     /// Reached their TTL.
     pub expired: i64,
@@ -162,10 +188,12 @@ impl JobCounts {
         self.pending - self.held + self.delivered
     }
 
+    /// Neither final nor expired: pending (held included) or delivered.
     pub fn open(&self) -> i64 {
         self.pending + self.delivered
     }
 
+    /// With a result from the agent (succeeded or failed); what the brake judges.
     pub fn finished(&self) -> i64 {
         self.succeeded + self.failed
     }
@@ -174,18 +202,20 @@ impl JobCounts {
 /// Nearest-rank percentiles of the time from delivery to result, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct JobDurations {
+    /// Median; `None` until a result came.
     pub p50_ms: Option<i64>,
+    /// 95th percentile; `None` until a result came.
     pub p95_ms: Option<i64>,
 }
 
 /// One agent's part in a job.
 #[derive(Debug, Clone, Queryable, Serialize)]
-pub struct JobResultRow {
+pub(crate) struct JobResultRow {
     pub agent_id: String,
-    pub command_id: String,
+    pub(crate) command_id: String,
     pub status: String,
     pub output: Option<String>,
-    pub delivered_at: Option<i64>,
+    pub(crate) delivered_at: Option<i64>,
     pub completed_at: Option<i64>,
     #[serde(skip)]
     pub held: bool,
@@ -193,7 +223,7 @@ pub struct JobResultRow {
 
 /// What a pacer's turn on one job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pace {
+pub(crate) enum Pace {
     /// The job is not running (paused, ended, or gone).
     Idle,
     /// Commands of these agents were released (possibly none).
@@ -206,7 +236,7 @@ pub enum Pace {
 
 /// What became of resume, pause or cancel.
 #[derive(Debug)]
-pub enum JobTransition {
+pub(crate) enum JobTransition {
     Done(Box<JobRecord>),
     /// The job is in a status the action does not apply to.
     WrongState(JobStatus),
@@ -296,7 +326,7 @@ impl Store {
     /// Stores `job` and one held command per agent matching `selection` (and `keep`, if
     /// given), in one transaction; the job's `targeted` and `canary` are set from the
     /// count. Announces [`Change::Job`].
-    pub async fn create_job(
+    pub(crate) async fn create_job(
         &self,
         job: JobRow,
         selection: AgentSelection,
@@ -392,6 +422,7 @@ impl Store {
         Ok(created)
     }
 
+    /// The job and its pacing state; `None` for an unknown id.
     pub async fn get_job(&self, id: String) -> Result<Option<JobRecord>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(jobs::table
@@ -406,7 +437,7 @@ impl Store {
 
     /// Newest first; `before` is the `(created_at, id)` of the last job of the previous
     /// page.
-    pub async fn list_jobs(
+    pub(crate) async fn list_jobs(
         &self,
         status: Option<JobStatus>,
         before: Option<(i64, String)>,
@@ -435,7 +466,7 @@ impl Store {
     }
 
     /// Ids of running jobs, oldest first: what the pacers work on.
-    pub async fn running_jobs(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn running_jobs(&self) -> Result<Vec<String>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(jobs::table
                 .filter(jobs::status.eq(JobStatus::Running.as_str()))
@@ -454,7 +485,7 @@ impl Store {
     }
 
     /// Nearest-rank p50 and p95 of delivery-to-result times of the job's results.
-    pub async fn job_durations(&self, job_id: String) -> Result<JobDurations, StoreError> {
+    pub(crate) async fn job_durations(&self, job_id: String) -> Result<JobDurations, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let finished = || commands::table
@@ -486,7 +517,7 @@ impl Store {
 
     /// The job's per-agent commands in client_id order; `after` is the last client_id of
     /// the previous page.
-    pub async fn job_results(
+    pub(crate) async fn job_results(
         &self,
         job_id: String,
         status: Option<String>,
@@ -528,7 +559,7 @@ impl Store {
     /// job's bounds (in flight, rate, canary). Replicas may call this at the same time
     /// for the same job: the first statement writes the job's row, so turns take place
     /// one after the other and each sees the others' releases.
-    pub async fn pace_job(
+    pub(crate) async fn pace_job(
         &self,
         job_id: String,
         pod: String,
@@ -628,7 +659,7 @@ impl Store {
 
     /// Pauses a running job (an operator's pause; the brake pauses in [`Store::pace_job`]).
     /// Commands already released may still be delivered; nothing more is released.
-    pub async fn pause_job(
+    pub(crate) async fn pause_job(
         &self,
         id: String,
         reason: String,
@@ -670,7 +701,11 @@ impl Store {
 
     /// Runs a paused job again. The brake starts a new sample: results judged before the
     /// resume do not count again.
-    pub async fn resume_job(&self, id: String, now: i64) -> Result<JobTransition, StoreError> {
+    pub(crate) async fn resume_job(
+        &self,
+        id: String,
+        now: i64,
+    ) -> Result<JobTransition, StoreError> {
         let announced = id.clone();
         let outcome = self
             .run(move |pool| {
@@ -714,7 +749,7 @@ impl Store {
 
     /// Ends a running or paused job: every command not delivered yet (held or released)
     /// expires now; delivered ones may still report.
-    pub async fn cancel_job(
+    pub(crate) async fn cancel_job(
         &self,
         id: String,
         reason: String,

@@ -7,7 +7,7 @@
 //! both backends by the [`with_conn!`] macro.
 
 pub mod agents;
-pub mod api_tokens;
+pub(crate) mod api_tokens;
 pub mod audit;
 pub mod binaries;
 pub mod commands;
@@ -15,8 +15,8 @@ pub mod enroll_secrets;
 pub mod inventory;
 pub mod jobs;
 pub mod rollouts;
-pub mod schema;
-pub mod ui_sessions;
+pub(crate) mod schema;
+pub(crate) mod ui_sessions;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,20 +30,24 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use crate::config::DatabaseUrl;
 use crate::redact::redact;
 
-pub use agents::{AgentFilter, AgentPage, AgentRow, Hello};
-pub use api_tokens::{ApiTokenFilter, ApiTokenRow, CredentialState};
-pub use audit::{AuditFilter, AuditRow, NewAuditRow};
-pub use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
-pub use commands::{CommandRow, CommandStatus, NewCommand, ResultOutcome};
+pub use agents::{AgentRow, Hello};
+pub use api_tokens::ApiTokenRow;
+pub use audit::AuditRow;
+pub use commands::{CommandRow, CommandStatus};
 pub use enroll_secrets::{EnrollAttempt, EnrollOutcome, EnrollRefusal, EnrollSecretRow};
-pub use inventory::InventoryRow;
-pub use jobs::{
-    AgentPredicate, AgentSelection, CanarySize, JobCounts, JobCreation, JobDurations, JobPacing,
-    JobRecord, JobResultRow, JobRow, JobStatus, JobTransition, Pace,
+pub use jobs::{JobCounts, JobDurations, JobPacing, JobRow, JobStatus};
+pub use rollouts::Claim;
+
+pub(crate) use agents::AgentFilter;
+pub(crate) use api_tokens::ApiTokenFilter;
+pub(crate) use audit::{AuditFilter, NewAuditRow};
+pub(crate) use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
+pub(crate) use commands::{NewCommand, ResultOutcome};
+pub(crate) use jobs::{
+    AgentPredicate, AgentSelection, CanarySize, JobCreation, JobRecord, JobResultRow,
+    JobTransition, Pace,
 };
-pub use rollouts::{
-    ActiveRollout, Claim, RolloutRow, RolloutStart, RolloutStatus, UpdateCounts, UpdateStatus,
-};
+pub(crate) use rollouts::{ActiveRollout, RolloutRow, RolloutStart, RolloutStatus};
 
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -52,16 +56,25 @@ const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqli
 /// together do not race on the schema.
 const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7473_7276; // "agentsrv"
 
+/// Why a store call failed. Only `Unavailable` is the database being away (HTTP 503,
+/// `store_unavailable` to an agent); the others are faults (500) whose message, already
+/// redacted of credentials, belongs in the log.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// No pooled connection within the pool timeout (2 s): the database is down or
+    /// saturated.
     #[error("no database connection available: {0}")]
     Unavailable(#[from] PoolError),
+    /// The database refused or failed a query (a constraint, a lost connection mid-query).
     #[error("database query failed: {0}")]
     Query(#[from] diesel::result::Error),
+    /// A migration of `migrations/{postgres,sqlite}` failed at start-up.
     #[error("database migration failed: {0}")]
     Migration(String),
+    /// The pool could not be built: an unusable URL or an unreachable file path.
     #[error("could not open the database: {0}")]
     Open(String),
+    /// The `spawn_blocking` task running the query panicked or was cancelled at shutdown.
     #[error("database task panicked or was cancelled")]
     Task,
 }
@@ -139,22 +152,28 @@ pub struct Store {
 pub enum Change {
     /// An agent connected, disconnected, said hello, was enrolled or deleted.
     Agent {
+        /// The agent's `client_id`.
         id: String,
     },
     /// Several agents at once (marked offline after their pod stopped refreshing them).
     Agents,
     /// A command was queued or got its result.
     Command {
+        /// The command's id (a UUIDv7).
         id: String,
+        /// The `client_id` of the agent it is for.
         agent_id: String,
     },
     /// Several commands at once (delivered, expired).
     Commands,
+    /// A binary was uploaded or deleted.
     Binaries,
+    /// A rollout was started, cancelled or moved on (an agent updated or failed).
     Rollouts,
     /// A fleet job was created, paused (by the brake or an operator), resumed, cancelled
     /// or completed. Its commands' progress is announced as `Commands`/`Command`.
     Job {
+        /// The job's id.
         id: String,
     },
     /// Any job may have changed (a replica's burst of changes, forwarded as one).
@@ -164,9 +183,10 @@ pub enum Change {
 /// A change and where it was committed: replicas forward only their own.
 #[derive(Clone, Debug)]
 pub struct Announcement {
+    /// What changed.
     pub change: Change,
     /// Committed on another replica and received over the cluster bus.
-    pub remote: bool,
+    pub(crate) remote: bool,
 }
 
 /// Announcements buffered per listener; one that falls further behind is told to resync.
@@ -176,7 +196,7 @@ const CHANGE_BUFFER: usize = 1024;
 /// waits this long before failing (as `StoreError::Unavailable`: a 503, or a
 /// `store_unavailable` message to an agent), so it bounds how late an outage is reported;
 /// a healthy pool hands out connections in microseconds.
-pub const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// SQLite pragmas applied to every pooled connection: WAL lets readers run beside the
 /// writer, busy_timeout turns lock contention into a short wait instead of an error, and
@@ -288,7 +308,7 @@ impl Store {
     }
 
     /// Re-announces a change another replica committed (cluster mode).
-    pub fn announce_remote(&self, change: Change) {
+    pub(crate) fn announce_remote(&self, change: Change) {
         if self.changes.receiver_count() > 0 {
             let _ = self.changes.send(Announcement {
                 change,
@@ -305,6 +325,7 @@ impl Store {
         .await
     }
 
+    /// `"postgres"` or `"sqlite"`, for the start-up log and `/health/ready`.
     pub fn backend_name(&self) -> &'static str {
         match &*self.pool {
             DbPool::Postgres(_) => "postgres",

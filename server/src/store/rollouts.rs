@@ -12,7 +12,7 @@ use super::schema::{agent_labels, agents, binaries, rollout_agents, rollouts};
 use super::{Change, Store, StoreError, with_conn};
 
 /// `agent_labels.source` of the labels an enroll secret gave: hellos keep them.
-pub const LABEL_FROM_ENROLLMENT: &str = "enroll";
+pub(crate) const LABEL_FROM_ENROLLMENT: &str = "enroll";
 
 #[diesel::declare_sql_function]
 extern "SQL" {
@@ -25,14 +25,14 @@ extern "SQL" {
 /// Lifecycle: `active` until a newer rollout for the same os/arch supersedes it or an
 /// operator cancels it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RolloutStatus {
+pub(crate) enum RolloutStatus {
     Active,
     Superseded,
     Cancelled,
 }
 
 impl RolloutStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RolloutStatus::Active => "active",
             RolloutStatus::Superseded => "superseded",
@@ -43,7 +43,7 @@ impl RolloutStatus {
 
 /// One agent's update within a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpdateStatus {
+pub(crate) enum UpdateStatus {
     /// Sent an `update`; holds one of the rollout's slots.
     Updating,
     /// Came back reporting the target version (or newer).
@@ -53,7 +53,7 @@ pub enum UpdateStatus {
 }
 
 impl UpdateStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UpdateStatus::Updating => "updating",
             UpdateStatus::Updated => "updated",
@@ -64,7 +64,7 @@ impl UpdateStatus {
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = rollouts)]
-pub struct RolloutRow {
+pub(crate) struct RolloutRow {
     pub id: String,
     pub binary_id: String,
     pub os: String,
@@ -76,12 +76,12 @@ pub struct RolloutRow {
     pub max_concurrent: i32,
     pub status: String,
     pub created_at: i64,
-    pub ended_at: Option<i64>,
+    pub(crate) ended_at: Option<i64>,
 }
 
 /// An active rollout with what an `update` message needs from its binary.
 #[derive(Debug, Clone)]
-pub struct ActiveRollout {
+pub(crate) struct ActiveRollout {
     pub rollout: RolloutRow,
     pub name: String,
     pub sha256: String,
@@ -90,7 +90,7 @@ pub struct ActiveRollout {
 
 /// What became of starting a rollout.
 #[derive(Debug, PartialEq, Eq)]
-pub enum RolloutStart {
+pub(crate) enum RolloutStart {
     /// Active now; the rollout it replaced for the same os/arch, if any.
     Started { superseded: Option<String> },
     /// The binary was deleted meanwhile.
@@ -116,7 +116,7 @@ pub enum Claim {
 
 /// A rollout's agents by update status.
 #[derive(Debug, Clone, Default)]
-pub struct UpdateCounts {
+pub(crate) struct UpdateCounts {
     pub updating: i64,
     pub updated: i64,
     pub timed_out: i64,
@@ -126,7 +126,7 @@ pub struct UpdateCounts {
 
 impl Store {
     /// Makes `row` the active rollout of its os/arch, superseding the previous one.
-    pub async fn start_rollout(&self, row: RolloutRow) -> Result<RolloutStart, StoreError> {
+    pub(crate) async fn start_rollout(&self, row: RolloutRow) -> Result<RolloutStart, StoreError> {
         let outcome = self
             .run(move |pool| {
                 with_conn!(pool, c => {
@@ -164,7 +164,7 @@ impl Store {
     }
 
     /// Every active rollout, with its binary's name, checksum and size.
-    pub async fn active_rollouts(&self) -> Result<Vec<ActiveRollout>, StoreError> {
+    pub(crate) async fn active_rollouts(&self) -> Result<Vec<ActiveRollout>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let rows = rollouts::table
@@ -188,7 +188,7 @@ impl Store {
     }
 
     /// Newest first.
-    pub async fn list_rollouts(&self, limit: i64) -> Result<Vec<RolloutRow>, StoreError> {
+    pub(crate) async fn list_rollouts(&self, limit: i64) -> Result<Vec<RolloutRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(rollouts::table
                 .order((rollouts::created_at.desc(), rollouts::id.desc()))
@@ -199,7 +199,7 @@ impl Store {
         .await
     }
 
-    pub async fn get_rollout(&self, id: String) -> Result<Option<RolloutRow>, StoreError> {
+    pub(crate) async fn get_rollout(&self, id: String) -> Result<Option<RolloutRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(rollouts::table
                 .find(&id)
@@ -211,7 +211,7 @@ impl Store {
     }
 
     /// Ends an active rollout. Returns the row, or `None` if there is no such rollout.
-    pub async fn cancel_rollout(
+    pub(crate) async fn cancel_rollout(
         &self,
         id: String,
         now: i64,
@@ -241,7 +241,7 @@ impl Store {
     /// Takes one of the rollout's slots for the agent, or re-offers the update on a new
     /// connection (`epoch`). An `epoch` of 0 claims the slot without sending: the agent's
     /// session sends it when woken ([`Store::pending_update`]).
-    pub async fn claim_update(
+    pub(crate) async fn claim_update(
         &self,
         rollout_id: String,
         agent_id: String,
@@ -309,7 +309,7 @@ impl Store {
 
     /// The active rollout whose update this agent holds a slot for but has not been sent
     /// on connection `epoch`; marks it sent on that connection.
-    pub async fn pending_update(
+    pub(crate) async fn pending_update(
         &self,
         agent_id: String,
         epoch: i64,
@@ -340,7 +340,7 @@ impl Store {
 
     /// The agent came back on the rollout's version: frees its slot. Returns whether it
     /// held one (or had timed out).
-    pub async fn finish_update(
+    pub(crate) async fn finish_update(
         &self,
         rollout_id: String,
         agent_id: String,
@@ -368,7 +368,7 @@ impl Store {
 
     /// Marks updates of active rollouts sent before `cutoff` as timed out, freeing their
     /// slots. Returns how many.
-    pub async fn expire_updates(&self, cutoff: i64, now: i64) -> Result<usize, StoreError> {
+    pub(crate) async fn expire_updates(&self, cutoff: i64, now: i64) -> Result<usize, StoreError> {
         let n = self
             .run(move |pool| {
                 with_conn!(pool, c => {
@@ -393,7 +393,10 @@ impl Store {
         Ok(n)
     }
 
-    pub async fn update_counts(&self, rollout_id: String) -> Result<UpdateCounts, StoreError> {
+    pub(crate) async fn update_counts(
+        &self,
+        rollout_id: String,
+    ) -> Result<UpdateCounts, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let by_status: Vec<(String, i64)> = rollout_agents::table
@@ -426,7 +429,7 @@ impl Store {
     /// Agents online on `pod` that this rollout may have to update: its os/arch (and
     /// label), a reported version other than the target, and not yet sent the update.
     /// Keyset pages by id; the caller compares versions and applies the percentage.
-    pub async fn rollout_candidates(
+    pub(crate) async fn rollout_candidates(
         &self,
         rollout: RolloutRow,
         pod: String,
@@ -467,7 +470,7 @@ impl Store {
 
     /// Every agent a rollout for `os`/`arch` (and `label`) concerns, with its version:
     /// keyset pages by id, for progress reports.
-    pub async fn agents_for_target(
+    pub(crate) async fn agents_for_target(
         &self,
         os: String,
         arch: String,
@@ -531,6 +534,7 @@ impl Store {
         .await
     }
 
+    /// The agent's labels, sorted, whether reported in a `hello` or given at enrollment.
     pub async fn agent_labels(&self, agent_id: String) -> Result<Vec<String>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(agent_labels::table
@@ -544,7 +548,7 @@ impl Store {
 
     /// Online agents per pod (the pod column of the agents table), and the total number
     /// of agents known.
-    pub async fn agents_by_pod(&self) -> Result<(Vec<(String, i64)>, i64), StoreError> {
+    pub(crate) async fn agents_by_pod(&self) -> Result<(Vec<(String, i64)>, i64), StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let pods: Vec<(Option<String>, i64)> = agents::table

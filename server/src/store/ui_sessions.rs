@@ -7,7 +7,7 @@ use super::schema::ui_sessions;
 use super::{Store, StoreError, with_conn};
 
 impl Store {
-    pub async fn create_ui_session(
+    pub(crate) async fn create_ui_session(
         &self,
         id_hash: String,
         created_at: i64,
@@ -27,7 +27,7 @@ impl Store {
     }
 
     /// The session's expiry, if it exists and has not expired at `now`.
-    pub async fn ui_session_expiry(
+    pub(crate) async fn ui_session_expiry(
         &self,
         id_hash: String,
         now: i64,
@@ -43,7 +43,7 @@ impl Store {
         .await
     }
 
-    pub async fn delete_ui_session(&self, id_hash: String) -> Result<(), StoreError> {
+    pub(crate) async fn delete_ui_session(&self, id_hash: String) -> Result<(), StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => diesel::delete(ui_sessions::table.find(&id_hash)).execute(c)?);
             Ok(())
@@ -52,7 +52,7 @@ impl Store {
     }
 
     /// Forgets sessions that expired before `now`; returns how many.
-    pub async fn delete_expired_ui_sessions(&self, now: i64) -> Result<usize, StoreError> {
+    pub(crate) async fn delete_expired_ui_sessions(&self, now: i64) -> Result<usize, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(diesel::delete(ui_sessions::table.filter(ui_sessions::expires_at.le(now))).execute(c)?))
         })

@@ -2,7 +2,7 @@
 //! ([`protocol`]). The upgrade that starts a session is an HTTP handler (`http/ws.rs`).
 
 pub mod protocol;
-pub mod session;
+pub(crate) mod session;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -12,7 +12,7 @@ use crate::config::Config;
 /// allocated and zero-filled up front) would cost ~135 KiB per connection. Agent messages
 /// are small by protocol (large inventories go over HTTP) and a larger frame reserves what
 /// it needs, so a 1 KiB read buffer suffices (docs/benchmarks.md, benchmark 1).
-pub fn ws_config(config: &Config) -> WebSocketConfig {
+pub(crate) fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(4 * 1024)

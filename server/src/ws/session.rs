@@ -48,7 +48,7 @@ const BATCH: i64 = 100;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// What every session of this replica shares: the handles it uses and its settings.
-pub struct SessionContext {
+pub(crate) struct SessionContext {
     pub(crate) store: Store,
     pub(crate) hub: Hub,
     pub(crate) metrics: Arc<Metrics>,
@@ -96,7 +96,12 @@ enum End {
 }
 
 /// Runs one agent's session until it ends, recording its connection and disconnection.
-pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, token_exp: u64) {
+pub(crate) async fn run(
+    state: Arc<SessionContext>,
+    mut ws: Socket,
+    client_id: String,
+    token_exp: u64,
+) {
     let epoch = match state
         .store
         .agent_connected(client_id.clone(), state.pod_id.clone())

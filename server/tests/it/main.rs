@@ -1,6 +1,10 @@
 //! Integration tests over real sockets, on SQLite and on PostgreSQL (TEST_POSTGRES_URL,
 //! default postgres://postgres@127.0.0.1:5432/postgres; each test gets its own database).
 
+// The helpers are shared by the test modules of this one binary, which nothing links
+// against: `pub` is their natural visibility and `pub(crate)` would say nothing more.
+#![allow(unreachable_pub)]
+
 mod certs;
 mod helpers;
 mod procs;
