@@ -12,9 +12,17 @@ run:
 # Everything CI runs: formatting, lints, tests, chart and workflow checks, local e2e.
 test: lint
     cargo test --workspace --locked
+    just contract
     just chart-lint
     just workflow-lint
     just e2e-local
+
+# Validates the OpenAPI document of a live server (openapi-spec-validator) and runs
+# schemathesis against it with an admin token: no 500s, every status and body as
+# documented. Tools in target/contract-venv; flags pass through to `schemathesis run`.
+# The OpenAPI contract against a live server on the embedded default.
+contract *ARGS:
+    bash scripts/contract.sh {{ARGS}}
 
 # rustfmt and clippy, warnings are errors.
 lint:

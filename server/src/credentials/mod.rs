@@ -133,15 +133,19 @@ pub enum EnrollError {
 }
 
 /// `POST /api/v1/tokens`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MintRequest {
     /// The subject: the agent's `client_id`, or an admin's name (same character rules).
     pub client_id: String,
+    /// `agent` by default.
     #[serde(default)]
     pub role: Option<Role>,
+    /// Lifetime in seconds; 30 days for agents and 1 day for admins by default.
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    /// What the token is for, shown in lists (1 to 100 characters, no control
+    /// characters).
     #[serde(default)]
     pub name: Option<String>,
 }
@@ -172,14 +176,18 @@ pub struct TokenPage {
 }
 
 /// `POST /api/v1/enroll-secrets`.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEnrollSecret {
+    /// What the secret is for (shown in lists).
     pub name: String,
+    /// Given to every agent that enrolls with it.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// It stops working this long after its creation; never by default.
     #[serde(default)]
     pub expires_in_seconds: Option<u64>,
+    /// It stops working after this many enrollments; unlimited by default.
     #[serde(default)]
     pub max_uses: Option<u64>,
     /// Whether an already enrolled client id may enroll again with this secret.
@@ -195,11 +203,14 @@ pub struct CreatedEnrollSecret {
 }
 
 /// `POST /api/v1/enroll`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
+    /// An enroll secret from `POST /api/v1/enroll-secrets`.
     pub secret: String,
+    /// The client_id the agent will connect as.
     pub client_id: String,
+    /// The host's name, recorded with the agent.
     #[serde(default)]
     pub hostname: Option<String>,
 }

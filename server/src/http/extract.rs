@@ -235,6 +235,23 @@ impl FromRequestParts<AppState> for ClientId {
     }
 }
 
+/// The one path parameter of a route such as `/api/v1/jobs/{id}`, percent-decoded. A
+/// segment that does not decode to UTF-8 (`%FF`) is a 400 `invalid_path`, with the same
+/// JSON body as every other error (axum's own rejection is plain text).
+#[derive(Debug, Clone)]
+pub struct Id(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Id(id))
+            .map_err(|e| ApiError::bad_request(ErrorCode::InvalidPath, e.body_text()))
+    }
+}
+
 /// A query string decoded into `T` (serde_urlencoded); undecodable is a 400
 /// `invalid_query`.
 #[derive(Debug, Clone)]

@@ -39,14 +39,16 @@ pub const MAX_PAGE: i64 = 500;
 const UNBOUNDED: i64 = i64::MAX;
 
 /// Body of `POST /api/v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
     /// The command name every agent receives (1 to 128 characters).
     pub name: String,
     /// JSON object sent as the command's args; `{}` when absent.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub args: Option<Box<RawValue>>,
+    /// Which agents get the command.
     pub target: Target,
     /// Each command expires this long after the job is created (1 s to 30 days); none
     /// by default, so offline agents get it whenever they connect.
@@ -71,7 +73,7 @@ pub struct CreateJob {
 }
 
 /// `{"count": 20}` or `{"percentage": 5}` (of the targeted agents, at least one).
-#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Canary {
     #[serde(default)]
@@ -81,37 +83,51 @@ pub struct Canary {
 }
 
 /// Query of `GET /api/v1/jobs`: newest first; `before` is the previous page's `next`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListJobs {
+    /// `running`, `paused`, `cancelled` or `completed`.
     #[serde(default)]
     pub status: Option<String>,
+    /// Page size (default 50).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// The `next` of the previous page.
     #[serde(default)]
     pub before: Option<String>,
 }
 
 /// Query of `GET /api/v1/jobs/{id}/results`: by client_id; `after` is the previous
 /// page's `next`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListResults {
     /// `pending`, `delivered`, `succeeded`, `failed` or `expired`.
     #[serde(default)]
     pub status: Option<String>,
+    /// Page size (default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// The `next` of the previous page.
     #[serde(default)]
     pub after: Option<String>,
 }
 
 /// A job, its counts and durations: the body of every job response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Job)]
 pub struct JobView {
     pub id: String,
     pub name: String,
+    /// The command's args, a JSON object.
+    #[schema(value_type = Object)]
     pub args: Box<RawValue>,
+    /// The target as it was given.
+    #[schema(value_type = Target)]
     pub target: Box<RawValue>,
     pub status: JobStatus,
     /// Why it is paused or ended.
@@ -134,7 +150,8 @@ pub struct JobView {
     pub expires_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobPage {
     pub jobs: Vec<JobView>,
     /// Cursor for the next page (`before=`), absent on the last.
@@ -142,7 +159,7 @@ pub struct JobPage {
 }
 
 /// One agent's command in a job.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobResult {
     pub agent_id: String,
     pub command_id: String,
@@ -150,6 +167,7 @@ pub struct JobResult {
     /// Held back by the pacer (status `pending`, not released yet).
     pub held: bool,
     /// The agent's output, as it sent it (JSON).
+    #[schema(value_type = Option<Value>)]
     pub output: Option<Box<RawValue>>,
     /// From the last delivery to the result.
     pub duration_ms: Option<i64>,
@@ -157,7 +175,8 @@ pub struct JobResult {
     pub completed_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of a job's results, by client_id.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResultPage {
     pub results: Vec<JobResult>,
     /// Cursor for the next page (`after=`), absent on the last.

@@ -22,7 +22,7 @@ extern "SQL" {
 
 /// Lifecycle: `running` ⇄ `paused` (the failure brake or an operator; `reason` says
 /// which), then `completed` (no command left open) or `cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Running,
@@ -140,7 +140,7 @@ pub enum JobCreation {
 }
 
 /// A job's commands by where they are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobCounts {
     pub targeted: i64,
     /// Not delivered yet, held ones included.
@@ -172,7 +172,7 @@ impl JobCounts {
 }
 
 /// Nearest-rank percentiles of the time from delivery to result, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobDurations {
     pub p50_ms: Option<i64>,
     pub p95_ms: Option<i64>,

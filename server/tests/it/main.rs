@@ -23,5 +23,6 @@ mod reliability;
 mod rollouts;
 mod secrets;
 mod store;
+mod tls;
 mod ui;
 mod websocket;
