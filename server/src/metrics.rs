@@ -625,3 +625,34 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scrape_has_agent_server_and_process_metrics_and_one_eof() {
+        let text = Metrics::new().encode();
+        for name in [
+            "agent_server_build_info",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_max_fds",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{name} "))
+                        || l.starts_with(&format!("{name}{{"))),
+                "{name} in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("agent_server_process_"),
+            "no prefix on process_*"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -137,6 +137,9 @@ pub enum EnrollError {
 #[serde(deny_unknown_fields)]
 pub struct MintRequest {
     /// The subject: the agent's `client_id`, or an admin's name (same character rules).
+    #[schema(
+        pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$"
+    )]
     pub client_id: String,
     /// `agent` by default.
     #[serde(default)]
@@ -179,7 +182,9 @@ pub struct TokenPage {
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEnrollSecret {
-    /// What the secret is for (shown in lists).
+    /// What the secret is for (shown in lists): 1 to 100 characters, no control
+    /// characters.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
     /// Given to every agent that enrolls with it.
     #[serde(default)]
@@ -209,6 +214,9 @@ pub struct EnrollRequest {
     /// An enroll secret from `POST /api/v1/enroll-secrets`.
     pub secret: String,
     /// The client_id the agent will connect as.
+    #[schema(
+        pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$"
+    )]
     pub client_id: String,
     /// The host's name, recorded with the agent.
     #[serde(default)]

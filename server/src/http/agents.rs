@@ -117,7 +117,7 @@ pub(super) struct AgentQuery {
         ("status" = Option<String>, Query, description = "`online` or `offline`: the older name of `online`"),
         ("q" = Option<String>, Query, description = "Part of the client_id (ASCII case folded)"),
         ("label" = Option<String>, Query, description = "Only agents that reported this label"),
-        ("limit" = Option<String>, Query, description = "Page size, 1 to 1000 (default 100)"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]{0,2}|1000))?$", description = "Page size, 1 to 1000 (default 100; empty: the default)"),
         ("after" = Option<String>, Query, description = "The `next` of the previous page"),
     ),
     responses(
@@ -190,7 +190,7 @@ pub(super) async fn list(
     operation_id = "get_agent",
     tag = "agents",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
     ),
     responses(
         (status = 200, description = "The agent", body = AgentView),
@@ -229,7 +229,7 @@ pub(super) async fn get(
     operation_id = "delete_agent",
     tag = "agents",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
     ),
     responses(
         (status = 200, description = "Forgotten; its tokens are refused and its session is closed", body = AgentDeleted),
@@ -262,7 +262,7 @@ pub(super) async fn delete(
     operation_id = "revoke_agent",
     tag = "agents",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
     ),
     responses(
         (status = 200, description = "Its tokens so far are refused everywhere; its session is closed", body = AgentRevoked),

@@ -79,7 +79,7 @@ pub(super) struct AuditFilterQuery {
     params(
         ("actor" = Option<String>, Query, description = "Only entries of this actor (a token's subject, a UI session's id, an enroll secret's id)"),
         ("action" = Option<String>, Query, description = "Only entries of this action, e.g. `token_minted`"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]{0,2}|1000))?$", description = "Page size (default 100; 1 to 1000; empty: the default)"),
         ("after" = Option<String>, Query, description = "The `next` of the previous page"),
     ),
     responses(

@@ -429,7 +429,7 @@ pub(super) struct BinaryQuery {
         ("version" = Option<String>, Query, description = "Exact version"),
         ("os" = Option<String>, Query, description = "Exact os"),
         ("arch" = Option<String>, Query, description = "Exact arch"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Page size (default 100)"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$", description = "Page size (default 100; 1 to 500; empty: the default)"),
         ("before" = Option<String>, Query, description = "The `next` of the previous page"),
     ),
     responses(

@@ -26,6 +26,7 @@ use crate::store::{CommandRow, CommandStatus, NewCommand, now_ms};
 pub(super) struct CreateCommand {
     /// What the agent runs (`ping`, `exec`, a plug-in's name): 1 to 128 characters,
     /// surrounding spaces trimmed.
+    #[schema(min_length = 1, max_length = 128)]
     name: String,
     /// The command's arguments, a JSON object; `{}` when absent.
     #[serde(default)]
@@ -117,7 +118,7 @@ pub(super) struct CommandList<'a> {
     operation_id = "create_command",
     tag = "commands",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
     ),
     request_body(content = CreateCommand, content_type = "application/json"),
     responses(
@@ -236,8 +237,8 @@ pub(super) async fn get(
     operation_id = "list_commands",
     tag = "commands",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id"),
-        ("limit" = Option<String>, Query, description = "Page size, 1 to 500 (default 50)"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$", description = "Page size, 1 to 500 (default 50; empty: the default)"),
         ("before" = Option<String>, Query, description = "The `next` of the previous page"),
     ),
     responses(

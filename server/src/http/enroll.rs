@@ -125,7 +125,7 @@ pub(super) async fn create(
     operation_id = "list_enroll_secrets",
     tag = "credentials",
     params(
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]{0,2}|1000))?$", description = "Page size (default 100; 1 to 1000; empty: the default)"),
         ("after" = Option<String>, Query, description = "The `next` of the previous page"),
     ),
     responses(

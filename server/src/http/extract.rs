@@ -278,17 +278,31 @@ pub struct Page {
 }
 
 impl Page {
-    /// `limit`, from 1 to `max`; `default` when absent or empty.
+    /// `limit`, decimal digits from 1 to `max`; `default` when absent or empty.
     pub fn limit(&self, default: i64, max: i64) -> Result<i64> {
         match self.limit.as_deref().filter(|v| !v.is_empty()) {
             None => Ok(default),
-            Some(v) => match v.parse::<i64>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
+            // Digits only: `+5` or ` 5` would parse, but no client means them.
+            Some(v) => match v
+                .parse::<i64>()
+                .ok()
+                .filter(|_| v.bytes().all(|b| b.is_ascii_digit()))
+            {
+                Some(n) if (1..=max).contains(&n) => Ok(n),
                 _ => Err(ApiError::bad_request(
                     ErrorCode::InvalidLimit,
                     format!("limit must be a number from 1 to {max}"),
                 )),
             },
+        }
+    }
+
+    /// A `limit` query string made of its value alone, for tests.
+    #[cfg(test)]
+    pub fn with_limit(limit: &str) -> Page {
+        Page {
+            limit: Some(limit.to_string()),
+            ..Page::default()
         }
     }
 

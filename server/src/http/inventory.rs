@@ -49,7 +49,7 @@ pub(super) struct InventoryView<'a> {
     operation_id = "put_inventory",
     tag = "inventory",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
     ),
     request_body(content = Value, description = "Any JSON document (the agent's hardware and software), at most MAX_INVENTORY_BYTES", content_type = "application/json"),
     responses(
@@ -110,7 +110,7 @@ pub(super) async fn put(
     operation_id = "get_inventory",
     tag = "inventory",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
     ),
     responses(
         (status = 200, description = "The inventory as it was sent", body = InventoryView<'_>),

@@ -122,6 +122,20 @@ impl Modify for Security {
     }
 }
 
+/// The `client_id` rule (`agent_protocol::check_client_id`) as a JSON Schema pattern:
+/// 1 to 128 of `[A-Za-z0-9._-]`, but not `.` or `..`. Every `client_id` in the document
+/// carries it (the attributes need the literal; a test compares them with this).
+#[cfg(test)]
+const CLIENT_ID_PATTERN: &str = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$";
+
+/// `limit` of the lists that take 1 to 1000 (`extract::Page::limit`): decimal digits,
+/// or empty for the default.
+#[cfg(test)]
+const LIMIT_1000_PATTERN: &str = r"^(0*([1-9][0-9]{0,2}|1000))?$";
+/// `limit` of the lists that take 1 to 500.
+#[cfg(test)]
+const LIMIT_500_PATTERN: &str = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$";
+
 /// The document, as JSON.
 pub fn document_json() -> serde_json::Value {
     serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
@@ -412,6 +426,102 @@ mod tests {
                         "{method} {path} takes input but documents no 400"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_client_id_carries_the_client_id_rule() {
+        let doc = document_json();
+        let mut patterns = Vec::new();
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    if p["name"] == "client_id" && p["in"] == "path" {
+                        patterns.push(p["schema"]["pattern"].clone());
+                    }
+                }
+            }
+        }
+        for name in ["MintRequest", "EnrollRequest"] {
+            patterns.push(
+                doc["components"]["schemas"][name]["properties"]["client_id"]["pattern"].clone(),
+            );
+        }
+        assert!(patterns.len() > 8, "{patterns:?}");
+        for p in patterns {
+            assert_eq!(p, CLIENT_ID_PATTERN);
+        }
+        // The pattern says what check_client_id says, on the edges of the rule.
+        let pattern = regex::Regex::new(CLIENT_ID_PATTERN).unwrap();
+        let long = "a".repeat(128);
+        let too_long = "a".repeat(129);
+        for id in [
+            "a",
+            "host-01.example_a",
+            "..a",
+            ".a",
+            "...",
+            "a..",
+            ".",
+            "..",
+            "",
+            "a/b",
+            "a b",
+            "é",
+            &long,
+            &too_long,
+        ] {
+            assert_eq!(
+                pattern.is_match(id),
+                agent_protocol::check_client_id(id).is_ok(),
+                "{id:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_limit_carries_the_rule_page_limit_applies() {
+        let doc = document_json();
+        let mut seen = 0;
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    if p["name"] == "limit" {
+                        let pattern = p["schema"]["pattern"].as_str().unwrap_or_default();
+                        assert!(
+                            [LIMIT_1000_PATTERN, LIMIT_500_PATTERN].contains(&pattern),
+                            "{p}"
+                        );
+                        seen += 1;
+                    }
+                }
+            }
+        }
+        assert!(seen >= 9, "{seen} limits");
+        for (pattern, max) in [(LIMIT_1000_PATTERN, 1000), (LIMIT_500_PATTERN, 500)] {
+            let re = regex::Regex::new(pattern).unwrap();
+            let mut samples: Vec<String> = (0..=1100).map(|n| n.to_string()).collect();
+            samples.extend(
+                [
+                    "",
+                    "007",
+                    "0",
+                    "00",
+                    "+5",
+                    " 5",
+                    "5 ",
+                    "-1",
+                    "1e2",
+                    "99999999999999999999",
+                ]
+                .map(String::from),
+            );
+            for v in samples {
+                let accepted = super::super::extract::Page::with_limit(&v)
+                    .limit(50, max)
+                    .is_ok();
+                assert_eq!(re.is_match(&v), accepted, "{v:?} with max {max}");
             }
         }
     }

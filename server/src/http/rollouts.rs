@@ -191,7 +191,7 @@ pub(super) async fn create(
     operation_id = "list_rollouts",
     tag = "rollouts",
     params(
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "How many (default 50)"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$", description = "How many (default 50; 1 to 500; empty: the default)"),
     ),
     responses(
         (status = 200, description = "Rollouts, newest first", body = RolloutList),

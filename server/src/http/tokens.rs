@@ -135,7 +135,7 @@ pub(super) struct TokenFilter {
         ("client_id" = Option<String>, Query, description = "Only tokens of this subject"),
         ("role" = Option<String>, Query, description = "`agent` or `admin`"),
         ("include_revoked" = Option<String>, Query, description = "`true`: expired and revoked tokens too; `false` (default): live ones only"),
-        ("limit" = Option<String>, Query, description = "Page size, 1 to 1000 (default 100)"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]{0,2}|1000))?$", description = "Page size, 1 to 1000 (default 100; empty: the default)"),
         ("after" = Option<String>, Query, description = "The `next` of the previous page"),
     ),
     responses(

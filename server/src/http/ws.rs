@@ -123,7 +123,7 @@ pub(super) struct TokenQuery {
     tag = "agents",
     description = "An agent's WebSocket (RFC 6455): a GET with `Upgrade: websocket`, `Connection: upgrade`, `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`, and the agent's own token (role `agent`, `sub` = `client_id`) in `Authorization: Bearer` (or `?token=`, which proxies log). Every check happens before the 101; after it the agent protocol of docs/protocol.md is spoken.",
     params(
-        ("client_id" = String, Path, description = "The agent's client_id (the token's `sub`)"),
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id (the token's `sub`)"),
         ("token" = Option<String>, Query, description = "The token, where a client cannot set `Authorization`"),
     ),
     responses(

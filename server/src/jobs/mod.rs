@@ -43,6 +43,7 @@ const UNBOUNDED: i64 = i64::MAX;
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
     /// The command name every agent receives (1 to 128 characters).
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
     /// JSON object sent as the command's args; `{}` when absent.
     #[serde(default)]
@@ -90,9 +91,9 @@ pub struct ListJobs {
     /// `running`, `paused`, `cancelled` or `completed`.
     #[serde(default)]
     pub status: Option<String>,
-    /// Page size (default 50).
-    #[serde(default)]
-    #[param(minimum = 1, maximum = 500)]
+    /// Page size, 1 to 500 (default 50; empty: the default).
+    #[serde(default, deserialize_with = "empty_or_digits")]
+    #[param(value_type = Option<String>, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$")]
     pub limit: Option<i64>,
     /// The `next` of the previous page.
     #[serde(default)]
@@ -108,9 +109,9 @@ pub struct ListResults {
     /// `pending`, `delivered`, `succeeded`, `failed` or `expired`.
     #[serde(default)]
     pub status: Option<String>,
-    /// Page size (default 100).
-    #[serde(default)]
-    #[param(minimum = 1, maximum = 500)]
+    /// Page size, 1 to 500 (default 100; empty: the default).
+    #[serde(default, deserialize_with = "empty_or_digits")]
+    #[param(value_type = Option<String>, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$")]
     pub limit: Option<i64>,
     /// The `next` of the previous page.
     #[serde(default)]
@@ -512,6 +513,22 @@ fn result_view(r: JobResultRow) -> JobResult {
         agent_id: r.agent_id,
         command_id: r.command_id,
         status: r.status,
+    }
+}
+
+/// A number in a query string: decimal digits, or empty for "not given" (as every list
+/// parameter is read).
+fn empty_or_digits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let text = Option::<String>::deserialize(d)?;
+    match text.as_deref() {
+        None | Some("") => Ok(None),
+        Some(v) if v.bytes().all(|b| b.is_ascii_digit()) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("`{v}` is too large a number"))),
+        Some(v) => Err(serde::de::Error::custom(format!(
+            "expected decimal digits, not `{v}`"
+        ))),
     }
 }
 

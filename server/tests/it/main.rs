@@ -16,6 +16,7 @@ mod drain;
 mod http;
 mod jobs;
 mod jobs_http;
+mod openapi;
 mod outage;
 mod process;
 mod redis_ha;
