@@ -21,7 +21,7 @@ pub(super) struct AgentView {
     online: bool,
     /// The replica that holds (or last held) its session.
     pod: Option<String>,
-    /// RFC 3339 UTC, like every time below.
+    /// RFC 3339 UTC, as every time in this API.
     created_at: String,
     /// When the open session started; null while offline.
     connected_at: Option<String>,

@@ -58,7 +58,7 @@ pub(super) struct CommandView<'a> {
     /// The agent's result, any JSON; null until it answers.
     #[schema(value_type = Option<Value>)]
     output: Option<&'a RawValue>,
-    /// RFC 3339 UTC, like every time below.
+    /// RFC 3339 UTC, as every time in this API.
     created_at: String,
     delivered_at: Option<String>,
     completed_at: Option<String>,

@@ -28,7 +28,7 @@ pub(super) struct EnrollSecretView {
     labels: Vec<String>,
     /// Whether an enrolled client id may enroll again with it.
     allow_reenroll: bool,
-    /// RFC 3339 UTC, like every time below.
+    /// RFC 3339 UTC, as every time in this API.
     created_at: String,
     expires_at: Option<String>,
     max_uses: Option<i64>,

@@ -29,7 +29,7 @@ pub(super) struct TokenView {
     role: String,
     /// The token's `sub`: an agent's client_id or an admin's name.
     client_id: String,
-    /// RFC 3339 UTC, like every time below.
+    /// RFC 3339 UTC, as every time in this API.
     created_at: String,
     expires_at: String,
     /// Updated at most about once a minute.
