@@ -14,7 +14,7 @@ use axum::Json;
 use axum::response::IntoResponse;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{RefOr, Server};
+use utoipa::openapi::{Ref, RefOr, Server};
 use utoipa::{Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
 
 use super::error::ErrorCode;
@@ -91,7 +91,7 @@ use crate::auth::ui_session::COOKIE;
             InsufficientStorage,
         ),
     ),
-    modifiers(&Security),
+    modifiers(&Security, &RefusedNul),
     security(("bearer" = []), ("session" = [])),
 )]
 pub struct ApiDoc;
@@ -135,6 +135,33 @@ const LIMIT_1000_PATTERN: &str = r"^(0*([1-9][0-9]{0,2}|1000))?$";
 /// `limit` of the lists that take 1 to 500.
 #[cfg(test)]
 const LIMIT_500_PATTERN: &str = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$";
+
+/// `middleware::refuse_nul` answers 400 `nul_character` on every route, before its
+/// handler, when the path or the query string holds `%00` (even in a parameter the route
+/// does not take): each operation lists that 400, whether or not its handler refuses
+/// anything itself.
+struct RefusedNul;
+
+impl Modify for RefusedNul {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                operation
+                    .responses
+                    .responses
+                    .entry("400".to_string())
+                    .or_insert_with(|| RefOr::Ref(Ref::from_response_name("BadRequest")));
+            }
+        }
+    }
+}
 
 /// The document, as JSON.
 pub fn document_json() -> serde_json::Value {
@@ -412,20 +439,18 @@ mod tests {
     }
 
     #[test]
-    fn routes_with_parameters_document_the_400_of_bad_input() {
-        // A parameter or body can always be malformed (and U+0000 in any of them is
-        // refused), so each such operation must say what that costs.
+    fn every_operation_documents_the_400_of_bad_input() {
+        // U+0000 in the query is refused on every route, parameters or not.
         let doc = document_json();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
-                let has_input = op["parameters"].as_array().is_some_and(|p| !p.is_empty())
-                    || op.get("requestBody").is_some();
-                if has_input {
-                    assert!(
-                        op["responses"].get("400").is_some(),
-                        "{method} {path} takes input but documents no 400"
-                    );
-                }
+                let bad = resolve(&doc, &op["responses"]["400"]);
+                assert!(
+                    bad["description"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("U+0000")),
+                    "{method} {path}: {bad}"
+                );
             }
         }
     }
