@@ -7,14 +7,26 @@ default:
 run:
     cargo run --release -p agent-server
 
-# The chart checks, the workflow lint and the local end-to-end scenarios come after the
-# Rust tests.
-# Everything CI runs: formatting, lints, tests, chart and workflow checks, local e2e.
+# The OpenAPI contract (a smoke run of about a minute, 25 examples per operation), the
+# chart checks, the workflow lint and the local end-to-end scenarios come after the Rust
+# tests.
+# Everything CI runs: formatting, lints, tests, the API contract, chart and workflow
+# checks, local e2e.
 test: lint
     cargo test --workspace --locked
+    CONTRACT_EXAMPLES=25 just contract
     just chart-lint
     just workflow-lint
     just e2e-local
+
+# Validates the OpenAPI document of a live server (openapi-spec-validator) and runs
+# schemathesis against it with an admin token and seeded resources: no 5xx, every
+# status, content type, header and body as documented, invalid input refused. Tools in
+# target/contract-venv (first run), reports in target/contract/; CONTRACT_EXAMPLES
+# (default 100) and CONTRACT_SEED; flags pass through to `schemathesis run`.
+# The OpenAPI contract against a live server on the embedded default.
+contract *ARGS:
+    bash scripts/contract.sh {{ARGS}}
 
 # rustfmt and clippy, warnings are errors.
 lint:

@@ -12,8 +12,9 @@
 #     build-essential pkg-config libpq-dev libsqlite3-dev   (building the server)
 #     chromium chromium-driver                              (the web UI test)
 #     nginx redis-server                                    (e2e-local, cluster tests)
-#     python3 python3-venv                                  (chart checks: their Python
-#                                                            tools go into a venv under target/)
+#     python3 python3-venv curl                             (chart checks and the OpenAPI
+#                                                            contract: their Python tools go
+#                                                            into venvs under target/)
 # What it only checks, and says how to get: Rust (rustup), helm (the chart checks),
 # and a PostgreSQL on 127.0.0.1:5432 that user `postgres` may use without a
 # password (or TEST_POSTGRES_URL). A PostgreSQL cluster that is installed but
@@ -97,9 +98,13 @@ have redis-server || [ -x /usr/sbin/redis-server ] || packages+=(redis-server)
 # scripts/chart-check.sh installs kubernetes-validate and checkov with pip into
 # target/chart-venv on its first run; that needs the venv module (and ensurepip,
 # which Debian ships separately in python3-venv).
+# The OpenAPI contract (scripts/contract.sh) polls the server it starts with curl and
+# installs schemathesis into target/contract-venv the same way.
+have curl || packages+=(curl)
 if ! have python3; then
   packages+=(python3 python3-venv)
-elif [ ! -x target/chart-venv/bin/checkov ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+elif { [ ! -x target/chart-venv/bin/checkov ] || [ ! -x target/contract-venv/bin/schemathesis ]; } &&
+  ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   packages+=(python3-venv)
 fi
 

@@ -40,6 +40,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("invalid Redis settings: {0}")]
     Redis(#[source] redis::RedisError),
+    #[error("TLS_CERT_FILE/TLS_KEY_FILE: {0}")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("could not listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -63,6 +65,7 @@ pub struct Application {
     listener: TcpListener,
     metrics_listener: TcpListener,
     state: AppState,
+    tls: Option<(tokio_rustls::TlsAcceptor, crate::http::tls::CertReloader)>,
 }
 
 impl Application {
@@ -89,6 +92,12 @@ impl Application {
                     addr: config.metrics_listen,
                     source,
                 })?;
+        let tls = match &config.tls {
+            None => None,
+            Some(files) => Some(
+                crate::http::tls::acceptor(files.clone()).map_err(|e| StartError::Tls(e.into()))?,
+            ),
+        };
         let metrics = Arc::new(Metrics::new());
         let cluster = match &config.redis {
             None => None,
@@ -153,6 +162,7 @@ impl Application {
             listener,
             metrics_listener,
             state,
+            tls,
         })
     }
 
@@ -183,15 +193,24 @@ impl Application {
             listener,
             metrics_listener,
             state,
+            tls,
         } = self;
         spawn_background(&state);
 
         let header_timeout = state.config.http_header_timeout;
         let stop_accepting = CancellationToken::new();
-        let server = tokio::spawn(crate::http::serve(
+        let acceptor = tls.map(|(acceptor, reloader)| {
+            state
+                .lifecycle
+                .tasks()
+                .spawn(reloader.run(state.lifecycle.stop().clone()));
+            acceptor
+        });
+        let server = tokio::spawn(crate::http::serve_with_tls(
             listener,
             crate::http::router(state.clone()),
             header_timeout,
+            acceptor,
             stop_accepting.clone(),
         ));
         // Scrapes keep working through the drain; the listener closes with the jobs.

@@ -212,6 +212,38 @@ pub struct Config {
     pub ui: UiConfig,
     /// Credentials: key rotation, clock leeway, audit retention, trusted proxies.
     pub credentials: CredentialsConfig,
+    /// TLS_CERT_FILE and TLS_KEY_FILE: HTTPS and WSS on SERVER_PORT, without an ingress.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files SERVER_PORT serves TLS with; both are reloaded when they change.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// TLS_CERT_FILE: the server certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// TLS_KEY_FILE: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Both variables or neither.
+    fn parse(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Self>, ConfigError> {
+        match (get("TLS_CERT_FILE"), get("TLS_KEY_FILE")) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            })),
+            (Some(_), None) => Err(ConfigError::new(
+                "TLS_KEY_FILE",
+                "is required with TLS_CERT_FILE: set both (a PEM certificate chain and its private key) or neither".to_string(),
+            )),
+            (None, Some(_)) => Err(ConfigError::new(
+                "TLS_CERT_FILE",
+                "is required with TLS_KEY_FILE: set both (a PEM certificate chain and its private key) or neither".to_string(),
+            )),
+        }
+    }
 }
 
 /// An invalid configuration value.
@@ -447,6 +479,7 @@ impl Config {
             releases: ReleaseConfig::parse(&get)?,
             ui,
             credentials: CredentialsConfig::parse(&get)?,
+            tls: TlsFiles::parse(&get)?,
         })
     }
 
@@ -969,6 +1002,22 @@ mod tests {
         assert!(matches!(c.database, DatabaseUrl::Postgres(_)));
         assert_eq!(c.pod_id, "agent-server-7d9f-abc");
         assert_eq!(c.binary_storage_path, PathBuf::from("/storage/binaries"));
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let e = parse(&[("TLS_CERT_FILE", "/etc/tls/tls.crt")]).unwrap_err();
+        assert_eq!(e.var, "TLS_KEY_FILE");
+        let e = parse(&[("TLS_KEY_FILE", "/etc/tls/tls.key")]).unwrap_err();
+        assert_eq!(e.var, "TLS_CERT_FILE");
+        let c = parse(&[
+            ("TLS_CERT_FILE", "/etc/tls/tls.crt"),
+            ("TLS_KEY_FILE", "/etc/tls/tls.key"),
+        ])
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/etc/tls/tls.crt"));
+        assert!(parse(&[]).unwrap().tls.is_none());
     }
 
     #[test]

@@ -1,12 +1,19 @@
-//! Prometheus metrics. Every name is `agent_server_*`; label values come from enums or
-//! static route templates, never from user input, so cardinality stays bounded.
+//! Prometheus metrics. Every name is `agent_server_*`, beside the standard `process_*`
+//! metrics of the Prometheus client guidelines ([`ProcessCollector`]); label values come
+//! from enums or static route templates, never from user input, so cardinality stays
+//! bounded.
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::store::CommandStatus;
 
@@ -250,6 +257,9 @@ pub struct Metrics {
     /// Every metric below, registered under the `agent_server` prefix; `/metrics`
     /// encodes it (see [`Metrics::encode`]).
     pub registry: Registry,
+    /// `process_*`, without the `agent_server_` prefix, as dashboards and the chart's
+    /// alert rules expect.
+    process: Registry,
     pub(crate) connected_agents: Gauge,
     pub(crate) ws_messages: Family<WsLabels, Counter>,
     pub(crate) ws_closes: Family<CloseLabels, Counter>,
@@ -454,8 +464,11 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information; always 1", build_info);
+        let mut process = Registry::with_prefix("process");
+        process.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
+            process,
             connected_agents,
             ws_messages,
             ws_closes,
@@ -540,17 +553,126 @@ impl Metrics {
         self.ws_closes.get_or_create(&CloseLabels { reason }).inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition (OpenMetrics): `agent_server_*`, then `process_*`.
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.process))
+            .and_then(|()| encode_eof(&mut out));
         out
+    }
+}
+
+/// The standard process metrics (<https://prometheus.io/docs/instrumenting/writing_clientlibs/#process-metrics>):
+/// `process_cpu_seconds_total`, `process_open_fds`, `process_max_fds` (the soft limit;
+/// 0 when unlimited), `process_resident_memory_bytes`, `process_virtual_memory_bytes`,
+/// `process_virtual_memory_max_bytes`, `process_start_time_seconds` and
+/// `process_threads`. prometheus-client has no collector of its own; `metrics-process`
+/// reads them from the OS (`/proc/self` on Linux) at each scrape. A value the OS does not
+/// give is left out rather than reported as 0.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let now = metrics_process::collector::collect();
+        if let Some(cpu) = now.cpu_seconds_total {
+            let metric = encoder.encode_descriptor(
+                "cpu",
+                "Total user and system CPU time spent in seconds.",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cpu).encode(metric)?;
+        }
+        let gauges: [(&str, &str, Option<Unit>, Option<u64>); 7] = [
+            (
+                "open_fds",
+                "Number of open file descriptors.",
+                None,
+                now.open_fds,
+            ),
+            (
+                "max_fds",
+                "Maximum number of open file descriptors (the soft limit; 0: unlimited).",
+                None,
+                now.max_fds,
+            ),
+            (
+                "resident_memory",
+                "Resident memory size in bytes.",
+                Some(Unit::Bytes),
+                now.resident_memory_bytes,
+            ),
+            (
+                "virtual_memory",
+                "Virtual memory size in bytes.",
+                Some(Unit::Bytes),
+                now.virtual_memory_bytes,
+            ),
+            (
+                "virtual_memory_max",
+                "Maximum amount of virtual memory available in bytes (0: unlimited).",
+                Some(Unit::Bytes),
+                now.virtual_memory_max_bytes,
+            ),
+            (
+                "start_time",
+                "Start time of the process since the Unix epoch in seconds.",
+                Some(Unit::Seconds),
+                now.start_time_seconds,
+            ),
+            (
+                "threads",
+                "Number of OS threads in the process.",
+                None,
+                now.threads,
+            ),
+        ];
+        for (name, help, unit, value) in gauges {
+            let Some(value) = value else { continue };
+            let metric = encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
+        }
+        Ok(())
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scrape_has_agent_server_and_process_metrics_and_one_eof() {
+        let text = Metrics::new().encode();
+        for name in [
+            "agent_server_build_info",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_max_fds",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{name} "))
+                        || l.starts_with(&format!("{name}{{"))),
+                "{name} in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("agent_server_process_"),
+            "no prefix on process_*"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.ends_with("# EOF\n"));
     }
 }

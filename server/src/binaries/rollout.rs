@@ -486,7 +486,8 @@ impl Rollouts {
 }
 
 /// How far a rollout has come.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+#[schema(as = RolloutProgress)]
 pub(crate) struct Progress {
     /// Agents this rollout concerns: its os/arch (and label), within its percentage.
     pub targeted: i64,

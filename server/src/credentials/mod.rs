@@ -150,18 +150,22 @@ pub enum EnrollError {
 }
 
 /// `POST /api/v1/tokens`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MintRequest {
     /// The subject: the agent's `client_id`, or an admin's name (same character rules).
+    #[schema(
+        pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$"
+    )]
     pub client_id: String,
-    /// `agent` (default) or `admin`.
+    /// `agent` by default.
     #[serde(default)]
     pub role: Option<Role>,
-    /// Lifetime, 1 s to 10 years; default 30 days for an agent, one day for an admin.
+    /// Lifetime in seconds; 30 days for agents and 1 day for admins by default.
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
-    /// A label shown in the token list and the audit log (up to 100 characters).
+    /// What the token is for, shown in lists (1 to 100 characters, no control
+    /// characters).
     #[serde(default)]
     pub name: Option<String>,
 }
@@ -200,18 +204,20 @@ pub struct TokenPage {
 }
 
 /// `POST /api/v1/enroll-secrets`.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEnrollSecret {
-    /// The operator's name for it (1 to 100 characters); tokens minted by enrollment carry it.
+    /// What the secret is for (shown in lists): 1 to 100 characters, no control
+    /// characters.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
-    /// Labels every agent enrolling with it gets (up to 32), as if reported in a `hello`.
+    /// Given to every agent that enrolls with it.
     #[serde(default)]
     pub labels: Vec<String>,
-    /// The secret is refused after this long; never by default.
+    /// It stops working this long after its creation; never by default.
     #[serde(default)]
     pub expires_in_seconds: Option<u64>,
-    /// Enrollments allowed, 1 to 1,000,000; unlimited by default.
+    /// It stops working after this many enrollments; unlimited by default.
     #[serde(default)]
     pub max_uses: Option<u64>,
     /// Whether an already enrolled client id may enroll again with this secret.
@@ -229,14 +235,17 @@ pub struct CreatedEnrollSecret {
 }
 
 /// `POST /api/v1/enroll`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
-    /// The enroll secret an operator handed out.
+    /// An enroll secret from `POST /api/v1/enroll-secrets`.
     pub secret: String,
-    /// The `client_id` to enroll (the rules of `docs/protocol.md`).
+    /// The client_id the agent will connect as.
+    #[schema(
+        pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$"
+    )]
     pub client_id: String,
-    /// The host's name (up to 253 characters), stored as if sent in a `hello`.
+    /// The host's name, recorded with the agent.
     #[serde(default)]
     pub hostname: Option<String>,
 }

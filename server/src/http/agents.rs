@@ -6,18 +6,27 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{Admin, AdminContext, ClientId, Page, Principal, Query};
+use super::openapi::{BadRequest, Forbidden, NotFound, Unauthorized, Unavailable};
 use crate::ids::rfc3339;
 use crate::state::AppState;
 use crate::store::{AgentFilter, AgentRow};
 
-#[derive(Serialize)]
-struct AgentView {
+/// An agent as the API shows it.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Agent)]
+pub(super) struct AgentView {
+    /// The agent's client_id.
     id: String,
+    /// Whether a session is open on some replica now.
     online: bool,
+    /// The replica that holds (or last held) its session.
     pod: Option<String>,
+    /// RFC 3339 UTC, as every time in this API.
     created_at: String,
+    /// When the open session started; null while offline.
     connected_at: Option<String>,
     last_seen: Option<String>,
+    /// What the agent reported in its hello.
     version: Option<String>,
     hostname: Option<String>,
     os: Option<String>,
@@ -25,14 +34,47 @@ struct AgentView {
     /// What the agent reported in its hello (in lists only).
     #[serde(skip_serializing_if = "Option::is_none")]
     labels: Option<Vec<String>>,
+    /// Its inventory's size and time (on a single agent, when it has sent one).
     #[serde(skip_serializing_if = "Option::is_none")]
     inventory: Option<InventorySummaryView>,
 }
 
-#[derive(Serialize)]
-struct InventorySummaryView {
+/// The size and time of an agent's latest inventory.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = InventorySummary)]
+pub(super) struct InventorySummaryView {
     size_bytes: i64,
     received_at: String,
+}
+
+/// A page of agents by client_id, with the fleet's counts.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct AgentList {
+    agents: Vec<AgentView>,
+    /// Agents matching the filters (all pages).
+    total: i64,
+    online: i64,
+    offline: i64,
+    /// The `after` of the next page; null on the last page.
+    next: Option<String>,
+}
+
+/// A deleted agent.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct AgentDeleted {
+    id: String,
+    /// Always true.
+    deleted: bool,
+}
+
+/// An agent whose credentials were revoked.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct AgentRevoked {
+    id: String,
+    /// Always true.
+    revoked: bool,
+    /// The agent's credential generation now: tokens minted before it are refused.
+    generation: i64,
 }
 
 impl AgentView {
@@ -65,12 +107,33 @@ pub(super) struct AgentQuery {
 
 /// `GET /api/v1/agents?online=&q=&label=&limit=&after=`: agents by client_id, each with
 /// its labels, and the counts.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents",
+    operation_id = "list_agents",
+    tag = "agents",
+    params(
+        ("online" = Option<String>, Query, description = "`true` or `false` (`all` or empty: both)"),
+        ("status" = Option<String>, Query, description = "`online` or `offline`: the older name of `online`"),
+        ("q" = Option<String>, Query, description = "Part of the client_id (ASCII case folded)"),
+        ("label" = Option<String>, Query, description = "Only agents that reported this label"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]{0,2}|1000))?$", description = "Page size, 1 to 1000 (default 100; empty: the default)"),
+        ("after" = Option<String>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of agents", body = AgentList),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
     page: Page,
     Query(query): Query<AgentQuery>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<AgentList>> {
     let online = match query.online.as_deref().or(query.status.as_deref()) {
         None | Some("") | Some("all") => None,
         Some("true") | Some("online") => Some(true),
@@ -111,21 +174,38 @@ pub(super) async fn list(
             }
         })
         .collect();
-    Ok(Json(serde_json::json!({
-        "agents": agents,
-        "total": found.total,
-        "online": found.online,
-        "offline": found.total - found.online,
-        "next": next,
-    })))
+    Ok(Json(AgentList {
+        agents,
+        total: found.total,
+        online: found.online,
+        offline: found.total - found.online,
+        next,
+    }))
 }
 
 /// `GET /api/v1/agents/{client_id}`: one agent, with its inventory's size and time.
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents/{client_id}",
+    operation_id = "get_agent",
+    tag = "agents",
+    params(
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
+    ),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
     principal: Principal,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<AgentView>> {
     principal.require_self_or_admin(&client_id)?;
     let (agent, inventory) = state
         .store
@@ -137,35 +217,74 @@ pub(super) async fn get(
         size_bytes,
         received_at: rfc3339(at),
     });
-    Ok(Json(serde_json::to_value(view).unwrap_or_default()))
+    Ok(Json(view))
 }
 
 /// `DELETE /api/v1/agents/{client_id}`: forgets the agent, invalidates every token
 /// issued to it (so it cannot reconnect and be created again) and closes its session
 /// (4002) on whichever replica holds it.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/agents/{client_id}",
+    operation_id = "delete_agent",
+    tag = "agents",
+    params(
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
+    ),
+    responses(
+        (status = 200, description = "Forgotten; its tokens are refused and its session is closed", body = AgentDeleted),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn delete(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
     AdminContext(ctx): AdminContext,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<AgentDeleted>> {
     state.creds.delete_agent(&ctx, &client_id).await?;
     tracing::info!(agent = %client_id, "agent deleted");
-    Ok(Json(serde_json::json!({"id": client_id, "deleted": true})))
+    Ok(Json(AgentDeleted {
+        id: client_id,
+        deleted: true,
+    }))
 }
 
 /// `POST /api/v1/agents/{client_id}/revoke`: every token issued to the agent so far
 /// stops working on every replica, and its live session closes (4002). The agent and
 /// its history stay; it needs a new token (enrollment or `POST /api/v1/tokens`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/agents/{client_id}/revoke",
+    operation_id = "revoke_agent",
+    tag = "agents",
+    params(
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id"),
+    ),
+    responses(
+        (status = 200, description = "Its tokens so far are refused everywhere; its session is closed", body = AgentRevoked),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn revoke(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
     AdminContext(ctx): AdminContext,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<AgentRevoked>> {
     let generation = state.creds.revoke_agent(&ctx, &client_id).await?;
     tracing::info!(agent = %client_id, generation, "agent credentials revoked");
-    Ok(Json(
-        serde_json::json!({"id": client_id, "revoked": true, "generation": generation}),
-    ))
+    Ok(Json(AgentRevoked {
+        id: client_id,
+        revoked: true,
+        generation,
+    }))
 }
 
 /// The 404 of an agent the store does not know.

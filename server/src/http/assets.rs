@@ -2,13 +2,14 @@
 
 use std::sync::LazyLock;
 
-use axum::extract::Path;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use sha2::{Digest, Sha256};
 
 use super::error::{ApiError, Result};
+use super::extract::Id;
 use super::files::none_match;
+use super::openapi::{BadRequest, NotFound};
 use crate::binaries::storage::hex;
 
 /// An asset compiled into the binary.
@@ -42,12 +43,43 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// `GET /`: the page.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "ui_page",
+    tag = "ui",
+    security(()),
+    responses(
+        (status = 200, description = "The web UI's page", content_type = "text/html", body = String),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+    ),
+)]
 pub(super) async fn index(headers: HeaderMap) -> Result<Response> {
     serve(&INDEX, &headers)
 }
 
 /// `GET /ui/{file}`: a script, style sheet or image of the page.
-pub(super) async fn file(Path(name): Path<String>, headers: HeaderMap) -> Result<Response> {
+#[utoipa::path(
+    get,
+    path = "/ui/{file}",
+    operation_id = "ui_asset",
+    tag = "ui",
+    security(()),
+    params(
+        ("file" = String, Path, description = "`app.js`, `app.css` or `favicon.svg`"),
+    ),
+    responses(
+        (status = 200, description = "The asset", content(
+            (String = "text/javascript"),
+            (String = "text/css"),
+            (String = "image/svg+xml"),
+        )),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    ),
+)]
+pub(super) async fn file(Id(name): Id, headers: HeaderMap) -> Result<Response> {
     let asset = match name.as_str() {
         "app.js" => &APP_JS,
         "app.css" => &APP_CSS,

@@ -13,14 +13,18 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{Admin, AdminContext, Page, Principal, Query, discard};
+use super::extract::{Admin, AdminContext, Id, Page, Principal, Query, discard};
 use super::files::{ByteRange, byte_range, file_body, if_range_allows, none_match, set};
+use super::openapi::{
+    BadRequest, BinaryFile, Conflict, Forbidden, InsufficientStorage, NotFound, PayloadTooLarge,
+    RangeNotSatisfiable, Unauthorized, Unavailable, UnsupportedMediaType,
+};
 use crate::audit::{AuditAction, AuditEvent};
 use crate::binaries::StorageError;
 use crate::binaries::storage::is_sha256;
@@ -41,18 +45,40 @@ fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-#[derive(Serialize)]
+/// A stored binary's metadata.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Binary)]
 pub(super) struct BinaryView {
     id: String,
     name: String,
     version: String,
+    /// Lower case, like `arch`.
     os: String,
     arch: String,
     notes: Option<String>,
     size_bytes: i64,
+    /// 64 lower-case hex digits; also the download's ETag.
     sha256: String,
+    /// RFC 3339 UTC.
     created_at: String,
+    /// Where the file is (any valid token).
     download_url: String,
+}
+
+/// A page of binaries, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct BinaryList {
+    binaries: Vec<BinaryView>,
+    /// The `before` of the next page; null on the last page.
+    next: Option<String>,
+}
+
+/// A deleted binary.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct BinaryDeleted {
+    id: String,
+    /// Always true.
+    deleted: bool,
 }
 
 impl BinaryView {
@@ -193,6 +219,32 @@ fn upload_outcome(e: &ApiError) -> UploadOutcome {
 
 /// `POST /api/v1/binaries?name=&version=&os=&arch=&notes=&sha256=` with the file as
 /// the body: 201 with its metadata once it is on the volume.
+#[utoipa::path(
+    post,
+    path = "/api/v1/binaries",
+    operation_id = "upload_binary",
+    tag = "binaries",
+    params(
+        ("name" = String, Query, pattern = r"^[A-Za-z0-9._-]{1,64}$", description = "Letters, digits, `.`, `_`, `-`; 1 to 64"),
+        ("version" = String, Query, pattern = r"^[A-Za-z0-9._+-]{1,64}$", description = "Letters, digits, `.`, `_`, `+`, `-`; 1 to 64"),
+        ("os" = String, Query, pattern = r"^[A-Za-z0-9_]{1,32}$", description = "Letters, digits, `_`; 1 to 32 (e.g. linux; folded to lower case)"),
+        ("arch" = String, Query, pattern = r"^[A-Za-z0-9_]{1,32}$", description = "Letters, digits, `_`; 1 to 32 (e.g. x86_64; folded to lower case)"),
+        ("notes" = Option<String>, Query, max_length = 2000, description = "At most 2000 characters"),
+        ("sha256" = Option<String>, Query, pattern = r"^[0-9A-Fa-f]{64}$", description = "64 hex digits, as `sha256sum` prints (or the X-Checksum-Sha256 header); the upload is refused when the content does not match"),
+    ),
+    request_body(content = BinaryFile, description = "The file itself (not a multipart form), at most MAX_BINARY_BYTES", content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored on the volume", body = BinaryView, headers(("Location" = String, description = "The binary's URL"))),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 503, response = Unavailable),
+        (status = 507, response = InsufficientStorage),
+    ),
+)]
 pub(super) async fn upload(
     State(state): State<AppState>,
     principal: std::result::Result<AdminContext, ApiError>,
@@ -367,12 +419,33 @@ pub(super) struct BinaryQuery {
 }
 
 /// `GET /api/v1/binaries?name=&version=&os=&arch=&limit=&before=`, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/binaries",
+    operation_id = "list_binaries",
+    tag = "binaries",
+    params(
+        ("name" = Option<String>, Query, description = "Exact name"),
+        ("version" = Option<String>, Query, description = "Exact version"),
+        ("os" = Option<String>, Query, description = "Exact os"),
+        ("arch" = Option<String>, Query, description = "Exact arch"),
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$", description = "Page size (default 100; 1 to 500; empty: the default)"),
+        ("before" = Option<String>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of binaries, newest first", body = BinaryList),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
     page: Page,
     Query(query): Query<BinaryQuery>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<BinaryList>> {
     let given = |v: Option<String>| v.filter(|v| !v.is_empty());
     let limit = page.limit(100, 500)?;
     let filter = BinaryFilter {
@@ -389,10 +462,10 @@ pub(super) async fn list(
         limit,
         rows.last().map(|b| format!("{}.{}", b.created_at, b.id)),
     );
-    let binaries: Vec<BinaryView> = rows.into_iter().map(BinaryView::new).collect();
-    Ok(Json(
-        serde_json::json!({"binaries": binaries, "next": next}),
-    ))
+    Ok(Json(BinaryList {
+        binaries: rows.into_iter().map(BinaryView::new).collect(),
+        next,
+    }))
 }
 
 async fn find(state: &AppState, id: &str) -> Result<BinaryRow> {
@@ -405,20 +478,54 @@ async fn find(state: &AppState, id: &str) -> Result<BinaryRow> {
 
 /// `GET /api/v1/binaries/{id}`: any valid token, since agents fetch what an `update`
 /// names with their own.
+#[utoipa::path(
+    get,
+    path = "/api/v1/binaries/{id}",
+    operation_id = "get_binary",
+    tag = "binaries",
+    params(
+        ("id" = String, Path, description = "The binary's id"),
+    ),
+    responses(
+        (status = 200, description = "The binary's metadata", body = BinaryView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     _: Principal,
 ) -> Result<Json<BinaryView>> {
     Ok(Json(BinaryView::new(find(&state, &id).await?)))
 }
 
 /// `DELETE /api/v1/binaries/{id}`: refused while the binary is a rollout's target.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/binaries/{id}",
+    operation_id = "delete_binary",
+    tag = "binaries",
+    params(
+        ("id" = String, Path, description = "The binary's id"),
+    ),
+    responses(
+        (status = 200, description = "Deleted", body = BinaryDeleted),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn delete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     AdminContext(ctx): AdminContext,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<BinaryDeleted>> {
     match state.store.delete_binary(id.clone()).await? {
         BinaryDeletion::NotFound => Err(ApiError::NotFound(format!("no binary `{id}`"))),
         BinaryDeletion::RolloutTarget(rollout) => Err(ApiError::Conflict {
@@ -442,16 +549,35 @@ pub(super) async fn delete(
                 .audit()
                 .record_or_log(AuditEvent::now(&ctx, AuditAction::BinaryDeleted, &id))
                 .await;
-            Ok(Json(serde_json::json!({"id": id, "deleted": true})))
+            Ok(Json(BinaryDeleted { id, deleted: true }))
         }
     }
 }
 
 /// `GET|HEAD /api/v1/binaries/{id}/download`: the file, with Content-Length, an ETag
 /// (its sha256), X-Checksum-Sha256 and single-range requests. Any valid token.
+#[utoipa::path(
+    get,
+    path = "/api/v1/binaries/{id}/download",
+    operation_id = "download_binary",
+    tag = "binaries",
+    params(
+        ("id" = String, Path, description = "The binary's id"),
+    ),
+    responses(
+        (status = 200, description = "The file, with `ETag` (its sha256), `X-Checksum-Sha256` and `Accept-Ranges: bytes`", content_type = "application/octet-stream", body = BinaryFile),
+        (status = 206, description = "The one requested range (`Range`, honouring a strong `If-Range`)", content_type = "application/octet-stream", body = BinaryFile),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 416, response = RangeNotSatisfiable),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn download(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     _: Principal,
     method: Method,
     headers: HeaderMap,

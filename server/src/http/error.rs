@@ -25,8 +25,7 @@ macro_rules! error_codes {
         }
 
         impl ErrorCode {
-            /// Every code, for the test that keeps README's list complete.
-            #[cfg(test)]
+            /// Every code: README's list and the OpenAPI enum are checked against it.
             pub(crate) const ALL: &[ErrorCode] = &[$(ErrorCode::$variant),*];
 
             /// The code as it appears in responses.
@@ -50,6 +49,8 @@ error_codes! {
     InvalidFilter => "invalid_filter",
     /// The query string cannot be decoded.
     InvalidQuery => "invalid_query",
+    /// A path segment (an id) does not decode to UTF-8.
+    InvalidPath => "invalid_path",
     /// A command's name, args or TTL is out of bounds.
     InvalidCommand => "invalid_command",
     /// A token's TTL is out of bounds.

@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::error::{ApiError, Result};
 use super::extract::Admin;
+use super::openapi::{Forbidden, Unauthorized, Unavailable};
 use crate::events::{EventHub, MAX_STREAMS};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
@@ -69,6 +70,18 @@ impl Drop for Slot {
 }
 
 /// `GET /api/v1/events`: the stream; 503 while draining or at [`MAX_STREAMS`].
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    operation_id = "stream_events",
+    tag = "events",
+    responses(
+        (status = 200, description = "Server-Sent Events until the replica drains: `agent`, `agents`, `command`, `commands`, `binaries`, `rollouts`, `job`, `jobs` (ids, not data), `summary` every 2 s, `resync` after a lag", content_type = "text/event-stream", body = String),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn stream(State(state): State<AppState>, _: Admin) -> Result<Response> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);

@@ -235,6 +235,23 @@ impl FromRequestParts<AppState> for ClientId {
     }
 }
 
+/// The one path parameter of a route such as `/api/v1/jobs/{id}`, percent-decoded. A
+/// segment that does not decode to UTF-8 (`%FF`) is a 400 `invalid_path`, with the same
+/// JSON body as every other error (axum's own rejection is plain text).
+#[derive(Debug, Clone)]
+pub(crate) struct Id(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Id(id))
+            .map_err(|e| ApiError::bad_request(ErrorCode::InvalidPath, e.body_text()))
+    }
+}
+
 /// A query string decoded into `T` (serde_urlencoded); undecodable is a 400
 /// `invalid_query`.
 #[derive(Debug, Clone)]
@@ -261,17 +278,31 @@ pub(crate) struct Page {
 }
 
 impl Page {
-    /// `limit`, from 1 to `max`; `default` when absent or empty.
+    /// `limit`, decimal digits from 1 to `max`; `default` when absent or empty.
     pub(crate) fn limit(&self, default: i64, max: i64) -> Result<i64> {
         match self.limit.as_deref().filter(|v| !v.is_empty()) {
             None => Ok(default),
-            Some(v) => match v.parse::<i64>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
+            // Digits only: `+5` or ` 5` would parse, but no client means them.
+            Some(v) => match v
+                .parse::<i64>()
+                .ok()
+                .filter(|_| v.bytes().all(|b| b.is_ascii_digit()))
+            {
+                Some(n) if (1..=max).contains(&n) => Ok(n),
                 _ => Err(ApiError::bad_request(
                     ErrorCode::InvalidLimit,
                     format!("limit must be a number from 1 to {max}"),
                 )),
             },
+        }
+    }
+
+    /// A `limit` query string made of its value alone, for tests.
+    #[cfg(test)]
+    pub(crate) fn with_limit(limit: &str) -> Page {
+        Page {
+            limit: Some(limit.to_string()),
+            ..Page::default()
         }
     }
 

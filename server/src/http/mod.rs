@@ -16,9 +16,11 @@ mod inventory;
 mod jobs;
 mod metrics;
 mod middleware;
+pub(crate) mod openapi;
 mod pods;
 mod rollouts;
 mod session;
+pub(crate) mod tls;
 mod tokens;
 mod ws;
 
@@ -98,6 +100,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/pods", get(pods::list))
+        .route("/api/v1/openapi.json", get(openapi::document))
         // Before the layer, so that OPTIONS preflights reach CORS through the fallback.
         .method_not_allowed_fallback(method_not_allowed)
         .layer(cors(&state.config.public_origin));
@@ -105,9 +108,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/", get(assets::index))
         .route("/ui/{file}", get(assets::file))
         .route("/health", get(health::health))
-        .route("/healthz", get(health::health))
+        .route("/healthz", get(health::healthz))
         .route("/readiness", get(health::readiness))
-        .route("/readyz", get(health::readiness))
+        .route("/readyz", get(health::readyz))
         .route("/ws/{client_id}", get(ws::upgrade))
         .method_not_allowed_fallback(method_not_allowed)
         .merge(api)
@@ -175,6 +178,19 @@ pub(crate) async fn serve(
     header_timeout: Duration,
     stop: CancellationToken,
 ) -> TaskTracker {
+    serve_with_tls(listener, router, header_timeout, None, stop).await
+}
+
+/// [`serve`], with TLS when `tls` is given: each connection's handshake runs in its own
+/// task, bounded by `header_timeout` like the request headers (slowloris), so a slow or
+/// silent client never holds up the accept loop.
+pub(crate) async fn serve_with_tls(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: CancellationToken,
+) -> TaskTracker {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -192,38 +208,74 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        // The peer's address, for the audit log's source and the enrollment rate limit
-        // (`extract::RequestContext`).
-        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
-            router.clone(),
-            move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                req
-            },
-        ));
-        let conn = http1::Builder::new()
-            // Without a timer hyper ignores the header timeout (slowloris).
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+        let router = router.clone();
         let stop = stop.clone();
-        connections.spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
+        match tls.clone() {
+            None => {
+                connections.spawn(serve_connection(stream, peer, router, header_timeout, stop));
             }
-        });
+            Some(acceptor) => {
+                connections.spawn(async move {
+                    let handshake = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        done = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => done,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, router, header_timeout, stop).await;
+                        }
+                        // Plain HTTP on the TLS port, a client that distrusts us, a scan.
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, timeout = ?header_timeout, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        }
     }
     connections.close();
     connections
+}
+
+/// One HTTP/1.1 connection, with upgrades, until it ends or `stop` asks it to finish.
+async fn serve_connection<I>(
+    io: I,
+    peer: std::net::SocketAddr,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // The peer's address, for the audit log's source and the enrollment rate limit
+    // (`extract::RequestContext`).
+    let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+        router,
+        move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            req
+        },
+    ));
+    let conn = http1::Builder::new()
+        // Without a timer hyper ignores the header timeout (slowloris).
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }

@@ -1,32 +1,45 @@
 //! `/api/v1/rollouts`: the desired version per os/arch, and each rollout's progress.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::IntoResponse;
 use http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorCode, Result};
-use super::extract::{Admin, AdminContext, ApiJson, Page};
+use super::extract::{Admin, AdminContext, ApiJson, Id, Page};
+use super::openapi::{
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+    UnsupportedMediaType,
+};
 use crate::audit::{AuditAction, AuditEvent};
 use crate::binaries::rollout::{self, Progress};
 use crate::ids::rfc3339;
 use crate::state::AppState;
 use crate::store::{RolloutRow, RolloutStart, RolloutStatus, now_ms};
 
-#[derive(Deserialize)]
+/// Body of `POST /api/v1/rollouts`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateRollout {
+    /// The binary that becomes the desired version of its os/arch.
     binary_id: String,
+    /// Only agents that reported this label.
     #[serde(default)]
     label: Option<String>,
+    /// The share of the os/arch's agents it concerns, 1 to 100 (default 100).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
     percentage: Option<i32>,
+    /// Agents updating at once, 1 to 100000 (default ROLLOUT_MAX_CONCURRENT).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100000)]
     max_concurrent: Option<i64>,
 }
 
-#[derive(Serialize)]
+/// A rollout and its progress.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Rollout)]
 pub(super) struct RolloutView {
     id: String,
     binary_id: String,
@@ -36,10 +49,19 @@ pub(super) struct RolloutView {
     label: Option<String>,
     percentage: i32,
     max_concurrent: i32,
+    /// `active`, `superseded` or `cancelled`.
     status: String,
+    /// RFC 3339 UTC.
     created_at: String,
     ended_at: Option<String>,
+    /// Its os/arch's agents by state.
     progress: Progress,
+}
+
+/// Rollouts, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct RolloutList {
+    rollouts: Vec<RolloutView>,
 }
 
 async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
@@ -62,6 +84,24 @@ async fn view(state: &AppState, r: RolloutRow) -> Result<RolloutView> {
 
 /// `POST /api/v1/rollouts` with `{"binary_id", "label"?, "percentage"?,
 /// "max_concurrent"?}`: makes a binary the desired version of its os/arch.
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts",
+    operation_id = "create_rollout",
+    tag = "rollouts",
+    request_body(content = CreateRollout, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Started; supersedes the active rollout of its os/arch", body = RolloutView, headers(("Location" = String, description = "The rollout's URL"))),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn create(
     State(state): State<AppState>,
     AdminContext(ctx): AdminContext,
@@ -145,17 +185,33 @@ pub(super) async fn create(
 }
 
 /// `GET /api/v1/rollouts?limit=`: newest first, each with its progress.
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts",
+    operation_id = "list_rollouts",
+    tag = "rollouts",
+    params(
+        ("limit" = Option<String>, Query, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$", description = "How many (default 50; 1 to 500; empty: the default)"),
+    ),
+    responses(
+        (status = 200, description = "Rollouts, newest first", body = RolloutList),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
     page: Page,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<RolloutList>> {
     let limit = page.limit(50, 500)?;
     let mut rollouts = Vec::new();
     for r in state.store.list_rollouts(limit).await? {
         rollouts.push(view(&state, r).await?);
     }
-    Ok(Json(serde_json::json!({"rollouts": rollouts})))
+    Ok(Json(RolloutList { rollouts }))
 }
 
 async fn find(state: &AppState, id: &str) -> Result<RolloutRow> {
@@ -167,9 +223,26 @@ async fn find(state: &AppState, id: &str) -> Result<RolloutRow> {
 }
 
 /// `GET /api/v1/rollouts/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}",
+    operation_id = "get_rollout",
+    tag = "rollouts",
+    params(
+        ("id" = String, Path, description = "The rollout's id"),
+    ),
+    responses(
+        (status = 200, description = "The rollout", body = RolloutView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     _: Admin,
 ) -> Result<Json<RolloutView>> {
     let r = find(&state, &id).await?;
@@ -178,9 +251,26 @@ pub(super) async fn get(
 
 /// `DELETE /api/v1/rollouts/{id}`: cancels it; agents are no longer told to update.
 /// The row stays, as history.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/rollouts/{id}",
+    operation_id = "cancel_rollout",
+    tag = "rollouts",
+    params(
+        ("id" = String, Path, description = "The rollout's id"),
+    ),
+    responses(
+        (status = 200, description = "Cancelled (kept as history)", body = RolloutView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     AdminContext(ctx): AdminContext,
 ) -> Result<Json<RolloutView>> {
     find(&state, &id).await?;

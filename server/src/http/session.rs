@@ -9,10 +9,14 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, Result};
 use super::extract::{ApiJson, Source, cross_site, same_origin, session_cookie, ui_actor};
+use super::openapi::{
+    BadRequest, ErrorBody, Forbidden, PayloadTooLarge, TooManyRequests, Unavailable,
+    UnsupportedMediaType,
+};
 use crate::audit::{Actor, AuditAction, AuditEvent, RequestContext};
 use crate::auth::ui_session::{COOKIE, cookie_hash};
 use crate::binaries::storage::hex;
@@ -36,7 +40,7 @@ fn cookie_attributes(state: &AppState, headers: &HeaderMap, max_age: u64) -> Str
 }
 
 /// The UI's answers carry a cookie or say who is signed in: never cached.
-fn no_store(body: serde_json::Value, cookie: Option<String>) -> Response {
+fn no_store(body: impl Serialize, cookie: Option<String>) -> Response {
     let mut resp = (StatusCode::OK, Json(body)).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -49,13 +53,62 @@ fn no_store(body: serde_json::Value, cookie: Option<String>) -> Response {
     resp
 }
 
-#[derive(Deserialize)]
+/// Body of `POST /api/v1/session`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SignIn {
+    /// ADMIN_PASSWORD.
     password: String,
 }
 
+/// A sign-in that worked.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct SignedIn {
+    /// Always true.
+    signed_in: bool,
+    /// When the session ends (RFC 3339 UTC).
+    expires_at: String,
+}
+
+/// Whether this browser is signed in, and what the page shows about the server.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct SessionState {
+    signed_in: bool,
+    /// When the session ends (RFC 3339 UTC); null unless signed in.
+    expires_at: Option<String>,
+    /// Whether ADMIN_PASSWORD is set, so that signing in can work.
+    sign_in_enabled: bool,
+    /// The replica that answered.
+    pod: String,
+    server_version: &'static str,
+}
+
+/// A sign-out.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct SignedOut {
+    /// Always false.
+    signed_in: bool,
+}
+
 /// `POST /api/v1/session` with `{"password": …}`: sets the session cookie.
+#[utoipa::path(
+    post,
+    path = "/api/v1/session",
+    operation_id = "sign_in",
+    tag = "session",
+    request_body(content = SignIn, content_type = "application/json"),
+    security(()),
+    responses(
+        (status = 200, description = "Signed in; `Set-Cookie` carries the session", body = SignedIn, headers(("Set-Cookie" = String, description = "The session cookie: HttpOnly, SameSite=Strict"))),
+        (status = 400, response = BadRequest),
+        (status = 401, description = "Wrong password (`wrong_password`)", body = ErrorBody),
+        (status = 403, description = "Sign-in is disabled (no ADMIN_PASSWORD: `sign_in_disabled`) or the request comes from another origin (`forbidden`)", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn sign_in(
     State(state): State<AppState>,
     Source(source): Source,
@@ -117,12 +170,26 @@ pub(super) async fn sign_in(
         cookie_attributes(&state, &headers, ttl.as_secs())
     );
     Ok(no_store(
-        serde_json::json!({"signed_in": true, "expires_at": rfc3339(expires_at)}),
+        SignedIn {
+            signed_in: true,
+            expires_at: rfc3339(expires_at),
+        },
         Some(set),
     ))
 }
 
 /// `GET /api/v1/session`: whether this browser is signed in, and whether it could be.
+#[utoipa::path(
+    get,
+    path = "/api/v1/session",
+    operation_id = "get_session",
+    tag = "session",
+    security(()),
+    responses(
+        (status = 200, description = "Whether this browser is signed in", body = SessionState),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn get(State(state): State<AppState>, headers: HeaderMap) -> Result<Response> {
     let expires = match session_cookie(&headers) {
         Some(cookie) => {
@@ -134,19 +201,31 @@ pub(super) async fn get(State(state): State<AppState>, headers: HeaderMap) -> Re
         None => None,
     };
     Ok(no_store(
-        serde_json::json!({
-            "signed_in": expires.is_some(),
-            "expires_at": expires.map(rfc3339),
-            "sign_in_enabled": state.sign_in.enabled(),
-            "pod": state.config.pod_id,
-            "server_version": env!("CARGO_PKG_VERSION"),
-        }),
+        SessionState {
+            signed_in: expires.is_some(),
+            expires_at: expires.map(rfc3339),
+            sign_in_enabled: state.sign_in.enabled(),
+            pod: state.config.pod_id.clone(),
+            server_version: env!("CARGO_PKG_VERSION"),
+        },
         None,
     ))
 }
 
 /// `DELETE /api/v1/session`: ends the session everywhere and clears the cookie. Like
 /// every state-changing request made with the cookie, it must come from this origin.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/session",
+    operation_id = "sign_out",
+    tag = "session",
+    security(()),
+    responses(
+        (status = 200, description = "Signed out; the cookie is cleared", body = SignedOut, headers(("Set-Cookie" = String, description = "The session cookie, expired"))),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn sign_out(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -159,8 +238,5 @@ pub(super) async fn sign_out(
         tracing::info!("web UI sign-out");
     }
     let clear = format!("{COOKIE}=; {}", cookie_attributes(&state, &headers, 0));
-    Ok(no_store(
-        serde_json::json!({"signed_in": false}),
-        Some(clear),
-    ))
+    Ok(no_store(SignedOut { signed_in: false }, Some(clear)))
 }

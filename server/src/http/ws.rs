@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{ClientId, Query, bearer};
+use super::openapi::{BadRequest, ErrorBody, Forbidden, Unauthorized, Unavailable};
 use crate::auth::{AuthError, Role};
 use crate::metrics::{HandshakeRefusalLabels, RefusalReason};
 use crate::state::AppState;
@@ -115,6 +116,25 @@ pub(super) struct TokenQuery {
 }
 
 /// Validates the handshake, the id and the token, then answers 101 and runs the session.
+#[utoipa::path(
+    get,
+    path = "/ws/{client_id}",
+    operation_id = "connect_agent",
+    tag = "agents",
+    description = "An agent's WebSocket (RFC 6455): a GET with `Upgrade: websocket`, `Connection: upgrade`, `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`, and the agent's own token (role `agent`, `sub` = `client_id`) in `Authorization: Bearer` (or `?token=`, which proxies log). Every check happens before the 101; after it the agent protocol of docs/protocol.md is spoken.",
+    params(
+        ("client_id" = String, Path, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\.\.[A-Za-z0-9._-]{1,126})$", description = "The agent's client_id (the token's `sub`)"),
+        ("token" = Option<String>, Query, description = "The token, where a client cannot set `Authorization`"),
+    ),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol", headers(("Upgrade" = String, description = "`websocket`"), ("Sec-WebSocket-Accept" = String, description = "RFC 6455 §4.2.2"))),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 426, description = "Not a WebSocket opening handshake (`not_websocket`; the message names what is missing, and the proxy setting when a proxy is the likely cause)", body = ErrorBody, headers(("Upgrade" = String, description = "`websocket`"), ("Sec-WebSocket-Version" = String, description = "`13`, when the version was wrong"))),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub(super) async fn upgrade(
     State(state): State<AppState>,
     client_id: std::result::Result<ClientId, ApiError>,

@@ -39,15 +39,17 @@ pub(crate) const MAX_PAGE: i64 = 500;
 const UNBOUNDED: i64 = i64::MAX;
 
 /// Body of `POST /api/v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
     /// The command name every agent receives (1 to 128 characters).
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
     /// JSON object sent as the command's args; `{}` when absent.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub args: Option<Box<RawValue>>,
-    /// Which agents get it; see [`Target`].
+    /// Which agents get the command.
     pub target: Target,
     /// Each command expires this long after the job is created (1 s to 30 days); none
     /// by default, so offline agents get it whenever they connect.
@@ -72,7 +74,7 @@ pub struct CreateJob {
 }
 
 /// `{"count": 20}` or `{"percentage": 5}` (of the targeted agents, at least one).
-#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Canary {
     /// This many commands (clamped to the targeted count).
@@ -84,46 +86,53 @@ pub struct Canary {
 }
 
 /// Query of `GET /api/v1/jobs`: newest first; `before` is the previous page's `next`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListJobs {
-    /// Only jobs with this [`JobStatus`] (`running`, `paused`, `cancelled`, `completed`).
+    /// `running`, `paused`, `cancelled` or `completed`.
     #[serde(default)]
     pub status: Option<String>,
-    /// 1 to 500; default 50.
-    #[serde(default)]
+    /// Page size, 1 to 500 (default 50; empty: the default).
+    #[serde(default, deserialize_with = "empty_or_digits")]
+    #[param(value_type = Option<String>, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$")]
     pub limit: Option<i64>,
-    /// The `next` of the previous page: jobs older than it.
+    /// The `next` of the previous page.
     #[serde(default)]
     pub before: Option<String>,
 }
 
 /// Query of `GET /api/v1/jobs/{id}/results`: by client_id; `after` is the previous
 /// page's `next`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListResults {
     /// `pending`, `delivered`, `succeeded`, `failed` or `expired`.
     #[serde(default)]
     pub status: Option<String>,
-    /// 1 to 500; default 100.
-    #[serde(default)]
+    /// Page size, 1 to 500 (default 100; empty: the default).
+    #[serde(default, deserialize_with = "empty_or_digits")]
+    #[param(value_type = Option<String>, pattern = r"^(0*([1-9][0-9]?|[1-4][0-9]{2}|500))?$")]
     pub limit: Option<i64>,
-    /// The `next` of the previous page: results of client_ids after it.
+    /// The `next` of the previous page.
     #[serde(default)]
     pub after: Option<String>,
 }
 
 /// A job, its counts and durations: the body of every job response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Job)]
 pub struct JobView {
     /// A UUIDv7: ids sort by creation time.
     pub id: String,
     /// The command name every targeted agent receives.
     pub name: String,
-    /// The command's args, as sent (`{}` when none were given).
+    /// The command's args, a JSON object.
+    #[schema(value_type = Object)]
     pub args: Box<RawValue>,
-    /// The target as given at creation.
+    /// The target as it was given.
+    #[schema(value_type = Target)]
     pub target: Box<RawValue>,
     /// Where the job is in its lifecycle.
     pub status: JobStatus,
@@ -154,8 +163,8 @@ pub struct JobView {
     pub expires_at: Option<String>,
 }
 
-/// A page of `GET /api/v1/jobs`, newest first.
-#[derive(Debug, Serialize)]
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobPage {
     /// At most `limit` jobs.
     pub jobs: Vec<JobView>,
@@ -164,7 +173,7 @@ pub struct JobPage {
 }
 
 /// One agent's command in a job.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobResult {
     /// The agent's `client_id`.
     pub agent_id: String,
@@ -174,6 +183,7 @@ pub struct JobResult {
     /// Held back by the pacer (status `pending`, not released yet).
     pub held: bool,
     /// The agent's output, as it sent it (JSON).
+    #[schema(value_type = Option<Value>)]
     pub output: Option<Box<RawValue>>,
     /// From the last delivery to the result.
     pub duration_ms: Option<i64>,
@@ -182,8 +192,8 @@ pub struct JobResult {
     pub completed_at: Option<String>,
 }
 
-/// A page of `GET /api/v1/jobs/{id}/results`, by client_id.
-#[derive(Debug, Serialize)]
+/// A page of a job's results, by client_id.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResultPage {
     /// At most `limit` results.
     pub results: Vec<JobResult>,
@@ -525,6 +535,22 @@ fn result_view(r: JobResultRow) -> JobResult {
         agent_id: r.agent_id,
         command_id: r.command_id,
         status: r.status,
+    }
+}
+
+/// A number in a query string: decimal digits, or empty for "not given" (as every list
+/// parameter is read).
+fn empty_or_digits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let text = Option::<String>::deserialize(d)?;
+    match text.as_deref() {
+        None | Some("") => Ok(None),
+        Some(v) if v.bytes().all(|b| b.is_ascii_digit()) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("`{v}` is too large a number"))),
+        Some(v) => Err(serde::de::Error::custom(format!(
+            "expected decimal digits, not `{v}`"
+        ))),
     }
 }
 

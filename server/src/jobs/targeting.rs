@@ -22,7 +22,7 @@ const MAX_FIELD_LEN: usize = 64;
 
 /// `target` of `POST /api/v1/jobs`: every field given must hold; at least one is given.
 /// Unknown fields are refused (serde), so a typo never widens a job to the whole fleet.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
     /// These client_ids (1 to 10,000).

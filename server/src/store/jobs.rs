@@ -22,7 +22,7 @@ extern "SQL" {
 
 /// Lifecycle: `running` ⇄ `paused` (the failure brake or an operator; `reason` says
 /// which), then `completed` (no command left open) or `cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Releasing commands as its pacing allows.
@@ -162,7 +162,7 @@ pub(crate) enum JobCreation {
 }
 
 /// A job's commands by where they are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobCounts {
     /// Commands stored, one per targeted agent.
     pub targeted: i64,
@@ -200,7 +200,7 @@ impl JobCounts {
 }
 
 /// Nearest-rank percentiles of the time from delivery to result, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobDurations {
     /// Median; `None` until a result came.
     pub p50_ms: Option<i64>,

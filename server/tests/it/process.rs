@@ -136,3 +136,69 @@ async fn tokens_and_query_strings_never_reach_the_logs() {
         "query string in logs"
     );
 }
+
+#[tokio::test]
+async fn process_metrics_count_the_servers_own_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(
+        dir.path(),
+        &[("SERVER_PORT", "0"), ("SERVER_HOST", "127.0.0.1")],
+    )
+    .await;
+    // The chart's alert compares these two (process_open_fds / process_max_fds).
+    let idle = server.metric("process_open_fds").await;
+    let max = server.metric("process_max_fds").await;
+    assert!(
+        idle > 3.0,
+        "stdio, the listeners and the database at least: {idle}"
+    );
+    // The child inherits this process's soft limit on open files.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes into the struct we own.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    assert_eq!(
+        max, limit.rlim_cur as f64,
+        "process_max_fds is the soft limit"
+    );
+
+    // Every accepted connection is a descriptor of the server's.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+                .await
+                .unwrap(),
+        );
+    }
+    eventually(WAIT, "40 more open descriptors", async || {
+        server.metric("process_open_fds").await >= idle + 40.0
+    })
+    .await;
+    drop(held);
+    eventually(WAIT, "the descriptors closed again", async || {
+        server.metric("process_open_fds").await < idle + 40.0
+    })
+    .await;
+
+    let rss = server.metric("process_resident_memory_bytes").await;
+    assert!(rss > 1024.0 * 1024.0, "resident memory in bytes: {rss}");
+    assert!(server.metric("process_virtual_memory_bytes").await >= rss);
+    assert!(server.metric("process_cpu_seconds_total").await >= 0.0);
+    assert!(server.metric("process_threads").await >= 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = server.metric("process_start_time_seconds").await;
+    assert!(
+        (now - 120.0..=now + 1.0).contains(&started),
+        "started {started}, now {now}"
+    );
+    server.sigterm_and_wait().await;
+}
