@@ -29,6 +29,8 @@ pub enum AuditAction {
     BinaryDeleted,
     RolloutCreated,
     RolloutCancelled,
+    RolloutPaused,
+    RolloutResumed,
     SignInSucceeded,
     SignInFailed,
     JobCreated,
@@ -38,7 +40,7 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 18] = [
+    pub const ALL: [AuditAction; 20] = [
         AuditAction::CommandCreated,
         AuditAction::AgentDeleted,
         AuditAction::AgentRevoked,
@@ -51,6 +53,8 @@ impl AuditAction {
         AuditAction::BinaryDeleted,
         AuditAction::RolloutCreated,
         AuditAction::RolloutCancelled,
+        AuditAction::RolloutPaused,
+        AuditAction::RolloutResumed,
         AuditAction::SignInSucceeded,
         AuditAction::SignInFailed,
         AuditAction::JobCreated,
@@ -73,6 +77,8 @@ impl AuditAction {
             AuditAction::BinaryDeleted => "binary_deleted",
             AuditAction::RolloutCreated => "rollout_created",
             AuditAction::RolloutCancelled => "rollout_cancelled",
+            AuditAction::RolloutPaused => "rollout_paused",
+            AuditAction::RolloutResumed => "rollout_resumed",
             AuditAction::SignInSucceeded => "sign_in_succeeded",
             AuditAction::SignInFailed => "sign_in_failed",
             AuditAction::JobCreated => "job_created",

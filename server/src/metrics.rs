@@ -49,6 +49,7 @@ label_enum! {
         Result => "result",
         Ack => "ack",
         Update => "update",
+        UpdateResult => "update_result",
         Error => "error",
         Ping => "ping",
         Pong => "pong",
@@ -189,6 +190,7 @@ label_enum! {
     UpdateOutcome {
         Updated => "updated",
         TimedOut => "timed_out",
+        Failed => "failed",
     }
 }
 

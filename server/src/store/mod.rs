@@ -42,7 +42,8 @@ pub use jobs::{
     JobRecord, JobResultRow, JobRow, JobStatus, JobTransition, Pace,
 };
 pub use rollouts::{
-    ActiveRollout, Claim, RolloutRow, RolloutStart, RolloutStatus, UpdateCounts, UpdateStatus,
+    Claim, CurrentRollout, Expiry, FailureRecord, RolloutBrake, RolloutRow, RolloutStart,
+    RolloutStatus, RolloutTransition, UpdateCounts, UpdateFailure, UpdateStatus,
 };
 
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
