@@ -271,9 +271,7 @@ impl Net {
             if from > 0 {
                 req = req.header(http::header::RANGE, format!("bytes={from}-"));
             }
-            let req = req
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| e.to_string())?;
+            let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
             sender.send_request(req).await.map_err(|e| e.to_string())
         };
         timeout(CONNECT_TIMEOUT, attempt)

@@ -313,7 +313,9 @@ impl Agent {
                     }
                 }
                 Confirmation::RolledBack => {
-                    tracing::warn!("the update watchdog restored the previous build before welcome; stopping");
+                    tracing::warn!(
+                        "the update watchdog restored the previous build before welcome; stopping"
+                    );
                     close(&mut ws).await;
                     return End::Shutdown;
                 }

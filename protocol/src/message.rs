@@ -261,14 +261,20 @@ mod tests {
         .unwrap();
         assert!(matches!(
             failed,
-            AgentMessage::UpdateResult { status: UpdateStatus::Failed, error: Some(_), .. }
+            AgentMessage::UpdateResult {
+                status: UpdateStatus::Failed,
+                error: Some(_),
+                ..
+            }
         ));
     }
 
     #[test]
     fn an_update_without_allow_downgrade_does_not_allow_one() {
         let text = r#"{"type":"update","rollout_id":"r","binary_id":"b","name":"agent","version":"1.0.0","os":"linux","arch":"x86_64","url":"u","sha256":"s","size":1}"#;
-        let ServerMessage::Update { allow_downgrade, .. } = ServerMessage::parse(text).unwrap()
+        let ServerMessage::Update {
+            allow_downgrade, ..
+        } = ServerMessage::parse(text).unwrap()
         else {
             panic!("an update");
         };

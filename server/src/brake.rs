@@ -92,7 +92,11 @@ mod tests {
             finished: 10,
         };
         assert_eq!(verdict(b, outcomes(4, 9), judged, "x"), None, "3 new");
-        assert_eq!(verdict(b, outcomes(6, 9), judged, "x"), None, "1 of 5 new failed");
+        assert_eq!(
+            verdict(b, outcomes(6, 9), judged, "x"),
+            None,
+            "1 of 5 new failed"
+        );
         assert!(
             verdict(b, outcomes(3, 12), judged, "x").is_some(),
             "4 of 5 new failed"

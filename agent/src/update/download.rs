@@ -31,7 +31,12 @@ pub struct Wanted {
 }
 
 /// Downloads (or finds, already checked) the build into `dir`; returns its path.
-pub async fn fetch(net: &Net, token: &Secret, dir: &Path, wanted: &Wanted) -> Result<PathBuf, String> {
+pub async fn fetch(
+    net: &Net,
+    token: &Secret,
+    dir: &Path,
+    wanted: &Wanted,
+) -> Result<PathBuf, String> {
     let io = |what: &str, e: std::io::Error| format!("{what} in {}: {e}", dir.display());
     tokio::fs::create_dir_all(dir)
         .await
@@ -49,7 +54,10 @@ pub async fn fetch(net: &Net, token: &Secret, dir: &Path, wanted: &Wanted) -> Re
     let mut stalled = 0;
     let mut resumed = 0u32;
     loop {
-        let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+        let have = tokio::fs::metadata(&part)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         if have > wanted.size {
             let _ = tokio::fs::remove_file(&part).await;
             continue;
@@ -65,7 +73,10 @@ pub async fn fetch(net: &Net, token: &Secret, dir: &Path, wanted: &Wanted) -> Re
             Ok(()) => {}
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Cut(e)) => {
-                let now = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+                let now = tokio::fs::metadata(&part)
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
                 stalled = if now > have { 0 } else { stalled + 1 };
                 if stalled >= MAX_STALLED_ATTEMPTS {
                     return Err(format!(
@@ -97,8 +108,17 @@ enum Attempt {
 }
 
 /// One request from byte `have` on, appended to `part`.
-async fn attempt(net: &Net, token: &Secret, part: &Path, have: u64, wanted: &Wanted) -> Result<(), Attempt> {
-    let resp = net.get(&wanted.path, token, have).await.map_err(Attempt::Cut)?;
+async fn attempt(
+    net: &Net,
+    token: &Secret,
+    part: &Path,
+    have: u64,
+    wanted: &Wanted,
+) -> Result<(), Attempt> {
+    let resp = net
+        .get(&wanted.path, token, have)
+        .await
+        .map_err(Attempt::Cut)?;
     let status = resp.status().as_u16();
     let append = match status {
         206 => {
@@ -154,7 +174,10 @@ async fn attempt(net: &Net, token: &Secret, part: &Path, have: u64, wanted: &Wan
         let frame = match tokio::time::timeout(READ_TIMEOUT, body.frame()).await {
             Err(_) => {
                 let _ = file.flush().await;
-                return Err(Attempt::Cut(format!("nothing received for {} s", READ_TIMEOUT.as_secs())));
+                return Err(Attempt::Cut(format!(
+                    "nothing received for {} s",
+                    READ_TIMEOUT.as_secs()
+                )));
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -163,7 +186,9 @@ async fn attempt(net: &Net, token: &Secret, part: &Path, have: u64, wanted: &Wan
             }
             Ok(Some(Ok(frame))) => frame,
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         written += data.len() as u64;
         if written > wanted.size {
             drop(file);
@@ -222,7 +247,9 @@ async fn check(path: &Path, wanted: &Wanted) -> Result<(), String> {
 
 /// Removes downloads of other builds: only one is kept.
 async fn remove_others(dir: &Path, sha256: &str) {
-    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return };
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
     while let Ok(Some(entry)) = entries.next_entry().await {
         let name = entry.file_name();
         let name = name.to_string_lossy();

@@ -18,7 +18,8 @@ pub const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where this process's executable is: the path the switch replaces.
 pub fn current_exe() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this agent's executable: {e}"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find this agent's executable: {e}"))?;
     if exe.to_string_lossy().ends_with(" (deleted)") {
         return Err(format!(
             "this agent's executable {} was replaced or removed while it runs; restart the agent before updating it",
@@ -121,14 +122,20 @@ pub fn switch(build: &Path, exe: &Path) -> Result<(), String> {
     }
     // A second name for the running build, unless the file system refuses links.
     if std::fs::hard_link(exe, &previous).is_err() {
-        copy_synced(exe, &previous).map_err(|e| fail(&format!("cannot keep the previous build as {}", previous.display()), e))?;
+        copy_synced(exe, &previous).map_err(|e| {
+            fail(
+                &format!("cannot keep the previous build as {}", previous.display()),
+                e,
+            )
+        })?;
     }
     let mut name = OsString::from(".");
     name.push(exe.file_name().unwrap_or_default());
     name.push(".incoming");
     let incoming = dir.join(name);
     // Same directory as the executable, so that the final rename is atomic.
-    copy_synced(build, &incoming).map_err(|e| fail(&format!("cannot write {}", incoming.display()), e))?;
+    copy_synced(build, &incoming)
+        .map_err(|e| fail(&format!("cannot write {}", incoming.display()), e))?;
     std::fs::set_permissions(&incoming, std::fs::Permissions::from_mode(0o755))
         .map_err(|e| fail(&format!("cannot make {} executable", incoming.display()), e))?;
     if let Err(e) = std::fs::rename(&incoming, exe) {
@@ -186,7 +193,10 @@ mod tests {
     async fn self_check_refuses_builds_that_fail_hang_or_report_another_version() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good");
-        script(&good, "#!/bin/sh\n[ \"$1\" = --self-check ] && echo 1.1.0\n");
+        script(
+            &good,
+            "#!/bin/sh\n[ \"$1\" = --self-check ] && echo 1.1.0\n",
+        );
         self_check(&good, &[], "1.1.0").await.unwrap();
 
         let exits = dir.path().join("exits");

@@ -145,13 +145,18 @@ impl Updater {
         }) = &record
         {
             if version::compare(VERSION, target).is_eq() {
-                tracing::info!(version = VERSION, deadline_ms = trial.deadline_ms, "running a new build on trial: it must reach welcome in time");
+                tracing::info!(
+                    version = VERSION,
+                    deadline_ms = trial.deadline_ms,
+                    "running a new build on trial: it must reach welcome in time"
+                );
                 updater.trial_deadline = Some(trial.deadline_ms);
                 updater.watchdog = trial.watchdog;
             } else {
                 // Not the new build: the switch was cut short, or the watchdog's own
                 // record was lost. Either way this build runs, so the update failed.
-                let reason = format!("the agent started again on {VERSION} before {target} reached welcome");
+                let reason =
+                    format!("the agent started again on {VERSION} before {target} reached welcome");
                 let _ = state::with(&cfg.state_dir, |r| {
                     if let Some(r) = r.as_mut().filter(|r| r.outcome.is_none()) {
                         r.outcome = Some(Outcome {
@@ -201,10 +206,11 @@ impl Updater {
                 Confirmation::Confirmed
             }
             Some(Record {
-                outcome: Some(Outcome {
-                    status: UpdateStatus::Failed,
-                    ..
-                }),
+                outcome:
+                    Some(Outcome {
+                        status: UpdateStatus::Failed,
+                        ..
+                    }),
                 ..
             }) => Confirmation::RolledBack,
             _ => Confirmation::Confirmed,
@@ -217,7 +223,10 @@ impl Updater {
             }
         };
         if let Confirmation::Confirmed = confirmation {
-            tracing::info!(version = VERSION, "the new build reached welcome: update complete");
+            tracing::info!(
+                version = VERSION,
+                "the new build reached welcome: update complete"
+            );
             if let Some(pid) = self.watchdog.take() {
                 // The watchdog exits now; it is this process's child since the exec.
                 std::thread::spawn(move || {
@@ -311,9 +320,13 @@ impl Updater {
         if let Err(e) = &self.exe {
             return self.refuse(offer, format!("refused: {e}"));
         }
-        let valid_sha = offer.sha256.len() == 64 && offer.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        let valid_sha =
+            offer.sha256.len() == 64 && offer.sha256.bytes().all(|b| b.is_ascii_hexdigit());
         if !valid_sha || offer.size <= 0 {
-            return self.refuse(offer, "refused: the update's sha256 or size is not valid".into());
+            return self.refuse(
+                offer,
+                "refused: the update's sha256 or size is not valid".into(),
+            );
         }
         self.busy = Some(offer.rollout_id.clone());
         tracing::info!(rollout = %offer.rollout_id, version = %offer.version, bytes = offer.size, "update offered: downloading");
@@ -326,15 +339,22 @@ impl Updater {
 
     fn record(&mut self, offer: &Offer, status: UpdateStatus, error: Option<String>) -> Decision {
         match &error {
-            Some(e) => tracing::warn!(rollout = %offer.rollout_id, version = %offer.version, error = %e, "update failed"),
-            None => tracing::info!(rollout = %offer.rollout_id, version = %offer.version, "this build already is the update's version"),
+            Some(e) => {
+                tracing::warn!(rollout = %offer.rollout_id, version = %offer.version, error = %e, "update failed")
+            }
+            None => {
+                tracing::info!(rollout = %offer.rollout_id, version = %offer.version, "this build already is the update's version")
+            }
         }
         let record = Record {
             rollout_id: offer.rollout_id.clone(),
             version: offer.version.clone(),
             from_version: VERSION.into(),
             trial: None,
-            outcome: Some(Outcome { status, error: error.clone() }),
+            outcome: Some(Outcome {
+                status,
+                error: error.clone(),
+            }),
         };
         if let Err(e) = state::with(&self.state_dir, |r| *r = Some(record)) {
             tracing::error!(error = %e, "cannot record the update's outcome in the state directory; reporting it once");
@@ -382,7 +402,11 @@ impl Updater {
             deadline_ms: crate::journal::now_ms() + self.welcome_timeout.as_millis() as i64,
             timeout_secs: self.welcome_timeout.as_secs(),
             watchdog: None,
-            args: self.args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            args: self
+                .args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
         };
         let record = Record {
             rollout_id: offer.rollout_id.clone(),
@@ -392,7 +416,11 @@ impl Updater {
             outcome: None,
         };
         if let Err(e) = state::with(&self.state_dir, |r| *r = Some(record)) {
-            return self.failed_switch(offer, format!("cannot record the switch in the state directory: {e}"), None);
+            return self.failed_switch(
+                offer,
+                format!("cannot record the switch in the state directory: {e}"),
+                None,
+            );
         }
         if let Err(e) = install::switch(build, &exe) {
             return self.failed_switch(offer, e, None);
@@ -412,7 +440,11 @@ impl Updater {
                 });
             }
             Err(e) => {
-                return self.failed_switch(offer, format!("cannot start the update watchdog: {e}"), Some((&exe, &previous)));
+                return self.failed_switch(
+                    offer,
+                    format!("cannot start the update watchdog: {e}"),
+                    Some((&exe, &previous)),
+                );
             }
         }
         tracing::info!(version = %offer.version, exe = %exe.display(), previous = %previous.display(), "switched builds; running the new one");
@@ -420,7 +452,12 @@ impl Updater {
         self.failed_switch(offer, e, Some((&exe, &previous)))
     }
 
-    fn failed_switch(&mut self, offer: &Offer, error: String, restore: Option<(&Path, &Path)>) -> String {
+    fn failed_switch(
+        &mut self,
+        offer: &Offer,
+        error: String,
+        restore: Option<(&Path, &Path)>,
+    ) -> String {
         let error = match restore.map(|(exe, previous)| install::restore(exe, previous)) {
             Some(Err(e)) => format!("{error}; and {e}"),
             _ => error,

@@ -549,12 +549,15 @@ impl CutProxy {
             while let Ok((mut client, _)) = listener.accept().await {
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                     else {
                         return;
                     };
                     let mut head = vec![0u8; 16 * 1024];
-                    let Ok(n) = client.read(&mut head).await else { return };
+                    let Ok(n) = client.read(&mut head).await else {
+                        return;
+                    };
                     head.truncate(n);
                     let text = String::from_utf8_lossy(&head).to_string();
                     let download = text.starts_with("GET ") && text.contains("/download ");
@@ -570,7 +573,9 @@ impl CutProxy {
                         let mut buf = vec![0u8; 16 * 1024];
                         let mut sent = 0;
                         while sent < cut_after {
-                            let Ok(n) = server.read(&mut buf).await else { return };
+                            let Ok(n) = server.read(&mut buf).await else {
+                                return;
+                            };
                             if n == 0 {
                                 return;
                             }

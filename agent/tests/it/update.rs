@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Agent, AgentSpec, CutProxy, Server, WAIT, agent_build, on_both_backends, script};
+use crate::helpers::{
+    Agent, AgentSpec, CutProxy, Server, WAIT, agent_build, on_both_backends, script,
+};
 
 on_both_backends! {
     an_agent_updates_itself_resuming_a_cut_download_and_the_rollout_counts_it;
@@ -23,7 +25,12 @@ struct Host {
     agent: Agent,
 }
 
-async fn host(server: &Server, id: &str, server_url: &str, env: Vec<(&'static str, String)>) -> Host {
+async fn host(
+    server: &Server,
+    id: &str,
+    server_url: &str,
+    env: Vec<(&'static str, String)>,
+) -> Host {
     let dir = server.dir.path().join(id);
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     let exe = dir.join("bin").join("agent");
@@ -40,7 +47,11 @@ async fn host(server: &Server, id: &str, server_url: &str, env: Vec<(&'static st
             env,
         },
     );
-    Host { exe, state_dir, agent }
+    Host {
+        exe,
+        state_dir,
+        agent,
+    }
 }
 
 async fn reports(server: &Server, id: &str, version: &str) -> Value {
@@ -53,7 +64,9 @@ async fn reports(server: &Server, id: &str, version: &str) -> Value {
 
 async fn rollout_where(server: &Server, rollout: &Value, check: impl Fn(&Value) -> bool) -> Value {
     let id = rollout["id"].as_str().unwrap();
-    server.eventually(&format!("/api/v1/rollouts/{id}"), check).await
+    server
+        .eventually(&format!("/api/v1/rollouts/{id}"), check)
+        .await
 }
 
 /// Passes its self-check as 1.1.0, then never connects.
@@ -87,7 +100,10 @@ async fn an_agent_updates_itself_resuming_a_cut_download_and_the_rollout_counts_
     reports(&server, "upd-1", "1.1.0").await;
     // The same process, now the new build; the previous one is kept beside it.
     assert_eq!(h.agent.pid(), pid);
-    assert!(std::fs::read(&h.exe).unwrap() == new_build, "the executable is the new build");
+    assert!(
+        std::fs::read(&h.exe).unwrap() == new_build,
+        "the executable is the new build"
+    );
     let previous = h.exe.with_file_name("agent.previous");
     assert!(
         std::fs::read(&previous).unwrap() == std::fs::read(agent_build("1.0.0")).unwrap(),
@@ -107,7 +123,9 @@ async fn an_agent_updates_itself_resuming_a_cut_download_and_the_rollout_counts_
     assert_eq!(server.finished(&ping).await["status"], "succeeded");
 }
 
-async fn a_build_that_exits_at_once_is_refused_by_its_self_check_and_counted_failed(server: Server) {
+async fn a_build_that_exits_at_once_is_refused_by_its_self_check_and_counted_failed(
+    server: Server,
+) {
     let h = host(&server, "upd-2", &server.ws_url(), vec![]).await;
     reports(&server, "upd-2", "1.0.0").await;
     let pid = h.agent.pid();
@@ -117,9 +135,14 @@ async fn a_build_that_exits_at_once_is_refused_by_its_self_check_and_counted_fai
         .await;
 
     let failed = rollout_where(&server, &rollout, |r| r["progress"]["failed"] == 1).await;
-    let error = failed["progress"]["recent_failures"][0]["error"].as_str().unwrap();
+    let error = failed["progress"]["recent_failures"][0]["error"]
+        .as_str()
+        .unwrap();
     assert!(error.contains("self-check"), "{error}");
-    assert!(error.contains("status 3") && error.contains("libfoo"), "{error}");
+    assert!(
+        error.contains("status 3") && error.contains("libfoo"),
+        "{error}"
+    );
     // Nothing was switched: same process, same build, still connected.
     assert_eq!(h.agent.pid(), pid);
     assert!(std::fs::read(&h.exe).unwrap() == std::fs::read(agent_build("1.0.0")).unwrap());
@@ -151,9 +174,12 @@ async fn a_build_that_cannot_connect_is_rolled_back_within_the_bound(server: Ser
     let switched = Instant::now();
     let failed = rollout_where(&server, &rollout, |r| r["progress"]["failed"] == 1).await;
     let took = switched.elapsed();
-    let error = failed["progress"]["recent_failures"][0]["error"].as_str().unwrap();
+    let error = failed["progress"]["recent_failures"][0]["error"]
+        .as_str()
+        .unwrap();
     assert!(
-        error.contains("rolled back to 1.0.0") && error.contains("did not reach welcome within 3 s"),
+        error.contains("rolled back to 1.0.0")
+            && error.contains("did not reach welcome within 3 s"),
         "{error}"
     );
     assert!(

@@ -103,7 +103,10 @@ pub async fn run<C: Target>(
         bail!("upload: status {status}: {uploaded}");
     }
     drop(way);
-    let binary = uploaded["id"].as_str().context("upload without an id")?.to_string();
+    let binary = uploaded["id"]
+        .as_str()
+        .context("upload without an id")?
+        .to_string();
     let max_concurrent = (hosts.0.len() / 3).max(1);
     let started = Instant::now();
     let rollout = api
@@ -120,14 +123,20 @@ pub async fn run<C: Target>(
         .await
         .map_err(anyhow::Error::msg)?
         .json();
-    let rollout_id = rollout["id"].as_str().context("rollout without an id")?.to_string();
+    let rollout_id = rollout["id"]
+        .as_str()
+        .context("rollout without an id")?
+        .to_string();
 
     let outcome = wait::until(
         "every real agent on 1.1.0 and the rollout complete",
         ROLLOUT_BOUND,
         Duration::from_millis(250),
         || async {
-            let r = api.get(&format!("/api/v1/rollouts/{rollout_id}")).await.map_err(anyhow::Error::msg)?;
+            let r = api
+                .get(&format!("/api/v1/rollouts/{rollout_id}"))
+                .await
+                .map_err(anyhow::Error::msg)?;
             let p = &r["progress"];
             if r["status"] != "active" || p["failed"].as_i64() > Some(0) {
                 bail!("the rollout stopped: {r}");
@@ -160,7 +169,9 @@ pub async fn run<C: Target>(
     }
     for h in &hosts.0 {
         report.check(
-            std::fs::read(&h.exe).map(|b| b == std::fs::read(&new).unwrap_or_default()).unwrap_or(false),
+            std::fs::read(&h.exe)
+                .map(|b| b == std::fs::read(&new).unwrap_or_default())
+                .unwrap_or(false),
             format!("{}: its executable is not the 1.1.0 build", h.id),
         );
     }
@@ -173,14 +184,29 @@ pub async fn run<C: Target>(
     for l in lost.iter().take(5) {
         report.failures.push(format!("lost command: {l}"));
     }
-    report.check(!submitted.is_empty(), "no command was submitted during the rollout");
+    report.check(
+        !submitted.is_empty(),
+        "no command was submitted during the rollout",
+    );
 
     // Leave nothing behind: the rollout (so that its binary can go) and the binary.
     let _ = api
-        .call(reqwest::Method::DELETE, &format!("/api/v1/rollouts/{rollout_id}"), None, crate::api::Body::None, &[200])
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/rollouts/{rollout_id}"),
+            None,
+            crate::api::Body::None,
+            &[200],
+        )
         .await;
     let _ = api
-        .call(reqwest::Method::DELETE, &format!("/api/v1/binaries/{binary}"), None, crate::api::Body::None, &[200, 204])
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/binaries/{binary}"),
+            None,
+            crate::api::Body::None,
+            &[200, 204],
+        )
         .await;
     record_requests(report, &api);
     drop(hosts);
@@ -299,7 +325,9 @@ async fn all_on(
             for id in ids {
                 match api.get(&format!("/api/v1/agents/{id}")).await {
                     Ok(a) if a["online"] == true && a["version"] == version => {
-                        *by_pod.entry(a["pod"].as_str().unwrap_or("?").to_string()).or_insert(0) += 1;
+                        *by_pod
+                            .entry(a["pod"].as_str().unwrap_or("?").to_string())
+                            .or_insert(0) += 1;
                     }
                     _ => behind.push(id.as_str()),
                 }

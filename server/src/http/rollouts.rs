@@ -165,13 +165,15 @@ pub(super) async fn create(
         allow_downgrade: body.allow_downgrade,
         reason: None,
     };
-    let brake = body.max_failure_ratio.map(|max_failure_ratio| RolloutBrake {
-        rollout_id: row.id.clone(),
-        max_failure_ratio,
-        min_sample,
-        judged_failed: 0,
-        judged_finished: 0,
-    });
+    let brake = body
+        .max_failure_ratio
+        .map(|max_failure_ratio| RolloutBrake {
+            rollout_id: row.id.clone(),
+            max_failure_ratio,
+            min_sample,
+            judged_failed: 0,
+            judged_finished: 0,
+        });
     match state.store.start_rollout(row.clone(), brake).await? {
         RolloutStart::Started { superseded } => {
             tracing::info!(
@@ -257,7 +259,15 @@ pub(super) async fn pause(
         .store
         .pause_rollout(id.clone(), "paused by an operator".into())
         .await?;
-    transitioned(&state, &ctx, &id, outcome, "pause", AuditAction::RolloutPaused).await
+    transitioned(
+        &state,
+        &ctx,
+        &id,
+        outcome,
+        "pause",
+        AuditAction::RolloutPaused,
+    )
+    .await
 }
 
 /// `POST /api/v1/rollouts/{id}/resume` → 200 [`RolloutView`]; 404; 409 `rollout_state`
@@ -268,7 +278,15 @@ pub(super) async fn resume(
     AdminContext(ctx): AdminContext,
 ) -> Result<Json<RolloutView>> {
     let outcome = state.store.resume_rollout(id.clone()).await?;
-    transitioned(&state, &ctx, &id, outcome, "resume", AuditAction::RolloutResumed).await
+    transitioned(
+        &state,
+        &ctx,
+        &id,
+        outcome,
+        "resume",
+        AuditAction::RolloutResumed,
+    )
+    .await
 }
 
 async fn transitioned(

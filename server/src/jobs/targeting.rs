@@ -11,9 +11,9 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 
 use crate::binaries::rollout::{MAX_LABEL_LEN, MAX_LABELS, check_labels, selected};
-use agent_protocol::version;
 use crate::ids::check_client_id;
 use crate::store::{AgentPredicate, AgentSelection};
+use agent_protocol::version;
 
 /// Most ids one target may list.
 pub const MAX_TARGET_IDS: usize = 10_000;

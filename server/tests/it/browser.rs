@@ -443,9 +443,13 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
         })
         .await;
     browser.screenshot("04b-rollout-paused.png").await;
-    browser.click("[data-rollout] button[data-action='resume']").await;
     browser
-        .find_where("[data-rollout][data-status='active']", |t| t.contains("Failed 1"))
+        .click("[data-rollout] button[data-action='resume']")
+        .await;
+    browser
+        .find_where("[data-rollout][data-status='active']", |t| {
+            t.contains("Failed 1")
+        })
         .await;
 
     browser.click("a[href='#/cluster']").await;

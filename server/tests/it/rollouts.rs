@@ -384,7 +384,9 @@ async fn update_result_ok_completes_the_update(app: TestApp) {
     assert_eq!(updates(&agent.until_heartbeat_ack().await).len(), 1);
     drop(agent);
     let mut agent = app.connect("good").await;
-    agent.send(update_result(&rollout, "2.5.0", "ok", None)).await;
+    agent
+        .send(update_result(&rollout, "2.5.0", "ok", None))
+        .await;
     assert_eq!(agent.recv_type("ack").await["id"], rollout["id"]);
     let p = progress(&app, &rollout).await;
     assert_eq!(
@@ -412,13 +414,23 @@ async fn failure_brake_pauses_the_rollout_and_nobody_else_is_offered_the_build(a
     assert!(updates(&waiting.until_heartbeat_ack().await).is_empty());
 
     // One failure of one finished: below the sample, the freed slot goes on.
-    a.send(update_result(&rollout, "2.5.0", "failed", Some("rolled back: no welcome within 120 s")))
-        .await;
+    a.send(update_result(
+        &rollout,
+        "2.5.0",
+        "failed",
+        Some("rolled back: no welcome within 120 s"),
+    ))
+    .await;
     a.recv_type("ack").await;
     waiting.recv_type("update").await;
     // A second failure: 2 of 2 finished failed, above 0.5: paused, with the reason.
-    b.send(update_result(&rollout, "2.5.0", "failed", Some("rolled back")))
-        .await;
+    b.send(update_result(
+        &rollout,
+        "2.5.0",
+        "failed",
+        Some("rolled back"),
+    ))
+    .await;
     b.recv_type("ack").await;
     let (_, paused) = app.get(&format!("/api/v1/rollouts/{id}")).await;
     assert_eq!(paused["status"], "paused", "{paused}");
@@ -474,9 +486,7 @@ async fn an_operator_pauses_and_resumes_a_rollout(app: TestApp) {
         .await;
     assert_eq!(status, 200);
     agent.recv_type("update").await;
-    let (status, _) = app
-        .post("/api/v1/rollouts/nope/pause", &json!({}))
-        .await;
+    let (status, _) = app.post("/api/v1/rollouts/nope/pause", &json!({})).await;
     assert_eq!(status, 404);
 }
 
@@ -542,7 +552,9 @@ async fn timeouts_count_against_the_brake(app: TestApp) {
     assert_eq!(updates(&stuck.until_heartbeat_ack().await).len(), 1);
     let mut next = app.connect_as("after-silent", "2.4.0", &[]).await;
     let paused = app
-        .eventually(&format!("/api/v1/rollouts/{id}"), |r| r["status"] == "paused")
+        .eventually(&format!("/api/v1/rollouts/{id}"), |r| {
+            r["status"] == "paused"
+        })
         .await;
     assert_eq!(paused["progress"]["timed_out"], 1);
     assert!(updates(&next.until_heartbeat_ack().await).is_empty());
