@@ -188,7 +188,7 @@ impl Agent {
                             attempt = 0;
                         }
                         match end {
-                            End::Shutdown => return Exit::Shutdown,
+                            End::Shutdown => return self.stopped(),
                             End::Switch => {
                                 let Some((offer, build)) = self.switching.take() else {
                                     continue;
@@ -268,10 +268,23 @@ impl Agent {
                 },
             };
             tokio::select! {
-                _ = self.stop.cancelled() => return Exit::Shutdown,
+                _ = self.stop.cancelled() => return self.stopped(),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    /// Stopped (SIGTERM or SIGINT). A new build stopped before it reached `welcome` has
+    /// not proven itself: the previous build is restored for the next start, and the
+    /// watchdog, seeing the outcome, does not restart it.
+    fn stopped(&mut self) -> Exit {
+        if self.updater.trial_deadline().is_some() {
+            crate::update::watchdog::roll_back(
+                &self.cfg.state_dir,
+                "the agent was stopped before the new build reached welcome",
+            );
+        }
+        Exit::Shutdown
     }
 
     async fn session(&mut self, mut ws: Ws, token: &Secret) -> End {
