@@ -41,6 +41,7 @@ pub const KEYS: &[&str] = &[
     "ca_file",
     "command_timeout",
     "ws_max_message_bytes",
+    "update_welcome_timeout",
     "log",
 ];
 
@@ -185,6 +186,9 @@ pub struct Config {
     pub command_timeout: Duration,
     /// The server's WS_MAX_MESSAGE_BYTES: larger inventories go over HTTP.
     pub ws_max_message_bytes: usize,
+    /// After switching to a new build, it must reach `welcome` within this bound, or the
+    /// previous build is restored and run again.
+    pub update_welcome_timeout: Duration,
     /// A tracing filter (`info`, `agent=debug`).
     pub log: String,
 }
@@ -406,6 +410,11 @@ impl Config {
             ca_file,
             command_timeout: Duration::from_secs(v.integer("command_timeout", 300, 86_400)?),
             ws_max_message_bytes: v.integer("ws_max_message_bytes", 64 * 1024, 1 << 30)? as usize,
+            update_welcome_timeout: Duration::from_secs(v.integer(
+                "update_welcome_timeout",
+                120,
+                86_400,
+            )?),
             log: v.string("log")?.unwrap_or_else(|| "info".into()),
         })
     }
@@ -441,6 +450,7 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/agent"));
         assert!(c.exec_allow.is_empty());
         assert_eq!(c.command_timeout, Duration::from_secs(300));
+        assert_eq!(c.update_welcome_timeout, Duration::from_secs(120));
     }
 
     #[test]

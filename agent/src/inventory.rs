@@ -58,7 +58,7 @@ fn host(labels: &[String]) -> Value {
     interfaces.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     json!({
         "hostname": System::host_name(),
-        "agent_version": env!("CARGO_PKG_VERSION"),
+        "agent_version": crate::VERSION,
         "labels": labels,
         "os": {
             "name": System::name(),

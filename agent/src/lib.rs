@@ -6,6 +6,7 @@
 //! - `session`: the connection loop and the reconnect policy.
 //! - `journal`: the on-disk record that makes redelivered commands run once.
 //! - `commands`: `ping`, `exec`, plug-ins; `inventory`: the host's facts.
+//! - `update`: self-update on `update` (download, check, switch, roll back, report).
 
 pub mod commands;
 pub mod config;
@@ -13,3 +14,12 @@ pub mod inventory;
 pub mod journal;
 pub mod net;
 pub mod session;
+pub mod update;
+
+/// The version this build reports (hello, `--version`, `--self-check`): the crate's,
+/// unless `AGENT_VERSION` was set when it was compiled, so that one source can produce
+/// builds of different versions (release pipelines, tests of updates).
+pub const VERSION: &str = match option_env!("AGENT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};

@@ -1,4 +1,7 @@
 //! `agent [--config PATH]`: loads the configuration, then connects until stopped.
+//! `agent --self-check [--config PATH]`: loads the configuration and prints the version
+//! (a new build proves it can start before the agent switches to it).
+//! `agent --update-watchdog STATE_DIR`: guards a switch to a new build (`update::watchdog`).
 //!
 //! Exit codes: 0 after SIGTERM/SIGINT; 64 on a bad configuration (the message names the
 //! key); 77 when the server refuses this agent for good (deleted, or its token or id
@@ -14,29 +17,38 @@ use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "\
 usage: agent [--config PATH]     connect to the server named in the configuration
+       agent --self-check [--config PATH]
+                                 check the configuration loads and print the version
        agent --version | --help
 
 The configuration is a TOML file (default /etc/agent/agent.toml); every key can be set
 or overridden by the environment: AGENT_SERVER_URL, AGENT_CLIENT_ID, AGENT_TOKEN or
 AGENT_TOKEN_FILE, AGENT_STATE_DIR, AGENT_LABELS, AGENT_EXEC_ALLOW, AGENT_PLUGIN_DIR,
-AGENT_CA_FILE, AGENT_COMMAND_TIMEOUT, AGENT_WS_MAX_MESSAGE_BYTES, AGENT_LOG.";
+AGENT_CA_FILE, AGENT_COMMAND_TIMEOUT, AGENT_WS_MAX_MESSAGE_BYTES,
+AGENT_UPDATE_WELCOME_TIMEOUT, AGENT_LOG.";
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_REFUSED: u8 = 77;
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args_os().skip(1);
     let mut path = None;
+    let mut self_check = false;
     while let Some(arg) = args.next() {
-        match arg.as_str() {
+        match arg.to_string_lossy().as_ref() {
             "--config" | "-c" => match args.next() {
                 Some(p) => path = Some(PathBuf::from(p)),
                 None => return usage_error("--config needs a path"),
             },
             "--version" | "-V" => {
-                println!("agent {}", env!("CARGO_PKG_VERSION"));
+                println!("agent {}", agent::VERSION);
                 return ExitCode::SUCCESS;
             }
+            "--self-check" => self_check = true,
+            "--update-watchdog" => match args.next() {
+                Some(dir) => return watchdog(PathBuf::from(dir)),
+                None => return usage_error("--update-watchdog needs the state directory"),
+            },
             "--help" | "-h" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -56,6 +68,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if self_check {
+        // Only the version on stdout: the agent that runs this compares it.
+        println!("{}", agent::VERSION);
+        return ExitCode::SUCCESS;
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&cfg.log) {
         Ok(f) => f,
         Err(e) => {
@@ -90,7 +107,7 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
+            version = agent::VERSION,
             client_id = %cfg.client_id,
             server = %cfg.server.ws_url(&cfg.client_id),
             state_dir = %cfg.state_dir.display(),
@@ -115,6 +132,19 @@ fn main() -> ExitCode {
             Exit::Refused => ExitCode::from(EXIT_REFUSED),
         }
     })
+}
+
+/// The update watchdog's process: logs to stderr like the agent, then guards the trial.
+fn watchdog(state_dir: PathBuf) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match agent::update::watchdog::run(&state_dir) {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
 }
 
 fn usage_error(message: &str) -> ExitCode {

@@ -1,7 +1,8 @@
 //! Transport: TCP, directly or through an HTTP proxy's CONNECT tunnel (`HTTPS_PROXY` for
 //! `wss`/`https`, `HTTP_PROXY` for `ws`/`http`, `NO_PROXY` to bypass), then TLS with
-//! rustls (system roots plus an optional CA file). The WebSocket and the HTTP inventory
-//! upload share it.
+//! rustls (system roots plus an optional CA file). The WebSocket, the HTTP inventory
+//! upload and build downloads share it, so the agent's token only ever goes to the
+//! server it is configured for.
 
 use std::io;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -239,6 +240,43 @@ impl Net {
         timeout(CONNECT_TIMEOUT * 4, attempt)
             .await
             .unwrap_or_else(|_| Err("the upload timed out".into()))
+    }
+}
+
+impl Net {
+    /// GETs `path` (with its query) from the server with the agent's token, from byte
+    /// `from` on when it is not 0 (`Range: bytes={from}-`). The response's body streams
+    /// while the caller reads it; connecting and the response headers are bounded by the
+    /// connect timeout, reading the body is the caller's to bound.
+    pub async fn get(
+        &self,
+        path: &str,
+        token: &Secret,
+        from: u64,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let attempt = async {
+            let stream = self.stream().await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut req = http::Request::get(path)
+                .header(http::header::HOST, self.server.authority())
+                .header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", token.expose()),
+                );
+            if from > 0 {
+                req = req.header(http::header::RANGE, format!("bytes={from}-"));
+            }
+            let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+            sender.send_request(req).await.map_err(|e| e.to_string())
+        };
+        timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err("connecting timed out".into()))
     }
 }
 

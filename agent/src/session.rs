@@ -1,5 +1,8 @@
-//! The connection loop: connect, speak protocol version 1 (`docs/protocol.md`), and
-//! reconnect as each close code or refusal asks (`agent_protocol::CloseCode::policy`).
+//! The connection loop: connect, speak protocol version 2 (`docs/protocol.md`; version 1
+//! with servers that speak only that), and reconnect as each close code or refusal asks
+//! (`agent_protocol::CloseCode::policy`). An `update` is prepared in the background and,
+//! once no command runs, ends the connection so that the agent switches builds
+//! (`crate::update`).
 //!
 //! Commands run in their own tasks and report through a channel that outlives any one
 //! connection, so a command that finishes while the agent is offline is sent on the next
@@ -26,6 +29,7 @@ use crate::commands::{self, Kind};
 use crate::config::{Config, Secret};
 use crate::journal::{Entry, Journal, Outcome};
 use crate::net::{ConnectError, Net, Ws};
+use crate::update::{Confirmation, Decision, Offer, Updater};
 
 /// First backoff step and its cap (full jitter: a random delay below
 /// `min(cap, base × 2^attempt)`).
@@ -56,14 +60,18 @@ enum End {
     /// Nothing heard for `offline_timeout`: the server or the path to it is gone.
     Silent,
     Dropped(String),
+    /// A checked build is ready and no command runs: switch to it.
+    Switch,
 }
 
-/// Reported by command tasks to the connection loop.
+/// Reported by command and update tasks to the connection loop.
 enum Event {
     /// A command finished; its result is in the journal.
     Finished(Entry),
     /// An `inventory` command's document, small enough for the WebSocket.
     Inventory(String),
+    /// An update was downloaded and checked (its path), or failed.
+    Prepared(Offer, Result<std::path::PathBuf, String>),
 }
 
 pub struct Agent {
@@ -78,6 +86,12 @@ pub struct Agent {
     events_rx: mpsc::Receiver<Event>,
     limit: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
+    updater: Updater,
+    /// A checked build to switch to once no command runs; commands that arrive meanwhile
+    /// are left to the new build (the server delivers them again).
+    switching: Option<(Offer, std::path::PathBuf)>,
+    /// Rolls back a new build that does not reach `welcome` in time.
+    trial_guard: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn jitter(ceiling: Duration) -> Duration {
@@ -97,7 +111,11 @@ impl Agent {
             );
         }
         let (events_tx, events_rx) = mpsc::channel(64);
+        let updater = Updater::open(&cfg);
         Ok(Agent {
+            updater,
+            switching: None,
+            trial_guard: None,
             cfg: Arc::new(cfg),
             net,
             journal: Arc::new(journal),
@@ -111,6 +129,12 @@ impl Agent {
     }
 
     pub async fn run(mut self) -> Exit {
+        if let Some(deadline) = self.updater.trial_deadline() {
+            self.trial_guard = Some(tokio::spawn(Updater::guard(
+                self.cfg.state_dir.clone(),
+                deadline,
+            )));
+        }
         let id = self.cfg.client_id.clone();
         let mut attempt = 0u32;
         let mut replaced_in_a_row = 0u32;
@@ -164,7 +188,18 @@ impl Agent {
                             attempt = 0;
                         }
                         match end {
-                            End::Shutdown => return Exit::Shutdown,
+                            End::Shutdown => return self.stopped(),
+                            End::Switch => {
+                                let Some((offer, build)) = self.switching.take() else {
+                                    continue;
+                                };
+                                // Returns only when the switch failed; the failure is
+                                // recorded and reported on the next connection.
+                                let error = self.updater.switch(&offer, &build);
+                                tracing::error!(%error, version = %offer.version, "could not switch to the new build; staying on this one");
+                                attempt = 0;
+                                Duration::ZERO
+                            }
                             End::Silent => {
                                 tracing::warn!(
                                     "nothing heard from the server within its offline timeout; reconnecting"
@@ -233,14 +268,27 @@ impl Agent {
                 },
             };
             tokio::select! {
-                _ = self.stop.cancelled() => return Exit::Shutdown,
+                _ = self.stop.cancelled() => return self.stopped(),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
     }
 
+    /// Stopped (SIGTERM or SIGINT). A new build stopped before it reached `welcome` has
+    /// not proven itself: the previous build is restored for the next start, and the
+    /// watchdog, seeing the outcome, does not restart it.
+    fn stopped(&mut self) -> Exit {
+        if self.updater.trial_deadline().is_some() {
+            crate::update::watchdog::roll_back(
+                &self.cfg.state_dir,
+                "the agent was stopped before the new build reached welcome",
+            );
+        }
+        Exit::Shutdown
+    }
+
     async fn session(&mut self, mut ws: Ws, token: &Secret) -> End {
-        let (heartbeat, offline) = match timeout(WELCOME_TIMEOUT, ws.next()).await {
+        let (heartbeat, offline, protocol) = match timeout(WELCOME_TIMEOUT, ws.next()).await {
             Ok(Some(Ok(Message::Text(text)))) => match ServerMessage::parse(&text) {
                 Ok(ServerMessage::Welcome {
                     protocol,
@@ -254,6 +302,7 @@ impl Agent {
                     (
                         Duration::from_secs_f64(heartbeat_interval.clamp(1.0, 3600.0)),
                         Duration::from_secs_f64(offline_timeout.clamp(2.0, 86_400.0)),
+                        protocol,
                     )
                 }
                 _ => return End::Dropped(format!("expected welcome, got {text}")),
@@ -267,8 +316,40 @@ impl Agent {
             Err(_) => return End::Dropped("no welcome within 30 s".into()),
         };
 
+        // A new build on trial has made it: the update is complete, unless the watchdog
+        // rolled it back meanwhile.
+        if self.updater.trial_deadline().is_some() {
+            match self.updater.confirm() {
+                Confirmation::Confirmed => {
+                    if let Some(guard) = self.trial_guard.take() {
+                        guard.abort();
+                    }
+                }
+                Confirmation::RolledBack => {
+                    tracing::warn!(
+                        "the update watchdog restored the previous build before welcome; stopping"
+                    );
+                    close(&mut ws).await;
+                    return End::Shutdown;
+                }
+            }
+        }
+        // How the last update ended, before the hello, so that the server does not offer
+        // a failed update again on this connection. Version-1 servers learn it from the
+        // hello alone.
+        let reports = protocol >= 2;
+        if reports {
+            if let Some(report) = self.updater.report()
+                && let Err(end) = send(&mut ws, report.to_json()).await
+            {
+                return end;
+            }
+        } else {
+            self.updater.forget_report();
+        }
+
         let hello = AgentMessage::Hello {
-            version: Some(env!("CARGO_PKG_VERSION").into()),
+            version: Some(crate::VERSION.into()),
             hostname: crate::inventory::hostname(),
             os: Some(std::env::consts::OS.into()),
             arch: Some(std::env::consts::ARCH.into()),
@@ -289,6 +370,12 @@ impl Agent {
             }
         }
 
+        // A build prepared while the agent was offline.
+        if self.switching.is_some() && self.running.is_empty() {
+            close(&mut ws).await;
+            return End::Switch;
+        }
+
         let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
@@ -296,7 +383,6 @@ impl Agent {
         tokio::pin!(retry);
         let mut retry_armed = false;
         let mut retry_inventory = false;
-        let mut update_logged = false;
 
         loop {
             tokio::select! {
@@ -318,12 +404,27 @@ impl Agent {
                             self.running.remove(&entry.id);
                             let text = self.result_json(&entry);
                             self.unacked.insert(entry.id.clone(), entry);
-                            text
+                            Some(text)
                         }
-                        Event::Inventory(text) => text,
+                        Event::Inventory(text) => Some(text),
+                        Event::Prepared(offer, Ok(build)) => {
+                            self.switching = Some((offer, build));
+                            None
+                        }
+                        Event::Prepared(offer, Err(error)) => {
+                            let report = self.updater.failed(&offer, error);
+                            reports.then(|| report.to_json())
+                        }
                     };
-                    if let Err(end) = send(&mut ws, text).await {
+                    if let Some(text) = text
+                        && let Err(end) = send(&mut ws, text).await
+                    {
                         return end;
+                    }
+                    if self.switching.is_some() && self.running.is_empty() {
+                        tracing::info!("no command runs: closing the connection to switch builds");
+                        close(&mut ws).await;
+                        return End::Switch;
                     }
                 }
                 _ = &mut retry, if retry_armed => {
@@ -333,7 +434,10 @@ impl Agent {
                     {
                         return end;
                     }
-                    let texts: Vec<String> = self.unacked.values().map(|e| self.result_json(e)).collect();
+                    let mut texts: Vec<String> = self.unacked.values().map(|e| self.result_json(e)).collect();
+                    if reports && let Some(report) = self.updater.report() {
+                        texts.push(report.to_json());
+                    }
                     for text in texts {
                         if let Err(end) = send(&mut ws, text).await {
                             return end;
@@ -366,6 +470,8 @@ impl Agent {
                                 ServerMessage::Ack { id } => {
                                     if self.unacked.remove(id.as_ref()).is_some() {
                                         self.journal.remove(&id);
+                                    } else if self.updater.acknowledged(&id) {
+                                        tracing::info!(rollout = %id, "the server stored the update's outcome");
                                     }
                                 }
                                 ServerMessage::Error { code, message, id } => {
@@ -387,9 +493,16 @@ impl Agent {
                                         _ => {}
                                     }
                                 }
-                                ServerMessage::Update { version, .. } => {
-                                    if !std::mem::replace(&mut update_logged, true) {
-                                        tracing::info!(%version, "the server offers an update; install it with the package manager");
+                                msg @ ServerMessage::Update { .. } => {
+                                    let Some(offer) = Offer::from_message(&msg) else { continue };
+                                    match self.updater.decide(&offer) {
+                                        Decision::Ignore => {}
+                                        Decision::Report(report) => {
+                                            if reports && let Err(end) = send(&mut ws, report.to_json()).await {
+                                                return end;
+                                            }
+                                        }
+                                        Decision::Prepare(offer) => self.prepare(offer, token),
                                     }
                                 }
                                 ServerMessage::HeartbeatAck { .. }
@@ -418,11 +531,26 @@ impl Agent {
         }
     }
 
+    /// Downloads and checks an offered build in the background; the connection goes on.
+    fn prepare(&self, offer: Offer, token: &Secret) {
+        let (net, token, events) = (self.net.clone(), token.clone(), self.events_tx.clone());
+        let (dir, args) = (self.updater.download_dir(), self.updater.args());
+        tokio::spawn(async move {
+            let prepared = crate::update::prepare(&net, &token, &dir, &args, &offer).await;
+            let _ = events.send(Event::Prepared(offer, prepared)).await;
+        });
+    }
+
     /// Starts command `id` unless it ran already; returns a stored result to send again.
     fn on_command(&mut self, id: String, name: String, args: String) -> Option<String> {
         if let Some(entry) = self.unacked.get(&id) {
             tracing::info!(command = %id, "command delivered again; sending its stored result");
             return Some(self.result_json(entry));
+        }
+        if let Some((offer, _)) = &self.switching {
+            // Delivered, not run: the new build gets it again on its first connection.
+            tracing::info!(command = %id, %name, version = %offer.version, "command left to the new build (switching builds)");
+            return None;
         }
         if !self.running.insert(id.clone()) {
             tracing::info!(command = %id, "command delivered again while it runs; not running it twice");

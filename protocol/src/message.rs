@@ -39,6 +39,19 @@ pub enum AgentMessage {
     },
     /// Optional; answered with `heartbeat_ack`.
     Heartbeat,
+    /// Protocol version 2: how the `update` of rollout `rollout_id` ended, sent by whichever
+    /// build runs afterwards (the new one, or the previous one it was rolled back to).
+    /// Answered with `ack` carrying the `rollout_id`; sent again on each connection until
+    /// then.
+    UpdateResult {
+        rollout_id: String,
+        /// The version the update was to install.
+        version: String,
+        status: UpdateStatus,
+        /// Why it failed, for operators: at most a few hundred characters.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 impl AgentMessage {
@@ -54,6 +67,25 @@ impl AgentMessage {
 pub enum ResultStatus {
     Ok,
     Error,
+}
+
+/// How an update ended (`update_result.status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateStatus {
+    /// The new build runs and reached `welcome`.
+    Ok,
+    /// Refused, failed its check, or rolled back: the previous build runs.
+    Failed,
+}
+
+impl UpdateStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateStatus::Ok => "ok",
+            UpdateStatus::Failed => "failed",
+        }
+    }
 }
 
 /// Server → agent. Strings borrow when the server builds a message and are owned when an
@@ -91,7 +123,8 @@ pub enum ServerMessage<'a> {
     /// The answer to `heartbeat`: the server's time in ms since the Unix epoch.
     HeartbeatAck { ts: i64 },
     /// Download this build (with the agent's own token), check its sha256, install it and
-    /// reconnect: a hello reporting `version` completes the update.
+    /// reconnect: a hello reporting `version` (or, from protocol version 2, an
+    /// `update_result`) completes the update.
     Update {
         rollout_id: Cow<'a, str>,
         binary_id: Cow<'a, str>,
@@ -103,6 +136,10 @@ pub enum ServerMessage<'a> {
         sha256: Cow<'a, str>,
         /// Bytes.
         size: i64,
+        /// The rollout is a rollback: install `version` even if it is older than the one
+        /// running. Absent (false) otherwise, and agents then refuse a downgrade.
+        #[serde(default, skip_serializing_if = "is_false")]
+        allow_downgrade: bool,
     },
     /// A message was refused; the connection stays open.
     Error {
@@ -129,6 +166,10 @@ impl ServerMessage<'_> {
         // Only `Unknown` fails to serialise, and a server never builds one.
         serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Reads any JSON value as raw JSON. `RawValue` itself cannot be read inside an internally
@@ -200,6 +241,44 @@ mod tests {
     #[test]
     fn heartbeat_is_a_bare_type() {
         assert_eq!(AgentMessage::Heartbeat.to_json(), r#"{"type":"heartbeat"}"#);
+    }
+
+    #[test]
+    fn update_result_carries_its_rollout_and_an_optional_error() {
+        let ok = AgentMessage::UpdateResult {
+            rollout_id: "r1".into(),
+            version: "1.1.0".into(),
+            status: UpdateStatus::Ok,
+            error: None,
+        };
+        assert_eq!(
+            ok.to_json(),
+            r#"{"type":"update_result","rollout_id":"r1","version":"1.1.0","status":"ok"}"#
+        );
+        let failed: AgentMessage = serde_json::from_str(
+            r#"{"type":"update_result","rollout_id":"r1","version":"1.1.0","status":"failed","error":"e"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            failed,
+            AgentMessage::UpdateResult {
+                status: UpdateStatus::Failed,
+                error: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_update_without_allow_downgrade_does_not_allow_one() {
+        let text = r#"{"type":"update","rollout_id":"r","binary_id":"b","name":"agent","version":"1.0.0","os":"linux","arch":"x86_64","url":"u","sha256":"s","size":1}"#;
+        let ServerMessage::Update {
+            allow_downgrade, ..
+        } = ServerMessage::parse(text).unwrap()
+        else {
+            panic!("an update");
+        };
+        assert!(!allow_downgrade);
     }
 
     #[test]

@@ -12,7 +12,7 @@ const SERVER_TYPES: &[&str] = &[
     "update",
     "error",
 ];
-const AGENT_TYPES: &[&str] = &["hello", "inventory", "result", "heartbeat"];
+const AGENT_TYPES: &[&str] = &["hello", "inventory", "result", "heartbeat", "update_result"];
 
 fn examples() -> Vec<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");

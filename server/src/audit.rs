@@ -41,6 +41,10 @@ pub enum AuditAction {
     RolloutCreated,
     /// A rollout cancelled; target: its id.
     RolloutCancelled,
+    /// A rollout paused by an admin; target: its id.
+    RolloutPaused,
+    /// A paused rollout resumed; target: its id.
+    RolloutResumed,
     /// A web UI sign-in with the admin password.
     SignInSucceeded,
     /// A refused web UI sign-in (wrong password or rate-limited); the actor is anonymous.
@@ -56,7 +60,7 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub(crate) const ALL: [AuditAction; 18] = [
+    pub(crate) const ALL: [AuditAction; 20] = [
         AuditAction::CommandCreated,
         AuditAction::AgentDeleted,
         AuditAction::AgentRevoked,
@@ -69,6 +73,8 @@ impl AuditAction {
         AuditAction::BinaryDeleted,
         AuditAction::RolloutCreated,
         AuditAction::RolloutCancelled,
+        AuditAction::RolloutPaused,
+        AuditAction::RolloutResumed,
         AuditAction::SignInSucceeded,
         AuditAction::SignInFailed,
         AuditAction::JobCreated,
@@ -93,6 +99,8 @@ impl AuditAction {
             AuditAction::BinaryDeleted => "binary_deleted",
             AuditAction::RolloutCreated => "rollout_created",
             AuditAction::RolloutCancelled => "rollout_cancelled",
+            AuditAction::RolloutPaused => "rollout_paused",
+            AuditAction::RolloutResumed => "rollout_resumed",
             AuditAction::SignInSucceeded => "sign_in_succeeded",
             AuditAction::SignInFailed => "sign_in_failed",
             AuditAction::JobCreated => "job_created",

@@ -6,6 +6,7 @@ pub(crate) mod app;
 pub mod audit;
 pub mod auth;
 pub mod binaries;
+pub mod brake;
 pub mod cli;
 pub mod config;
 pub mod credentials;

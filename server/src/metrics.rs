@@ -57,6 +57,7 @@ label_enum! {
         Result => "result",
         Ack => "ack",
         Update => "update",
+        UpdateResult => "update_result",
         Error => "error",
         Ping => "ping",
         Pong => "pong",
@@ -200,6 +201,7 @@ label_enum! {
     UpdateOutcome {
         Updated => "updated",
         TimedOut => "timed_out",
+        Failed => "failed",
     }
 }
 

@@ -676,6 +676,9 @@
       const pct = h('input', { type: 'number', id: 'rollout-percentage', min: 1, max: 100, value: 100 });
       const maxc = h('input', { type: 'number', id: 'rollout-max', min: 1, placeholder: 'server default' });
       const label = h('input', { type: 'text', id: 'rollout-label', placeholder: 'any agent' });
+      const brake = h('input', { type: 'number', id: 'rollout-brake', min: 0, max: 100, step: 'any', placeholder: 'no brake' });
+      const sample = h('input', { type: 'number', id: 'rollout-sample', min: 1, placeholder: '10' });
+      const downgrade = h('input', { type: 'checkbox', id: 'rollout-downgrade' });
       const go = h('button', { class: 'btn primary', id: 'rollout-start', type: 'submit' }, 'Start rollout');
       append(dialog, h('form', {
         onsubmit: async (e) => {
@@ -683,11 +686,14 @@
           const body = { binary_id: b.id, percentage: Number(pct.value || 100) };
           if (maxc.value) body.max_concurrent = Number(maxc.value);
           if (label.value.trim()) body.label = label.value.trim();
+          if (brake.value !== '') body.max_failure_ratio = Number(brake.value) / 100;
+          if (sample.value) body.min_sample = Number(sample.value);
+          if (downgrade.checked) body.allow_downgrade = true;
           go.disabled = true;
           try {
             await post('/api/v1/rollouts', body);
             dialog.close();
-            toast('Rolling out ' + b.version + ' to ' + b.os + '/' + b.arch);
+            toast((downgrade.checked ? 'Rolling back to ' : 'Rolling out ') + b.version + ' to ' + b.os + '/' + b.arch);
             load();
           } catch (err) {
             toast(err.message, true);
@@ -703,6 +709,10 @@
           h('label', { class: 'field' }, h('span', {}, 'Share of agents (%)'), pct),
           h('label', { class: 'field' }, h('span', {}, 'Updating at once'), maxc)),
         h('label', { class: 'field' }, h('span', {}, 'Only agents with label'), label, h('small', {}, 'Labels come from the agents\' hello message.')),
+        h('div', { class: 'fields cols-2' },
+          h('label', { class: 'field' }, h('span', {}, 'Pause above failures (%)'), brake),
+          h('label', { class: 'field' }, h('span', {}, 'After finished updates'), sample)),
+        h('label', { class: 'field check' }, downgrade, h('span', {}, 'Rollback: agents on a newer version install this older one too')),
         h('div', { class: 'actions' }, h('button', { class: 'btn', type: 'button', onclick: () => dialog.close() }, 'Cancel'), go))));
       dialog.showModal();
     }
@@ -712,12 +722,13 @@
       const seg = (cls, n) => { const s = h('span', { class: cls, title: String(n) }); s.style.width = (100 * n / total) + '%'; return s; };
       const alreadyThere = Math.max(0, p.up_to_date - p.updated);
       return [
-        h('div', { class: 'bar' }, seg('seg-ok', p.updated), seg('seg-current', alreadyThere), seg('seg-info', p.updating), seg('seg-bad', p.timed_out)),
+        h('div', { class: 'bar' }, seg('seg-ok', p.updated), seg('seg-current', alreadyThere), seg('seg-info', p.updating), seg('seg-bad', p.failed), seg('seg-warn', p.timed_out)),
         h('div', { class: 'legend' },
           h('span', {}, h('i', { class: 'seg-ok' }), 'Updated ', h('b', {}, p.updated)),
           h('span', {}, h('i', { class: 'seg-current' }), 'Already current ', h('b', {}, alreadyThere)),
           h('span', {}, h('i', { class: 'seg-info' }), 'Updating ', h('b', {}, p.updating)),
-          h('span', {}, h('i', { class: 'seg-bad' }), 'Timed out ', h('b', {}, p.timed_out)),
+          h('span', {}, h('i', { class: 'seg-bad' }), 'Failed ', h('b', {}, p.failed)),
+          h('span', {}, h('i', { class: 'seg-warn' }), 'Timed out ', h('b', {}, p.timed_out)),
           h('span', {}, h('i', { class: 'seg-wait' }), 'Waiting ', h('b', {}, p.waiting)),
           p.unknown_version ? h('span', {}, 'No version reported ', h('b', {}, p.unknown_version)) : null),
       ];
@@ -729,25 +740,35 @@
       try {
         [binaries, rollouts] = await Promise.all([get('/api/v1/binaries?limit=200'), get('/api/v1/rollouts?limit=30')]);
       } catch (e) { toast(e.message, true); return; }
-      const active = rollouts.rollouts.filter((r) => r.status === 'active');
+      // The current rollout of each platform: active, or paused by its brake or an operator.
+      const active = rollouts.rollouts.filter((r) => r.status === 'active' || r.status === 'paused');
       targets = new Map(active.map((r) => [r.binary_id, r]));
-      activeIncomplete = active.some((r) => !r.progress.complete);
+      activeIncomplete = active.some((r) => r.status === 'active' && !r.progress.complete);
 
       clear(rolloutsBox);
       if (!active.length) {
-        append(rolloutsBox, h('div', { class: 'empty' }, 'No rollout is active. Upload a build, then choose “Roll out”.'));
+        append(rolloutsBox, h('div', { class: 'empty' }, 'No rollout is active or paused. Upload a build, then choose “Roll out”.'));
       }
       for (const r of active) {
         const p = r.progress;
-        append(rolloutsBox, h('div', { class: 'rollout', dataset: { rollout: r.id } },
+        const paused = r.status === 'paused';
+        const act = (action, done) => async () => {
+          try { await post('/api/v1/rollouts/' + r.id + '/' + action, {}); toast(done); load(); } catch (e) { toast(e.message, true); }
+        };
+        append(rolloutsBox, h('div', { class: 'rollout' + (paused ? ' paused' : ''), dataset: { rollout: r.id, status: r.status } },
           h('div', { class: 'title' },
             h('h2', {}, platform(r.os, r.arch), ' → ', h('span', { class: 'mono' }, r.version)),
-            p.complete ? pill('complete', 'ok') : pill('in progress', 'info'),
+            paused ? pill('paused', 'warn') : p.complete ? pill('complete', 'ok') : pill('in progress', 'info'),
+            r.allow_downgrade ? pill('rollback', 'warn') : null,
+            r.max_failure_ratio != null ? pill('brake above ' + Math.round(r.max_failure_ratio * 1000) / 10 + '% failed', '') : null,
             r.label ? pill('label ' + r.label, 'accent') : null,
             r.percentage < 100 ? pill(r.percentage + '% of agents', 'accent') : null,
             pill('up to ' + r.max_concurrent + ' at once'),
             h('span', { class: 'grow' }),
             h('span', { class: 'muted' }, p.up_to_date + ' of ' + p.targeted + ' current'),
+            paused
+              ? h('button', { class: 'btn small', 'data-action': 'resume', onclick: act('resume', 'Rollout resumed') }, 'Resume')
+              : h('button', { class: 'btn small', 'data-action': 'pause', onclick: act('pause', 'Rollout paused') }, 'Pause'),
             h('button', {
               class: 'btn small danger',
               onclick: async () => {
@@ -755,22 +776,31 @@
                 try { await del('/api/v1/rollouts/' + r.id); toast('Rollout cancelled'); load(); } catch (e) { toast(e.message, true); }
               },
             }, 'Cancel')),
+          paused ? h('div', { class: 'paused-reason' }, h('b', {}, 'Paused: '), r.reason || 'no reason recorded',
+            h('span', { class: 'muted' }, ' · Nobody else is offered this build until it is resumed.')) : null,
           progressBar(p),
-          p.updating_agents.length ? h('div', { class: 'updating-now' }, 'Updating now:', p.updating_agents.map((a) => h('a', { href: '#/agents/' + encodeURIComponent(a), class: 'mono' }, a))) : null));
+          p.updating_agents.length ? h('div', { class: 'updating-now' }, 'Updating now:', p.updating_agents.map((a) => h('a', { href: '#/agents/' + encodeURIComponent(a), class: 'mono' }, a))) : null,
+          p.recent_failures.length ? h('div', { class: 'failures' }, h('div', { class: 'muted' }, 'Latest failures'),
+            h('ul', {}, p.recent_failures.map((f) => h('li', {},
+              h('a', { href: '#/agents/' + encodeURIComponent(f.agent_id), class: 'mono' }, f.agent_id),
+              f.from_version ? h('span', { class: 'muted mono' }, ' (on ' + f.from_version + ')') : null,
+              ' ', h('span', { class: 'error-text' }, f.error || 'no reason given'),
+              f.at ? h('span', { class: 'muted' }, ' · ', when(f.at)) : null)))) : null));
       }
 
       clear(history);
-      const ended = rollouts.rollouts.filter((r) => r.status !== 'active').slice(0, 10);
+      const ended = rollouts.rollouts.filter((r) => r.status !== 'active' && r.status !== 'paused').slice(0, 10);
       for (const r of ended) {
         append(history, h('tr', {},
           h('td', {}, platform(r.os, r.arch)),
-          h('td', { class: 'mono' }, r.version),
+          h('td', { class: 'mono' }, r.version, r.allow_downgrade ? ' ' : null, r.allow_downgrade ? pill('rollback', 'warn') : null),
           h('td', {}, pill(r.status, r.status === 'cancelled' ? 'warn' : '')),
           h('td', { class: 'num' }, r.progress.updated),
+          h('td', { class: 'num' }, r.progress.failed),
           h('td', { class: 'num' }, r.progress.timed_out),
           h('td', { class: 'nowrap' }, when(r.ended_at))));
       }
-      if (!ended.length) append(history, h('tr', {}, h('td', { colspan: 6, class: 'empty' }, 'No earlier rollouts.')));
+      if (!ended.length) append(history, h('tr', {}, h('td', { colspan: 7, class: 'empty' }, 'No earlier rollouts.')));
 
       clear(binariesBody);
       if (!binaries.binaries.length) {
@@ -791,7 +821,7 @@
             h('button', {
               class: 'btn small danger',
               disabled: !!target,
-              title: target ? 'The target of an active rollout cannot be deleted' : 'Delete',
+              title: target ? 'The target of an active or paused rollout cannot be deleted' : 'Delete',
               onclick: async () => {
                 if (!confirm('Delete ' + b.name + ' ' + b.version + ' (' + b.os + '/' + b.arch + ')?')) return;
                 try { await del('/api/v1/binaries/' + b.id); toast('Deleted ' + b.name + ' ' + b.version); load(); } catch (e) { toast(e.message, true); }
@@ -804,12 +834,12 @@
       h('div', { class: 'page-head' }, h('div', {}, h('h1', {}, 'Binaries & updates'),
         h('div', { class: 'sub' }, 'Agent builds on the shared volume, and the version each platform should run.'))),
       h('div', { class: 'stack' },
-      h('div', { class: 'card' }, h('div', { class: 'card-head' }, h('h2', {}, 'Active rollouts'), h('span', { class: 'hint' }, 'One target version per platform')), rolloutsBox),
+      h('div', { class: 'card' }, h('div', { class: 'card-head' }, h('h2', {}, 'Current rollouts'), h('span', { class: 'hint' }, 'One target version per platform')), rolloutsBox),
       h('div', { class: 'grid two' },
         h('div', { class: 'card' }, h('div', { class: 'card-head' }, h('h2', {}, 'Upload a build')), h('div', { class: 'card-body' }, uploadForm)),
         h('div', { class: 'card' }, h('div', { class: 'card-head' }, h('h2', {}, 'Earlier rollouts')),
           h('div', { class: 'table-wrap' }, h('table', {}, h('thead', {}, h('tr', {},
-            ['Platform', 'Version', 'Status', 'Updated', 'Timed out', 'Ended'].map((t) => h('th', { class: t === 'Updated' || t === 'Timed out' ? 'num' : '' }, t)))), history)))),
+            ['Platform', 'Version', 'Status', 'Updated', 'Failed', 'Timed out', 'Ended'].map((t) => h('th', { class: ['Updated', 'Failed', 'Timed out'].includes(t) ? 'num' : '' }, t)))), history)))),
       h('div', { class: 'card' }, h('div', { class: 'card-head' }, h('h2', {}, 'Binaries'), h('span', { class: 'hint' }, 'Newest first')),
         h('div', { class: 'table-wrap' }, h('table', { id: 'binaries-table' }, h('thead', {}, h('tr', {},
           ['Name', 'Version', 'Platform', 'Size', 'SHA-256', 'Uploaded', ''].map((t) => h('th', { class: t === 'Size' ? 'num' : '' }, t)))), binariesBody)))),
@@ -1078,7 +1108,7 @@
   const AUDIT_ACTIONS = [
     'command_created', 'agent_deleted', 'agent_revoked', 'token_minted', 'token_revoked',
     'enroll_secret_created', 'enroll_secret_used', 'enroll_secret_revoked',
-    'binary_uploaded', 'binary_deleted', 'rollout_created', 'rollout_cancelled',
+    'binary_uploaded', 'binary_deleted', 'rollout_created', 'rollout_cancelled', 'rollout_paused', 'rollout_resumed',
     'sign_in_succeeded', 'sign_in_failed', 'job_created', 'job_paused', 'job_resumed',
     'job_cancelled',
   ];

@@ -342,6 +342,28 @@ impl Server {
             .as_u16()
     }
 
+    /// Uploads an agent build for this host's os/arch; returns the binary's id.
+    pub async fn upload_build(&self, version: &str, bytes: Vec<u8>) -> String {
+        let r = self
+            .http
+            .post(format!(
+                "{}/api/v1/binaries?name=agent&version={version}&os={}&arch={}",
+                self.base(),
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            ))
+            .bearer_auth(&self.admin)
+            .header("content-type", "application/octet-stream")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
     /// Queues a command; returns its id.
     pub async fn command(&self, agent: &str, name: &str, args: Value) -> String {
         let (status, body) = self
@@ -385,10 +407,22 @@ impl Server {
     }
 }
 
-/// A real `agent` process.
+/// A real `agent` process, in a process group of its own: after an update it may run on
+/// in another process (the watchdog's, once it rolled back), and the whole group goes
+/// when the test ends.
 pub struct Agent {
     child: Child,
+    group: i32,
     pub log: Log,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: a plain kill(2) of the group this test started.
+        unsafe {
+            libc::kill(-self.group, libc::SIGKILL);
+        }
+    }
 }
 
 /// What an agent is started with.
@@ -401,10 +435,15 @@ pub struct AgentSpec<'a> {
 
 impl Agent {
     pub fn start(server: &Server, spec: AgentSpec<'_>) -> Agent {
-        let mut child = Command::new(binary("agent"))
+        Agent::start_from(&binary("agent"), &server.ws_url(), spec)
+    }
+
+    /// Runs the agent executable at `exe` (which an update replaces) against `server_url`.
+    pub fn start_from(exe: &Path, server_url: &str, spec: AgentSpec<'_>) -> Agent {
+        let mut child = Command::new(exe)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("AGENT_SERVER_URL", server.ws_url())
+            .env("AGENT_SERVER_URL", server_url)
             .env("AGENT_CLIENT_ID", spec.client_id)
             .env("AGENT_TOKEN", spec.token)
             .env("AGENT_STATE_DIR", spec.state_dir)
@@ -412,12 +451,14 @@ impl Agent {
             .envs(spec.env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .expect("agent starts");
+        let group = child.id().expect("a process id") as i32;
         let log = Log::default();
         log.follow(&mut child);
-        Agent { child, log }
+        Agent { child, group, log }
     }
 
     /// Waits for the process to exit on its own; returns its exit code.
@@ -433,6 +474,12 @@ impl Agent {
     pub async fn kill9(mut self) {
         self.child.kill().await.unwrap();
     }
+
+    /// The process the test started (an update keeps it, a rollback by the watchdog
+    /// ends it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
 }
 
 /// Writes an executable script.
@@ -440,4 +487,115 @@ pub fn script(path: &Path, body: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, body).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Agent builds of a given version (`AGENT_VERSION` at compile time), built from this
+/// workspace into `target/agent-builds` (one target directory for every version) and
+/// copied out as `target/agent-builds/agent-<version>`. Each version is built once per
+/// test process; cargo's lock serialises test processes.
+pub fn agent_build(version: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, path)) = built.iter().find(|(v, _)| v == version) {
+        return path.clone();
+    }
+    let profile_dir = binary("agent").parent().unwrap().to_path_buf();
+    let target = profile_dir.parent().unwrap().join("agent-builds");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "-p", "agent", "--bin", "agent"])
+        .current_dir(workspace)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("AGENT_VERSION", version)
+        .output()
+        .expect("cargo build");
+    assert!(
+        out.status.success(),
+        "building agent {version}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target.join(format!("agent-{version}"));
+    std::fs::copy(target.join("debug").join("agent"), &path).unwrap();
+    let reported = std::process::Command::new(&path)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reported.stdout).trim(),
+        format!("agent {version}")
+    );
+    built.push((version.to_string(), path.clone()));
+    path
+}
+
+/// A TCP proxy in front of the server that cuts the first binary download after
+/// `cut_after` bytes of its response, as a flaky network would; everything else
+/// (WebSockets included) passes through.
+pub struct CutProxy {
+    pub port: u16,
+    /// The request heads of every download, in order.
+    pub downloads: Arc<Mutex<Vec<String>>>,
+}
+
+impl CutProxy {
+    pub async fn start(upstream: u16, cut_after: usize) -> CutProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let downloads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = downloads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let mut head = vec![0u8; 16 * 1024];
+                    let Ok(n) = client.read(&mut head).await else {
+                        return;
+                    };
+                    head.truncate(n);
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let download = text.starts_with("GET ") && text.contains("/download ");
+                    let first = download && {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(text);
+                        seen.len() == 1
+                    };
+                    if server.write_all(&head).await.is_err() {
+                        return;
+                    }
+                    if first {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        let mut sent = 0;
+                        while sent < cut_after {
+                            let Ok(n) = server.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            let n = n.min(cut_after - sent);
+                            if client.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                            sent += n;
+                        }
+                        // Both connections end here, mid-body.
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        CutProxy { port, downloads }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
 }

@@ -3,6 +3,7 @@
 //! builds them (or `cargo build -p agent-server` first).
 
 mod helpers;
+mod update;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

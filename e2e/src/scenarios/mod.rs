@@ -5,6 +5,7 @@
 //! deployment, and fills a [`ScenarioReport`]: every check that fails becomes a line in
 //! the report, and an error (a bound passed, a step failed) ends the scenario with one.
 
+mod agent_update;
 mod hpa;
 mod ingress_timeouts;
 mod pod_kill;
@@ -37,10 +38,11 @@ pub enum Scenario {
     PodKill,
     SharedBinaries,
     RealAgent,
+    AgentUpdate,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Websocket,
         Scenario::IngressTimeouts,
         Scenario::RollingUpdate,
@@ -48,6 +50,7 @@ impl Scenario {
         Scenario::PodKill,
         Scenario::SharedBinaries,
         Scenario::RealAgent,
+        Scenario::AgentUpdate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Scenario {
             Scenario::PodKill => "pod-kill",
             Scenario::SharedBinaries => "shared-binaries",
             Scenario::RealAgent => "real-agent",
+            Scenario::AgentUpdate => "agent-update",
         }
     }
 
@@ -71,6 +75,7 @@ impl Scenario {
             Scenario::PodKill => "pk",
             Scenario::SharedBinaries => "sb",
             Scenario::RealAgent => "ra",
+            Scenario::AgentUpdate => "au",
         }
     }
 }
@@ -116,6 +121,7 @@ pub async fn run<C: Target>(scenario: Scenario, target: &mut C, opts: &Options) 
         Scenario::PodKill => pod_kill::run(target, opts, &mut report).await,
         Scenario::SharedBinaries => shared_binaries::run(target, opts, &mut report).await,
         Scenario::RealAgent => real_agent::run(target, opts, &mut report).await,
+        Scenario::AgentUpdate => agent_update::run(target, opts, &mut report).await,
     };
     if let Err(e) = outcome {
         report.failures.push(format!("{e:#}"));

@@ -2,9 +2,12 @@
 //!
 //! An operator makes a binary the desired version of its os/arch (optionally for agents
 //! with a label, or a percentage of them). An agent whose `hello` reports an older
-//! version is sent an `update` if the rollout has a free slot: at most `max_concurrent`
-//! agents of a rollout are updating at once. A slot is freed when the agent comes back
-//! reporting the new version, or after ROLLOUT_UPDATE_TIMEOUT.
+//! version (any other version, for a rollback) is sent an `update` if the rollout has a
+//! free slot: at most `max_concurrent` agents of a rollout are updating at once. A slot is
+//! freed when the agent comes back reporting the new version, reports the update failed
+//! (`update_result`, protocol version 2), or after ROLLOUT_UPDATE_TIMEOUT. Failures and
+//! timeouts feed the rollout's failure brake, which pauses it; a paused rollout offers
+//! its build to nobody until an operator resumes it.
 //!
 //! Slots are claimed in the store (see `store/rollouts.rs`), so replicas agree. Each
 //! replica offers free slots to its own connected agents: at once after a hello, and on
@@ -20,12 +23,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Storage, version};
+use super::Storage;
 use crate::config::Config;
 use crate::error::error_chain;
 use crate::hub::Hub;
 use crate::metrics::{Metrics, UpdateOutcome};
-use crate::store::{ActiveRollout, Claim, RolloutRow, RolloutStatus, Store, StoreError, now_ms};
+use crate::store::{
+    Claim, CurrentRollout, FailureRecord, RolloutRow, RolloutStatus, Store, StoreError,
+    UpdateFailure, now_ms,
+};
 
 /// What an agent said about itself in its hello, as far as rollouts care.
 #[derive(Debug, Clone, Default)]
@@ -50,6 +56,8 @@ pub(crate) struct Offer {
     pub url: String,
     pub sha256: String,
     pub size: i64,
+    /// A rollback: the agent may install an older version than it runs.
+    pub allow_downgrade: bool,
 }
 
 #[derive(Debug, Default)]
@@ -128,9 +136,11 @@ struct Inner {
     update_timeout: Duration,
     /// ROLLOUT_CHECK_INTERVAL.
     check_interval: Duration,
-    /// Active rollouts as last read from the store (at most one ROLLOUT_CHECK_INTERVAL
-    /// old): with none, which is the usual case, a session's hello costs no query.
-    active: RwLock<Arc<Vec<ActiveRollout>>>,
+    /// Current rollouts (active or paused) as last read from the store (at most one
+    /// ROLLOUT_CHECK_INTERVAL old): with none, which is the usual case, a session's hello
+    /// costs no query. Paused ones are kept so that an agent coming back on their
+    /// version still completes its update.
+    current: RwLock<Arc<Vec<CurrentRollout>>>,
     /// Wakes the rollout task before its next tick: a slot was freed or a rollout was
     /// started here.
     kick: Notify,
@@ -154,14 +164,14 @@ impl Rollouts {
             pod_id: config.pod_id.clone(),
             update_timeout: config.releases.rollout_update_timeout,
             check_interval: config.releases.rollout_check_interval,
-            active: RwLock::default(),
+            current: RwLock::default(),
             kick: Notify::new(),
         }))
     }
 
-    fn active(&self) -> Arc<Vec<ActiveRollout>> {
+    fn current(&self) -> Arc<Vec<CurrentRollout>> {
         self.0
-            .active
+            .current
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -180,7 +190,7 @@ impl Rollouts {
         Ok(())
     }
 
-    fn offer_for(&self, target: &ActiveRollout) -> Offer {
+    fn offer_for(&self, target: &CurrentRollout) -> Offer {
         let r = &target.rollout;
         Offer {
             rollout_id: r.id.clone(),
@@ -195,6 +205,7 @@ impl Rollouts {
             ),
             sha256: target.sha256.clone(),
             size: target.size_bytes,
+            allow_downgrade: r.allow_downgrade,
         }
     }
 
@@ -229,9 +240,9 @@ impl Rollouts {
         let (Some(current), Some(os), Some(arch)) = (facts.version, facts.os, facts.arch) else {
             return outcome;
         };
-        let active = self.active();
+        let current_rollouts = self.current();
         let (os, arch) = (os.to_lowercase(), arch.to_lowercase());
-        let Some(target) = active
+        let Some(target) = current_rollouts
             .iter()
             .find(|r| r.rollout.os == os && r.rollout.arch == arch)
         else {
@@ -249,14 +260,14 @@ impl Rollouts {
 
     async fn decide(
         &self,
-        target: &ActiveRollout,
+        target: &CurrentRollout,
         agent: &str,
         epoch: i64,
         current: &str,
         labels: Option<Vec<String>>,
     ) -> Result<Option<Offer>, StoreError> {
         let r = &target.rollout;
-        if !version::is_older(current, &r.version) {
+        if !r.wants(current) {
             if self
                 .0
                 .store
@@ -267,6 +278,9 @@ impl Rollouts {
                 tracing::info!(agent, version = current, rollout = %r.id, "agent updated");
                 self.kick();
             }
+            return Ok(None);
+        }
+        if r.status != RolloutStatus::Active.as_str() {
             return Ok(None);
         }
         if let Some(label) = &r.label {
@@ -292,10 +306,19 @@ impl Rollouts {
                 now_ms(),
             )
             .await?;
+        if let Claim::Braked(reason) = &claim {
+            self.braked(&r.id, reason);
+        }
         Ok((claim == Claim::Offer).then(|| self.offered(target, agent)))
     }
 
-    fn offered(&self, target: &ActiveRollout, agent: &str) -> Offer {
+    /// The brake paused rollout `id`: the cache learns it at once.
+    fn braked(&self, id: &str, reason: &str) {
+        tracing::warn!(rollout = %id, %reason, "rollout paused by its failure brake; resume it with POST /api/v1/rollouts/{id}/resume once the cause is understood");
+        self.kick();
+    }
+
+    fn offered(&self, target: &CurrentRollout, agent: &str) -> Offer {
         self.0.metrics.updates_offered.inc();
         tracing::info!(agent, version = %target.rollout.version, rollout = %target.rollout.id, "update offered");
         self.offer_for(target)
@@ -304,12 +327,15 @@ impl Rollouts {
     /// Called by a session when woken: the update this agent holds a slot for, if it has
     /// not been sent on this connection yet.
     pub(crate) async fn pending_offer(&self, agent: &str, epoch: i64) -> Option<Offer> {
-        let active = self.active();
-        if active.is_empty() {
+        let current = self.current();
+        if !current
+            .iter()
+            .any(|r| r.rollout.status == RolloutStatus::Active.as_str())
+        {
             return None;
         }
         match self.0.store.pending_update(agent.to_string(), epoch).await {
-            Ok(Some(rollout_id)) => active
+            Ok(Some(rollout_id)) => current
                 .iter()
                 .find(|r| r.rollout.id == rollout_id)
                 .map(|target| self.offered(target, agent)),
@@ -322,10 +348,65 @@ impl Rollouts {
         }
     }
 
-    /// Re-reads the active rollouts into the cache.
+    /// Re-reads the current rollouts into the cache.
     pub(crate) async fn refresh(&self) -> Result<(), StoreError> {
-        let active = self.0.store.active_rollouts().await?;
-        *self.0.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
+        let current = self.0.store.current_rollouts().await?;
+        *self.0.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(current);
+        Ok(())
+    }
+
+    /// Called by a session for an `update_result`: `ok` completes the update like a
+    /// hello on the new version; `failed` records the agent's reason, frees the slot and
+    /// feeds the failure brake. Errors only when the store failed (the agent sends the
+    /// report again).
+    pub(crate) async fn update_result(
+        &self,
+        agent: &str,
+        rollout_id: &str,
+        version: &str,
+        status: agent_protocol::UpdateStatus,
+        error: Option<String>,
+    ) -> Result<(), StoreError> {
+        let store = &self.0.store;
+        match status {
+            agent_protocol::UpdateStatus::Ok => {
+                if store
+                    .finish_update(rollout_id.to_string(), agent.to_string(), now_ms())
+                    .await?
+                {
+                    self.0.metrics.update_outcome(UpdateOutcome::Updated);
+                    tracing::info!(agent, version, rollout = rollout_id, "agent updated");
+                    self.kick();
+                }
+            }
+            agent_protocol::UpdateStatus::Failed => {
+                let error = error
+                    .map(|e| truncate(e.trim(), MAX_ERROR_CHARS))
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "the agent gave no reason".into());
+                let record = store
+                    .fail_update(
+                        rollout_id.to_string(),
+                        agent.to_string(),
+                        error.clone(),
+                        now_ms(),
+                    )
+                    .await?;
+                match record {
+                    FailureRecord::Recorded { braked } => {
+                        self.0.metrics.update_outcome(UpdateOutcome::Failed);
+                        tracing::warn!(agent, version, rollout = rollout_id, %error, "update failed");
+                        if let Some(reason) = braked {
+                            self.braked(rollout_id, &reason);
+                        }
+                        self.kick();
+                    }
+                    FailureRecord::Ignored => {
+                        tracing::info!(agent, version, rollout = rollout_id, %error, "update failure reported for an update this agent was not doing; ignored");
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -338,8 +419,11 @@ impl Rollouts {
     pub(crate) async fn dispatch(&self) -> Result<usize, StoreError> {
         let mut claimed = 0;
         let pod = self.0.pod_id.clone();
-        for target in self.active().iter() {
+        for target in self.current().iter() {
             let r = &target.rollout;
+            if r.status != RolloutStatus::Active.as_str() {
+                continue;
+            }
             let counts = self.0.store.update_counts(r.id.clone()).await?;
             for agent in &counts.updating_agents {
                 if let Some(session) = self.0.hub.get(agent) {
@@ -356,9 +440,7 @@ impl Rollouts {
                     .await?;
                 after = page.last().map(|(id, _)| id.clone());
                 for (agent, current) in &page {
-                    if !version::is_older(current, &r.version)
-                        || !selected(&r.binary_id, agent, r.percentage)
-                    {
+                    if !r.wants(current) || !selected(&r.binary_id, agent, r.percentage) {
                         continue;
                     }
                     let Some(session) = self.0.hub.get(agent) else {
@@ -384,6 +466,10 @@ impl Rollouts {
                                 break 'pages;
                             }
                         }
+                        Claim::Braked(reason) => {
+                            self.braked(&r.id, &reason);
+                            break 'pages;
+                        }
                         Claim::Full | Claim::Inactive => break 'pages,
                         Claim::AlreadySent | Claim::Finished => {}
                     }
@@ -400,15 +486,18 @@ impl Rollouts {
     async fn run_once(&self) -> Result<(), StoreError> {
         let now = now_ms();
         let timeout = self.0.update_timeout.as_millis() as i64;
-        let timed_out = self.0.store.expire_updates(now - timeout, now).await?;
-        for _ in 0..timed_out {
+        let expiry = self.0.store.expire_updates(now - timeout, now).await?;
+        for _ in 0..expiry.timed_out {
             self.0.metrics.update_outcome(UpdateOutcome::TimedOut);
         }
-        if timed_out > 0 {
+        if expiry.timed_out > 0 {
             tracing::warn!(
-                agents = timed_out,
+                agents = expiry.timed_out,
                 "updates timed out (agents did not come back with the new version); their slots are free"
             );
+        }
+        for (id, reason) in &expiry.braked {
+            self.braked(id, reason);
         }
         self.refresh().await?;
         self.dispatch().await?;
@@ -446,7 +535,13 @@ impl Rollouts {
             updating: counts.updating,
             updated: counts.updated,
             timed_out: counts.timed_out,
+            failed: counts.failed,
             updating_agents: counts.updating_agents,
+            recent_failures: counts
+                .recent_failures
+                .into_iter()
+                .map(RecentFailure::from)
+                .collect(),
             ..Progress::default()
         };
         let mut older = 0;
@@ -469,7 +564,7 @@ impl Rollouts {
                 }
                 p.targeted += 1;
                 match current {
-                    Some(v) if !version::is_older(v, &r.version) => p.up_to_date += 1,
+                    Some(v) if !r.wants(v) => p.up_to_date += 1,
                     Some(_) => older += 1,
                     None => p.unknown_version += 1,
                 }
@@ -478,7 +573,7 @@ impl Rollouts {
                 break;
             }
         }
-        p.waiting = (older - p.updating - p.timed_out).max(0);
+        p.waiting = (older - p.updating - p.timed_out - p.failed).max(0);
         p.complete =
             r.status == RolloutStatus::Active.as_str() && p.waiting == 0 && p.updating == 0;
         Ok(p)
@@ -499,14 +594,52 @@ pub(crate) struct Progress {
     pub updated: i64,
     /// Did not come back within ROLLOUT_UPDATE_TIMEOUT; not asked again by this rollout.
     pub timed_out: i64,
-    /// On an older version and not sent the update yet (offline, or waiting for a slot).
+    /// Reported the update failed (refused, failed its check, rolled back); not asked
+    /// again by this rollout.
+    pub failed: i64,
+    /// On an older version (another one, for a rollback) and not sent the update yet
+    /// (offline, waiting for a slot, or the rollout is paused).
     pub waiting: i64,
     /// Report no version, so cannot be compared.
     pub unknown_version: i64,
-    /// Active, and every targeted agent is up to date or timed out.
+    /// Active, and every targeted agent is up to date, failed or timed out.
     pub complete: bool,
     /// Some of the agents updating now (up to 100).
     pub updating_agents: Vec<String>,
+    /// The latest failures, newest first (up to 10), with each agent's reason.
+    pub recent_failures: Vec<RecentFailure>,
+}
+
+/// One failed update as progress shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentFailure {
+    pub agent_id: String,
+    /// The version the agent ran (and, after a rollback, runs again).
+    pub from_version: Option<String>,
+    pub error: Option<String>,
+    /// RFC 3339 UTC.
+    pub at: Option<String>,
+}
+
+impl From<UpdateFailure> for RecentFailure {
+    fn from(f: UpdateFailure) -> Self {
+        RecentFailure {
+            agent_id: f.agent_id,
+            from_version: f.from_version,
+            error: f.error,
+            at: f.finished_at.map(crate::ids::rfc3339),
+        }
+    }
+}
+
+/// Longest reason kept from an `update_result` (characters).
+pub const MAX_ERROR_CHARS: usize = 500;
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 #[cfg(test)]

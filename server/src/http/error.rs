@@ -112,10 +112,12 @@ error_codes! {
     MethodNotAllowed => "method_not_allowed",
     /// An upload with the same name, version, os and arch exists.
     BinaryExists => "binary_exists",
-    /// The binary is the target of an active rollout.
+    /// The binary is the target of an active or paused rollout.
     RolloutTarget => "rollout_target",
     /// Another rollout for the same os/arch started at the same moment.
     RolloutConflict => "rollout_conflict",
+    /// The rollout's status does not allow the action (pause, resume).
+    RolloutState => "rollout_state",
     /// The upload's content does not match its checksum.
     ChecksumMismatch => "checksum_mismatch",
     /// The upload ended before its declared length.

@@ -93,6 +93,8 @@ pub(crate) fn router(state: AppState) -> Router {
             "/api/v1/rollouts/{id}",
             get(rollouts::get).delete(rollouts::cancel),
         )
+        .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
         .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/results", get(jobs::results))

@@ -58,6 +58,8 @@ use crate::auth::ui_session::COOKIE;
         super::rollouts::create,
         super::rollouts::get,
         super::rollouts::cancel,
+        super::rollouts::pause,
+        super::rollouts::resume,
         super::jobs::list,
         super::jobs::create,
         super::jobs::get,

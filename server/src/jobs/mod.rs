@@ -6,9 +6,8 @@
 //! REST handlers call (one method per route, typed requests and responses, errors as
 //! [`JobError`]); [`pacer::Pacer`] is the per-replica background task that releases held
 //! commands within the job's bounds ([`pacing`]) and pauses it when too many fail
-//! ([`brake`]). The decisions are taken in the store, so replicas agree.
+//! (`crate::brake`, shared with rollouts). The decisions are taken in the store, so replicas agree.
 
-pub mod brake;
 pub mod pacer;
 pub mod pacing;
 pub mod targeting;

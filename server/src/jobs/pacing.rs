@@ -53,10 +53,10 @@ pub(crate) fn advance_clock(job: &JobRow, pacing: &JobPacing, now: i64, n: i64) 
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    pub(crate) fn job(max_in_flight: i64, rate: Option<i64>, canary: i64) -> JobRow {
+    fn job(max_in_flight: i64, rate: Option<i64>, canary: i64) -> JobRow {
         JobRow {
             id: "j".into(),
             name: "n".into(),

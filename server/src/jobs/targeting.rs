@@ -2,7 +2,7 @@
 //!
 //! A [`Target`] combines fields that must all hold. Those SQL can evaluate (ids, labels,
 //! os, arch, online) become an [`AgentSelection`] that the store applies inside its
-//! `INSERT … SELECT`; version comparisons (the order of `binaries::version`) and the
+//! `INSERT … SELECT`; version comparisons (the order of `agent_protocol::version`) and the
 //! percentage (the stable hash of `binaries::rollout::selected`) become a predicate the
 //! store applies to the selected ids before inserting.
 
@@ -11,9 +11,9 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 
 use crate::binaries::rollout::{MAX_LABEL_LEN, MAX_LABELS, check_labels, selected};
-use crate::binaries::version;
 use crate::ids::check_client_id;
 use crate::store::{AgentPredicate, AgentSelection};
+use agent_protocol::version;
 
 /// Most ids one target may list.
 pub(crate) const MAX_TARGET_IDS: usize = 10_000;

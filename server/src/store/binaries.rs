@@ -3,7 +3,7 @@
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use super::schema::{binaries, rollout_agents, rollouts};
+use super::schema::{binaries, rollout_agents, rollout_brakes, rollouts};
 use super::{Change, Store, StoreError, with_conn};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -152,7 +152,7 @@ impl Store {
         .await
     }
 
-    /// Deletes the metadata, refusing while the binary is an active rollout's target. The
+    /// Deletes the metadata, refusing while the binary is the target of an active or paused rollout. The
     /// history of ended rollouts of this binary goes with it. A rollout started
     /// concurrently on another replica is caught by the foreign key.
     pub(crate) async fn delete_binary(&self, id: String) -> Result<BinaryDeletion, StoreError> {
@@ -161,7 +161,7 @@ impl Store {
                 with_conn!(pool, c => {
                     let result = c.transaction::<BinaryDeletion, DieselError, _>(|c| {
                         let active: Option<String> = rollouts::table
-                            .filter(rollouts::binary_id.eq(&id).and(rollouts::status.eq("active")))
+                            .filter(rollouts::binary_id.eq(&id).and(rollouts::status.eq_any(super::rollouts::RolloutStatus::CURRENT)))
                             .select(rollouts::id)
                             .first(c)
                             .optional()?;
@@ -181,6 +181,11 @@ impl Store {
                             .select(rollouts::id);
                         diesel::delete(rollout_agents::table.filter(rollout_agents::rollout_id.eq_any(ended)))
                             .execute(c)?;
+                        let ended = rollouts::table
+                            .filter(rollouts::binary_id.eq(&id))
+                            .select(rollouts::id);
+                        diesel::delete(rollout_brakes::table.filter(rollout_brakes::rollout_id.eq_any(ended)))
+                            .execute(c)?;
                         diesel::delete(rollouts::table.filter(rollouts::binary_id.eq(&id))).execute(c)?;
                         diesel::delete(binaries::table.find(&id)).execute(c)?;
                         let others: i64 = binaries::table
@@ -193,7 +198,7 @@ impl Store {
                         Err(DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => {
                             // A rollout of this binary started while we deleted it.
                             let rollout = rollouts::table
-                                .filter(rollouts::binary_id.eq(&id).and(rollouts::status.eq("active")))
+                                .filter(rollouts::binary_id.eq(&id).and(rollouts::status.eq_any(super::rollouts::RolloutStatus::CURRENT)))
                                 .select(rollouts::id)
                                 .first::<String>(c)
                                 .optional()?;

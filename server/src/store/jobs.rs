@@ -581,7 +581,7 @@ impl Store {
                     let Some(job) = job else { return Ok(Pace::Idle) };
                     let pacing: JobPacing = job_pacing::table.find(&job_id).select(JobPacing::as_select()).first(c)?;
                     let counts = count_commands!(c, &job)?;
-                    let must_act = crate::jobs::brake::verdict(&job, &pacing, &counts).is_some()
+                    let must_act = job_verdict(&job, &pacing, &counts).is_some()
                         || counts.open() == 0
                         || (crate::jobs::pacing::budget(&job, &pacing, &counts, now) > 0
                             && local_candidates!(&job_id, &pod).select(commands::id).first::<String>(c).optional()?.is_some());
@@ -599,7 +599,7 @@ impl Store {
                     let Some(job) = job else { return Ok(Pace::Idle) };
                     let pacing: JobPacing = job_pacing::table.find(&job_id).select(JobPacing::as_select()).first(c)?;
                     let counts = count_commands!(c, &job)?;
-                    if let Some(reason) = crate::jobs::brake::verdict(&job, &pacing, &counts) {
+                    if let Some(reason) = job_verdict(&job, &pacing, &counts) {
                         diesel::update(jobs::table.find(&job_id))
                             .set((jobs::status.eq(JobStatus::Paused.as_str()), jobs::reason.eq(&reason)))
                             .execute(c)?;
@@ -804,4 +804,24 @@ impl Store {
 
 fn status_of(job: &JobRow) -> JobStatus {
     JobStatus::parse(&job.status).unwrap_or(JobStatus::Cancelled)
+}
+
+/// The failure brake (`crate::brake`) on a job's results: expired commands are not
+/// results and judge nothing.
+fn job_verdict(job: &JobRow, pacing: &JobPacing, counts: &JobCounts) -> Option<String> {
+    crate::brake::verdict(
+        crate::brake::Brake {
+            max_failure_ratio: job.max_failure_ratio,
+            min_sample: job.min_sample,
+        },
+        crate::brake::Tally {
+            failed: counts.failed,
+            finished: counts.finished(),
+        },
+        crate::brake::Tally {
+            failed: pacing.brake_failed,
+            finished: pacing.brake_finished,
+        },
+        "results",
+    )
 }

@@ -47,7 +47,10 @@ pub(crate) use jobs::{
     AgentPredicate, AgentSelection, CanarySize, JobCreation, JobRecord, JobResultRow,
     JobTransition, Pace,
 };
-pub(crate) use rollouts::{ActiveRollout, RolloutRow, RolloutStart, RolloutStatus};
+pub(crate) use rollouts::{
+    CurrentRollout, Expiry, FailureRecord, RolloutBrake, RolloutRow, RolloutStart,
+    RolloutStatus, RolloutTransition, UpdateCounts, UpdateFailure, UpdateStatus,
+};
 
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");

@@ -4,11 +4,14 @@
 //! Pacing is decided here, in one transaction per claim, so that replicas agree on it:
 //! the claim first writes the rollout's row, which serialises claims of that rollout (a
 //! row lock on PostgreSQL, the write lock on SQLite), then counts the agents updating.
+//! The failure brake (`crate::brake`) is judged the same way, on every claim of a new
+//! slot and on every failure or timeout recorded: failed and timed-out updates count
+//! against it, updated ones for it.
 
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use super::schema::{agent_labels, agents, binaries, rollout_agents, rollouts};
+use super::schema::{agent_labels, agents, binaries, rollout_agents, rollout_brakes, rollouts};
 use super::{Change, Store, StoreError, with_conn};
 
 /// `agent_labels.source` of the labels an enroll secret gave: hellos keep them.
@@ -22,19 +25,25 @@ extern "SQL" {
     ) -> diesel::sql_types::Nullable<diesel::sql_types::Text>;
 }
 
-/// Lifecycle: `active` until a newer rollout for the same os/arch supersedes it or an
-/// operator cancels it.
+/// Lifecycle: `active` ⇄ `paused` (the failure brake or an operator; `reason` says why)
+/// until a newer rollout for the same os/arch supersedes it or an operator cancels it.
+/// A paused rollout offers its build to nobody, but stays its platform's rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RolloutStatus {
     Active,
+    Paused,
     Superseded,
     Cancelled,
 }
 
 impl RolloutStatus {
+    /// The statuses of a platform's current rollout (at most one per os/arch).
+    pub const CURRENT: [&'static str; 2] = ["active", "paused"];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             RolloutStatus::Active => "active",
+            RolloutStatus::Paused => "paused",
             RolloutStatus::Superseded => "superseded",
             RolloutStatus::Cancelled => "cancelled",
         }
@@ -50,6 +59,9 @@ pub(crate) enum UpdateStatus {
     Updated,
     /// Did not come back with the new version within ROLLOUT_UPDATE_TIMEOUT.
     TimedOut,
+    /// The agent reported the update failed (`update_result`): refused, failed its
+    /// check, or rolled back. `error` says why.
+    Failed,
 }
 
 impl UpdateStatus {
@@ -58,6 +70,7 @@ impl UpdateStatus {
             UpdateStatus::Updating => "updating",
             UpdateStatus::Updated => "updated",
             UpdateStatus::TimedOut => "timed_out",
+            UpdateStatus::Failed => "failed",
         }
     }
 }
@@ -77,11 +90,60 @@ pub(crate) struct RolloutRow {
     pub status: String,
     pub created_at: i64,
     pub(crate) ended_at: Option<i64>,
+    /// A rollback: agents on a newer version are offered this one too.
+    pub allow_downgrade: bool,
+    /// Why it is paused.
+    pub reason: Option<String>,
 }
 
-/// An active rollout with what an `update` message needs from its binary.
+/// A rollout's failure brake, for rollouts started with one.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = rollout_brakes)]
+pub struct RolloutBrake {
+    pub rollout_id: String,
+    /// Pause when (failed + timed out) ÷ finished updates exceeds this (0 to 1).
+    pub max_failure_ratio: f64,
+    /// Finished updates needed (since the last resume) before the brake may trip.
+    pub min_sample: i64,
+    /// Outcomes the brake judged before the last resume.
+    pub judged_failed: i64,
+    pub judged_finished: i64,
+}
+
+impl RolloutBrake {
+    /// The reason to pause, given the rollout's counts.
+    fn verdict(&self, counts: &UpdateCounts) -> Option<String> {
+        crate::brake::verdict(
+            crate::brake::Brake {
+                max_failure_ratio: Some(self.max_failure_ratio),
+                min_sample: self.min_sample,
+            },
+            counts.tally(),
+            crate::brake::Tally {
+                failed: self.judged_failed,
+                finished: self.judged_finished,
+            },
+            "updates",
+        )
+    }
+}
+
+impl RolloutRow {
+    /// Whether an agent on `current` is to be offered this rollout's version: an older
+    /// one, or for a rollback any other one.
+    pub fn wants(&self, current: &str) -> bool {
+        match agent_protocol::version::compare(current, &self.version) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => self.allow_downgrade,
+            std::cmp::Ordering::Equal => false,
+        }
+    }
+}
+
+/// A platform's current rollout (active or paused) with what an `update` message needs
+/// from its binary.
 #[derive(Debug, Clone)]
-pub(crate) struct ActiveRollout {
+pub struct CurrentRollout {
     pub rollout: RolloutRow,
     pub name: String,
     pub sha256: String,
@@ -100,7 +162,7 @@ pub(crate) enum RolloutStart {
 }
 
 /// What became of an attempt to send an agent the update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// Send the update on this connection (a new slot, or again on a new connection).
     Offer,
@@ -108,10 +170,12 @@ pub enum Claim {
     AlreadySent,
     /// Every slot is taken; the agent waits its turn.
     Full,
-    /// The agent was updated or timed out in this rollout; it is not asked again.
+    /// The agent was updated, failed or timed out in this rollout; it is not asked again.
     Finished,
-    /// The rollout is no longer active.
+    /// The rollout is not active (paused, or ended).
     Inactive,
+    /// The failure brake tripped on this claim: the rollout is paused with this reason.
+    Braked(String),
 }
 
 /// A rollout's agents by update status.
@@ -120,13 +184,124 @@ pub(crate) struct UpdateCounts {
     pub updating: i64,
     pub updated: i64,
     pub timed_out: i64,
+    pub failed: i64,
     /// Some of the agents updating now (at most 100), for display.
     pub updating_agents: Vec<String>,
+    /// The latest failures reported, newest first (at most [`RECENT_FAILURES`]).
+    pub recent_failures: Vec<UpdateFailure>,
+}
+
+impl UpdateCounts {
+    /// What the brake judges: failed and timed-out updates against all finished ones.
+    fn tally(&self) -> crate::brake::Tally {
+        crate::brake::Tally {
+            failed: self.failed + self.timed_out,
+            finished: self.updated + self.failed + self.timed_out,
+        }
+    }
+}
+
+/// Failures listed with a rollout's progress.
+pub const RECENT_FAILURES: i64 = 10;
+
+/// One agent's failed update, as it reported it.
+#[derive(Debug, Clone, Queryable, serde::Serialize)]
+pub struct UpdateFailure {
+    pub agent_id: String,
+    pub from_version: Option<String>,
+    pub error: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    #[serde(skip)]
+    pub finished_at: Option<i64>,
+}
+
+/// What became of an agent's report that its update failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureRecord {
+    /// Recorded; the brake paused the rollout with this reason, if it tripped.
+    Recorded { braked: Option<String> },
+    /// The agent was not updating in this rollout (never offered, already finished, or
+    /// no such rollout): nothing changed.
+    Ignored,
+}
+
+/// What became of an operator's pause or resume.
+#[derive(Debug)]
+pub enum RolloutTransition {
+    Done(Box<RolloutRow>),
+    /// The rollout is in a status the action does not apply to.
+    WrongState(String),
+    NotFound,
+}
+
+/// Updates that timed out in one round, and the rollouts whose brake they tripped.
+#[derive(Debug, Default)]
+pub struct Expiry {
+    pub timed_out: usize,
+    /// (rollout id, reason).
+    pub braked: Vec<(String, String)>,
+}
+
+/// Counts a rollout's agents by update status in one grouped statement. A macro so that
+/// its body compiles for either backend's connection.
+macro_rules! count_updates {
+    ($c:expr, $rollout_id:expr) => {{
+        let by_status: Vec<(String, i64)> = rollout_agents::table
+            .filter(rollout_agents::rollout_id.eq($rollout_id))
+            .group_by(rollout_agents::status)
+            .select((rollout_agents::status, diesel::dsl::count_star()))
+            .load($c)?;
+        let mut counts = UpdateCounts::default();
+        for (status, n) in by_status {
+            match status.as_str() {
+                "updating" => counts.updating = n,
+                "updated" => counts.updated = n,
+                "timed_out" => counts.timed_out = n,
+                "failed" => counts.failed = n,
+                _ => {}
+            }
+        }
+        Ok::<UpdateCounts, DieselError>(counts)
+    }};
+}
+
+/// Judges the brake (if it has one) on an active rollout whose row this transaction
+/// wrote, and pauses it when it trips. Evaluates to the reason.
+macro_rules! judge {
+    ($c:expr, $row:expr, $counts:expr) => {{
+        let row: &RolloutRow = $row;
+        let brake: Option<RolloutBrake> = if row.status == RolloutStatus::Active.as_str() {
+            rollout_brakes::table
+                .find(&row.id)
+                .select(RolloutBrake::as_select())
+                .first($c)
+                .optional()?
+        } else {
+            None
+        };
+        match brake.and_then(|b| b.verdict($counts)) {
+            Some(reason) => {
+                diesel::update(rollouts::table.find(&row.id))
+                    .set((
+                        rollouts::status.eq(RolloutStatus::Paused.as_str()),
+                        rollouts::reason.eq(&reason),
+                    ))
+                    .execute($c)?;
+                Some(reason)
+            }
+            _ => None,
+        }
+    }};
 }
 
 impl Store {
-    /// Makes `row` the active rollout of its os/arch, superseding the previous one.
-    pub(crate) async fn start_rollout(&self, row: RolloutRow) -> Result<RolloutStart, StoreError> {
+    /// Makes `row` the active rollout of its os/arch, superseding the previous one (active
+    /// or paused).
+    pub async fn start_rollout(
+        &self,
+        row: RolloutRow,
+        brake: Option<RolloutBrake>,
+    ) -> Result<RolloutStart, StoreError> {
         let outcome = self
             .run(move |pool| {
                 with_conn!(pool, c => {
@@ -134,7 +309,7 @@ impl Store {
                         let superseded: Vec<String> = diesel::update(rollouts::table)
                             .filter(rollouts::os.eq(&row.os))
                             .filter(rollouts::arch.eq(&row.arch))
-                            .filter(rollouts::status.eq(RolloutStatus::Active.as_str()))
+                            .filter(rollouts::status.eq_any(RolloutStatus::CURRENT))
                             .set((
                                 rollouts::status.eq(RolloutStatus::Superseded.as_str()),
                                 rollouts::ended_at.eq(row.created_at),
@@ -142,6 +317,9 @@ impl Store {
                             .returning(rollouts::id)
                             .get_results(c)?;
                         diesel::insert_into(rollouts::table).values(&row).execute(c)?;
+                        if let Some(brake) = &brake {
+                            diesel::insert_into(rollout_brakes::table).values(brake).execute(c)?;
+                        }
                         Ok(superseded.into_iter().next())
                     });
                     match result {
@@ -163,13 +341,13 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Every active rollout, with its binary's name, checksum and size.
-    pub(crate) async fn active_rollouts(&self) -> Result<Vec<ActiveRollout>, StoreError> {
+    /// Every current rollout (active or paused), with its binary's name, checksum and size.
+    pub async fn current_rollouts(&self) -> Result<Vec<CurrentRollout>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let rows = rollouts::table
                     .inner_join(binaries::table)
-                    .filter(rollouts::status.eq(RolloutStatus::Active.as_str()))
+                    .filter(rollouts::status.eq_any(RolloutStatus::CURRENT))
                     .order(rollouts::created_at.asc())
                     .select((
                         RolloutRow::as_select(),
@@ -180,7 +358,7 @@ impl Store {
                     .load::<(RolloutRow, String, String, i64)>(c)?;
                 Ok(rows
                     .into_iter()
-                    .map(|(rollout, name, sha256, size_bytes)| ActiveRollout { rollout, name, sha256, size_bytes })
+                    .map(|(rollout, name, sha256, size_bytes)| CurrentRollout { rollout, name, sha256, size_bytes })
                     .collect())
             })
         })
@@ -199,6 +377,36 @@ impl Store {
         .await
     }
 
+    /// The rollout's failure brake, if it was started with one.
+    pub async fn rollout_brake(&self, id: String) -> Result<Option<RolloutBrake>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(rollout_brakes::table
+                .find(&id)
+                .select(RolloutBrake::as_select())
+                .first(c)
+                .optional()?))
+        })
+        .await
+    }
+
+    /// The newest rollout of a platform, whatever its status: what a new rollout of an
+    /// older version would roll back from.
+    pub async fn latest_rollout(
+        &self,
+        os: String,
+        arch: String,
+    ) -> Result<Option<RolloutRow>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(rollouts::table
+                .filter(rollouts::os.eq(&os).and(rollouts::arch.eq(&arch)))
+                .order((rollouts::created_at.desc(), rollouts::id.desc()))
+                .select(RolloutRow::as_select())
+                .first(c)
+                .optional()?))
+        })
+        .await
+    }
+
     pub(crate) async fn get_rollout(&self, id: String) -> Result<Option<RolloutRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(rollouts::table
@@ -210,7 +418,8 @@ impl Store {
         .await
     }
 
-    /// Ends an active rollout. Returns the row, or `None` if there is no such rollout.
+    /// Ends an active or paused rollout. Returns the row, or `None` if there is no such
+    /// rollout.
     pub(crate) async fn cancel_rollout(
         &self,
         id: String,
@@ -220,7 +429,7 @@ impl Store {
             .run(move |pool| {
                 with_conn!(pool, c => {
                     diesel::update(rollouts::table)
-                        .filter(rollouts::id.eq(&id).and(rollouts::status.eq(RolloutStatus::Active.as_str())))
+                        .filter(rollouts::id.eq(&id).and(rollouts::status.eq_any(RolloutStatus::CURRENT)))
                         .set((
                             rollouts::status.eq(RolloutStatus::Cancelled.as_str()),
                             rollouts::ended_at.eq(now),
@@ -253,13 +462,13 @@ impl Store {
             .run(move |pool| {
                 with_conn!(pool, c => c.transaction::<Claim, StoreError, _>(|c| {
                     // Writing the rollout's row first serialises the claims of this rollout.
-                    let max: Option<i32> = diesel::update(rollouts::table)
+                    let row: Option<RolloutRow> = diesel::update(rollouts::table)
                         .filter(rollouts::id.eq(&rollout_id).and(rollouts::status.eq(RolloutStatus::Active.as_str())))
                         .set(rollouts::status.eq(RolloutStatus::Active.as_str()))
-                        .returning(rollouts::max_concurrent)
+                        .returning(RolloutRow::as_returning())
                         .get_result(c)
                         .optional()?;
-                    let Some(max) = max else { return Ok(Claim::Inactive) };
+                    let Some(row) = row else { return Ok(Claim::Inactive) };
                     let existing: Option<(String, i64)> = rollout_agents::table
                         .find((&rollout_id, &agent_id))
                         .select((rollout_agents::status, rollout_agents::offered_epoch))
@@ -277,12 +486,11 @@ impl Store {
                         }
                         Some(_) => Ok(Claim::Finished),
                         None => {
-                            let busy: i64 = rollout_agents::table
-                                .filter(rollout_agents::rollout_id.eq(&rollout_id))
-                                .filter(rollout_agents::status.eq(UpdateStatus::Updating.as_str()))
-                                .count()
-                                .get_result(c)?;
-                            if busy >= i64::from(max) {
+                            let counts = count_updates!(c, &rollout_id)?;
+                            if let Some(reason) = judge!(c, &row, &counts) {
+                                return Ok(Claim::Braked(reason));
+                            }
+                            if counts.updating >= i64::from(row.max_concurrent) {
                                 return Ok(Claim::Full);
                             }
                             diesel::insert_into(rollout_agents::table)
@@ -301,7 +509,7 @@ impl Store {
                 }))
             })
             .await?;
-        if claim == Claim::Offer {
+        if matches!(claim, Claim::Offer | Claim::Braked(_)) {
             self.announce(|| Change::Rollouts);
         }
         Ok(claim)
@@ -366,53 +574,178 @@ impl Store {
         Ok(finished)
     }
 
-    /// Marks updates of active rollouts sent before `cutoff` as timed out, freeing their
-    /// slots. Returns how many.
-    pub(crate) async fn expire_updates(&self, cutoff: i64, now: i64) -> Result<usize, StoreError> {
-        let n = self
+    /// Marks updates of current rollouts sent before `cutoff` as timed out, freeing their
+    /// slots, and judges the brake of each active rollout that had some.
+    pub async fn expire_updates(&self, cutoff: i64, now: i64) -> Result<Expiry, StoreError> {
+        let expiry = self
             .run(move |pool| {
                 with_conn!(pool, c => {
-                    let active = rollouts::table
-                        .filter(rollouts::status.eq(RolloutStatus::Active.as_str()))
-                        .select(rollouts::id);
-                    Ok(diesel::update(rollout_agents::table)
-                        .filter(rollout_agents::status.eq(UpdateStatus::Updating.as_str()))
-                        .filter(rollout_agents::offered_at.lt(cutoff))
-                        .filter(rollout_agents::rollout_id.eq_any(active))
-                        .set((
-                            rollout_agents::status.eq(UpdateStatus::TimedOut.as_str()),
-                            rollout_agents::finished_at.eq(now),
-                        ))
-                        .execute(c)?)
+                    let current: Vec<String> = rollouts::table
+                        .filter(rollouts::status.eq_any(RolloutStatus::CURRENT))
+                        .select(rollouts::id)
+                        .load(c)?;
+                    let mut expiry = Expiry::default();
+                    // One transaction per rollout (there is one per platform at most),
+                    // each writing the rollout's row first, as a claim does.
+                    for id in current {
+                        let (n, braked) = c.transaction::<(usize, Option<String>), StoreError, _>(|c| {
+                            let row: Option<RolloutRow> = diesel::update(rollouts::table)
+                                .filter(rollouts::id.eq(&id).and(rollouts::status.eq_any(RolloutStatus::CURRENT)))
+                                .set(rollouts::status.eq(rollouts::status))
+                                .returning(RolloutRow::as_returning())
+                                .get_result(c)
+                                .optional()?;
+                            let Some(row) = row else { return Ok((0, None)) };
+                            let n = diesel::update(rollout_agents::table)
+                                .filter(rollout_agents::rollout_id.eq(&id))
+                                .filter(rollout_agents::status.eq(UpdateStatus::Updating.as_str()))
+                                .filter(rollout_agents::offered_at.lt(cutoff))
+                                .set((
+                                    rollout_agents::status.eq(UpdateStatus::TimedOut.as_str()),
+                                    rollout_agents::finished_at.eq(now),
+                                ))
+                                .execute(c)?;
+                            if n == 0 {
+                                return Ok((0, None));
+                            }
+                            let counts = count_updates!(c, &id)?;
+                            Ok((n, judge!(c, &row, &counts)))
+                        })?;
+                        expiry.timed_out += n;
+                        if let Some(reason) = braked {
+                            expiry.braked.push((id, reason));
+                        }
+                    }
+                    Ok(expiry)
                 })
             })
             .await?;
-        if n > 0 {
+        if expiry.timed_out > 0 {
             self.announce(|| Change::Rollouts);
         }
-        Ok(n)
+        Ok(expiry)
     }
 
-    pub(crate) async fn update_counts(
+    /// Records the agent's report that its update of this rollout failed (from
+    /// `updating`, or `timed_out` when the report comes late), with its reason, and
+    /// judges the brake if the rollout is active. Ended rollouts record it too, as
+    /// history.
+    pub async fn fail_update(
         &self,
         rollout_id: String,
-    ) -> Result<UpdateCounts, StoreError> {
+        agent_id: String,
+        error: String,
+        now: i64,
+    ) -> Result<FailureRecord, StoreError> {
+        let record = self
+            .run(move |pool| {
+                with_conn!(pool, c => c.transaction::<FailureRecord, StoreError, _>(|c| {
+                    let row: Option<RolloutRow> = diesel::update(rollouts::table.find(&rollout_id))
+                        .set(rollouts::status.eq(rollouts::status))
+                        .returning(RolloutRow::as_returning())
+                        .get_result(c)
+                        .optional()?;
+                    let Some(row) = row else { return Ok(FailureRecord::Ignored) };
+                    let n = diesel::update(rollout_agents::table.find((&rollout_id, &agent_id)))
+                        .filter(rollout_agents::status.eq_any([
+                            UpdateStatus::Updating.as_str(),
+                            UpdateStatus::TimedOut.as_str(),
+                        ]))
+                        .set((
+                            rollout_agents::status.eq(UpdateStatus::Failed.as_str()),
+                            rollout_agents::error.eq(&error),
+                            rollout_agents::finished_at.eq(now),
+                        ))
+                        .execute(c)?;
+                    if n == 0 {
+                        return Ok(FailureRecord::Ignored);
+                    }
+                    let counts = count_updates!(c, &rollout_id)?;
+                    Ok(FailureRecord::Recorded { braked: judge!(c, &row, &counts) })
+                }))
+            })
+            .await?;
+        if let FailureRecord::Recorded { .. } = record {
+            self.announce(|| Change::Rollouts);
+        }
+        Ok(record)
+    }
+
+    /// Pauses an active rollout (an operator's pause; the brake pauses in the claims and
+    /// failure reports). Agents already updating finish; nobody else is offered the build.
+    pub async fn pause_rollout(
+        &self,
+        id: String,
+        reason: String,
+    ) -> Result<RolloutTransition, StoreError> {
+        self.transition(id, RolloutStatus::Active, move |row| {
+            row.status = RolloutStatus::Paused.as_str().into();
+            row.reason = Some(reason);
+            false
+        })
+        .await
+    }
+
+    /// Makes a paused rollout active again. The brake starts a new sample: updates judged
+    /// before the resume do not count again.
+    pub async fn resume_rollout(&self, id: String) -> Result<RolloutTransition, StoreError> {
+        self.transition(id, RolloutStatus::Paused, |row| {
+            row.status = RolloutStatus::Active.as_str().into();
+            row.reason = None;
+            true
+        })
+        .await
+    }
+
+    /// Applies `change` to rollout `id` if it is in status `from`, writing the row first;
+    /// when `change` says so, the brake's sample starts again from the current counts.
+    async fn transition(
+        &self,
+        id: String,
+        from: RolloutStatus,
+        change: impl FnOnce(&mut RolloutRow) -> bool + Send + 'static,
+    ) -> Result<RolloutTransition, StoreError> {
+        let outcome = self
+            .run(move |pool| {
+                with_conn!(pool, c => c.transaction::<RolloutTransition, StoreError, _>(|c| {
+                    let row: Option<RolloutRow> = diesel::update(rollouts::table.find(&id))
+                        .set(rollouts::status.eq(rollouts::status))
+                        .returning(RolloutRow::as_returning())
+                        .get_result(c)
+                        .optional()?;
+                    let Some(mut row) = row else { return Ok(RolloutTransition::NotFound) };
+                    if row.status != from.as_str() {
+                        return Ok(RolloutTransition::WrongState(row.status));
+                    }
+                    let new_sample = change(&mut row);
+                    diesel::update(rollouts::table.find(&id))
+                        .set((rollouts::status.eq(&row.status), rollouts::reason.eq(&row.reason)))
+                        .execute(c)?;
+                    if new_sample {
+                        let judged = count_updates!(c, &id)?.tally();
+                        diesel::update(rollout_brakes::table.find(&id))
+                            .set((
+                                rollout_brakes::judged_failed.eq(judged.failed),
+                                rollout_brakes::judged_finished.eq(judged.finished),
+                            ))
+                            .execute(c)?;
+                    }
+                    Ok(RolloutTransition::Done(Box::new(row)))
+                }))
+            })
+            .await?;
+        if let RolloutTransition::Done(_) = outcome {
+            self.announce(|| Change::Rollouts);
+        }
+        Ok(outcome)
+    }
+
+    /// The rollout's agents by update status, some of those updating, and the latest
+    /// failures.
+    pub async fn update_counts(&self, rollout_id: String) -> Result<UpdateCounts, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
-                let by_status: Vec<(String, i64)> = rollout_agents::table
-                    .filter(rollout_agents::rollout_id.eq(&rollout_id))
-                    .group_by(rollout_agents::status)
-                    .select((rollout_agents::status, diesel::dsl::count_star()))
-                    .load(c)?;
-                let mut counts = UpdateCounts::default();
-                for (status, n) in by_status {
-                    match status.as_str() {
-                        "updating" => counts.updating = n,
-                        "updated" => counts.updated = n,
-                        "timed_out" => counts.timed_out = n,
-                        _ => {}
-                    }
-                }
+                let mut counts = count_updates!(c, &rollout_id)?;
                 counts.updating_agents = rollout_agents::table
                     .filter(rollout_agents::rollout_id.eq(&rollout_id))
                     .filter(rollout_agents::status.eq(UpdateStatus::Updating.as_str()))
@@ -420,6 +753,20 @@ impl Store {
                     .limit(100)
                     .select(rollout_agents::agent_id)
                     .load(c)?;
+                if counts.failed > 0 {
+                    counts.recent_failures = rollout_agents::table
+                        .filter(rollout_agents::rollout_id.eq(&rollout_id))
+                        .filter(rollout_agents::status.eq(UpdateStatus::Failed.as_str()))
+                        .order((rollout_agents::finished_at.desc(), rollout_agents::agent_id.asc()))
+                        .limit(RECENT_FAILURES)
+                        .select((
+                            rollout_agents::agent_id,
+                            rollout_agents::from_version,
+                            rollout_agents::error,
+                            rollout_agents::finished_at,
+                        ))
+                        .load(c)?;
+                }
                 Ok(counts)
             })
         })
@@ -428,7 +775,8 @@ impl Store {
 
     /// Agents online on `pod` that this rollout may have to update: its os/arch (and
     /// label), a reported version other than the target, and not yet sent the update.
-    /// Keyset pages by id; the caller compares versions and applies the percentage.
+    /// Keyset pages by id; the caller compares versions ([`RolloutRow::wants`]) and
+    /// applies the percentage.
     pub(crate) async fn rollout_candidates(
         &self,
         rollout: RolloutRow,

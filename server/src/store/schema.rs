@@ -74,6 +74,18 @@ diesel::table! {
         status -> Text,
         created_at -> BigInt,
         ended_at -> Nullable<BigInt>,
+        allow_downgrade -> Bool,
+        reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    rollout_brakes (rollout_id) {
+        rollout_id -> Text,
+        max_failure_ratio -> Double,
+        min_sample -> BigInt,
+        judged_failed -> BigInt,
+        judged_finished -> BigInt,
     }
 }
 
@@ -86,6 +98,7 @@ diesel::table! {
         offered_at -> BigInt,
         offered_epoch -> BigInt,
         finished_at -> Nullable<BigInt>,
+        error -> Nullable<Text>,
     }
 }
 
@@ -107,6 +120,7 @@ diesel::table! {
 
 diesel::joinable!(rollouts -> binaries (binary_id));
 diesel::joinable!(rollout_agents -> rollouts (rollout_id));
+diesel::joinable!(rollout_brakes -> rollouts (rollout_id));
 diesel::joinable!(rollout_agents -> agents (agent_id));
 diesel::joinable!(agent_labels -> agents (agent_id));
 diesel::allow_tables_to_appear_in_same_query!(
@@ -114,6 +128,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     binaries,
     rollouts,
     rollout_agents,
+    rollout_brakes,
     agent_labels
 );
 

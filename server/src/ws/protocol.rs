@@ -1,11 +1,11 @@
-//! The agent protocol, version 1: the messages and close codes are the `agent-protocol`
+//! The agent protocol (version 2, which version-1 agents speak a subset of): the messages and close codes are the `agent-protocol`
 //! crate's (`docs/protocol.md` is their prose version). What stays here is the server's
 //! own: the metric label of each message, and the close frames it sends with the reason
 //! recorded in metrics.
 
 pub use agent_protocol::{
     AgentMessage as Inbound, CloseCode, ErrorCode, PROTOCOL_VERSION, ResultStatus,
-    ServerMessage as Outbound,
+    ServerMessage as Outbound, UpdateStatus,
 };
 
 use crate::metrics::{CloseReason, MessageType};
@@ -22,6 +22,7 @@ impl Metered for Inbound {
             Inbound::Inventory { .. } => MessageType::Inventory,
             Inbound::Result { .. } => MessageType::Result,
             Inbound::Heartbeat => MessageType::Heartbeat,
+            Inbound::UpdateResult { .. } => MessageType::UpdateResult,
         }
     }
 }

@@ -30,6 +30,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::protocol::{
     self, Close, ErrorCode, Inbound, Metered, Outbound, PROTOCOL_VERSION, ResultStatus,
+    UpdateStatus,
 };
 use crate::auth::unix_now;
 use crate::binaries::{Rollouts, rollout};
@@ -370,6 +371,7 @@ impl Session {
         if let Err(e) = check_json("", text) {
             let id = match &msg {
                 Inbound::Result { id, .. } => Some(id.as_str()),
+                Inbound::UpdateResult { rollout_id, .. } => Some(rollout_id.as_str()),
                 _ => None,
             };
             tracing::info!(agent = %self.handle.client_id, field = %e.field, "message refused: U+0000");
@@ -422,6 +424,15 @@ impl Session {
                     self.error(ErrorCode::InvalidMessage, problem, None).await?;
                 }
                 self.send_update(outcome.offer).await
+            }
+            Inbound::UpdateResult {
+                rollout_id,
+                version,
+                status,
+                error,
+            } => {
+                self.on_update_result(rollout_id, version, status, error)
+                    .await
             }
             Inbound::Inventory { data } => {
                 let body = data.to_string();
@@ -501,6 +512,43 @@ impl Session {
         }
     }
 
+    /// An `update_result` (protocol version 2): stored, then acknowledged with the
+    /// rollout's id; on a store failure the agent is told to send it again.
+    async fn on_update_result(
+        &mut self,
+        rollout_id: String,
+        version: String,
+        status: UpdateStatus,
+        error: Option<String>,
+    ) -> Result<(), End> {
+        let rollouts = self.state.rollouts.clone();
+        let id = self.handle.client_id.clone();
+        tracing::info!(agent = %id, rollout = %rollout_id, %version, status = status.as_str(), ?error, "update result");
+        let report = rollout_id.clone();
+        let stored = self
+            .guarded(async move {
+                rollouts
+                    .update_result(&id, &report, &version, status, error)
+                    .await
+            })
+            .await?;
+        match stored {
+            Ok(()) => {
+                self.send(&Outbound::Ack {
+                    id: rollout_id.as_str().into(),
+                })
+                .await
+            }
+            Err(e) => {
+                self.state.metrics.store_errors.inc();
+                tracing::error!(agent = %self.handle.client_id, error = %error_chain(&e), "could not store an update result");
+                let msg = "update result not stored; send it again later".to_string();
+                self.error(ErrorCode::StoreUnavailable, msg, Some(&rollout_id))
+                    .await
+            }
+        }
+    }
+
     async fn send_update(&mut self, offer: Option<rollout::Offer>) -> Result<(), End> {
         let Some(o) = offer else { return Ok(()) };
         self.send(&Outbound::Update {
@@ -513,6 +561,7 @@ impl Session {
             url: o.url.as_str().into(),
             sha256: o.sha256.as_str().into(),
             size: o.size,
+            allow_downgrade: o.allow_downgrade,
         })
         .await
     }

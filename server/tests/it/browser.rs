@@ -1,6 +1,7 @@
 //! The web UI in a real browser: headless Chromium driven over the WebDriver protocol by
 //! chromedriver. Signs in, watches a simulated agent come online, sends it a command and
-//! sees the result, uploads a binary and rolls it out, runs a command on the agents with
+//! sees the result, uploads a binary and rolls it out with a failure brake, sees a failed
+//! update pause the rollout with its reason and resumes it, runs a command on the agents with
 //! a label as a fleet job and sees every result; screenshots of every page go to
 //! `target/ui-artifacts/`.
 //!
@@ -412,6 +413,9 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     browser
         .click_element(roll[ELEMENT].as_str().expect("a Roll out button"))
         .await;
+    // With a failure brake: pause once more than half of the finished updates failed.
+    browser.type_into("#rollout-brake", "50").await;
+    browser.type_into("#rollout-sample", "1").await;
     browser.click("#rollout-start").await;
     let update = agent.recv_type("update").await;
     assert_eq!(update["version"], "2.5.0");
@@ -421,6 +425,32 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
         })
         .await;
     browser.screenshot("04-binaries.png").await;
+
+    // The agent reports the update failed: the page shows the failure with its reason,
+    // and the pause the brake decided, with its reason.
+    agent
+        .send(json!({
+            "type": "update_result", "rollout_id": update["rollout_id"], "version": "2.5.0",
+            "status": "failed", "error": "rolled back to 2.4.0: the new build did not reach welcome within 120 s",
+        }))
+        .await;
+    agent.recv_type("ack").await;
+    browser
+        .find_where("[data-rollout][data-status='paused']", |t| {
+            t.contains("Failed 1")
+                && t.contains("did not reach welcome within 120 s")
+                && t.contains("Paused: failure brake: 1 of 1 updates failed")
+        })
+        .await;
+    browser.screenshot("04b-rollout-paused.png").await;
+    browser
+        .click("[data-rollout] button[data-action='resume']")
+        .await;
+    browser
+        .find_where("[data-rollout][data-status='active']", |t| {
+            t.contains("Failed 1")
+        })
+        .await;
 
     browser.click("a[href='#/cluster']").await;
     browser
@@ -436,6 +466,7 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
         "command_created",
         "binary_uploaded",
         "rollout_created",
+        "rollout_resumed",
     ] {
         browser
             .find_where(&format!("#audit-table tr[data-action='{action}']"), |t| {

@@ -318,7 +318,253 @@ async fn invalid_labels_in_a_hello_are_refused_and_the_session_continues(app: Te
     assert!(before[0]["message"].as_str().unwrap().contains("not ok"));
 }
 
+fn update_result(rollout: &Value, version: &str, status: &str, error: Option<&str>) -> Value {
+    let mut msg = json!({
+        "type": "update_result", "rollout_id": rollout["id"], "version": version, "status": status,
+    });
+    if let Some(e) = error {
+        msg["error"] = json!(e);
+    }
+    msg
+}
+
+async fn failed_update_is_counted_with_its_reason_and_frees_the_slot(app: TestApp) {
+    let binary = app.uploaded("agent", "2.5.0", "linux", "x86_64").await;
+    let rollout = app
+        .rollout(json!({"binary_id": binary, "max_concurrent": 1}))
+        .await;
+    let mut first = app.connect_as("bad-host", "2.4.0", &[]).await;
+    assert_eq!(updates(&first.until_heartbeat_ack().await).len(), 1);
+    let mut second = app.connect_as("next-host", "2.4.0", &[]).await;
+    assert!(updates(&second.until_heartbeat_ack().await).is_empty());
+
+    // The agent reports the failure; the server acknowledges it with the rollout's id.
+    first
+        .send(update_result(
+            &rollout,
+            "2.5.0",
+            "failed",
+            Some("self-check: the build exited with status 1"),
+        ))
+        .await;
+    let ack = first.recv_type("ack").await;
+    assert_eq!(ack["id"], rollout["id"]);
+    // Its slot goes to the waiting agent at once.
+    second.recv_type("update").await;
+    let p = progress(&app, &rollout).await;
+    assert_eq!(
+        (p["failed"].as_i64(), p["updating"].as_i64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(p["recent_failures"][0]["agent_id"], "bad-host");
+    assert_eq!(p["recent_failures"][0]["from_version"], "2.4.0");
+    assert_eq!(
+        p["recent_failures"][0]["error"],
+        "self-check: the build exited with status 1"
+    );
+    // Reported again (after a reconnect) it is acknowledged and changes nothing; and a
+    // failed agent is not asked again by this rollout.
+    drop(first);
+    let mut again = app.connect("bad-host").await;
+    again
+        .send(update_result(&rollout, "2.5.0", "failed", None))
+        .await;
+    assert_eq!(again.recv_type("ack").await["id"], rollout["id"]);
+    again
+        .send(json!({"type": "hello", "version": "2.4.0", "os": "linux", "arch": "x86_64"}))
+        .await;
+    assert!(updates(&again.until_heartbeat_ack().await).is_empty());
+    assert_eq!(progress(&app, &rollout).await["failed"], 1);
+}
+
+async fn update_result_ok_completes_the_update(app: TestApp) {
+    let binary = app.uploaded("agent", "2.5.0", "linux", "x86_64").await;
+    let rollout = app.rollout(json!({"binary_id": binary})).await;
+    let mut agent = app.connect_as("good", "2.4.0", &[]).await;
+    assert_eq!(updates(&agent.until_heartbeat_ack().await).len(), 1);
+    drop(agent);
+    let mut agent = app.connect("good").await;
+    agent
+        .send(update_result(&rollout, "2.5.0", "ok", None))
+        .await;
+    assert_eq!(agent.recv_type("ack").await["id"], rollout["id"]);
+    let p = progress(&app, &rollout).await;
+    assert_eq!(
+        (p["updated"].as_i64(), p["updating"].as_i64()),
+        (Some(1), Some(0))
+    );
+}
+
+async fn failure_brake_pauses_the_rollout_and_nobody_else_is_offered_the_build(app: TestApp) {
+    let binary = app.uploaded("agent", "2.5.0", "linux", "x86_64").await;
+    let rollout = app
+        .rollout(json!({
+            "binary_id": binary, "max_concurrent": 2,
+            "max_failure_ratio": 0.5, "min_sample": 2,
+        }))
+        .await;
+    assert_eq!(rollout["max_failure_ratio"], 0.5);
+    assert_eq!(rollout["min_sample"], 2);
+    let id = rollout["id"].as_str().unwrap();
+    let mut a = app.connect_as("brake-a", "2.4.0", &[]).await;
+    let mut b = app.connect_as("brake-b", "2.4.0", &[]).await;
+    assert_eq!(updates(&a.until_heartbeat_ack().await).len(), 1);
+    assert_eq!(updates(&b.until_heartbeat_ack().await).len(), 1);
+    let mut waiting = app.connect_as("brake-c", "2.4.0", &[]).await;
+    assert!(updates(&waiting.until_heartbeat_ack().await).is_empty());
+
+    // One failure of one finished: below the sample, the freed slot goes on.
+    a.send(update_result(
+        &rollout,
+        "2.5.0",
+        "failed",
+        Some("rolled back: no welcome within 120 s"),
+    ))
+    .await;
+    a.recv_type("ack").await;
+    waiting.recv_type("update").await;
+    // A second failure: 2 of 2 finished failed, above 0.5: paused, with the reason.
+    b.send(update_result(
+        &rollout,
+        "2.5.0",
+        "failed",
+        Some("rolled back"),
+    ))
+    .await;
+    b.recv_type("ack").await;
+    let (_, paused) = app.get(&format!("/api/v1/rollouts/{id}")).await;
+    assert_eq!(paused["status"], "paused", "{paused}");
+    let reason = paused["reason"].as_str().unwrap();
+    assert!(reason.contains("2 of 2 updates failed"), "{reason}");
+
+    // Paused: an agent that needs the build is not offered it, neither on its hello nor
+    // when a slot frees.
+    let mut late = app.connect_as("brake-d", "2.4.0", &[]).await;
+    assert!(updates(&late.until_heartbeat_ack().await).is_empty());
+    drop(waiting);
+    let mut updated = app.connect_as("brake-c", "2.5.0", &[]).await;
+    updated.until_heartbeat_ack().await;
+    assert!(updates(&late.until_heartbeat_ack().await).is_empty());
+    assert_eq!(progress(&app, &rollout).await["waiting"], 1);
+
+    // Resumed, the sample starts again: the waiting agent is offered the build.
+    let (status, resumed) = app
+        .post(&format!("/api/v1/rollouts/{id}/resume"), &json!({}))
+        .await;
+    assert_eq!((status, resumed["status"].as_str()), (200, Some("active")));
+    assert_eq!(resumed["reason"], Value::Null);
+    late.recv_type("update").await;
+    let (status, again) = app
+        .post(&format!("/api/v1/rollouts/{id}/resume"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, again["error"]["code"].as_str()),
+        (409, Some("rollout_state"))
+    );
+
+    // The audit log names the resume.
+    let (_, audit) = app.get("/api/v1/audit?action=rollout_resumed").await;
+    assert_eq!(audit["entries"][0]["target"], id, "{audit}");
+}
+
+async fn an_operator_pauses_and_resumes_a_rollout(app: TestApp) {
+    let binary = app.uploaded("agent", "2.5.0", "linux", "x86_64").await;
+    let rollout = app.rollout(json!({"binary_id": binary})).await;
+    let id = rollout["id"].as_str().unwrap();
+    let (status, paused) = app
+        .post(&format!("/api/v1/rollouts/{id}/pause"), &json!({}))
+        .await;
+    assert_eq!((status, paused["status"].as_str()), (200, Some("paused")));
+    assert_eq!(paused["reason"], "paused by an operator");
+    let mut agent = app.connect_as("held", "2.4.0", &[]).await;
+    assert!(updates(&agent.until_heartbeat_ack().await).is_empty());
+    // A paused rollout is still its platform's: its binary cannot be deleted.
+    let (status, _) = app.delete(&format!("/api/v1/binaries/{binary}")).await;
+    assert_eq!(status, 409);
+    let (status, _) = app
+        .post(&format!("/api/v1/rollouts/{id}/resume"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    agent.recv_type("update").await;
+    let (status, _) = app.post("/api/v1/rollouts/nope/pause", &json!({})).await;
+    assert_eq!(status, 404);
+}
+
+async fn a_rollback_needs_allow_downgrade_and_reaches_newer_agents(app: TestApp) {
+    let v25 = app.uploaded("agent", "2.5.0", "linux", "x86_64").await;
+    let v24 = app.uploaded("agent", "2.4.0", "linux", "x86_64").await;
+    app.rollout(json!({"binary_id": v25})).await;
+    let (status, refused) = app
+        .post("/api/v1/rollouts", &json!({"binary_id": v24}))
+        .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (400, Some("invalid_rollout"))
+    );
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("allow_downgrade"), "{message}");
+
+    let rollback = app
+        .rollout(json!({"binary_id": v24, "allow_downgrade": true}))
+        .await;
+    assert_eq!(rollback["allow_downgrade"], true);
+    let mut newer = app.connect_as("on-25", "2.5.0", &[]).await;
+    let got = newer.until_heartbeat_ack().await;
+    let got = updates(&got);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["version"], "2.4.0");
+    assert_eq!(got[0]["allow_downgrade"], true);
+    let mut same = app.connect_as("on-24", "2.4.0", &[]).await;
+    assert!(updates(&same.until_heartbeat_ack().await).is_empty());
+    // Back on 2.4.0: done.
+    drop(newer);
+    let mut back = app.connect_as("on-25", "2.4.0", &[]).await;
+    back.until_heartbeat_ack().await;
+    assert_eq!(progress(&app, &rollback).await["updated"], 1);
+}
+
+async fn a_version_1_agent_still_completes_its_update_by_its_hello(app: TestApp) {
+    // No update_result: the hello on the new version is all a version-1 agent says.
+    let binary = app.uploaded("agent", "2.5.0", "linux", "x86_64").await;
+    let rollout = app.rollout(json!({"binary_id": binary})).await;
+    let mut agent = app.connect_as("v1-agent", "2.4.0", &[]).await;
+    let offered = agent.until_heartbeat_ack().await;
+    assert!(
+        updates(&offered)[0].get("allow_downgrade").is_none(),
+        "absent unless a rollback: {offered:?}"
+    );
+    drop(agent);
+    let mut agent = app.connect_as("v1-agent", "2.5.0", &[]).await;
+    agent.until_heartbeat_ack().await;
+    assert_eq!(progress(&app, &rollout).await["updated"], 1);
+}
+
+async fn timeouts_count_against_the_brake(app: TestApp) {
+    let binary = app.uploaded("agent", "2.5.0", "linux", "x86_64").await;
+    let rollout = app
+        .rollout(json!({
+            "binary_id": binary, "max_concurrent": 1,
+            "max_failure_ratio": 0.0, "min_sample": 1,
+        }))
+        .await;
+    let id = rollout["id"].as_str().unwrap();
+    let mut stuck = app.connect_as("silent", "2.4.0", &[]).await;
+    assert_eq!(updates(&stuck.until_heartbeat_ack().await).len(), 1);
+    let mut next = app.connect_as("after-silent", "2.4.0", &[]).await;
+    let paused = app
+        .eventually(&format!("/api/v1/rollouts/{id}"), |r| {
+            r["status"] == "paused"
+        })
+        .await;
+    assert_eq!(paused["progress"]["timed_out"], 1);
+    assert!(updates(&next.until_heartbeat_ack().await).is_empty());
+}
+
 on_both_backends! {
+    failed_update_is_counted_with_its_reason_and_frees_the_slot;
+    failure_brake_pauses_the_rollout_and_nobody_else_is_offered_the_build;
+    timeouts_count_against_the_brake
+        with ["ROLLOUT_UPDATE_TIMEOUT" = "1s", "ROLLOUT_CHECK_INTERVAL" = "100ms"];
     connected_agent_on_an_older_version_is_told_to_update_when_a_rollout_starts;
     agent_connecting_later_is_told_to_update_right_after_its_hello;
     rollout_is_paced_and_the_next_agent_goes_when_one_comes_back_updated;
@@ -329,6 +575,10 @@ on_both_backends! {
 }
 
 on_sqlite! {
+    update_result_ok_completes_the_update;
+    an_operator_pauses_and_resumes_a_rollout;
+    a_rollback_needs_allow_downgrade_and_reaches_newer_agents;
+    a_version_1_agent_still_completes_its_update_by_its_hello;
     agents_on_the_target_version_or_newer_or_another_platform_are_left_alone;
     agent_that_reconnects_without_updating_is_told_again;
     a_new_rollout_supersedes_the_previous_one_for_the_same_platform;

@@ -13,7 +13,7 @@ async fn agent_with_valid_token_is_welcomed_with_its_id_pod_and_intervals(app: T
     let w = &agent.welcome;
     assert_eq!(w["client_id"], "host-1");
     assert_eq!(w["pod"], "pod-test");
-    assert_eq!(w["protocol"], 1);
+    assert_eq!(w["protocol"], 2);
     assert_eq!(w["heartbeat_interval"], 15.0);
     assert_eq!(w["offline_timeout"], 60.0);
     let body = app

@@ -1,4 +1,6 @@
-//! Which of two agent versions is newer.
+//! Which of two agent versions is newer: the order rollouts use (`docs/protocol.md`,
+//! "Updates"), shared by the server, which decides who is offered a build, and agents,
+//! which refuse a downgrade the rollout did not allow.
 //!
 //! Agents report free-form version strings; most are semantic versions (`2.4.1`,
 //! `v2.5.0-rc.1`, `2.5.0+build.7`). The order is SemVer's where the strings are SemVer,
