@@ -12,7 +12,7 @@
 use std::cmp::Ordering;
 
 /// Compares two version strings; see the module documentation for the rules.
-pub(crate) fn compare(a: &str, b: &str) -> Ordering {
+pub fn compare(a: &str, b: &str) -> Ordering {
     let (a_main, a_pre) = split(a);
     let (b_main, b_pre) = split(b);
     let (a_parts, b_parts): (Vec<&str>, Vec<&str>) =
@@ -43,7 +43,7 @@ pub(crate) fn compare(a: &str, b: &str) -> Ordering {
 }
 
 /// Whether `current` is older than `target`.
-pub(crate) fn is_older(current: &str, target: &str) -> bool {
+pub fn is_older(current: &str, target: &str) -> bool {
     compare(current, target) == Ordering::Less
 }
 

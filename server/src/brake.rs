@@ -9,7 +9,7 @@
 
 /// A brake's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Brake {
+pub(crate) struct Brake {
     /// Pause when failed ÷ finished exceeds this (0 to 1); `None`: never.
     pub max_failure_ratio: Option<f64>,
     /// Outcomes needed (since the last resume) before the brake may trip; at least 1.
@@ -18,7 +18,7 @@ pub struct Brake {
 
 /// Outcomes counted so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub failed: i64,
     /// Failed and succeeded together.
     pub finished: i64,
@@ -27,7 +27,7 @@ pub struct Tally {
 /// The reason to pause, if the brake trips on `total` outcomes of which `judged` were
 /// already judged before the last resume. `what` names the outcomes in the reason
 /// (`results`, `updates`).
-pub fn verdict(brake: Brake, total: Tally, judged: Tally, what: &str) -> Option<String> {
+pub(crate) fn verdict(brake: Brake, total: Tally, judged: Tally, what: &str) -> Option<String> {
     let max = brake.max_failure_ratio?;
     let failed = total.failed - judged.failed;
     let finished = total.finished - judged.finished;

@@ -611,11 +611,13 @@ pub(crate) struct Progress {
 }
 
 /// One failed update as progress shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecentFailure {
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct RecentFailure {
+    /// The agent's `client_id`.
     pub agent_id: String,
     /// The version the agent ran (and, after a rollback, runs again).
     pub from_version: Option<String>,
+    /// The agent's reason, up to [`MAX_ERROR_CHARS`] characters.
     pub error: Option<String>,
     /// RFC 3339 UTC.
     pub at: Option<String>,
@@ -633,7 +635,7 @@ impl From<UpdateFailure> for RecentFailure {
 }
 
 /// Longest reason kept from an `update_result` (characters).
-pub const MAX_ERROR_CHARS: usize = 500;
+pub(crate) const MAX_ERROR_CHARS: usize = 500;
 
 fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {

@@ -48,8 +48,8 @@ pub(crate) use jobs::{
     JobTransition, Pace,
 };
 pub(crate) use rollouts::{
-    CurrentRollout, Expiry, FailureRecord, RolloutBrake, RolloutRow, RolloutStart,
-    RolloutStatus, RolloutTransition, UpdateCounts, UpdateFailure, UpdateStatus,
+    CurrentRollout, FailureRecord, RolloutBrake, RolloutRow, RolloutStart, RolloutStatus,
+    RolloutTransition, UpdateFailure,
 };
 
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");

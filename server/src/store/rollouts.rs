@@ -38,7 +38,7 @@ pub(crate) enum RolloutStatus {
 
 impl RolloutStatus {
     /// The statuses of a platform's current rollout (at most one per os/arch).
-    pub const CURRENT: [&'static str; 2] = ["active", "paused"];
+    pub(crate) const CURRENT: [&'static str; 2] = ["active", "paused"];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -99,7 +99,7 @@ pub(crate) struct RolloutRow {
 /// A rollout's failure brake, for rollouts started with one.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = rollout_brakes)]
-pub struct RolloutBrake {
+pub(crate) struct RolloutBrake {
     pub rollout_id: String,
     /// Pause when (failed + timed out) ÷ finished updates exceeds this (0 to 1).
     pub max_failure_ratio: f64,
@@ -131,7 +131,7 @@ impl RolloutBrake {
 impl RolloutRow {
     /// Whether an agent on `current` is to be offered this rollout's version: an older
     /// one, or for a rollback any other one.
-    pub fn wants(&self, current: &str) -> bool {
+    pub(crate) fn wants(&self, current: &str) -> bool {
         match agent_protocol::version::compare(current, &self.version) {
             std::cmp::Ordering::Less => true,
             std::cmp::Ordering::Greater => self.allow_downgrade,
@@ -143,7 +143,7 @@ impl RolloutRow {
 /// A platform's current rollout (active or paused) with what an `update` message needs
 /// from its binary.
 #[derive(Debug, Clone)]
-pub struct CurrentRollout {
+pub(crate) struct CurrentRollout {
     pub rollout: RolloutRow,
     pub name: String,
     pub sha256: String,
@@ -202,11 +202,11 @@ impl UpdateCounts {
 }
 
 /// Failures listed with a rollout's progress.
-pub const RECENT_FAILURES: i64 = 10;
+pub(crate) const RECENT_FAILURES: i64 = 10;
 
 /// One agent's failed update, as it reported it.
 #[derive(Debug, Clone, Queryable, serde::Serialize)]
-pub struct UpdateFailure {
+pub(crate) struct UpdateFailure {
     pub agent_id: String,
     pub from_version: Option<String>,
     pub error: Option<String>,
@@ -217,7 +217,7 @@ pub struct UpdateFailure {
 
 /// What became of an agent's report that its update failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FailureRecord {
+pub(crate) enum FailureRecord {
     /// Recorded; the brake paused the rollout with this reason, if it tripped.
     Recorded { braked: Option<String> },
     /// The agent was not updating in this rollout (never offered, already finished, or
@@ -227,7 +227,7 @@ pub enum FailureRecord {
 
 /// What became of an operator's pause or resume.
 #[derive(Debug)]
-pub enum RolloutTransition {
+pub(crate) enum RolloutTransition {
     Done(Box<RolloutRow>),
     /// The rollout is in a status the action does not apply to.
     WrongState(String),
@@ -236,7 +236,7 @@ pub enum RolloutTransition {
 
 /// Updates that timed out in one round, and the rollouts whose brake they tripped.
 #[derive(Debug, Default)]
-pub struct Expiry {
+pub(crate) struct Expiry {
     pub timed_out: usize,
     /// (rollout id, reason).
     pub braked: Vec<(String, String)>,
@@ -297,7 +297,7 @@ macro_rules! judge {
 impl Store {
     /// Makes `row` the active rollout of its os/arch, superseding the previous one (active
     /// or paused).
-    pub async fn start_rollout(
+    pub(crate) async fn start_rollout(
         &self,
         row: RolloutRow,
         brake: Option<RolloutBrake>,
@@ -342,7 +342,7 @@ impl Store {
     }
 
     /// Every current rollout (active or paused), with its binary's name, checksum and size.
-    pub async fn current_rollouts(&self) -> Result<Vec<CurrentRollout>, StoreError> {
+    pub(crate) async fn current_rollouts(&self) -> Result<Vec<CurrentRollout>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let rows = rollouts::table
@@ -378,7 +378,10 @@ impl Store {
     }
 
     /// The rollout's failure brake, if it was started with one.
-    pub async fn rollout_brake(&self, id: String) -> Result<Option<RolloutBrake>, StoreError> {
+    pub(crate) async fn rollout_brake(
+        &self,
+        id: String,
+    ) -> Result<Option<RolloutBrake>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(rollout_brakes::table
                 .find(&id)
@@ -391,7 +394,7 @@ impl Store {
 
     /// The newest rollout of a platform, whatever its status: what a new rollout of an
     /// older version would roll back from.
-    pub async fn latest_rollout(
+    pub(crate) async fn latest_rollout(
         &self,
         os: String,
         arch: String,
@@ -576,7 +579,7 @@ impl Store {
 
     /// Marks updates of current rollouts sent before `cutoff` as timed out, freeing their
     /// slots, and judges the brake of each active rollout that had some.
-    pub async fn expire_updates(&self, cutoff: i64, now: i64) -> Result<Expiry, StoreError> {
+    pub(crate) async fn expire_updates(&self, cutoff: i64, now: i64) -> Result<Expiry, StoreError> {
         let expiry = self
             .run(move |pool| {
                 with_conn!(pool, c => {
@@ -630,7 +633,7 @@ impl Store {
     /// `updating`, or `timed_out` when the report comes late), with its reason, and
     /// judges the brake if the rollout is active. Ended rollouts record it too, as
     /// history.
-    pub async fn fail_update(
+    pub(crate) async fn fail_update(
         &self,
         rollout_id: String,
         agent_id: String,
@@ -673,7 +676,7 @@ impl Store {
 
     /// Pauses an active rollout (an operator's pause; the brake pauses in the claims and
     /// failure reports). Agents already updating finish; nobody else is offered the build.
-    pub async fn pause_rollout(
+    pub(crate) async fn pause_rollout(
         &self,
         id: String,
         reason: String,
@@ -688,7 +691,7 @@ impl Store {
 
     /// Makes a paused rollout active again. The brake starts a new sample: updates judged
     /// before the resume do not count again.
-    pub async fn resume_rollout(&self, id: String) -> Result<RolloutTransition, StoreError> {
+    pub(crate) async fn resume_rollout(&self, id: String) -> Result<RolloutTransition, StoreError> {
         self.transition(id, RolloutStatus::Paused, |row| {
             row.status = RolloutStatus::Active.as_str().into();
             row.reason = None;
@@ -742,7 +745,10 @@ impl Store {
 
     /// The rollout's agents by update status, some of those updating, and the latest
     /// failures.
-    pub async fn update_counts(&self, rollout_id: String) -> Result<UpdateCounts, StoreError> {
+    pub(crate) async fn update_counts(
+        &self,
+        rollout_id: String,
+    ) -> Result<UpdateCounts, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let mut counts = count_updates!(c, &rollout_id)?;
