@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod rollouts;
 pub mod schema;
 pub mod ui_sessions;
+mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -54,8 +55,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7473_7276; // "agentsrv"
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The pool had no connection within [`POOL_TIMEOUT`] (the database is down or
+    /// saturated); r2d2's message.
     #[error("no database connection available: {0}")]
-    Unavailable(#[from] PoolError),
+    Unavailable(String),
     #[error("database query failed: {0}")]
     Query(#[from] diesel::result::Error),
     #[error("database migration failed: {0}")]
@@ -64,6 +67,12 @@ pub enum StoreError {
     Open(String),
     #[error("database task panicked or was cancelled")]
     Task,
+}
+
+impl From<PoolError> for StoreError {
+    fn from(e: PoolError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
 }
 
 pub(crate) enum DbPool {
@@ -129,6 +138,9 @@ pub struct Store {
     /// Committed changes, announced in-process for live views (the UI's event stream),
     /// and in cluster mode forwarded to and from the other replicas.
     changes: tokio::sync::broadcast::Sender<Announcement>,
+    /// The group-commit writer (`writer.rs`): session writes and queued commands, many
+    /// per transaction.
+    writer: std::sync::mpsc::Sender<writer::Job>,
 }
 
 /// A change the store has committed, announced after the write so that live views can
@@ -229,8 +241,10 @@ impl Store {
                 DbPool::Sqlite(pool)
             }
         };
+        let pool = Arc::new(pool);
         let store = Store {
-            pool: Arc::new(pool),
+            writer: writer::spawn(pool.clone()),
+            pool,
             changes: tokio::sync::broadcast::channel(CHANGE_BUFFER).0,
         };
         store.migrate()?;
@@ -270,6 +284,16 @@ impl Store {
         tokio::task::spawn_blocking(move || f(&pool))
             .await
             .map_err(|_| StoreError::Task)?
+    }
+
+    /// Applies `write` through the group-commit writer; resolves once the transaction
+    /// holding it has committed (or failed).
+    async fn write(&self, write: writer::Write) -> Result<writer::Outcome, StoreError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(writer::Job { write, reply })
+            .map_err(|_| StoreError::Task)?;
+        outcome.await.map_err(|_| StoreError::Task)?
     }
 
     /// Listens to committed changes from now on.

@@ -212,8 +212,17 @@ impl Session {
         };
         self.send(&welcome).await?;
         // A fresh connection also gets commands delivered earlier without a result:
-        // the previous connection may have dropped before the agent saw them.
-        self.deliver(true).await?;
+        // the previous connection may have dropped before the agent saw them. Most
+        // connections have none: a batched check (asked after the hub registered this
+        // session, so a command stored from now on wakes it) spares them the read.
+        let store = self.state.store.clone();
+        let sendable = self
+            .guarded(store.has_sendable_commands(handle.client_id.clone()))
+            .await?;
+        // On a store error, read anyway: the read reports its own failure.
+        if sendable.unwrap_or(true) {
+            self.deliver(true).await?;
+        }
 
         loop {
             tokio::select! {
