@@ -96,7 +96,27 @@ enum End {
 }
 
 /// Runs one agent's session until it ends, recording its connection and disconnection.
-pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, token_exp: u64) {
+///
+/// An idle agent's whole cost is this task, so its size matters: what runs once (the
+/// connect, the close) and what runs rarely (messages, deliveries) is boxed, and the
+/// task itself holds little more than the socket and the select of `serve_until_end`
+/// (`idle_session_task_stays_small`).
+pub async fn run(state: Arc<SessionContext>, ws: Socket, client_id: String, token_exp: u64) {
+    let Some(mut session) = Box::pin(open(state, ws, client_id, token_exp)).await else {
+        return;
+    };
+    let end = session.serve().await;
+    Box::pin(finish(session, end)).await;
+}
+
+/// Records the connection (its epoch) and registers it in the hub; `None` when the
+/// session ended before it began (store unavailable, or a newer connection exists).
+async fn open(
+    state: Arc<SessionContext>,
+    mut ws: Socket,
+    client_id: String,
+    token_exp: u64,
+) -> Option<Session> {
     let epoch = match state
         .store
         .agent_connected(client_id.clone(), state.pod_id.clone())
@@ -108,7 +128,7 @@ pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, 
             tracing::error!(agent = %client_id, error = %error_chain(&e), "could not record connection");
             close_socket(&mut ws, protocol::STORE_UNAVAILABLE).await;
             state.metrics.closed(CloseReason::StoreError);
-            return;
+            return None;
         }
     };
     let handle = match state.hub.connect(&client_id, epoch, now_ms()).await {
@@ -116,7 +136,7 @@ pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, 
         Err(_) => {
             close_socket(&mut ws, protocol::REPLACED).await;
             state.metrics.closed(CloseReason::Replaced);
-            return;
+            return None;
         }
     };
     tracing::info!(agent = %client_id, epoch, "agent connected");
@@ -125,14 +145,22 @@ pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, 
     let mut ping = tokio::time::interval_at(ping_slot(Instant::now() + heartbeat), heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let token_left = Duration::from_secs(token_exp.saturating_sub(unix_now()));
-    let mut session = Session {
-        state: state.clone(),
+    Some(Session {
+        state,
         ws,
-        handle: handle.clone(),
+        handle,
         ping,
         token_expiry: Box::pin(tokio::time::sleep(token_left)),
-    };
-    let end = session.serve().await;
+    })
+}
+
+/// Closes the socket as `end` asks, then unregisters the session and records the
+/// disconnection.
+async fn finish(mut session: Session, end: End) {
+    let state = session.state.clone();
+    let handle = session.handle.clone();
+    let client_id = handle.client_id.clone();
+    let epoch = handle.epoch;
     let reason = match &end {
         End::Server(close) => {
             close_socket(&mut session.ws, *close).await;
@@ -145,7 +173,6 @@ pub async fn run(state: Arc<SessionContext>, mut ws: Socket, client_id: String, 
         }
         End::Network(_) => CloseReason::NetworkError,
     };
-
     state.hub.disconnect(&handle).await;
     if let Err(e) = state
         .store
@@ -199,6 +226,47 @@ impl Session {
     }
 
     async fn serve_until_end(&mut self) -> Result<std::convert::Infallible, End> {
+        Box::pin(self.start()).await?;
+        // Everything awaited in an arm is boxed: the task's size is its largest state,
+        // and idle agents only ever wait here.
+        loop {
+            tokio::select! {
+                close = self.handle.closing() => return Err(End::Server(close)),
+                _ = &mut self.token_expiry => return Err(End::Server(protocol::TOKEN_EXPIRED)),
+                _ = self.ping.tick() => Box::pin(self.heartbeat()).await?,
+                _ = self.handle.woken() => Box::pin(self.on_wake()).await?,
+                frame = self.ws.next() => {
+                    let msg = match frame {
+                        None => return Err(End::Network("connection closed without a close frame".into())),
+                        Some(Err(e)) => return Err(classify(e)),
+                        Some(Ok(msg)) => msg,
+                    };
+                    // Any frame is a sign of life.
+                    self.handle.touch(now_ms());
+                    match msg {
+                        Message::Text(text) => Box::pin(self.on_text(text.as_str())).await?,
+                        Message::Binary(_) => {
+                            self.metrics_in(MessageType::Invalid);
+                            Box::pin(self.error(ErrorCode::BinaryNotSupported, "send JSON text messages".into(), None)).await?
+                        }
+                        // tungstenite queued the pong; the next read sends it, as far as
+                        // the socket takes it. Awaiting it here would let an agent that
+                        // sends pings and never reads hold the session still.
+                        Message::Ping(_) => self.metrics_in(MessageType::Ping),
+                        Message::Pong(_) => self.metrics_in(MessageType::Pong),
+                        Message::Close(_) => {
+                            self.metrics_in(MessageType::Close);
+                            return Err(End::ClientClosed);
+                        }
+                        Message::Frame(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The welcome, then what a fresh connection must be sent.
+    async fn start(&mut self) -> Result<(), End> {
         let config = self.state.clone();
         let handle = self.handle.clone();
         let welcome = Outbound::Welcome {
@@ -223,48 +291,18 @@ impl Session {
         if sendable.unwrap_or(true) {
             self.deliver(true).await?;
         }
+        Ok(())
+    }
 
-        loop {
-            tokio::select! {
-                close = self.handle.closing() => return Err(End::Server(close)),
-                _ = &mut self.token_expiry => return Err(End::Server(protocol::TOKEN_EXPIRED)),
-                _ = self.ping.tick() => self.heartbeat().await?,
-                _ = self.handle.woken() => {
-                    self.deliver(false).await?;
-                    let rollouts = self.state.rollouts.clone();
-                    let offer = self
-                        .guarded(rollouts.pending_offer(&handle.client_id, handle.epoch))
-                        .await?;
-                    self.send_update(offer).await?;
-                }
-                frame = self.ws.next() => {
-                    let msg = match frame {
-                        None => return Err(End::Network("connection closed without a close frame".into())),
-                        Some(Err(e)) => return Err(classify(e)),
-                        Some(Ok(msg)) => msg,
-                    };
-                    // Any frame is a sign of life.
-                    self.handle.touch(now_ms());
-                    match msg {
-                        Message::Text(text) => self.on_text(text.as_str()).await?,
-                        Message::Binary(_) => {
-                            self.metrics_in(MessageType::Invalid);
-                            self.error(ErrorCode::BinaryNotSupported, "send JSON text messages".into(), None).await?
-                        }
-                        // tungstenite queued the pong; the next read sends it, as far as
-                        // the socket takes it. Awaiting it here would let an agent that
-                        // sends pings and never reads hold the session still.
-                        Message::Ping(_) => self.metrics_in(MessageType::Ping),
-                        Message::Pong(_) => self.metrics_in(MessageType::Pong),
-                        Message::Close(_) => {
-                            self.metrics_in(MessageType::Close);
-                            return Err(End::ClientClosed);
-                        }
-                        Message::Frame(_) => {}
-                    }
-                }
-            }
-        }
+    /// A wake-up: commands may be waiting, or an update.
+    async fn on_wake(&mut self) -> Result<(), End> {
+        self.deliver(false).await?;
+        let rollouts = self.state.rollouts.clone();
+        let handle = self.handle.clone();
+        let offer = self
+            .guarded(rollouts.pending_offer(&handle.client_id, handle.epoch))
+            .await?;
+        self.send_update(offer).await
     }
 
     /// A heartbeat tick: closes a silent agent (4000), else pings it.
@@ -586,5 +624,25 @@ fn classify(e: WsError) -> End {
         WsError::Capacity(_) => End::Server(protocol::TOO_BIG),
         WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed,
         other => End::Network(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F, A, B, C, D, R>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn idle_session_task_stays_small() {
+        // Every idle agent is one such task: each byte here is a byte per agent.
+        let size = future_size(super::run);
+        eprintln!("session task future: {size} bytes");
+        // 1,200 bytes today: the socket, the timers, the handle and the select's futures.
+        assert!(size <= 1280, "the session task is {size} bytes");
     }
 }
