@@ -3,17 +3,19 @@
 //!
 //! Every connect, disconnect, hello, `delivered` mark, stored result and queued command
 //! used to be a transaction of its own: a commit (a WAL flush on PostgreSQL) and a pool
-//! checkout on a blocking thread each. Here they go through one writer thread per
-//! replica instead. It takes whatever was queued while its previous transaction
-//! committed (at most [`MAX_BATCH`] writes, and no waiting when the queue is empty, so an
-//! idle replica adds no latency), applies them in arrival order in one transaction, and
-//! only after the commit tells each caller the outcome of its own write. So:
+//! checkout on a blocking thread each. Here they go through a few writer threads per
+//! replica instead (one on SQLite). A writer takes whatever was queued while the
+//! transactions before committed (at most [`MAX_BATCH`] writes, and no waiting when the
+//! queue is empty, so an idle replica adds no latency), applies them in one transaction,
+//! and only after the commit tells each caller the outcome of its own write. So:
 //!
 //! - **Stored before acknowledged** holds as before: a caller hears "stored" only once
 //!   the transaction holding its row has committed.
 //! - **The newest connection wins** holds as before: the writes are the same statements,
-//!   epoch checks included, applied in the order they arrived; a session awaits each of
-//!   its writes before it makes the next, so its own writes are never reordered.
+//!   epoch checks included; each agent's writes in a batch keep their arrival order, and
+//!   a session awaits each of its writes before it makes the next, so its own writes are
+//!   never reordered. Batches take row locks in one order (`lock_order`), so concurrent
+//!   writers do not deadlock on each other.
 //! - One failing write never fails its neighbours: when a batch's transaction fails on a
 //!   query (a foreign key raced by a delete, a constraint), nothing of it was committed,
 //!   and each write is applied again alone, in its own transaction, to get its own
@@ -99,29 +101,73 @@ pub(crate) enum Outcome {
     Done,
 }
 
-/// Starts the writer thread. It stops when every sender is gone (the last `Store`
-/// dropped), after the batch it is applying.
+/// Writer threads on PostgreSQL: while one waits for its commit (a WAL flush) or a round
+/// trip, another applies the next batch. SQLite has one writer at a time anyway.
+const POSTGRES_WRITERS: usize = 3;
+
+/// Starts the writer threads. They stop when every sender is gone (the last `Store`
+/// dropped), after the batch each is applying.
 pub(crate) fn spawn(pool: std::sync::Arc<DbPool>) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>();
-    let spawned = std::thread::Builder::new()
-        .name("store-writer".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+    let writers = match &*pool {
+        DbPool::Postgres(_) => POSTGRES_WRITERS,
+        DbPool::Sqlite(_) => 1,
+    };
+    for n in 0..writers {
+        let (pool, rx) = (pool.clone(), rx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("store-writer-{n}"))
+            .spawn(move || {
+                while let Some(batch) = next_batch(&rx) {
+                    commit(&pool, batch);
                 }
-                commit(&pool, batch);
-            }
-        });
-    if let Err(e) = spawned {
-        // Without the thread every write fails as a task error; say why once.
-        tracing::error!(error = %e, "could not start the store writer thread");
+            });
+        if let Err(e) = spawned {
+            // Without any thread every write fails as a task error; say why.
+            tracing::error!(error = %e, "could not start a store writer thread");
+        }
     }
     tx
+}
+
+/// The next batch: the first job to arrive, then whatever else is queued (at most
+/// [`MAX_BATCH`]); `None` once every sender is gone. One writer collects at a time.
+fn next_batch(rx: &std::sync::Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
+    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+    let mut batch = vec![rx.recv().ok()?];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    drop(rx);
+    // Concurrent batches lock rows in one global order (no deadlock between writers):
+    // first the writes that lock no agent row, then by agent. A stable sort keeps each
+    // agent's writes in arrival order; writes of different agents are independent, so
+    // any order of them is one the callers could have seen.
+    batch.sort_by(|a, b| lock_order(&a.write).cmp(&lock_order(&b.write)));
+    Some(batch)
+}
+
+/// Where a write goes in a batch: `delivered` marks, connect-time checks and queued
+/// commands first (they lock no agent row, and runs of each share a statement), then
+/// the writes that lock an agent's row or a result's command row, by agent and command.
+fn lock_order(w: &Write) -> (u8, &str, &str) {
+    match w {
+        Write::Delivered { .. } => (0, "", ""),
+        Write::Sendable { .. } => (1, "", ""),
+        Write::Command { .. } => (2, "", ""),
+        Write::Connect { id, .. }
+        | Write::Disconnect { id, .. }
+        | Write::Hello { id, .. } => (3, id, ""),
+        Write::Result {
+            agent_id,
+            command_id,
+            ..
+        } => (3, agent_id, command_id),
+    }
 }
 
 /// Applies `batch` in one transaction and answers every job; on a query failure, applies
