@@ -159,9 +159,9 @@ fn lock_order(w: &Write) -> (u8, &str, &str) {
         Write::Delivered { .. } => (0, "", ""),
         Write::Sendable { .. } => (1, "", ""),
         Write::Command { .. } => (2, "", ""),
-        Write::Connect { id, .. }
-        | Write::Disconnect { id, .. }
-        | Write::Hello { id, .. } => (3, id, ""),
+        Write::Connect { id, .. } | Write::Disconnect { id, .. } | Write::Hello { id, .. } => {
+            (3, id, "")
+        }
         Write::Result {
             agent_id,
             command_id,
@@ -354,7 +354,7 @@ fn apply(pool: &DbPool, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
                     }
                     for w in &writes[i..i + run] {
                         if let Write::Command { cmd, audit } = w {
-                            let exists = known.iter().any(|k| *k == cmd.agent_id);
+                            let exists = known.contains(&cmd.agent_id);
                             if exists {
                                 diesel::insert_into(commands::table).values(cmd).execute(c)?;
                                 if let Some(row) = audit {
