@@ -75,8 +75,7 @@ fn key_value(v: &str) -> Result<(String, String), String> {
 enum Bench {
     /// Benchmarks 1 to 6, then a table of every figure.
     All,
-    /// 1. Idle agents held by one process; RSS and kernel memory per agent, beside a bare
-    /// tokio-tungstenite server's.
+    /// 1. Idle agents held by one process; RSS per agent beside a bare WebSocket server's.
     Idle,
     /// 2. Server CPU per heartbeat round trip.
     Heartbeat,
