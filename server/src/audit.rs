@@ -213,7 +213,8 @@ impl AuditEvent {
         self
     }
 
-    fn into_row(self) -> NewAuditRow {
+    /// The row the audit log stores for this event.
+    pub(crate) fn into_row(self) -> NewAuditRow {
         let (actor_kind, actor, actor_jti) = self.actor.parts();
         NewAuditRow {
             at: self.at_ms,

@@ -160,34 +160,33 @@ pub(super) async fn create(
             )));
         }
     };
-    if !state.store.agent_exists(client_id.clone()).await? {
+    let command_id = uuid::Uuid::now_v7().to_string();
+    let audit = AuditEvent::now(&ctx, AuditAction::CommandCreated, &command_id)
+        .with_detail(serde_json::json!({"client_id": client_id, "name": name}));
+    // The command and its audit entry are committed together, with other requests'
+    // commands (group commit), and only if the agent exists.
+    let stored = state
+        .store
+        .create_command(
+            NewCommand {
+                id: command_id.clone(),
+                agent_id: client_id.clone(),
+                name: name.to_string(),
+                args,
+                status: CommandStatus::Pending.as_str().to_string(),
+                created_at: now,
+                expires_at,
+            },
+            Some(audit.into_row()),
+        )
+        .await?;
+    if !stored {
         return Err(unknown_agent(&client_id));
     }
-    let command_id = uuid::Uuid::now_v7().to_string();
-    state
-        .store
-        .insert_command(NewCommand {
-            id: command_id.clone(),
-            agent_id: client_id.clone(),
-            name: name.to_string(),
-            args,
-            status: CommandStatus::Pending.as_str().to_string(),
-            created_at: now,
-            expires_at,
-        })
-        .await?;
     state.metrics.command(CommandStatus::Pending, 1);
     // Stored first, then the session is told: a wake-up is only a hint to look.
     state.hub.route_wake(&client_id).await;
     tracing::info!(agent = %client_id, command = %command_id, name, "command queued");
-    state
-        .creds
-        .audit()
-        .record_or_log(
-            AuditEvent::now(&ctx, AuditAction::CommandCreated, &command_id)
-                .with_detail(serde_json::json!({"client_id": client_id, "name": name})),
-        )
-        .await;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/api/v1/commands/{command_id}"))],

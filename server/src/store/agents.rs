@@ -3,9 +3,9 @@
 use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Text};
-use diesel::upsert::excluded;
 
 use super::schema::{agent_labels, agents, inventories};
+use super::writer::{Outcome, Write};
 use super::{Change, DbPool, Store, StoreError, now_ms, with_conn};
 
 /// An agent as stored: identity, presence and what its last `hello` said. Timestamps are
@@ -79,14 +79,14 @@ pub(crate) struct AgentPage {
 
 #[derive(Insertable)]
 #[diesel(table_name = agents)]
-struct NewConnection<'a> {
-    id: &'a str,
-    created_at: i64,
-    online: bool,
-    pod: &'a str,
-    epoch: i64,
-    connected_at: i64,
-    last_seen: i64,
+pub(super) struct NewConnection<'a> {
+    pub(super) id: &'a str,
+    pub(super) created_at: i64,
+    pub(super) online: bool,
+    pub(super) pod: &'a str,
+    pub(super) epoch: i64,
+    pub(super) connected_at: i64,
+    pub(super) last_seen: i64,
 }
 
 /// Inventory size and time, shown with an agent without loading the body.
@@ -94,41 +94,25 @@ pub(crate) type InventorySummary = Option<(i64, i64)>;
 
 impl Store {
     /// Records a new connection and returns its epoch, one more than any earlier
-    /// connection of this agent. Creates the agent on first contact.
+    /// connection of this agent. Creates the agent on first contact. Group-committed.
     pub async fn agent_connected(&self, id: String, pod: String) -> Result<i64, StoreError> {
         let announced = id.clone();
-        let epoch = self
-            .run(move |pool| {
-                let now = now_ms();
-                let row = NewConnection {
-                    id: &id,
-                    created_at: now,
-                    online: true,
-                    pod: &pod,
-                    epoch: 1,
-                    connected_at: now,
-                    last_seen: now,
-                };
-                with_conn!(pool, c => Ok(diesel::insert_into(agents::table)
-                .values(&row)
-                .on_conflict(agents::id)
-                .do_update()
-                .set((
-                    agents::online.eq(true),
-                    agents::pod.eq(excluded(agents::pod)),
-                    agents::epoch.eq(agents::epoch + 1),
-                    agents::connected_at.eq(excluded(agents::connected_at)),
-                    agents::last_seen.eq(excluded(agents::last_seen)),
-                ))
-                .returning(agents::epoch)
-                .get_result::<i64>(c)?))
+        let outcome = self
+            .write(Write::Connect {
+                id,
+                pod,
+                now: now_ms(),
             })
             .await?;
+        let Outcome::Epoch(epoch) = outcome else {
+            return Err(StoreError::Task);
+        };
         self.announce(|| Change::Agent { id: announced });
         Ok(epoch)
     }
 
     /// Marks a connection closed, unless a newer one has already taken over.
+    /// Group-committed.
     pub async fn agent_disconnected(
         &self,
         id: String,
@@ -136,21 +120,22 @@ impl Store {
         last_seen: i64,
     ) -> Result<bool, StoreError> {
         let announced = id.clone();
-        let current = self.run(move |pool| {
-            with_conn!(pool, c => Ok(diesel::update(agents::table)
-                .filter(agents::id.eq(&id).and(agents::epoch.eq(epoch)))
-                .set((agents::online.eq(false), agents::pod.eq(None::<String>), agents::last_seen.eq(last_seen)))
-                .execute(c)? == 1))
-        })
-        .await?;
+        let current = self
+            .write(Write::Disconnect {
+                id,
+                epoch,
+                last_seen,
+            })
+            .await?
+            == Outcome::Applied(true);
         if current {
             self.announce(|| Change::Agent { id: announced });
         }
         Ok(current)
     }
 
-    /// Stores what the `hello` of connection `epoch` reports; fields left out keep their stored
-    /// values, and a `hello` of a superseded connection changes nothing.
+    /// Stores what the agent reported in its `hello`, if the connection is still the
+    /// agent's current one. Group-committed.
     pub async fn agent_hello(
         &self,
         id: String,
@@ -165,16 +150,23 @@ impl Store {
             return Ok(());
         }
         let announced = id.clone();
-        self.run(move |pool| {
-            with_conn!(pool, c => diesel::update(agents::table)
-                .filter(agents::id.eq(&id).and(agents::epoch.eq(epoch)))
-                .set(&hello)
-                .execute(c)?);
-            Ok(())
-        })
-        .await?;
+        self.write(Write::Hello { id, epoch, hello }).await?;
         self.announce(|| Change::Agent { id: announced });
         Ok(())
+    }
+
+    /// Whether the agent has commands to send now: pending, or delivered without a
+    /// result, released, not expired. A new connection asks once, so that the common
+    /// case (nothing waiting) costs a share of one batched read instead of a read of its
+    /// own.
+    pub async fn has_sendable_commands(&self, agent_id: String) -> Result<bool, StoreError> {
+        let outcome = self
+            .write(Write::Sendable {
+                agent_id,
+                now: now_ms(),
+            })
+            .await?;
+        Ok(outcome == Outcome::Applied(true))
     }
 
     /// Refreshes `last_seen` for agents this pod heard from, in chunks that keep each

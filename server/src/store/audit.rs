@@ -5,20 +5,23 @@ use diesel::prelude::*;
 use super::schema::audit_log;
 use super::{Store, StoreError, with_conn};
 
+/// One audit entry to insert (`audit_log`); `audit::AuditEvent` builds it.
 #[derive(Debug, Clone, PartialEq, Eq, Insertable)]
 #[diesel(table_name = audit_log)]
-pub(crate) struct NewAuditRow {
+pub struct NewAuditRow {
     /// Milliseconds since the Unix epoch.
     pub at: i64,
     /// `token`, `ui_session`, `enroll_secret` or `anonymous`.
     pub actor_kind: String,
     /// The token's subject, the UI session's short id, the enroll secret's id.
     pub actor: String,
+    /// The token's `jti` (RFC 7519 §4.1.7), when the actor used a token that has one.
     pub actor_jti: Option<String>,
     /// The client's address (see `audit::client_address`).
     pub source: Option<String>,
     /// An `audit::AuditAction` in snake_case.
     pub action: String,
+    /// What the action was done to: a client id, a token's jti, a rollout's id…
     pub target: Option<String>,
     /// A small JSON object with action-specific facts.
     pub detail: Option<String>,

@@ -3,8 +3,9 @@
 use diesel::prelude::*;
 use serde::Serialize;
 
-use super::schema::{agents, commands};
-use super::{Change, Store, StoreError, WriteTransaction, with_conn};
+use super::schema::commands;
+use super::writer::{Outcome, Write};
+use super::{Change, NewAuditRow, Store, StoreError, with_conn};
 
 /// Lifecycle: `pending` → `delivered` → `succeeded` | `failed`; `pending`/`delivered` →
 /// `expired` once past the optional TTL.
@@ -81,21 +82,30 @@ pub struct CommandRow {
     pub job_id: Option<String>,
 }
 
+/// A command to queue for an agent (a `commands` row as first stored).
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = commands)]
-pub(crate) struct NewCommand {
+pub struct NewCommand {
+    /// A UUIDv7 chosen by the server.
     pub id: String,
+    /// The target agent's `client_id`.
     pub agent_id: String,
+    /// The command's name, as the operator sent it.
     pub name: String,
+    /// The args, JSON text kept as sent.
     pub args: String,
+    /// `pending` when queued (a [`CommandStatus`] in lowercase).
     pub status: String,
+    /// Milliseconds since the Unix epoch.
     pub created_at: i64,
+    /// Milliseconds since the Unix epoch; never expires when `None`.
     pub expires_at: Option<i64>,
 }
 
 /// What became of a `result` an agent sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ResultOutcome {
+pub enum ResultOutcome {
+    /// Stored (committed) with this final status; the agent may be sent `ack`.
     Stored(CommandStatus),
     /// No such command, or it belongs to another agent (indistinguishable on purpose).
     UnknownCommand,
@@ -105,21 +115,27 @@ pub(crate) enum ResultOutcome {
     AlreadyFinal(CommandStatus),
 }
 
-const OPEN: [&str; 2] = ["pending", "delivered"];
+pub(super) const OPEN: [&str; 2] = ["pending", "delivered"];
 
 impl Store {
-    pub(crate) async fn insert_command(&self, cmd: NewCommand) -> Result<(), StoreError> {
+    /// Stores a queued command and its audit entry in one transaction, if the agent
+    /// exists; returns whether it did (nothing is written for an unknown agent).
+    /// Group-committed: resolves once the command is committed.
+    pub async fn create_command(
+        &self,
+        cmd: NewCommand,
+        audit: Option<NewAuditRow>,
+    ) -> Result<bool, StoreError> {
         let (id, agent_id) = (cmd.id.clone(), cmd.agent_id.clone());
-        self.run(move |pool| {
-            with_conn!(pool, c => diesel::insert_into(commands::table).values(&cmd).execute(c)?);
-            Ok(())
-        })
-        .await?;
-        self.announce(|| Change::Command { id, agent_id });
-        Ok(())
+        let stored = self.write(Write::Command { cmd, audit }).await? == Outcome::Applied(true);
+        if stored {
+            self.announce(|| Change::Command { id, agent_id });
+        }
+        Ok(stored)
     }
 
-    pub(crate) async fn get_command(&self, id: String) -> Result<Option<CommandRow>, StoreError> {
+    /// The command with this id, whatever its status; `None` if there is none.
+    pub async fn get_command(&self, id: String) -> Result<Option<CommandRow>, StoreError> {
         self.run(move |pool| {
             with_conn!(pool, c => Ok(commands::table.find(&id).select(CommandRow::as_select()).first(c).optional()?))
         })
@@ -189,30 +205,18 @@ impl Store {
         .await
     }
 
-    pub(crate) async fn mark_delivered(
-        &self,
-        ids: Vec<String>,
-        now: i64,
-    ) -> Result<usize, StoreError> {
-        let n = self
-            .run(move |pool| {
-                with_conn!(pool, c => Ok(diesel::update(commands::table)
-                    .filter(commands::id.eq_any(&ids).and(commands::status.eq_any(OPEN)))
-                    .set((
-                        commands::status.eq("delivered"),
-                        commands::delivered_at.eq(now),
-                        commands::attempts.eq(commands::attempts + 1),
-                    ))
-                    .execute(c)?))
-            })
-            .await?;
+    /// Marks commands written to a socket as delivered (those still open). Group-committed.
+    pub async fn mark_delivered(&self, ids: Vec<String>, now: i64) -> Result<usize, StoreError> {
+        let Outcome::Count(n) = self.write(Write::Delivered { ids, now }).await? else {
+            return Err(StoreError::Task);
+        };
         self.announce(|| Change::Commands);
         Ok(n)
     }
 
     /// Stores an agent's result if the command is its own, still open, and the reporting
-    /// connection is the agent's current one.
-    pub(crate) async fn record_result(
+    /// connection is the agent's current one. Group-committed: `Stored` means committed.
+    pub async fn record_result(
         &self,
         agent_id: String,
         epoch: i64,
@@ -222,34 +226,19 @@ impl Store {
         now: i64,
     ) -> Result<ResultOutcome, StoreError> {
         let announced = (command_id.clone(), agent_id.clone());
-        let outcome = self.run(move |pool| {
-            with_conn!(pool, c => c.write_transaction::<ResultOutcome, StoreError, _>(|c| {
-                let current: Option<i64> = agents::table.find(&agent_id).select(agents::epoch).first(c).optional()?;
-                if current != Some(epoch) {
-                    return Ok(ResultOutcome::StaleConnection);
-                }
-                let existing: Option<String> = commands::table
-                    .filter(commands::id.eq(&command_id).and(commands::agent_id.eq(&agent_id)))
-                    .select(commands::status)
-                    .first(c)
-                    .optional()?;
-                let Some(existing) = existing else { return Ok(ResultOutcome::UnknownCommand) };
-                if !OPEN.contains(&existing.as_str()) {
-                    let st = CommandStatus::parse(&existing).unwrap_or(CommandStatus::Failed);
-                    return Ok(ResultOutcome::AlreadyFinal(st));
-                }
-                let updated = diesel::update(commands::table)
-                    .filter(commands::id.eq(&command_id).and(commands::status.eq_any(OPEN)))
-                    .set((
-                        commands::status.eq(status.as_str()),
-                        commands::output.eq(output),
-                        commands::completed_at.eq(now),
-                    ))
-                    .execute(c)?;
-                Ok(if updated == 1 { ResultOutcome::Stored(status) } else { ResultOutcome::UnknownCommand })
-            }))
-        })
-        .await?;
+        let outcome = self
+            .write(Write::Result {
+                agent_id,
+                epoch,
+                command_id,
+                status,
+                output,
+                now,
+            })
+            .await?;
+        let Outcome::Result(outcome) = outcome else {
+            return Err(StoreError::Task);
+        };
         if let ResultOutcome::Stored(_) = outcome {
             let (id, agent_id) = announced;
             self.announce(|| Change::Command { id, agent_id });

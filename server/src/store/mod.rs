@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod rollouts;
 pub(crate) mod schema;
 pub(crate) mod ui_sessions;
+mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -40,9 +41,10 @@ pub use rollouts::Claim;
 
 pub(crate) use agents::AgentFilter;
 pub(crate) use api_tokens::ApiTokenFilter;
-pub(crate) use audit::{AuditFilter, NewAuditRow};
+pub(crate) use audit::AuditFilter;
+pub use audit::NewAuditRow;
 pub(crate) use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
-pub(crate) use commands::{NewCommand, ResultOutcome};
+pub use commands::{NewCommand, ResultOutcome};
 pub(crate) use jobs::{
     AgentPredicate, AgentSelection, CanarySize, JobCreation, JobRecord, JobResultRow,
     JobTransition, Pace,
@@ -64,10 +66,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7473_7276; // "agentsrv"
 /// redacted of credentials, belongs in the log.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// No pooled connection within the pool timeout (2 s): the database is down or
-    /// saturated.
+    /// The pool had no connection within [`POOL_TIMEOUT`] (the database is down or
+    /// saturated); r2d2's message.
     #[error("no database connection available: {0}")]
-    Unavailable(#[from] PoolError),
+    Unavailable(String),
     /// The database refused or failed a query (a constraint, a lost connection mid-query).
     #[error("database query failed: {0}")]
     Query(#[from] diesel::result::Error),
@@ -80,6 +82,12 @@ pub enum StoreError {
     /// The `spawn_blocking` task running the query panicked or was cancelled at shutdown.
     #[error("database task panicked or was cancelled")]
     Task,
+}
+
+impl From<PoolError> for StoreError {
+    fn from(e: PoolError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
 }
 
 pub(crate) enum DbPool {
@@ -145,6 +153,9 @@ pub struct Store {
     /// Committed changes, announced in-process for live views (the UI's event stream),
     /// and in cluster mode forwarded to and from the other replicas.
     changes: tokio::sync::broadcast::Sender<Announcement>,
+    /// The group-commit writer (`writer.rs`): session writes and queued commands, many
+    /// per transaction.
+    writer: std::sync::mpsc::Sender<writer::Job>,
 }
 
 /// A change the store has committed, announced after the write so that live views can
@@ -252,8 +263,10 @@ impl Store {
                 DbPool::Sqlite(pool)
             }
         };
+        let pool = Arc::new(pool);
         let store = Store {
-            pool: Arc::new(pool),
+            writer: writer::spawn(pool.clone()),
+            pool,
             changes: tokio::sync::broadcast::channel(CHANGE_BUFFER).0,
         };
         store.migrate()?;
@@ -293,6 +306,16 @@ impl Store {
         tokio::task::spawn_blocking(move || f(&pool))
             .await
             .map_err(|_| StoreError::Task)?
+    }
+
+    /// Applies `write` through the group-commit writer; resolves once the transaction
+    /// holding it has committed (or failed).
+    async fn write(&self, write: writer::Write) -> Result<writer::Outcome, StoreError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(writer::Job { write, reply })
+            .map_err(|_| StoreError::Task)?;
+        outcome.await.map_err(|_| StoreError::Task)?
     }
 
     /// Listens to committed changes from now on.

@@ -97,12 +97,27 @@ enum End {
 }
 
 /// Runs one agent's session until it ends, recording its connection and disconnection.
-pub(crate) async fn run(
+///
+/// An idle agent's whole cost is this task, so its size matters: what runs once (the
+/// connect, the close) and what runs rarely (messages, deliveries) is boxed, and the
+/// task itself holds little more than the socket and the select of `serve_until_end`
+/// (`idle_session_task_stays_small`).
+pub(crate) async fn run(state: Arc<SessionContext>, ws: Socket, client_id: String, token_exp: u64) {
+    let Some(mut session) = Box::pin(open(state, ws, client_id, token_exp)).await else {
+        return;
+    };
+    let end = session.serve().await;
+    Box::pin(finish(session, end)).await;
+}
+
+/// Records the connection (its epoch) and registers it in the hub; `None` when the
+/// session ended before it began (store unavailable, or a newer connection exists).
+async fn open(
     state: Arc<SessionContext>,
     mut ws: Socket,
     client_id: String,
     token_exp: u64,
-) {
+) -> Option<Session> {
     let epoch = match state
         .store
         .agent_connected(client_id.clone(), state.pod_id.clone())
@@ -114,7 +129,7 @@ pub(crate) async fn run(
             tracing::error!(agent = %client_id, error = %error_chain(&e), "could not record connection");
             close_socket(&mut ws, protocol::STORE_UNAVAILABLE).await;
             state.metrics.closed(CloseReason::StoreError);
-            return;
+            return None;
         }
     };
     let handle = match state.hub.connect(&client_id, epoch, now_ms()).await {
@@ -122,7 +137,7 @@ pub(crate) async fn run(
         Err(_) => {
             close_socket(&mut ws, protocol::REPLACED).await;
             state.metrics.closed(CloseReason::Replaced);
-            return;
+            return None;
         }
     };
     tracing::info!(agent = %client_id, epoch, "agent connected");
@@ -131,14 +146,22 @@ pub(crate) async fn run(
     let mut ping = tokio::time::interval_at(ping_slot(Instant::now() + heartbeat), heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let token_left = Duration::from_secs(token_exp.saturating_sub(unix_now()));
-    let mut session = Session {
-        state: state.clone(),
+    Some(Session {
+        state,
         ws,
-        handle: handle.clone(),
+        handle,
         ping,
         token_expiry: Box::pin(tokio::time::sleep(token_left)),
-    };
-    let end = session.serve().await;
+    })
+}
+
+/// Closes the socket as `end` asks, then unregisters the session and records the
+/// disconnection.
+async fn finish(mut session: Session, end: End) {
+    let state = session.state.clone();
+    let handle = session.handle.clone();
+    let client_id = handle.client_id.clone();
+    let epoch = handle.epoch;
     let reason = match &end {
         End::Server(close) => {
             close_socket(&mut session.ws, *close).await;
@@ -151,7 +174,6 @@ pub(crate) async fn run(
         }
         End::Network(_) => CloseReason::NetworkError,
     };
-
     state.hub.disconnect(&handle).await;
     if let Err(e) = state
         .store
@@ -205,35 +227,15 @@ impl Session {
     }
 
     async fn serve_until_end(&mut self) -> Result<std::convert::Infallible, End> {
-        let config = self.state.clone();
-        let handle = self.handle.clone();
-        let welcome = Outbound::Welcome {
-            protocol: PROTOCOL_VERSION,
-            client_id: handle.client_id.as_str().into(),
-            pod: config.pod_id.as_str().into(),
-            epoch: handle.epoch,
-            heartbeat_interval: config.heartbeat_interval.as_secs_f64(),
-            offline_timeout: config.offline_timeout.as_secs_f64(),
-            server_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        self.send(&welcome).await?;
-        // A fresh connection also gets commands delivered earlier without a result:
-        // the previous connection may have dropped before the agent saw them.
-        self.deliver(true).await?;
-
+        Box::pin(self.start()).await?;
+        // Everything awaited in an arm is boxed: the task's size is its largest state,
+        // and idle agents only ever wait here.
         loop {
             tokio::select! {
                 close = self.handle.closing() => return Err(End::Server(close)),
                 _ = &mut self.token_expiry => return Err(End::Server(protocol::TOKEN_EXPIRED)),
-                _ = self.ping.tick() => self.heartbeat().await?,
-                _ = self.handle.woken() => {
-                    self.deliver(false).await?;
-                    let rollouts = self.state.rollouts.clone();
-                    let offer = self
-                        .guarded(rollouts.pending_offer(&handle.client_id, handle.epoch))
-                        .await?;
-                    self.send_update(offer).await?;
-                }
+                _ = self.ping.tick() => Box::pin(self.heartbeat()).await?,
+                _ = self.handle.woken() => Box::pin(self.on_wake()).await?,
                 frame = self.ws.next() => {
                     let msg = match frame {
                         None => return Err(End::Network("connection closed without a close frame".into())),
@@ -243,10 +245,10 @@ impl Session {
                     // Any frame is a sign of life.
                     self.handle.touch(now_ms());
                     match msg {
-                        Message::Text(text) => self.on_text(text.as_str()).await?,
+                        Message::Text(text) => Box::pin(self.on_text(text.as_str())).await?,
                         Message::Binary(_) => {
                             self.metrics_in(MessageType::Invalid);
-                            self.error(ErrorCode::BinaryNotSupported, "send JSON text messages".into(), None).await?
+                            Box::pin(self.error(ErrorCode::BinaryNotSupported, "send JSON text messages".into(), None)).await?
                         }
                         // tungstenite queued the pong; the next read sends it, as far as
                         // the socket takes it. Awaiting it here would let an agent that
@@ -262,6 +264,46 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The welcome, then what a fresh connection must be sent.
+    async fn start(&mut self) -> Result<(), End> {
+        let config = self.state.clone();
+        let handle = self.handle.clone();
+        let welcome = Outbound::Welcome {
+            protocol: PROTOCOL_VERSION,
+            client_id: handle.client_id.as_str().into(),
+            pod: config.pod_id.as_str().into(),
+            epoch: handle.epoch,
+            heartbeat_interval: config.heartbeat_interval.as_secs_f64(),
+            offline_timeout: config.offline_timeout.as_secs_f64(),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        self.send(&welcome).await?;
+        // A fresh connection also gets commands delivered earlier without a result:
+        // the previous connection may have dropped before the agent saw them. Most
+        // connections have none: a batched check (asked after the hub registered this
+        // session, so a command stored from now on wakes it) spares them the read.
+        let store = self.state.store.clone();
+        let sendable = self
+            .guarded(store.has_sendable_commands(handle.client_id.clone()))
+            .await?;
+        // On a store error, read anyway: the read reports its own failure.
+        if sendable.unwrap_or(true) {
+            self.deliver(true).await?;
+        }
+        Ok(())
+    }
+
+    /// A wake-up: commands may be waiting, or an update.
+    async fn on_wake(&mut self) -> Result<(), End> {
+        self.deliver(false).await?;
+        let rollouts = self.state.rollouts.clone();
+        let handle = self.handle.clone();
+        let offer = self
+            .guarded(rollouts.pending_offer(&handle.client_id, handle.epoch))
+            .await?;
+        self.send_update(offer).await
     }
 
     /// A heartbeat tick: closes a silent agent (4000), else pings it.
@@ -631,5 +673,25 @@ fn classify(e: WsError) -> End {
         WsError::Capacity(_) => End::Server(protocol::TOO_BIG),
         WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed,
         other => End::Network(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F, A, B, C, D, R>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn idle_session_task_stays_small() {
+        // Every idle agent is one such task: each byte here is a byte per agent.
+        let size = future_size(super::run);
+        eprintln!("session task future: {size} bytes");
+        // 1,200 bytes today: the socket, the timers, the handle and the select's futures.
+        assert!(size <= 1280, "the session task is {size} bytes");
     }
 }

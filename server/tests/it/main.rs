@@ -17,6 +17,7 @@ mod commands;
 mod credentials;
 mod credentials_http;
 mod drain;
+mod group_commit;
 mod http;
 mod jobs;
 mod jobs_http;

@@ -1,12 +1,14 @@
 //! Benchmark 1: idle agents held by one server process: as many as its open-file limit allows,
-//! every one alive; user-space RSS per agent and kernel socket memory.
+//! every one alive; user-space RSS per agent and kernel socket memory. The same fleet is
+//! then held by `ws-floor`, a bare tokio-tungstenite server with the same buffers, so the
+//! ratio of the two is measured in one run on one machine.
 
 use std::time::Duration;
 
 use anyhow::Result;
 
 use crate::procfs::{max_open_files, open_fds, page_size, rss_kib, sockstat, tcp_slab_bytes};
-use crate::services::SimProc;
+use crate::services::{FloorProc, SimProc};
 use crate::{Ctx, thousands};
 
 const BENCH: &str = "1 idle";
@@ -35,61 +37,11 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         thousands(u64::from(n))
     );
 
-    let hb = ctx.heartbeat_secs();
-    let processes = n.div_ceil(10_000).max(1);
-    let args: Vec<String> = [
-        "--server",
-        &server.base(),
-        "--count",
-        &n.to_string(),
-        "--processes",
-        &processes.to_string(),
-        "--rate",
-        "1000",
-        "--heartbeat",
-        &format!("{hb}s"),
-        "--prefix",
-        "idle",
-        "--progress",
-        "500ms",
-        "--duration",
-        "30m",
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut sim = SimProc::start(
-        &ctx.sim_bin(),
-        &args,
-        &ctx.secret,
-        &ctx.run_dir.join("idle-sim.log"),
-    )
-    .await?;
-    let ramp = sim
-        .wait_for("every agent connected", Duration::from_secs(300), |s| {
-            s.connected == u64::from(n)
-        })
-        .await?;
-    println!(
-        "  {} agents connected in {:.1} s ({:.0} per second, over {processes} simulator processes)",
-        thousands(u64::from(n)),
-        ramp.as_secs_f64(),
-        f64::from(n) / ramp.as_secs_f64()
-    );
-    // Two heartbeat intervals: every agent has been pinged and has answered, and every
-    // buffer a ping or heartbeat needs has been allocated.
-    tokio::time::sleep(Duration::from_secs(2 * hb + 2)).await;
-
-    let mut samples = Vec::new();
-    for _ in 0..5 {
-        samples.push(rss_kib(pid).unwrap_or(0));
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    }
-    samples.sort_unstable();
-    let rss1 = samples[samples.len() / 2];
+    let held = hold(ctx, &server.base(), pid, n, "idle").await?;
+    let (rss1, sim, snap) = (held.rss_kib, held.sim, held.snapshot);
     let sock1 = sockstat();
     let slab1 = tcp_slab_bytes();
     let fds1 = open_fds(pid).unwrap_or(0);
-    let snap = sim.latest();
     let metrics = server.metrics(&ctx.http).await?;
     let on_server = metrics.sum("agent_server_connected_agents", &[]) as u64;
 
@@ -117,8 +69,8 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         BENCH,
         "server RSS per idle agent",
         format!("{per_agent:.1} KiB"),
-        "<= 8 KiB",
-        Some(per_agent <= 8.0),
+        "<= 5 KiB",
+        Some(per_agent <= 5.0),
     );
     ctx.figure(
         BENCH,
@@ -155,5 +107,105 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     );
     sim.stop().await;
     stack.stop().await;
+
+    // The floor, in the same run: the same fleet against a bare tokio-tungstenite server
+    // with the same buffers.
+    let floor = FloorProc::start(&ctx.floor_bin(), ctx.heartbeat_secs()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let floor_rss0 = rss_kib(floor.pid()).unwrap_or(0);
+    let held = hold(ctx, &floor.base(), floor.pid(), n, "floor").await?;
+    let floor_alive = held.snapshot.alive;
+    held.sim.stop().await;
+    floor.stop().await;
+    let floor_per_agent = held.rss_kib.saturating_sub(floor_rss0) as f64 / f64::from(n.max(1));
+    println!(
+        "  floor: {} of {} agents alive on a bare tokio-tungstenite server (same buffers), RSS {} -> {} MiB",
+        thousands(floor_alive),
+        thousands(u64::from(n)),
+        floor_rss0 / 1024,
+        held.rss_kib / 1024
+    );
+    ctx.figure(
+        BENCH,
+        "floor: bare tokio-tungstenite RSS per agent",
+        format!("{floor_per_agent:.1} KiB"),
+        "",
+        None,
+    );
+    let ratio = per_agent / floor_per_agent.max(0.1);
+    ctx.figure(
+        BENCH,
+        "server / floor RSS per agent",
+        format!("{ratio:.2}x"),
+        "<= 1.25x",
+        Some(ratio <= 1.25),
+    );
     Ok(())
+}
+
+/// A fleet connected to `base` and left idle for two heartbeat intervals.
+struct Held {
+    sim: SimProc,
+    /// The median of five samples of the process's RSS, after two intervals.
+    rss_kib: u64,
+    snapshot: e2e::sim::Snapshot,
+}
+
+/// Connects `n` heartbeating agents to `base`, waits two heartbeat intervals (every agent
+/// pinged and answered, every buffer a ping or heartbeat needs allocated), then samples
+/// the RSS of `pid`.
+async fn hold(ctx: &Ctx, base: &str, pid: u32, n: u32, prefix: &str) -> Result<Held> {
+    let hb = ctx.heartbeat_secs();
+    let processes = n.div_ceil(10_000).max(1);
+    let args: Vec<String> = [
+        "--server",
+        base,
+        "--count",
+        &n.to_string(),
+        "--processes",
+        &processes.to_string(),
+        "--rate",
+        "1000",
+        "--heartbeat",
+        &format!("{hb}s"),
+        "--prefix",
+        prefix,
+        "--progress",
+        "500ms",
+        "--duration",
+        "30m",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut sim = SimProc::start(
+        &ctx.sim_bin(),
+        &args,
+        &ctx.secret,
+        &ctx.run_dir.join(format!("{prefix}-sim.log")),
+    )
+    .await?;
+    let ramp = sim
+        .wait_for("every agent connected", Duration::from_secs(300), |s| {
+            s.connected == u64::from(n)
+        })
+        .await?;
+    println!(
+        "  {} agents connected to {base} in {:.1} s ({:.0} per second, over {processes} simulator processes)",
+        thousands(u64::from(n)),
+        ramp.as_secs_f64(),
+        f64::from(n) / ramp.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2 * hb + 2)).await;
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        samples.push(rss_kib(pid).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    samples.sort_unstable();
+    let snapshot = sim.latest();
+    Ok(Held {
+        sim,
+        rss_kib: samples[samples.len() / 2],
+        snapshot,
+    })
 }

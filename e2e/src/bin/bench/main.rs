@@ -75,7 +75,7 @@ fn key_value(v: &str) -> Result<(String, String), String> {
 enum Bench {
     /// Benchmarks 1 to 6, then a table of every figure.
     All,
-    /// 1. Idle agents held by one process; RSS and kernel memory per agent.
+    /// 1. Idle agents held by one process; RSS per agent beside a bare WebSocket server's.
     Idle,
     /// 2. Server CPU per heartbeat round trip.
     Heartbeat,
@@ -129,6 +129,10 @@ impl Ctx {
 
     pub fn sim_bin(&self) -> PathBuf {
         self.bin_dir.join("agent-sim")
+    }
+
+    pub fn floor_bin(&self) -> PathBuf {
+        self.bin_dir.join("ws-floor")
     }
 
     /// Measurement window: the override, the smoke size, or the default.
@@ -278,7 +282,7 @@ async fn main() -> Result<()> {
             .context("directory of this binary")?
             .to_path_buf(),
     };
-    for bin in ["agent-server", "agent-sim"] {
+    for bin in ["agent-server", "agent-sim", "ws-floor"] {
         if !bin_dir.join(bin).exists() {
             bail!(
                 "{} not found in {}: run `cargo build --release -p agent-server -p e2e --bins` (or `just bench`)",

@@ -236,6 +236,59 @@ impl ServerProc {
     }
 }
 
+/// ws-floor: a bare tokio-tungstenite server with agent-server's buffers, the floor that
+/// the idle benchmark prints agent-server's memory against.
+pub struct FloorProc {
+    pub port: u16,
+    child: Child,
+    pid: u32,
+}
+
+impl FloorProc {
+    pub async fn start(bin: &Path, heartbeat_secs: u64) -> Result<Self> {
+        let port = free_port()?;
+        let mut child = Command::new(bin)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--heartbeat",
+                &heartbeat_secs.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("ws-floor exited ({status}) at start");
+            }
+            if Instant::now() > deadline {
+                bail!("ws-floor did not listen on {port} within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(FloorProc { port, child, pid })
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
 /// The last lines of a log file, for error messages.
 pub fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

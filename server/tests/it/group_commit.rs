@@ -1,0 +1,191 @@
+//! Group commit (`store/writer.rs`): writes of many sessions and requests share a
+//! transaction, and each caller still learns the outcome of its own write, exactly as if
+//! it had been alone. Every write here is issued at once, so they land in the same
+//! batches.
+
+use agent_server::store::{CommandStatus, NewCommand, ResultOutcome, Store, now_ms};
+use futures_util::future::join_all;
+
+use crate::helpers::{TestApp, on_both_backends};
+
+fn command(id: &str, agent: &str) -> NewCommand {
+    NewCommand {
+        id: id.to_string(),
+        agent_id: agent.to_string(),
+        name: "ping".into(),
+        args: "{}".into(),
+        status: CommandStatus::Pending.as_str().into(),
+        created_at: now_ms(),
+        expires_at: None,
+    }
+}
+
+async fn connect(store: &Store, agent: &str) -> i64 {
+    store
+        .agent_connected(agent.to_string(), "pod-test".into())
+        .await
+        .unwrap()
+}
+
+async fn concurrent_connects_of_one_agent_get_distinct_epochs_and_the_newest_wins(app: TestApp) {
+    let store = &app.state.store;
+    let epochs: Vec<i64> = join_all((0..20).map(|_| connect(store, "twin"))).await;
+    let mut sorted = epochs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, (1..=20).collect::<Vec<i64>>(), "{epochs:?}");
+    // Only the newest connection's disconnect clears presence.
+    let gone =
+        join_all((1..=20).map(|e| store.agent_disconnected("twin".into(), e, now_ms()))).await;
+    let cleared: Vec<i64> = (1..=20)
+        .filter(|e| gone[*e as usize - 1].as_ref().is_ok_and(|b| *b))
+        .collect();
+    assert_eq!(cleared, [20]);
+}
+
+async fn results_in_one_batch_each_get_their_own_outcome(app: TestApp) {
+    let store = &app.state.store;
+    let agents: Vec<String> = (0..30).map(|i| format!("agent-{i}")).collect();
+    let epochs = join_all(agents.iter().map(|a| connect(store, a))).await;
+    let created = join_all(
+        agents
+            .iter()
+            .map(|a| store.create_command(command(&format!("cmd-{a}"), a), None)),
+    )
+    .await;
+    assert!(created.iter().all(|c| matches!(c, Ok(true))), "{created:?}");
+    // A newer connection of agent-0 fences its first one off.
+    let newer = connect(store, "agent-0").await;
+    assert_eq!(newer, epochs[0] + 1);
+
+    let mut results = Vec::new();
+    for (a, epoch) in agents.iter().zip(&epochs) {
+        results.push((a.clone(), *epoch, format!("cmd-{a}")));
+    }
+    // The same result twice, a command of another agent, and an unknown command.
+    results.push(("agent-1".into(), epochs[1], "cmd-agent-1".into()));
+    results.push(("agent-2".into(), epochs[2], "cmd-agent-3".into()));
+    results.push(("agent-4".into(), epochs[4], "no-such-command".into()));
+    let outcomes = join_all(results.iter().map(|(a, epoch, cmd)| {
+        store.record_result(
+            a.clone(),
+            *epoch,
+            cmd.clone(),
+            CommandStatus::Succeeded,
+            Some("{}".into()),
+            now_ms(),
+        )
+    }))
+    .await;
+    let outcomes: Vec<ResultOutcome> = outcomes.into_iter().map(Result::unwrap).collect();
+
+    assert_eq!(
+        outcomes[0],
+        ResultOutcome::StaleConnection,
+        "agent-0 was replaced"
+    );
+    let stored = ResultOutcome::Stored(CommandStatus::Succeeded);
+    let duplicate = ResultOutcome::AlreadyFinal(CommandStatus::Succeeded);
+    // agent-1's result was sent twice: the first stands, the second is a duplicate.
+    let mut twice = [outcomes[1], outcomes[30]];
+    twice.sort_by_key(|o| *o != stored);
+    assert_eq!(twice, [stored, duplicate]);
+    // agent-3's command, reported by agent-2, is agent-3's own business.
+    assert_eq!(outcomes[3], stored);
+    assert_eq!(outcomes[31], ResultOutcome::UnknownCommand);
+    assert_eq!(outcomes[32], ResultOutcome::UnknownCommand);
+    for (i, o) in outcomes.iter().enumerate().take(30).skip(2) {
+        assert_eq!(*o, stored, "agent-{i}");
+    }
+    let first = store
+        .get_command("cmd-agent-0".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status, "pending", "a fenced-off result is not stored");
+}
+
+async fn a_failing_write_fails_alone_and_its_neighbours_are_committed(app: TestApp) {
+    let store = &app.state.store;
+    for a in ["a-1", "a-2", "a-3"] {
+        connect(store, a).await;
+    }
+    assert!(
+        store
+            .create_command(command("taken", "a-1"), None)
+            .await
+            .unwrap()
+    );
+    // In one batch: two good commands, one whose id is taken (a constraint violation
+    // that aborts the batch's transaction), one for an agent that does not exist.
+    let outcomes = join_all([
+        store.create_command(command("new-1", "a-1"), None),
+        store.create_command(command("taken", "a-2"), None),
+        store.create_command(command("new-2", "a-3"), None),
+        store.create_command(command("new-3", "nobody"), None),
+    ])
+    .await;
+    assert!(matches!(outcomes[0], Ok(true)), "{:?}", outcomes[0]);
+    assert!(
+        outcomes[1].is_err(),
+        "the taken id fails: {:?}",
+        outcomes[1]
+    );
+    assert!(matches!(outcomes[2], Ok(true)), "{:?}", outcomes[2]);
+    assert!(matches!(outcomes[3], Ok(false)), "{:?}", outcomes[3]);
+    for (id, agent) in [("new-1", "a-1"), ("new-2", "a-3"), ("taken", "a-1")] {
+        let row = store.get_command(id.into()).await.unwrap().unwrap();
+        assert_eq!(row.agent_id, agent);
+    }
+    assert!(store.get_command("new-3".into()).await.unwrap().is_none());
+}
+
+async fn a_new_connection_learns_whether_commands_wait_for_it(app: TestApp) {
+    let store = &app.state.store;
+    for a in ["idle", "busy", "done"] {
+        connect(store, a).await;
+    }
+    assert!(
+        store
+            .create_command(command("c-busy", "busy"), None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .create_command(command("c-done", "done"), None)
+            .await
+            .unwrap()
+    );
+    let epoch = connect(store, "done").await;
+    store
+        .record_result(
+            "done".into(),
+            epoch,
+            "c-done".into(),
+            CommandStatus::Failed,
+            None,
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    let sendable = join_all(
+        ["idle", "busy", "done", "unknown"].map(|a| store.has_sendable_commands(a.into())),
+    )
+    .await;
+    let sendable: Vec<bool> = sendable.into_iter().map(Result::unwrap).collect();
+    assert_eq!(sendable, [false, true, false, false]);
+    // Delivered without a result still counts: it is sent again on a new connection.
+    store
+        .mark_delivered(vec!["c-busy".into()], now_ms())
+        .await
+        .unwrap();
+    assert!(store.has_sendable_commands("busy".into()).await.unwrap());
+}
+
+on_both_backends! {
+    concurrent_connects_of_one_agent_get_distinct_epochs_and_the_newest_wins;
+    results_in_one_batch_each_get_their_own_outcome;
+    a_failing_write_fails_alone_and_its_neighbours_are_committed;
+    a_new_connection_learns_whether_commands_wait_for_it;
+}
