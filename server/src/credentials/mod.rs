@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Actor, Audit, AuditAction, AuditEvent, RequestContext, chain};
 use crate::auth::{
-    AuthError, Claims, MintOptions, Revoked, Role, Tokens, TtlOutOfRange, ttl_from_secs,
+    AuthError, Claims, DEFAULT_ADMIN_TOKEN_TTL, DEFAULT_AGENT_TOKEN_TTL, MintOptions, Revoked,
+    Role, Tokens, TtlOutOfRange, ttl_from_secs,
 };
 use crate::hub::Hub;
 use crate::ids::check_client_id;
@@ -44,10 +45,6 @@ pub use bus::{Revocation, RevocationBus};
 pub use cache::{CredentialCache, TokenState};
 pub use rate_limit::RateLimiter;
 
-/// Lifetime of an agent token when none is asked for (API minting, enrollment).
-pub const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
-/// Lifetime of an admin token when none is asked for.
-pub const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
 /// Longest token name, enroll secret name and label.
 pub const MAX_NAME_CHARS: usize = 100;
 pub const MAX_LABELS: usize = 32;
