@@ -95,9 +95,13 @@ pub async fn enroll(
 /// Writes the token to `path` atomically with mode 0600: a crash leaves either the old
 /// file or the new one, never a torn token.
 pub fn store_token(path: &Path, token: &Secret) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    // Directories created here are the agent's alone, like systemd's StateDirectory.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let tmp = path.with_extension("tmp");
     // A leftover from a crash may carry other permissions: start afresh.
     let _ = std::fs::remove_file(&tmp);
