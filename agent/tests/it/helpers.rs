@@ -67,7 +67,9 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Log(Arc<Mutex<String>>);
 
 impl Log {
-    fn follow(&self, child: &mut Child) {
+    /// Collects the child's output; returns the readers, which end at the pipes' EOF.
+    fn follow(&self, child: &mut Child) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut readers = Vec::new();
         for pipe in [
             child
                 .stderr
@@ -82,13 +84,14 @@ impl Log {
         .flatten()
         {
             let log = self.0.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     log.lock().unwrap().push_str(&(line + "\n"));
                 }
-            });
+            }));
         }
+        readers
     }
 
     pub fn text(&self) -> String {
@@ -271,7 +274,8 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .expect("agent-server starts");
-        self.log.follow(&mut child);
+        // The server's log is only ever waited on (`Log::shows`).
+        let _ = self.log.follow(&mut child);
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -404,6 +408,8 @@ impl Server {
 pub struct Agent {
     child: Child,
     pub log: Log,
+    /// The log's readers: an exit is only reported once they have read everything.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What an agent is started with.
@@ -436,16 +442,25 @@ impl Agent {
             .spawn()
             .expect("agent starts");
         let log = Log::default();
-        log.follow(&mut child);
-        Agent { child, log }
+        let readers = log.follow(&mut child);
+        Agent {
+            child,
+            log,
+            readers,
+        }
     }
 
-    /// Waits for the process to exit on its own; returns its exit code.
+    /// Waits for the process to exit on its own, and for its last log lines; returns
+    /// its exit code.
     pub async fn exits(&mut self) -> i32 {
         let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("agent still running after {WAIT:?}:\n{}", self.log.text()))
             .unwrap();
+        // A plug-in still running may hold the pipes open: bounded.
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(WAIT, reader).await;
+        }
         status.code().unwrap_or(-1)
     }
 
