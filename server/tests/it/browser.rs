@@ -368,7 +368,12 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
         )
         .await;
     browser.click("#send-command").await;
-    let (_, history) = app.get("/api/v1/agents/web-1/commands").await;
+    // The page posts the command in the background: wait until the server has it.
+    let history = app
+        .eventually("/api/v1/agents/web-1/commands", |h| {
+            h["commands"][0]["id"].is_string()
+        })
+        .await;
     let command = history["commands"][0]["id"].as_str().unwrap().to_string();
     browser
         .find_where(&format!("tr[data-command='{command}']"), |t| {
