@@ -247,8 +247,8 @@ pub enum ApiError {
     /// A request to `/ws/{client_id}` without a valid WebSocket opening handshake.
     #[error("{0}")]
     Handshake(#[from] HandshakeRefusal),
-    /// The database does not answer.
-    #[error("storage is unavailable; retry shortly")]
+    /// The database does not answer, or not in time.
+    #[error("the database is unavailable ({}); retry shortly", .0.outage())]
     StoreUnavailable(#[source] StoreError),
     /// A server fault.
     #[error("internal error; the server log has the details under this request's id")]
@@ -258,7 +258,7 @@ pub enum ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => ApiError::StoreUnavailable(e),
+            e if e.is_unavailable() => ApiError::StoreUnavailable(e),
             other => ApiError::Internal(other),
         }
     }
