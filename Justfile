@@ -40,6 +40,12 @@ e2e *ARGS:
 e2e-local *ARGS:
     cargo run -p e2e -- local {{ARGS}}
 
+# Needs root and iproute2 (network namespaces); part of `just test` too, where it skips
+# without them. Prints the figures docs/operations.md quotes.
+# Redis and PostgreSQL cut off by the network (packets dropped), with agents connected.
+netcut:
+    cargo test -p agent-server --test it netcut -- --nocapture
+
 # Goes through the run's own kubeconfig: the user's ~/.kube/config is never touched.
 # Delete the kind cluster that `just e2e --keep` left behind.
 e2e-down:

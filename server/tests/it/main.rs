@@ -3,6 +3,7 @@
 
 mod certs;
 mod helpers;
+mod netns;
 mod procs;
 
 mod api;
@@ -16,6 +17,7 @@ mod drain;
 mod http;
 mod jobs;
 mod jobs_http;
+mod netcut;
 mod outage;
 mod process;
 mod redis_ha;
