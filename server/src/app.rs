@@ -241,15 +241,23 @@ impl Application {
         })
         .await
         .is_ok();
-        if finished {
+        // Last: connections the pool is still opening (it fills up while a replica
+        // starts) must be done before the process exits; see `Store::settle`.
+        let settled = state
+            .store
+            .settle(deadline.max(Instant::now() + SETTLE_AT_LEAST))
+            .await;
+        if finished && settled {
             tracing::info!(elapsed = ?started.elapsed(), "drained; exiting");
-        } else {
+        } else if !finished {
             tracing::warn!(
                 sessions = state.hub.len(),
                 "shutdown timeout reached with work still in flight; exiting anyway"
             );
+        } else {
+            tracing::warn!("database connections still opening; exiting anyway");
         }
-        finished
+        finished && settled
     }
 }
 
@@ -377,6 +385,9 @@ fn spawn_background(state: &State) {
     }
 }
 
+/// How long the drain waits for the database pool to settle even when SHUTDOWN_TIMEOUT
+/// has run out: a connection being opened takes milliseconds.
+const SETTLE_AT_LEAST: Duration = Duration::from_secs(1);
 /// How often, while Redis is unreachable, each replica looks for pending commands of its
 /// agents: wake-ups cannot cross replicas then, and this bounds the delay of a command
 /// queued through another replica instead of COMMAND_SWEEP_INTERVAL.

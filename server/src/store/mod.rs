@@ -451,6 +451,28 @@ impl Store {
         }
     }
 
+    /// Waits until no pooled connection is being opened or used, or until `deadline`;
+    /// returns whether the pool settled. r2d2 opens connections on threads of its own and
+    /// never joins them, and libpq's TLS and SCRAM run on those threads: a process that
+    /// exits while one of them is in OpenSSL crashes in OpenSSL's exit handler (SIGSEGV
+    /// after a clean drain, seen when a replica is stopped right after it started and
+    /// the pool was still filling). The drain calls this last.
+    pub async fn settle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let state = match &*self.pool {
+                DbPool::Postgres(pool) => pool.state(),
+                DbPool::Sqlite(pool) => pool.state(),
+            };
+            if state.connections == state.idle_connections {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Round trip used by readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.run(

@@ -114,7 +114,10 @@ impl ServerProcess {
             .unwrap();
         // The pipe reaches EOF once the process is gone.
         let _ = tokio::time::timeout(WAIT, &mut self.reader).await;
-        let log = self.log.lock().unwrap().clone();
+        let mut log = self.log.lock().unwrap().clone();
+        if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+            log.push_str(&format!("[ended by signal {signal}]\n"));
+        }
         (status.code().unwrap_or(-1), log)
     }
 
