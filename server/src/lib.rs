@@ -16,6 +16,7 @@ pub mod hub;
 pub mod ids;
 pub mod jobs;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod redact;
 pub(crate) mod secrets;

@@ -12,6 +12,7 @@ use crate::auth::AuthError;
 use crate::binaries::StorageError;
 use crate::credentials::{CredentialError, EnrollError};
 use crate::error::error_chain;
+use crate::limits::TooDeep;
 use crate::storable::NulError;
 use crate::store::StoreError;
 
@@ -261,6 +262,12 @@ impl From<StoreError> for ApiError {
             e if e.is_unavailable() => ApiError::StoreUnavailable(e),
             other => ApiError::Internal(other),
         }
+    }
+}
+
+impl From<TooDeep> for ApiError {
+    fn from(e: TooDeep) -> Self {
+        ApiError::bad_request(ErrorCode::InvalidJson, e.to_string())
     }
 }
 

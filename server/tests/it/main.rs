@@ -13,6 +13,7 @@ mod cluster;
 mod commands;
 mod credentials;
 mod credentials_http;
+mod documents;
 mod drain;
 mod http;
 mod jobs;

@@ -317,7 +317,7 @@ impl FleetAgent {
                                 let result = AgentMessage::Result {
                                     id: cid,
                                     status: ResultStatus::Ok,
-                                    output: Some(json!(port)),
+                                    output: Some(agent_protocol::raw_json(&json!(port))),
                                 };
                                 if ws.send(Message::text(result.to_json())).await.is_err() {
                                     break;
