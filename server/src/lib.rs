@@ -27,6 +27,13 @@ pub(crate) mod tasks;
 pub mod telemetry;
 pub mod ws;
 
+/// Internals that the fuzz targets (`fuzz/`) drive directly; not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::files::{ByteRange, byte_range, if_range_allows, none_match};
+}
+
 pub use app::Application;
 pub use config::Config;
 pub use state::AppState;
