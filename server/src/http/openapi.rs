@@ -320,10 +320,7 @@ mod tests {
     fn route_table() -> BTreeSet<(String, String)> {
         let source = include_str!("mod.rs");
         // The metrics listener's table is another document's business.
-        let source = source
-            .split("fn metrics_router")
-            .next()
-            .expect("mod.rs");
+        let source = source.split("fn metrics_router").next().expect("mod.rs");
         let mut routes = BTreeSet::new();
         for chunk in source.split(".route(").skip(1) {
             let Some(path) = chunk.trim_start().strip_prefix('"') else {
