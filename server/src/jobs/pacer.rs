@@ -9,8 +9,13 @@
 //! costs latency (the sweep wakes sessions with sendable commands), never a command.
 //! Offline agents keep their command held until they connect here or elsewhere (the
 //! pacer of that replica releases it) or until its TTL expires it (the sweep).
+//!
+//! A job's first batch is released by the transaction that stores it (`Store::create_job`
+//! takes the first turn for every replica at once), so the pacer's first turn on a job
+//! wakes the agents here whose command that released (`Store::released_here`).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::broadcast::error::RecvError;
@@ -38,6 +43,8 @@ pub struct Pacer {
     metrics: Arc<Metrics>,
     /// This replica's POD_ID: it releases commands of agents connected here.
     pod: String,
+    /// Running jobs whose creation-time releases this replica has woken its agents for.
+    seen: Mutex<HashSet<String>>,
 }
 
 impl Pacer {
@@ -47,6 +54,7 @@ impl Pacer {
             hub,
             metrics,
             pod,
+            seen: Mutex::default(),
         }
     }
 
@@ -78,10 +86,35 @@ impl Pacer {
         }
     }
 
-    /// One turn over every running job; returns how many commands it released.
+    /// One turn over every running job; returns how many agents here it gave a command:
+    /// released now, or released when the job was stored and not woken here before.
     pub async fn turn(&self) -> Result<usize, StoreError> {
         let mut total = 0;
-        for job in self.store.running_jobs().await? {
+        let running = self.store.running_jobs().await?;
+        let new: Vec<String> = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.retain(|job| running.contains(job));
+            running
+                .iter()
+                .filter(|job| !seen.contains(*job))
+                .cloned()
+                .collect()
+        };
+        for job in running {
+            if new.contains(&job) {
+                let agents = self
+                    .store
+                    .released_here(job.clone(), self.pod.clone())
+                    .await?;
+                for agent in &agents {
+                    self.hub.wake(agent);
+                }
+                total += agents.len();
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(job.clone());
+            }
             loop {
                 let pace = self
                     .store

@@ -181,9 +181,12 @@ async fn targeting_rules_combine_and_all_must_hold(app: TestApp) {
         let view = create(&app, json!({"name": format!("case-{i}"), "target": target})).await;
         assert_eq!(agents_of(&app, &view.id).await, expected, "target {target}");
         assert_eq!(view.targeted, expected.len() as i64);
+        // An unpaced job is released at once to the agents online now (t-3 is not).
+        let offline = i64::from(expected.contains("t-3"));
         assert_eq!(
-            view.counts.held, view.targeted,
-            "nothing released without a pacer"
+            (view.counts.held, view.released),
+            (offline, view.targeted - offline),
+            "released when stored, to online agents only"
         );
         assert_eq!(view.status, JobStatus::Running);
     }
@@ -208,28 +211,35 @@ async fn targeting_rules_combine_and_all_must_hold(app: TestApp) {
         }
     }
 
-    // A held command is in the agent's history but not sendable.
-    let history = store.list_commands("t-1".into(), None, 100).await.unwrap();
+    // A held command (of the offline t-3) is in the agent's history but not sendable;
+    // released ones (of the online agents) are.
+    let history = store.list_commands("t-3".into(), None, 100).await.unwrap();
     assert!(
         history
             .iter()
             .any(|c| c.job_id.is_some() && c.status == "pending")
     );
     let sendable = store
-        .commands_to_send("t-1".into(), true, None, now_ms(), 100)
+        .commands_to_send("t-3".into(), true, None, now_ms(), 100)
         .await
         .unwrap();
     assert!(
         sendable.is_empty(),
         "held commands are skipped: {sendable:?}"
     );
+    let sendable = store
+        .commands_to_send("t-1".into(), true, None, now_ms(), 100)
+        .await
+        .unwrap();
+    assert!(!sendable.is_empty(), "released when the job was stored");
     let pending = store
         .agents_with_pending(all.iter().map(|a| a.to_string()).collect())
         .await
         .unwrap();
-    assert!(
-        pending.is_empty(),
-        "the sweep does not wake for held commands"
+    assert_eq!(
+        pending.into_iter().collect::<BTreeSet<_>>(),
+        set(&["t-1", "t-2", "t-4"]),
+        "the sweep wakes for released commands, never for held ones"
     );
 
     // Live views hear of every job.
