@@ -12,11 +12,14 @@
 //!
 //! A job's first batch is released by the transaction that stores it (`Store::create_job`
 //! takes the first turn for every replica at once), so the pacer's first turn on a job
-//! wakes the agents here whose command that released (`Store::released_here`).
+//! wakes the agents here whose command that released (`Store::released_here`), and it
+//! wakes those still undelivered again every [`REWAKE`]: a session that could not read
+//! its command (no database connection within the pool's timeout, under load) would
+//! otherwise wait for the sweep.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +35,9 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub const MIN_GAP: Duration = Duration::from_millis(50);
 /// Most commands released by one statement.
 pub const MAX_BATCH: i64 = 20_000;
+/// Agents here with a released, undelivered command of a running job are woken again
+/// this often: far above a delivery's time, far below COMMAND_SWEEP_INTERVAL's default.
+pub const REWAKE: Duration = Duration::from_secs(5);
 
 /// Built from the narrow handles it uses; spawned by the application's assembly code:
 /// `tasks.spawn(Pacer::new(store, hub, metrics, pod_id).run(stop))`.
@@ -43,8 +49,9 @@ pub struct Pacer {
     metrics: Arc<Metrics>,
     /// This replica's POD_ID: it releases commands of agents connected here.
     pod: String,
-    /// Running jobs whose creation-time releases this replica has woken its agents for.
-    seen: Mutex<HashSet<String>>,
+    /// Running jobs whose released commands this replica has woken its agents for, and
+    /// when it last did.
+    woken: Mutex<HashMap<String, Instant>>,
 }
 
 impl Pacer {
@@ -54,7 +61,7 @@ impl Pacer {
             hub,
             metrics,
             pod,
-            seen: Mutex::default(),
+            woken: Mutex::default(),
         }
     }
 
@@ -91,17 +98,21 @@ impl Pacer {
     pub async fn turn(&self) -> Result<usize, StoreError> {
         let mut total = 0;
         let running = self.store.running_jobs().await?;
-        let new: Vec<String> = {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            seen.retain(|job| running.contains(job));
+        // Jobs to wake agents for: new here (true), or last woken for REWAKE ago (false).
+        let due: HashMap<String, bool> = {
+            let mut woken = self.woken.lock().unwrap_or_else(|p| p.into_inner());
+            woken.retain(|job, _| running.contains(job));
             running
                 .iter()
-                .filter(|job| !seen.contains(*job))
-                .cloned()
+                .filter_map(|job| match woken.get(job) {
+                    None => Some((job.clone(), true)),
+                    Some(at) if at.elapsed() >= REWAKE => Some((job.clone(), false)),
+                    Some(_) => None,
+                })
                 .collect()
         };
         for job in running {
-            if new.contains(&job) {
+            if let Some(&first) = due.get(&job) {
                 let agents = self
                     .store
                     .released_here(job.clone(), self.pod.clone())
@@ -109,11 +120,13 @@ impl Pacer {
                 for agent in &agents {
                     self.hub.wake(agent);
                 }
-                total += agents.len();
-                self.seen
+                if first {
+                    total += agents.len();
+                }
+                self.woken
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(job.clone());
+                    .insert(job.clone(), Instant::now());
             }
             loop {
                 let pace = self
