@@ -93,35 +93,29 @@ impl Pacer {
         }
     }
 
-    /// One turn over every running job; returns how many agents here it gave a command:
-    /// released now, or released when the job was stored and not woken here before.
+    /// One turn over every running job; returns how many commands it released (those a
+    /// job's creation released are woken for, not counted).
     pub async fn turn(&self) -> Result<usize, StoreError> {
         let mut total = 0;
         let running = self.store.running_jobs().await?;
-        // Jobs to wake agents for: new here (true), or last woken for REWAKE ago (false).
-        let due: HashMap<String, bool> = {
+        // Jobs to wake agents for: new here, or last woken for REWAKE ago.
+        let due: Vec<String> = {
             let mut woken = self.woken.lock().unwrap_or_else(|p| p.into_inner());
             woken.retain(|job, _| running.contains(job));
             running
                 .iter()
-                .filter_map(|job| match woken.get(job) {
-                    None => Some((job.clone(), true)),
-                    Some(at) if at.elapsed() >= REWAKE => Some((job.clone(), false)),
-                    Some(_) => None,
-                })
+                .filter(|job| woken.get(*job).is_none_or(|at| at.elapsed() >= REWAKE))
+                .cloned()
                 .collect()
         };
         for job in running {
-            if let Some(&first) = due.get(&job) {
+            if due.contains(&job) {
                 let agents = self
                     .store
                     .released_here(job.clone(), self.pod.clone())
                     .await?;
                 for agent in &agents {
                     self.hub.wake(agent);
-                }
-                if first {
-                    total += agents.len();
                 }
                 self.woken
                     .lock()
