@@ -8,6 +8,23 @@ use agent_server::{Application, Config, telemetry};
 
 const EX_USAGE: u8 = 64;
 
+/// With the `jemalloc` feature (on by default), jemalloc replaces glibc's malloc: its size
+/// classes keep the handshakes' short-lived buffers (hyper's 8 KiB read and write buffers)
+/// apart from the sessions' long-lived allocations, so an idle agent costs what it holds
+/// rather than the holes glibc leaves between sessions (docs/benchmarks.md, issue 16).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's built-in options (its `malloc_conf`, under the crate's `_rjem_` prefix): a
+/// background thread returns freed pages to the system after about a second
+/// (`dirty_decay_ms`, skipping the lazy "muzzy" stage) instead of at the next allocation,
+/// so memory freed after a connection storm leaves the RSS while agents sit idle.
+/// Operators override or extend it with `_RJEM_MALLOC_CONF` (docs/operations.md).
+#[cfg(feature = "jemalloc")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> ExitCode {
     fix_mmap_threshold();
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -110,7 +127,9 @@ fn shutdown_signal() -> impl Future<Output = ()> {
 /// glibc raises its mmap threshold each time a large block is freed, after which large
 /// request bodies (10 MiB inventories) are carved from the heap and stay resident after
 /// use. A fixed threshold keeps them in their own mappings, returned to the system when
-/// freed (docs/benchmarks.md, benchmark 5).
+/// freed (docs/benchmarks.md, benchmark 5). With jemalloc this still governs what the C
+/// libraries allocate through glibc (libpq's buffers of large inventories), and is the
+/// whole allocator without the `jemalloc` feature.
 fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before any thread starts.
