@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod rollouts;
 pub(crate) mod schema;
 pub(crate) mod ui_sessions;
+mod sets;
 mod writer;
 
 use std::path::Path;
