@@ -16,8 +16,8 @@ pub mod inventory;
 pub mod jobs;
 pub mod rollouts;
 pub(crate) mod schema;
-pub(crate) mod ui_sessions;
 mod sets;
+pub(crate) mod ui_sessions;
 mod writer;
 
 use std::path::Path;

@@ -248,18 +248,26 @@ macro_rules! set_statements {
     };
 }
 
-set_statements!(PgConnection, diesel::pg::Pg, true,
+set_statements!(
+    PgConnection,
+    diesel::pg::Pg,
+    true,
     fn lock_agents(&mut self, ids: &[&str]) -> QueryResult<()> {
         if ids.len() < 2 {
             return Ok(());
         }
-        diesel::sql_query("SELECT id FROM agents WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR NO KEY UPDATE")
-            .bind::<diesel::sql_types::Array<Text>, _>(ids)
-            .load::<Id>(self)
-            .map(|_| ())
+        diesel::sql_query(
+            "SELECT id FROM agents WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR NO KEY UPDATE",
+        )
+        .bind::<diesel::sql_types::Array<Text>, _>(ids)
+        .load::<Id>(self)
+        .map(|_| ())
     }
 );
-set_statements!(SqliteConnection, diesel::sqlite::Sqlite, false,
+set_statements!(
+    SqliteConnection,
+    diesel::sqlite::Sqlite,
+    false,
     fn lock_agents(&mut self, _ids: &[&str]) -> QueryResult<()> {
         Ok(())
     }

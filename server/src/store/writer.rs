@@ -374,15 +374,34 @@ fn apply_agent_writes<C: SetStatements>(
                     connects.push(ConnectRow { id, pod, now: *now });
                     connects_at.push(i);
                 }
-                Write::Disconnect { id, epoch, last_seen } => {
-                    disconnects.push(DisconnectRow { id, epoch: *epoch, last_seen: *last_seen });
+                Write::Disconnect {
+                    id,
+                    epoch,
+                    last_seen,
+                } => {
+                    disconnects.push(DisconnectRow {
+                        id,
+                        epoch: *epoch,
+                        last_seen: *last_seen,
+                    });
                     disconnects_at.push(i);
                 }
                 Write::Hello { id, epoch, hello } => {
-                    hellos.push(HelloRow { id, epoch: *epoch, hello });
+                    hellos.push(HelloRow {
+                        id,
+                        epoch: *epoch,
+                        hello,
+                    });
                     hellos_at.push(i);
                 }
-                Write::Result { agent_id, epoch, command_id, status, output, now } => {
+                Write::Result {
+                    agent_id,
+                    epoch,
+                    command_id,
+                    status,
+                    output,
+                    now,
+                } => {
                     results.push(ResultRow {
                         agent_id,
                         epoch: *epoch,
@@ -410,16 +429,22 @@ fn apply_agent_writes<C: SetStatements>(
         }
 
         if !connects.is_empty() {
-            let epochs: HashMap<String, i64> =
-                c.connect_all(&connects)?.into_iter().map(|r| (r.id, r.epoch)).collect();
+            let epochs: HashMap<String, i64> = c
+                .connect_all(&connects)?
+                .into_iter()
+                .map(|r| (r.id, r.epoch))
+                .collect();
             for (i, row) in connects_at.into_iter().zip(&connects) {
                 let epoch = *epochs.get(row.id).ok_or(StoreError::Task)?;
                 out[i] = Some(Outcome::Epoch(epoch));
             }
         }
         if !disconnects.is_empty() {
-            let current: HashSet<String> =
-                c.disconnect_all(&disconnects)?.into_iter().map(|r| r.id).collect();
+            let current: HashSet<String> = c
+                .disconnect_all(&disconnects)?
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
             for (i, row) in disconnects_at.into_iter().zip(&disconnects) {
                 out[i] = Some(Outcome::Applied(current.contains(row.id)));
             }

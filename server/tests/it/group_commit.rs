@@ -211,7 +211,8 @@ async fn connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch(ap
         if i % 2 == 0 {
             writes.push(Box::pin(async move {
                 Op::Gone(store.agent_disconnected(a, e, now_ms()).await.unwrap())
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = Op>>>);
+            })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = Op>>>);
         } else {
             let (b, c) = (a.clone(), a.clone());
             writes.push(Box::pin(async move { Op::Epoch(connect(store, &a).await) }));
@@ -219,7 +220,10 @@ async fn connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch(ap
                 Op::Gone(store.agent_disconnected(b, e, now_ms()).await.unwrap())
             }));
             writes.push(Box::pin(async move {
-                store.agent_hello(c, e, hello(Some("0.9"), None)).await.unwrap();
+                store
+                    .agent_hello(c, e, hello(Some("0.9"), None))
+                    .await
+                    .unwrap();
                 Op::Said
             }));
         }
@@ -230,7 +234,11 @@ async fn connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch(ap
     for (i, (a, e)) in agents.iter().zip(&first).enumerate() {
         let (row, _) = store.get_agent(a.clone()).await.unwrap().unwrap();
         assert_eq!(row.hostname.as_deref(), Some("host"), "{a}");
-        assert_eq!(row.os.as_deref(), Some("linux"), "{a}: a hello keeps what it leaves out");
+        assert_eq!(
+            row.os.as_deref(),
+            Some("linux"),
+            "{a}: a hello keeps what it leaves out"
+        );
         if i % 2 == 0 {
             assert_eq!(outcomes.next(), Some(Op::Gone(true)), "{a}");
             assert!(!row.online, "{a}");
@@ -249,7 +257,11 @@ async fn connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch(ap
             match gone {
                 Some(Op::Gone(true)) => {}
                 Some(Op::Gone(false)) => {
-                    assert_eq!(row.version.as_deref(), Some("1.0"), "{a}: a stale hello is not stored")
+                    assert_eq!(
+                        row.version.as_deref(),
+                        Some("1.0"),
+                        "{a}: a stale hello is not stored"
+                    )
                 }
                 other => panic!("{a}: {other:?}"),
             }
