@@ -13,7 +13,7 @@ mod message;
 pub use auth::{Claims, Role};
 pub use client_id::{MAX_CLIENT_ID_LEN, check_client_id, client_id_from_hostname};
 pub use close::{CloseCode, RESTART_DELAY_MAX, Reconnect, backoff_ceiling, refusal_policy};
-pub use message::{AgentMessage, ErrorCode, ResultStatus, ServerMessage};
+pub use message::{AgentMessage, ErrorCode, ResultStatus, ServerMessage, raw_json};
 
 /// The version the server speaks on `/ws/{client_id}` (`welcome.protocol`).
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod ids;
 pub mod jobs;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod redact;
 pub(crate) mod secrets;
@@ -25,6 +26,13 @@ pub mod store;
 pub(crate) mod tasks;
 pub mod telemetry;
 pub mod ws;
+
+/// Internals that the fuzz targets (`fuzz/`) drive directly; not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::files::{ByteRange, byte_range, if_range_allows, none_match};
+}
 
 pub use app::Application;
 pub use config::Config;

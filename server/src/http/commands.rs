@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -13,6 +13,7 @@ use super::extract::{AdminContext, ApiJson, ClientId, Page, Principal};
 use crate::audit::{AuditAction, AuditEvent};
 use crate::auth::Role;
 use crate::ids::rfc3339;
+use crate::limits::check_depth;
 use crate::state::AppState;
 use crate::store::{CommandRow, CommandStatus, NewCommand, now_ms};
 
@@ -29,8 +30,10 @@ pub(super) struct CreateCommand {
 const MAX_COMMAND_NAME: usize = 128;
 const MAX_COMMAND_TTL: u64 = 30 * 86_400;
 
+/// A stored command as the API shows it. Serialised straight to the body, so `args` and
+/// `output` go out byte for byte as they came in.
 #[derive(Serialize)]
-struct CommandView<'a> {
+pub(super) struct CommandView<'a> {
     id: &'a str,
     agent_id: &'a str,
     name: &'a str,
@@ -44,28 +47,26 @@ struct CommandView<'a> {
     attempts: i32,
 }
 
-/// Renders a stored command; args and output are JSON already.
-fn command_json(c: &CommandRow) -> serde_json::Value {
-    let null = RawValue::NULL;
-    let args: &RawValue = serde_json::from_str(&c.args).unwrap_or(null);
-    let output: Option<&RawValue> = c
-        .output
-        .as_deref()
-        .map(|o| serde_json::from_str(o).unwrap_or(null));
-    serde_json::to_value(CommandView {
-        id: &c.id,
-        agent_id: &c.agent_id,
-        name: &c.name,
-        args,
-        status: &c.status,
-        output,
-        created_at: rfc3339(c.created_at),
-        delivered_at: c.delivered_at.map(rfc3339),
-        completed_at: c.completed_at.map(rfc3339),
-        expires_at: c.expires_at.map(rfc3339),
-        attempts: c.attempts,
-    })
-    .unwrap_or_default()
+impl<'a> From<&'a CommandRow> for CommandView<'a> {
+    fn from(c: &'a CommandRow) -> Self {
+        let null = RawValue::NULL;
+        CommandView {
+            id: &c.id,
+            agent_id: &c.agent_id,
+            name: &c.name,
+            args: serde_json::from_str(&c.args).unwrap_or(null),
+            status: &c.status,
+            output: c
+                .output
+                .as_deref()
+                .map(|o| serde_json::from_str(o).unwrap_or(null)),
+            created_at: rfc3339(c.created_at),
+            delivered_at: c.delivered_at.map(rfc3339),
+            completed_at: c.completed_at.map(rfc3339),
+            expires_at: c.expires_at.map(rfc3339),
+            attempts: c.attempts,
+        }
+    }
 }
 
 /// `POST /api/v1/agents/{client_id}/commands` with `{"name", "args"?, "ttl_seconds"?}`:
@@ -88,6 +89,7 @@ pub(super) async fn create(
         Some(raw) if raw.get().trim_start().starts_with('{') => raw.get().to_string(),
         Some(_) => return Err(invalid("args must be a JSON object".into())),
     };
+    check_depth("args", &args).map_err(|e| invalid(e.to_string()))?;
     let now = now_ms();
     let expires_at = match body.ttl_seconds {
         None => None,
@@ -143,10 +145,10 @@ pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
     principal: Principal,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Response> {
     match state.store.get_command(id.clone()).await? {
         Some(c) if principal.role == Role::Admin || c.agent_id == principal.client_id => {
-            Ok(Json(command_json(&c)))
+            Ok(Json(CommandView::from(&c)).into_response())
         }
         _ => Err(ApiError::NotFound(format!("no command `{id}`"))),
     }
@@ -158,7 +160,7 @@ pub(super) async fn list(
     ClientId(client_id): ClientId,
     principal: Principal,
     page: Page,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Response> {
     principal.require_self_or_admin(&client_id)?;
     let limit = page.limit(50, 500)?;
     let rows = state
@@ -170,8 +172,11 @@ pub(super) async fn list(
         limit,
         rows.last().map(|c| format!("{}.{}", c.created_at, c.id)),
     );
-    let commands: Vec<serde_json::Value> = rows.iter().map(command_json).collect();
-    Ok(Json(
-        serde_json::json!({"commands": commands, "next": next}),
-    ))
+    #[derive(Serialize)]
+    struct CommandPage<'a> {
+        commands: Vec<CommandView<'a>>,
+        next: Option<String>,
+    }
+    let commands = rows.iter().map(CommandView::from).collect();
+    Ok(Json(CommandPage { commands, next }).into_response())
 }

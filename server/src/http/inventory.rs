@@ -10,6 +10,7 @@ use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{ClientId, Principal, check_json_content_type, json_storable, read_body};
 use crate::auth::Role;
 use crate::ids::rfc3339;
+use crate::limits::check_depth;
 use crate::state::AppState;
 use crate::store::now_ms;
 
@@ -36,6 +37,7 @@ pub(super) async fn put(
     json_storable("inventory", &body)?;
     let text = String::from_utf8(body)
         .map_err(|_| ApiError::bad_request(ErrorCode::InvalidJson, "the inventory is not UTF-8"))?;
+    check_depth("inventory", &text)?;
     if principal.role == Role::Agent {
         // An agent with a valid token may report before its first connection.
         state.store.ensure_agent(client_id.clone()).await?;
@@ -55,12 +57,20 @@ pub(super) async fn put(
     })))
 }
 
+#[derive(Serialize)]
+pub(super) struct InventoryView {
+    agent_id: String,
+    size_bytes: i64,
+    received_at: String,
+    data: Box<RawValue>,
+}
+
 /// `GET /api/v1/agents/{client_id}/inventory`: the document as it was sent.
 pub(super) async fn get(
     State(state): State<AppState>,
     ClientId(client_id): ClientId,
     principal: Principal,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<InventoryView>> {
     principal.require_self_or_admin(&client_id)?;
     let row = state
         .store
@@ -69,21 +79,12 @@ pub(super) async fn get(
         .ok_or_else(|| {
             ApiError::NotFound(format!("agent `{client_id}` has not reported an inventory"))
         })?;
-    #[derive(Serialize)]
-    struct View<'a> {
-        agent_id: &'a str,
-        size_bytes: i64,
-        received_at: String,
-        data: &'a RawValue,
-    }
-    let data: &RawValue = serde_json::from_str(&row.body).unwrap_or(RawValue::NULL);
-    Ok(Json(
-        serde_json::to_value(View {
-            agent_id: &row.agent_id,
-            size_bytes: row.size_bytes,
-            received_at: rfc3339(row.received_at),
-            data,
-        })
-        .unwrap_or_default(),
-    ))
+    // Serialised straight to the body: `data` goes out byte for byte as it came in.
+    let data = RawValue::from_string(row.body).unwrap_or_else(|_| RawValue::NULL.to_owned());
+    Ok(Json(InventoryView {
+        agent_id: row.agent_id,
+        size_bytes: row.size_bytes,
+        received_at: rfc3339(row.received_at),
+        data,
+    }))
 }

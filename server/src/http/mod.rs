@@ -10,7 +10,7 @@ mod enroll;
 pub mod error;
 mod events;
 pub mod extract;
-mod files;
+pub(crate) mod files;
 mod health;
 mod inventory;
 mod jobs;

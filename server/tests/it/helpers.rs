@@ -607,7 +607,7 @@ impl Agent {
         self.send_msg(&AgentMessage::Result {
             id: id.to_string(),
             status,
-            output: Some(output),
+            output: Some(agent_protocol::raw_json(&output)),
         })
         .await;
     }

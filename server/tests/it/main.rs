@@ -3,6 +3,7 @@
 
 mod certs;
 mod helpers;
+mod netns;
 mod procs;
 
 mod api;
@@ -12,10 +13,12 @@ mod cluster;
 mod commands;
 mod credentials;
 mod credentials_http;
+mod documents;
 mod drain;
 mod http;
 mod jobs;
 mod jobs_http;
+mod netcut;
 mod outage;
 mod process;
 mod redis_ha;
