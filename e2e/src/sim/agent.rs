@@ -286,7 +286,7 @@ async fn on_text(shared: &Shared, ws: &mut Ws, index: u32, text: &str) -> bool {
             let result = AgentMessage::Result {
                 id: id.to_string(),
                 status: ResultStatus::Ok,
-                output: Some(serde_json::json!({"ran": name})),
+                output: Some(agent_protocol::raw_json(&serde_json::json!({"ran": name}))),
             };
             (id.into_owned(), result.to_json())
         }

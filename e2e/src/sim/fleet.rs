@@ -136,7 +136,8 @@ impl Fleet {
             0 => None,
             n if n <= WS_INVENTORY_MAX => {
                 let doc = super::inventory::document(n);
-                let data = serde_json::from_slice(&doc).expect("the generated inventory is JSON");
+                let data = serde_json::from_slice::<Box<serde_json::value::RawValue>>(&doc)
+                    .expect("the generated inventory is JSON");
                 let text = agent_protocol::AgentMessage::Inventory { data }.to_json();
                 Some(Inventory::WebSocket(Utf8Bytes::from(text)))
             }

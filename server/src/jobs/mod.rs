@@ -260,6 +260,7 @@ impl Jobs {
             Some(raw) if raw.get().trim_start().starts_with('{') => raw.get().to_string(),
             Some(_) => return Err(JobError::Invalid("args must be a JSON object".into())),
         };
+        crate::limits::check_depth("args", &args).map_err(|e| JobError::Invalid(e.to_string()))?;
         let positive = |field: &str, v: Option<i64>| match v {
             Some(n) if n < 1 => Err(JobError::Invalid(format!(
                 "{field} must be at least 1 (got {n})"
