@@ -37,6 +37,7 @@ use crate::binaries::{Rollouts, rollout};
 use crate::config::Config;
 use crate::error::error_chain;
 use crate::hub::{Hub, SessionHandle};
+use crate::limits::check_depth;
 use crate::metrics::{CloseReason, Direction, MessageType, Metrics};
 use crate::storable::check_json;
 use crate::store::{CommandStatus, Hello, ResultOutcome, Store, now_ms};
@@ -477,7 +478,13 @@ impl Session {
                     .await
             }
             Inbound::Inventory { data } => {
-                let body = data.to_string();
+                if let Err(e) = check_depth("data", data.get()) {
+                    return self
+                        .error(ErrorCode::InvalidMessage, e.to_string(), None)
+                        .await;
+                }
+                // Stored as the agent wrote it.
+                let body = data.get().to_string();
                 match self
                     .guarded(store.store_inventory(id.to_string(), body, now_ms()))
                     .await?
@@ -500,11 +507,17 @@ impl Session {
                 status,
                 output,
             } => {
+                if let Some(Err(e)) = output.as_ref().map(|o| check_depth("output", o.get())) {
+                    return self
+                        .error(ErrorCode::InvalidMessage, e.to_string(), Some(&command_id))
+                        .await;
+                }
                 let status = match status {
                     ResultStatus::Ok => CommandStatus::Succeeded,
                     ResultStatus::Error => CommandStatus::Failed,
                 };
-                let output = output.map(|o| o.to_string());
+                // Stored as the agent wrote it.
+                let output = output.map(|o| o.get().to_string());
                 let outcome = self
                     .guarded(store.record_result(
                         id.clone(),
