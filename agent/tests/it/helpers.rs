@@ -67,7 +67,9 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Log(Arc<Mutex<String>>);
 
 impl Log {
-    fn follow(&self, child: &mut Child) {
+    /// Collects the child's output; returns the readers, which end at the pipes' EOF.
+    fn follow(&self, child: &mut Child) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut readers = Vec::new();
         for pipe in [
             child
                 .stderr
@@ -82,13 +84,14 @@ impl Log {
         .flatten()
         {
             let log = self.0.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     log.lock().unwrap().push_str(&(line + "\n"));
                 }
-            });
+            }));
         }
+        readers
     }
 
     pub fn text(&self) -> String {
@@ -271,7 +274,8 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .expect("agent-server starts");
-        self.log.follow(&mut child);
+        // The server's log is only ever waited on (`Log::shows`).
+        let _ = self.log.follow(&mut child);
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -297,6 +301,21 @@ impl Server {
     pub async fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
         child.kill().await.unwrap();
+    }
+
+    /// An enroll secret from `POST /api/v1/enroll-secrets` with these extra fields
+    /// (`labels`, `max_uses`, …); returns the secret and its id.
+    pub async fn enroll_secret(&self, extra: Value) -> (String, String) {
+        let mut body = json!({"name": "it"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let (status, created) = self.post("/api/v1/enroll-secrets", &body).await;
+        assert_eq!(status, 201, "{created}");
+        (
+            created["secret"].as_str().unwrap().to_string(),
+            created["id"].as_str().unwrap().to_string(),
+        )
     }
 
     /// An agent token from `POST /api/v1/tokens`, as an operator enrols a host.
@@ -389,26 +408,33 @@ impl Server {
 pub struct Agent {
     child: Child,
     pub log: Log,
+    /// The log's readers: an exit is only reported once they have read everything.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What an agent is started with.
 pub struct AgentSpec<'a> {
     pub client_id: &'a str,
-    pub token: &'a str,
+    /// `None` for an agent that enrolls (AGENT_ENROLL_SECRET in `env`).
+    pub token: Option<&'a str>,
     pub state_dir: &'a Path,
     pub env: Vec<(&'a str, String)>,
 }
 
 impl Agent {
     pub fn start(server: &Server, spec: AgentSpec<'_>) -> Agent {
-        let mut child = Command::new(binary("agent"))
+        let mut command = Command::new(binary("agent"));
+        command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AGENT_SERVER_URL", server.ws_url())
             .env("AGENT_CLIENT_ID", spec.client_id)
-            .env("AGENT_TOKEN", spec.token)
             .env("AGENT_STATE_DIR", spec.state_dir)
-            .env("AGENT_LOG", "info")
+            .env("AGENT_LOG", "info");
+        if let Some(token) = spec.token {
+            command.env("AGENT_TOKEN", token);
+        }
+        let mut child = command
             .envs(spec.env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -416,22 +442,39 @@ impl Agent {
             .spawn()
             .expect("agent starts");
         let log = Log::default();
-        log.follow(&mut child);
-        Agent { child, log }
+        let readers = log.follow(&mut child);
+        Agent {
+            child,
+            log,
+            readers,
+        }
     }
 
-    /// Waits for the process to exit on its own; returns its exit code.
+    /// Waits for the process to exit on its own, and for its last log lines; returns
+    /// its exit code.
     pub async fn exits(&mut self) -> i32 {
         let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("agent still running after {WAIT:?}:\n{}", self.log.text()))
             .unwrap();
+        // A plug-in still running may hold the pipes open: bounded.
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(WAIT, reader).await;
+        }
         status.code().unwrap_or(-1)
     }
 
     /// SIGKILL: no chance to clean up.
     pub async fn kill9(mut self) {
         self.child.kill().await.unwrap();
+    }
+
+    /// SIGTERM, as systemd stops it; waits for the exit and returns its code.
+    pub async fn stop(mut self) -> i32 {
+        let pid = self.child.id().expect("running") as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.exits().await
     }
 }
 

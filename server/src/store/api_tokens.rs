@@ -46,6 +46,15 @@ pub struct CredentialState {
     pub token_revoked: Option<bool>,
 }
 
+/// What the database says about many agents and tokens at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredentialStates {
+    /// Credential generation by client id, for agents whose generation was ever bumped.
+    pub generations: std::collections::HashMap<String, i64>,
+    /// Whether each recorded token (by `jti`) is revoked.
+    pub revoked: std::collections::HashMap<String, bool>,
+}
+
 impl Store {
     pub async fn insert_api_token(&self, row: ApiTokenRow) -> Result<(), StoreError> {
         self.run(move |pool| {
@@ -134,6 +143,38 @@ impl Store {
                 }
                 Ok(())
             }))
+        })
+        .await
+    }
+
+    /// Many agents' generations and many tokens' states, 500 keys per statement: what a
+    /// replica's revocation refresh re-reads for its live sessions. Agents never bumped
+    /// are absent from `generations` (their generation is 0); tokens not recorded are
+    /// absent from `revoked`.
+    pub async fn credential_states(
+        &self,
+        client_ids: Vec<String>,
+        jtis: Vec<String>,
+    ) -> Result<CredentialStates, StoreError> {
+        self.run(move |pool| {
+            let mut states = CredentialStates::default();
+            for chunk in client_ids.chunks(500) {
+                let rows: Vec<(String, i64)> = with_conn!(pool, c => agent_credentials::table
+                    .filter(agent_credentials::client_id.eq_any(chunk))
+                    .select((agent_credentials::client_id, agent_credentials::generation))
+                    .load(c)?);
+                states.generations.extend(rows);
+            }
+            for chunk in jtis.chunks(500) {
+                let rows: Vec<(String, Option<i64>)> = with_conn!(pool, c => api_tokens::table
+                    .filter(api_tokens::jti.eq_any(chunk))
+                    .select((api_tokens::jti, api_tokens::revoked_at))
+                    .load(c)?);
+                states
+                    .revoked
+                    .extend(rows.into_iter().map(|(jti, at)| (jti, at.is_some())));
+            }
+            Ok(states)
         })
         .await
     }

@@ -31,7 +31,7 @@ use crate::config::DatabaseUrl;
 use crate::redact::redact;
 
 pub use agents::{AgentFilter, AgentPage, AgentRow, Hello};
-pub use api_tokens::{ApiTokenFilter, ApiTokenRow, CredentialState};
+pub use api_tokens::{ApiTokenFilter, ApiTokenRow, CredentialState, CredentialStates};
 pub use audit::{AuditFilter, AuditRow, NewAuditRow};
 pub use binaries::{BinaryDeletion, BinaryFilter, BinaryInsert, BinaryRow};
 pub use commands::{CommandRow, CommandStatus, NewCommand, ResultOutcome};

@@ -3,6 +3,7 @@
 
 mod certs;
 mod helpers;
+mod host_agent;
 mod procs;
 
 mod api;
