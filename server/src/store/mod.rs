@@ -16,6 +16,7 @@ pub mod inventory;
 pub mod jobs;
 pub mod rollouts;
 pub(crate) mod schema;
+mod sets;
 pub(crate) mod ui_sessions;
 mod writer;
 

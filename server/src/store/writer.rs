@@ -11,29 +11,33 @@
 //!
 //! - **Stored before acknowledged** holds as before: a caller hears "stored" only once
 //!   the transaction holding its row has committed.
-//! - **The newest connection wins** holds as before: the writes are the same statements,
-//!   epoch checks included; each agent's writes in a batch keep their arrival order, and
-//!   a session awaits each of its writes before it makes the next, so its own writes are
-//!   never reordered. Batches take row locks in one order (`lock_order`), so concurrent
-//!   writers do not deadlock on each other.
+//! - **The newest connection wins** holds as before: each kind of write is one statement
+//!   for the batch (`sets.rs`) that keeps every row's own epoch check and reports every
+//!   row's outcome; a statement never names an agent twice (a later write of the same
+//!   agent and kind goes into a later round of the batch), and a session awaits each of
+//!   its writes before it makes the next, so its own writes are never reordered. Batches
+//!   take agent row locks in one order (by id, `lock_order` and `SetStatements::lock_agents`),
+//!   so concurrent writers do not deadlock on each other.
 //! - One failing write never fails its neighbours: when a batch's transaction fails on a
 //!   query (a foreign key raced by a delete, a constraint), nothing of it was committed,
 //!   and each write is applied again alone, in its own transaction, to get its own
 //!   outcome.
 //!
-//! Runs of the same kind of write share statements where the result allows it: the
-//! `delivered` marks of several sessions are one `UPDATE`, the agents of several queued
-//! commands are checked by one `SELECT`, the connect-time "anything to send?" checks of
-//! several sessions are one `SELECT`.
+//! So a batch costs a handful of statements whatever its size: the `delivered` marks of
+//! several sessions are one `UPDATE`, the agents of several queued commands one `SELECT`
+//! and their rows one `INSERT` (and one for their audit entries), the connect-time
+//! "anything to send?" checks one `SELECT`, and the connects, disconnects, hellos and
+//! results one statement per kind.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 
 use diesel::prelude::*;
 use tokio::sync::oneshot;
 
-use super::agents::NewConnection;
 use super::commands::OPEN;
 use super::schema::{agents, audit_log, commands};
+use super::sets::{ConnectRow, DisconnectRow, HelloRow, ResultRow, SetStatements};
 use super::{
     CommandStatus, DbPool, Hello, NewAuditRow, NewCommand, ResultOutcome, StoreError,
     WriteTransaction, with_conn,
@@ -205,197 +209,264 @@ fn commit(pool: &DbPool, batch: Vec<Job>) {
     }
 }
 
-/// Applies `writes` in order in one transaction; one outcome per write.
+/// Applies `writes` in one transaction; one outcome per write, in the order of `writes`.
+///
+/// Each kind of write is one statement for the whole batch (`sets.rs`), in the order of
+/// [`lock_order`]: `delivered` marks, connect-time checks, queued commands, then the
+/// writes about agents' connections and results, in rounds (see [`rounds`]). The writes of
+/// a batch come from callers none of whom has been answered, and each session awaits
+/// its write before it makes the next, so the writes are concurrent: applying them in
+/// this order instead of their arrival order is an order they could have arrived in, and
+/// each caller learns the outcome its own row had in it.
 fn apply(pool: &DbPool, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
     with_conn!(pool, c => c.write_transaction::<_, StoreError, _>(|c| {
-        let mut out: Vec<Outcome> = Vec::with_capacity(writes.len());
-        let mut i = 0;
-        while i < writes.len() {
-            // The run of writes of the same kind starting at `i`, for shared statements.
-            let run = writes[i..]
-                .iter()
-                .take_while(|w| std::mem::discriminant(*w) == std::mem::discriminant(&writes[i]))
-                .count();
-            match &writes[i] {
-                Write::Connect { id, pod, now } => {
-                    let row = NewConnection {
-                        id,
-                        created_at: *now,
-                        online: true,
-                        pod,
-                        epoch: 1,
-                        connected_at: *now,
-                        last_seen: *now,
-                    };
-                    let epoch = diesel::insert_into(agents::table)
-                        .values(&row)
-                        .on_conflict(agents::id)
-                        .do_update()
-                        .set((
-                            agents::online.eq(true),
-                            agents::pod.eq(diesel::upsert::excluded(agents::pod)),
-                            agents::epoch.eq(agents::epoch + 1),
-                            agents::connected_at.eq(diesel::upsert::excluded(agents::connected_at)),
-                            agents::last_seen.eq(diesel::upsert::excluded(agents::last_seen)),
-                        ))
-                        .returning(agents::epoch)
-                        .get_result::<i64>(c)?;
-                    out.push(Outcome::Epoch(epoch));
-                    i += 1;
-                }
-                Write::Disconnect { id, epoch, last_seen } => {
-                    let n = diesel::update(agents::table)
-                        .filter(agents::id.eq(id).and(agents::epoch.eq(*epoch)))
-                        .set((
-                            agents::online.eq(false),
-                            agents::pod.eq(None::<String>),
-                            agents::last_seen.eq(*last_seen),
-                        ))
-                        .execute(c)?;
-                    out.push(Outcome::Applied(n == 1));
-                    i += 1;
-                }
-                Write::Hello { id, epoch, hello } => {
-                    diesel::update(agents::table)
-                        .filter(agents::id.eq(id).and(agents::epoch.eq(*epoch)))
-                        .set(hello)
-                        .execute(c)?;
-                    out.push(Outcome::Done);
-                    i += 1;
-                }
-                Write::Delivered { .. } => {
-                    // One statement for the run; each caller learns the run's count.
-                    let mut ids: Vec<&str> = Vec::new();
-                    let mut now = 0;
-                    for w in &writes[i..i + run] {
-                        if let Write::Delivered { ids: mine, now: at } = w {
-                            ids.extend(mine.iter().map(String::as_str));
-                            now = now.max(*at);
-                        }
-                    }
-                    let mut n = 0;
-                    for chunk in ids.chunks(500) {
-                        n += diesel::update(commands::table)
-                            .filter(commands::id.eq_any(chunk).and(commands::status.eq_any(OPEN)))
-                            .set((
-                                commands::status.eq("delivered"),
-                                commands::delivered_at.eq(now),
-                                commands::attempts.eq(commands::attempts + 1),
-                            ))
-                            .execute(c)?;
-                    }
-                    out.extend(std::iter::repeat_n(Outcome::Count(n), run));
-                    i += run;
-                }
-                Write::Result { agent_id, epoch, command_id, status, output, now } => {
-                    // The common case in one statement: the command is this agent's, still
-                    // open, and the reporting connection is the agent's current one.
-                    let current = agents::table
-                        .filter(agents::id.eq(agent_id).and(agents::epoch.eq(*epoch)));
-                    let stored = diesel::update(commands::table)
-                        .filter(
-                            commands::id
-                                .eq(command_id)
-                                .and(commands::agent_id.eq(agent_id))
-                                .and(commands::status.eq_any(OPEN))
-                                .and(diesel::dsl::exists(current)),
-                        )
-                        .set((
-                            commands::status.eq(status.as_str()),
-                            commands::output.eq(output),
-                            commands::completed_at.eq(*now),
-                        ))
-                        .execute(c)?;
-                    let outcome = if stored == 1 {
-                        ResultOutcome::Stored(*status)
-                    } else {
-                        // Why not, in the order the checks always had.
-                        let epoch_now: Option<i64> = agents::table
-                            .find(agent_id)
-                            .select(agents::epoch)
-                            .first(c)
-                            .optional()?;
-                        if epoch_now != Some(*epoch) {
-                            ResultOutcome::StaleConnection
-                        } else {
-                            let existing: Option<String> = commands::table
-                                .filter(commands::id.eq(command_id).and(commands::agent_id.eq(agent_id)))
-                                .select(commands::status)
-                                .first(c)
-                                .optional()?;
-                            match existing {
-                                Some(s) if !OPEN.contains(&s.as_str()) => ResultOutcome::AlreadyFinal(
-                                    CommandStatus::parse(&s).unwrap_or(CommandStatus::Failed),
-                                ),
-                                _ => ResultOutcome::UnknownCommand,
-                            }
-                        }
-                    };
-                    out.push(Outcome::Result(outcome));
-                    i += 1;
-                }
-                Write::Command { .. } => {
-                    // The agents of the whole run in one read, then the rows.
-                    let wanted: Vec<&str> = writes[i..i + run]
-                        .iter()
-                        .filter_map(|w| match w {
-                            Write::Command { cmd, .. } => Some(cmd.agent_id.as_str()),
-                            _ => None,
-                        })
-                        .collect();
-                    let mut known: Vec<String> = Vec::new();
-                    for chunk in wanted.chunks(500) {
-                        known.extend(
-                            agents::table
-                                .filter(agents::id.eq_any(chunk))
-                                .select(agents::id)
-                                .load::<String>(c)?,
-                        );
-                    }
-                    for w in &writes[i..i + run] {
-                        if let Write::Command { cmd, audit } = w {
-                            let exists = known.contains(&cmd.agent_id);
-                            if exists {
-                                diesel::insert_into(commands::table).values(cmd).execute(c)?;
-                                if let Some(row) = audit {
-                                    diesel::insert_into(audit_log::table).values(row).execute(c)?;
-                                }
-                            }
-                            out.push(Outcome::Applied(exists));
-                        }
-                    }
-                    i += run;
-                }
-                Write::Sendable { .. } => {
-                    let wanted: Vec<(&str, i64)> = writes[i..i + run]
-                        .iter()
-                        .filter_map(|w| match w {
-                            Write::Sendable { agent_id, now } => Some((agent_id.as_str(), *now)),
-                            _ => None,
-                        })
-                        .collect();
-                    let now = wanted.iter().map(|(_, n)| *n).min().unwrap_or(0);
-                    let mut with_commands: Vec<String> = Vec::new();
-                    for chunk in wanted.chunks(500) {
-                        let ids: Vec<&str> = chunk.iter().map(|(id, _)| *id).collect();
-                        with_commands.extend(
-                            commands::table
-                                .filter(commands::agent_id.eq_any(ids))
-                                .filter(commands::held.eq(false))
-                                .filter(commands::status.eq_any(OPEN))
-                                .filter(commands::expires_at.is_null().or(commands::expires_at.gt(now)))
-                                .select(commands::agent_id)
-                                .distinct()
-                                .load::<String>(c)?,
-                        );
-                    }
-                    for (id, _) in &wanted {
-                        out.push(Outcome::Applied(with_commands.iter().any(|a| a == id)));
-                    }
-                    i += run;
+        let mut out: Vec<Option<Outcome>> = vec![None; writes.len()];
+        let of_kind = |kind: u8| -> Vec<usize> {
+            (0..writes.len()).filter(|&i| lock_order(&writes[i]).0 == kind).collect()
+        };
+
+        // `delivered` marks: one statement; each caller learns the batch's count.
+        let delivered = of_kind(0);
+        if !delivered.is_empty() {
+            let mut ids: Vec<&str> = Vec::new();
+            let mut now = 0;
+            for &i in &delivered {
+                if let Write::Delivered { ids: mine, now: at } = &writes[i] {
+                    ids.extend(mine.iter().map(String::as_str));
+                    now = now.max(*at);
                 }
             }
+            let mut n = 0;
+            for chunk in ids.chunks(500) {
+                n += diesel::update(commands::table)
+                    .filter(commands::id.eq_any(chunk).and(commands::status.eq_any(OPEN)))
+                    .set((
+                        commands::status.eq("delivered"),
+                        commands::delivered_at.eq(now),
+                        commands::attempts.eq(commands::attempts + 1),
+                    ))
+                    .execute(c)?;
+            }
+            for i in delivered {
+                out[i] = Some(Outcome::Count(n));
+            }
         }
-        Ok(out)
+
+        // Connect-time checks: one read.
+        let sendable = of_kind(1);
+        if !sendable.is_empty() {
+            let wanted: Vec<(usize, &str, i64)> = sendable
+                .iter()
+                .filter_map(|&i| match &writes[i] {
+                    Write::Sendable { agent_id, now } => Some((i, agent_id.as_str(), *now)),
+                    _ => None,
+                })
+                .collect();
+            let now = wanted.iter().map(|(_, _, n)| *n).min().unwrap_or(0);
+            let mut with_commands: Vec<String> = Vec::new();
+            for chunk in wanted.chunks(500) {
+                let ids: Vec<&str> = chunk.iter().map(|(_, id, _)| *id).collect();
+                with_commands.extend(
+                    commands::table
+                        .filter(commands::agent_id.eq_any(ids))
+                        .filter(commands::held.eq(false))
+                        .filter(commands::status.eq_any(OPEN))
+                        .filter(commands::expires_at.is_null().or(commands::expires_at.gt(now)))
+                        .select(commands::agent_id)
+                        .distinct()
+                        .load::<String>(c)?,
+                );
+            }
+            for (i, id, _) in wanted {
+                out[i] = Some(Outcome::Applied(with_commands.iter().any(|a| a == id)));
+            }
+        }
+
+        // Queued commands: their agents in one read, then every row (and audit entry) in
+        // one multi-row insert each.
+        let queued = of_kind(2);
+        if !queued.is_empty() {
+            let cmds: Vec<(usize, &NewCommand, Option<&NewAuditRow>)> = queued
+                .iter()
+                .filter_map(|&i| match &writes[i] {
+                    Write::Command { cmd, audit } => Some((i, cmd, audit.as_ref())),
+                    _ => None,
+                })
+                .collect();
+            let wanted: Vec<&str> = cmds.iter().map(|(_, cmd, _)| cmd.agent_id.as_str()).collect();
+            let mut known: Vec<String> = Vec::new();
+            for chunk in wanted.chunks(500) {
+                known.extend(
+                    agents::table
+                        .filter(agents::id.eq_any(chunk))
+                        .select(agents::id)
+                        .load::<String>(c)?,
+                );
+            }
+            let mut rows: Vec<&NewCommand> = Vec::new();
+            let mut audits: Vec<&NewAuditRow> = Vec::new();
+            for (i, cmd, audit) in cmds {
+                let exists = known.contains(&cmd.agent_id);
+                if exists {
+                    rows.push(cmd);
+                    audits.extend(audit);
+                }
+                out[i] = Some(Outcome::Applied(exists));
+            }
+            // Chunks keep the bound parameters under SQLite's limit (32,766).
+            for chunk in rows.chunks(1000) {
+                diesel::insert_into(commands::table).values(chunk.to_vec()).execute(c)?;
+            }
+            for chunk in audits.chunks(1000) {
+                diesel::insert_into(audit_log::table).values(chunk.to_vec()).execute(c)?;
+            }
+        }
+
+        apply_agent_writes(c, writes, &of_kind(3), &mut out)?;
+        out.into_iter().collect::<Option<Vec<_>>>().ok_or(StoreError::Task)
     }))
+}
+
+/// The rounds of `agent_writes` (indices into `writes`): round `k` holds the `k`-th
+/// connect, disconnect and hello of each agent and the `k`-th result for each command, so
+/// that no statement of a round names an agent (or a command) twice; a later write of the
+/// same agent and kind lands in a later round, after the earlier one. Almost every batch
+/// is one round: a second connection of an agent within a batch makes a second.
+fn rounds(writes: &[Write], agent_writes: &[usize]) -> Vec<Vec<usize>> {
+    let mut seen: std::collections::HashMap<(u8, &str), usize> = Default::default();
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for &i in agent_writes {
+        let key = match &writes[i] {
+            Write::Connect { id, .. } => (0, id.as_str()),
+            Write::Disconnect { id, .. } => (1, id.as_str()),
+            Write::Hello { id, .. } => (2, id.as_str()),
+            Write::Result { command_id, .. } => (3, command_id.as_str()),
+            _ => continue,
+        };
+        let round = seen.entry(key).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(i);
+        *round += 1;
+    }
+    rounds
+}
+
+/// Connects, disconnects, hellos and results, round by round: in each, the agents' rows
+/// are locked in one order (when more than the connect upsert touches them), then one
+/// statement per kind. Each kind's rows keep their indices in `writes` (`*_at`), for the
+/// outcomes.
+fn apply_agent_writes<C: SetStatements>(
+    c: &mut C,
+    writes: &[Write],
+    agent_writes: &[usize],
+    out: &mut [Option<Outcome>],
+) -> Result<(), StoreError> {
+    for round in rounds(writes, agent_writes) {
+        let (mut connects, mut connects_at) = (Vec::new(), Vec::new());
+        let (mut disconnects, mut disconnects_at) = (Vec::new(), Vec::new());
+        let (mut hellos, mut hellos_at) = (Vec::new(), Vec::new());
+        let (mut results, mut results_at) = (Vec::new(), Vec::new());
+        for i in round {
+            match &writes[i] {
+                Write::Connect { id, pod, now } => {
+                    connects.push(ConnectRow { id, pod, now: *now });
+                    connects_at.push(i);
+                }
+                Write::Disconnect {
+                    id,
+                    epoch,
+                    last_seen,
+                } => {
+                    disconnects.push(DisconnectRow {
+                        id,
+                        epoch: *epoch,
+                        last_seen: *last_seen,
+                    });
+                    disconnects_at.push(i);
+                }
+                Write::Hello { id, epoch, hello } => {
+                    hellos.push(HelloRow {
+                        id,
+                        epoch: *epoch,
+                        hello,
+                    });
+                    hellos_at.push(i);
+                }
+                Write::Result {
+                    agent_id,
+                    epoch,
+                    command_id,
+                    status,
+                    output,
+                    now,
+                } => {
+                    results.push(ResultRow {
+                        agent_id,
+                        epoch: *epoch,
+                        command_id,
+                        status: *status,
+                        output: output.as_deref(),
+                        now: *now,
+                    });
+                    results_at.push(i);
+                }
+                _ => {}
+            }
+        }
+
+        // The connect upsert alone takes its rows' locks in the order it is given (by
+        // agent, as every writer sorts them); the updates take them in whatever order
+        // their plan reads the table, so they lock first.
+        if !disconnects.is_empty() || !hellos.is_empty() {
+            let mut ids: Vec<&str> = connects.iter().map(|r| r.id).collect();
+            ids.extend(disconnects.iter().map(|r| r.id));
+            ids.extend(hellos.iter().map(|r| r.id));
+            ids.sort_unstable();
+            ids.dedup();
+            c.lock_agents(&ids)?;
+        }
+
+        if !connects.is_empty() {
+            let epochs: HashMap<String, i64> = c
+                .connect_all(&connects)?
+                .into_iter()
+                .map(|r| (r.id, r.epoch))
+                .collect();
+            for (i, row) in connects_at.into_iter().zip(&connects) {
+                let epoch = *epochs.get(row.id).ok_or(StoreError::Task)?;
+                out[i] = Some(Outcome::Epoch(epoch));
+            }
+        }
+        if !disconnects.is_empty() {
+            let current: HashSet<String> = c
+                .disconnect_all(&disconnects)?
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            for (i, row) in disconnects_at.into_iter().zip(&disconnects) {
+                out[i] = Some(Outcome::Applied(current.contains(row.id)));
+            }
+        }
+        if !hellos.is_empty() {
+            c.hello_all(&hellos)?;
+            for i in hellos_at {
+                out[i] = Some(Outcome::Done);
+            }
+        }
+        if !results.is_empty() {
+            let stored: HashSet<String> =
+                c.result_all(&results)?.into_iter().map(|r| r.id).collect();
+            for (i, row) in results_at.into_iter().zip(&results) {
+                let outcome = if stored.contains(row.command_id) {
+                    ResultOutcome::Stored(row.status)
+                } else {
+                    c.result_refusal(row)?
+                };
+                out[i] = Some(Outcome::Result(outcome));
+            }
+        }
+    }
+    Ok(())
 }

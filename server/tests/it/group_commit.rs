@@ -3,7 +3,7 @@
 //! it had been alone. Every write here is issued at once, so they land in the same
 //! batches.
 
-use agent_server::store::{CommandStatus, NewCommand, ResultOutcome, Store, now_ms};
+use agent_server::store::{CommandStatus, Hello, NewCommand, ResultOutcome, Store, now_ms};
 use futures_util::future::join_all;
 
 use crate::helpers::{TestApp, on_both_backends};
@@ -183,9 +183,103 @@ async fn a_new_connection_learns_whether_commands_wait_for_it(app: TestApp) {
     assert!(store.has_sendable_commands("busy".into()).await.unwrap());
 }
 
+async fn connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch(app: TestApp) {
+    let store = &app.state.store;
+    let agents: Vec<String> = (0..40).map(|i| format!("mix-{i:02}")).collect();
+    let first = join_all(agents.iter().map(|a| connect(store, a))).await;
+    let hello = |version: Option<&str>, os: Option<&str>| Hello {
+        version: version.map(Into::into),
+        hostname: Some("host".into()),
+        os: os.map(Into::into),
+        arch: None,
+    };
+    // Every agent's first hello, in one batch.
+    let said = join_all(
+        agents
+            .iter()
+            .zip(&first)
+            .map(|(a, e)| store.agent_hello(a.clone(), *e, hello(Some("1.0"), Some("linux")))),
+    )
+    .await;
+    assert!(said.iter().all(Result::is_ok), "{said:?}");
+
+    // In one batch: even agents close their connection and say nothing more; odd agents
+    // reconnect while their first connection closes and says a late hello.
+    let mut writes = Vec::new();
+    for (i, (a, e)) in agents.iter().zip(&first).enumerate() {
+        let (a, e) = (a.clone(), *e);
+        if i % 2 == 0 {
+            writes.push(Box::pin(async move {
+                Op::Gone(store.agent_disconnected(a, e, now_ms()).await.unwrap())
+            })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = Op>>>);
+        } else {
+            let (b, c) = (a.clone(), a.clone());
+            writes.push(Box::pin(async move { Op::Epoch(connect(store, &a).await) }));
+            writes.push(Box::pin(async move {
+                Op::Gone(store.agent_disconnected(b, e, now_ms()).await.unwrap())
+            }));
+            writes.push(Box::pin(async move {
+                store
+                    .agent_hello(c, e, hello(Some("0.9"), None))
+                    .await
+                    .unwrap();
+                Op::Said
+            }));
+        }
+    }
+    let outcomes = join_all(writes).await;
+
+    let mut outcomes = outcomes.into_iter();
+    for (i, (a, e)) in agents.iter().zip(&first).enumerate() {
+        let (row, _) = store.get_agent(a.clone()).await.unwrap().unwrap();
+        assert_eq!(row.hostname.as_deref(), Some("host"), "{a}");
+        assert_eq!(
+            row.os.as_deref(),
+            Some("linux"),
+            "{a}: a hello keeps what it leaves out"
+        );
+        if i % 2 == 0 {
+            assert_eq!(outcomes.next(), Some(Op::Gone(true)), "{a}");
+            assert!(!row.online, "{a}");
+            assert_eq!(row.epoch, *e, "{a}");
+            assert_eq!(row.version.as_deref(), Some("1.0"), "{a}");
+        } else {
+            assert_eq!(outcomes.next(), Some(Op::Epoch(e + 1)), "{a}");
+            let gone = outcomes.next();
+            let said = outcomes.next();
+            assert_eq!(said, Some(Op::Said), "{a}");
+            assert_eq!(row.epoch, e + 1, "{a}");
+            // The close and the hello of the first connection came at the same time as the
+            // second connection: either before it (the close applied, then the connect
+            // set the agent online again) or after it (both fenced off).
+            assert!(row.online, "{a}: the newest connection wins");
+            match gone {
+                Some(Op::Gone(true)) => {}
+                Some(Op::Gone(false)) => {
+                    assert_eq!(
+                        row.version.as_deref(),
+                        Some("1.0"),
+                        "{a}: a stale hello is not stored"
+                    )
+                }
+                other => panic!("{a}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Op {
+    Epoch(i64),
+    Gone(bool),
+    Said,
+}
+
 on_both_backends! {
     concurrent_connects_of_one_agent_get_distinct_epochs_and_the_newest_wins;
     results_in_one_batch_each_get_their_own_outcome;
     a_failing_write_fails_alone_and_its_neighbours_are_committed;
     a_new_connection_learns_whether_commands_wait_for_it;
+    connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch;
 }

@@ -207,15 +207,17 @@ impl ServerProc {
         self.pid
     }
 
-    /// The Prometheus text of `/metrics`, from METRICS_PORT.
+    /// The Prometheus text of `/metrics`, from METRICS_PORT, or from the main port for a
+    /// server older than METRICS_PORT (before 617c0f9), so that a before/after comparison
+    /// can drive an old binary with this harness (`--bin-dir`).
     pub async fn metrics(&self, http: &reqwest::Client) -> Result<Metrics> {
-        let text = http
-            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .send()
-            .await?
-            .text()
-            .await?;
-        Ok(Metrics(text))
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        let reply = match http.get(&url).send().await {
+            Ok(reply) => reply,
+            Err(e) if e.is_connect() => http.get(format!("{}/metrics", self.base())).send().await?,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Metrics(reply.error_for_status()?.text().await?))
     }
 
     /// Kills without grace, as a node failure or the OOM killer would.
