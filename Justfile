@@ -67,6 +67,12 @@ e2e *ARGS:
 e2e-local *ARGS:
     cargo run -p e2e -- local {{ARGS}}
 
+# Needs root and iproute2 (network namespaces); part of `just test` too, where it skips
+# without them. Prints the figures docs/operations.md quotes.
+# Redis and PostgreSQL cut off by the network (packets dropped), with agents connected.
+netcut:
+    cargo test -p agent-server --test it netcut -- --nocapture
+
 # Goes through the run's own kubeconfig: the user's ~/.kube/config is never touched.
 # Delete the kind cluster that `just e2e --keep` left behind.
 e2e-down:
@@ -113,6 +119,26 @@ workflow-lint:
         ' .github/workflows/*.yml
     fi
     echo "actionlint: .github/workflows clean"
+
+# cargo-fuzz comes from crates.io on first use; RUSTC_BOOTSTRAP=1 lets the stable compiler
+# take the sanitizer flags it passes. Not part of `just test`: the instrumented build of the
+# server takes about ten minutes of CPU; CI's `fuzz` job runs the smoke run. Longer runs:
+# `just fuzz token 3600`. A crash is saved under fuzz/artifacts/<target>/; replay it with
+# `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run <target> artifacts/<target>/<file>`.
+# Fuzz every target (or one) for `seconds` each; 20 s is the smoke run.
+fuzz target="all" seconds="20":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    cd fuzz
+    export RUSTC_BOOTSTRAP=1
+    targets="{{target}}"
+    if [ "$targets" = all ]; then targets="$(cargo fuzz list)"; fi
+    for t in $targets; do
+        echo "==> fuzz $t for {{seconds}} s"
+        mkdir -p "corpus/$t"
+        cargo fuzz run "$t" "corpus/$t" -- -max_total_time={{seconds}} -max_len=65536 -print_final_stats=1
+    done
 
 # `just bench idle` runs one benchmark; `just bench storm --agents 5000` another size.
 # Capacity benchmarks 1-8 against release builds, about 15 minutes (docs/benchmarks.md).

@@ -4,7 +4,8 @@
 #   2. helm template for each of them, every manifest validated with
 #      kubernetes-validate --strict against Kubernetes 1.31 and the newest
 #      release the installed kubernetes-validate knows; the CRD kinds it has no
-#      schema for (ServiceMonitor, HTTPRoute) are checked here instead;
+#      schema for (ServiceMonitor, HTTPRoute, PrometheusRule, Traefik's
+#      Middleware) are checked here instead;
 #   3. every chart/tests/bad-values/*.yaml must make helm template fail, with
 #      the message named on its `# expect:` line;
 #   4. checkov on the rendered manifests (chart/.checkov.yaml lists, with
@@ -94,6 +95,7 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("traefik.io/v1alpha1", "Middleware"),
 }
 PROM_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
 GATEWAY_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
@@ -191,6 +193,31 @@ def check_http_route(doc, services, errors):
                 errors.append("%s: rules[%d].timeouts.backendRequest exceeds request" % (where, i))
 
 
+def check_traefik_middleware(doc, ingresses, errors):
+    """A Buffering Middleware (the only kind the chart renders) that some Ingress uses."""
+    meta = doc.get("metadata", {})
+    name = meta.get("name")
+    where = "Middleware/%s" % name
+    if not name or not DNS_SUBDOMAIN.match(str(name)):
+        errors.append("%s: metadata.name is required (a DNS subdomain)" % where)
+    spec = doc.get("spec") or {}
+    if set(spec) != {"buffering"}:
+        errors.append("%s: spec must hold exactly one middleware, buffering" % where)
+    buffering = spec.get("buffering") or {}
+    unknown = set(buffering) - {"maxRequestBodyBytes", "memRequestBodyBytes", "maxResponseBodyBytes",
+                                "memResponseBodyBytes", "retryExpression"}
+    if unknown:
+        errors.append("%s: buffering has unknown fields %s" % (where, sorted(unknown)))
+    for key in ("maxRequestBodyBytes", "memRequestBodyBytes", "maxResponseBodyBytes", "memResponseBodyBytes"):
+        if key in buffering and (not isinstance(buffering[key], int) or isinstance(buffering[key], bool) or buffering[key] < 0):
+            errors.append("%s: buffering.%s must be a whole number of bytes" % (where, key))
+    ref = "%s-%s@kubernetescrd" % (meta.get("namespace"), name)
+    used = [i for i in ingresses
+            if ref in str((i.get("metadata", {}).get("annotations") or {}).get("traefik.ingress.kubernetes.io/router.middlewares", "")).split(",")]
+    if not used:
+        errors.append("%s: no Ingress names it (%s)" % (where, ref))
+
+
 def check_prometheus_rule(doc, errors):
     """The resource's shape; the rules themselves are checked by promtool (step 6)."""
     name = doc.get("metadata", {}).get("name")
@@ -229,6 +256,8 @@ def split(rendered, core_path):
             check_http_route(doc, services, errors)
         elif key == ("monitoring.coreos.com/v1", "PrometheusRule"):
             check_prometheus_rule(doc, errors)
+        elif key == ("traefik.io/v1alpha1", "Middleware"):
+            check_traefik_middleware(doc, [d for d in docs if d.get("kind") == "Ingress"], errors)
         elif "." in str(key[0]).split("/")[0] and not str(key[0]).split("/")[0].endswith(".k8s.io"):
             errors.append("%s %s: a custom resource this script has no check for" % key)
         else:

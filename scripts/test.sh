@@ -12,6 +12,7 @@
 #     build-essential pkg-config libpq-dev libsqlite3-dev   (building the server)
 #     chromium chromium-driver                              (the web UI test)
 #     nginx redis-server                                    (e2e-local, cluster tests)
+#     iproute2                                              (network-cut tests)
 #     python3 python3-venv curl                             (chart checks and the OpenAPI
 #                                                            contract: their Python tools go
 #                                                            into venvs under target/)
@@ -94,6 +95,8 @@ have chromedriver || packages+=(chromium-driver)
 # Both live in /usr/sbin, which a non-root PATH may lack.
 have nginx || [ -x /usr/sbin/nginx ] || packages+=(nginx)
 have redis-server || [ -x /usr/sbin/redis-server ] || packages+=(redis-server)
+# The network-cut tests make network namespaces and veth pairs with `ip`.
+have ip || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || packages+=(iproute2)
 
 # scripts/chart-check.sh installs kubernetes-validate and checkov with pip into
 # target/chart-venv on its first run; that needs the venv module (and ensurepip,

@@ -709,7 +709,7 @@ impl Agent {
         let msg = |outcome: Outcome| AgentMessage::Result {
             id: entry.id.clone(),
             status: outcome.status,
-            output: Some(outcome.output),
+            output: Some(agent_protocol::raw_json(&outcome.output)),
         };
         let text = msg(outcome).to_json();
         if text.len() + 64 <= self.cfg.ws_max_message_bytes {
@@ -730,7 +730,10 @@ impl Agent {
     /// the background.
     async fn send_inventory(&self, ws: &mut Ws, token: &Secret) -> Result<(), End> {
         let doc = crate::inventory::collect(self.cfg.labels.clone()).await;
-        let text = AgentMessage::Inventory { data: doc }.to_json();
+        let text = AgentMessage::Inventory {
+            data: agent_protocol::raw_json(&doc),
+        }
+        .to_json();
         if text.len() < self.cfg.ws_max_message_bytes {
             return send(ws, text).await;
         }
@@ -771,7 +774,10 @@ async fn run_command(
         Kind::Plugin(path) => commands::plugin_run(cfg, &path, args, cap).await,
         Kind::Inventory => {
             let doc = crate::inventory::collect(cfg.labels.clone()).await;
-            let text = AgentMessage::Inventory { data: doc }.to_json();
+            let text = AgentMessage::Inventory {
+                data: agent_protocol::raw_json(&doc),
+            }
+            .to_json();
             let bytes = text.len();
             if bytes < cfg.ws_max_message_bytes {
                 let _ = events.send(Event::Inventory(text)).await;

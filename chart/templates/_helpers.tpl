@@ -475,6 +475,15 @@ names the values to change, rather than producing pods that crash-loop.
 {{- if and .Values.gatewayApi.enabled (not .Values.gatewayApi.parentRefs) }}
 {{- $errors = append $errors "gatewayApi.parentRefs must name at least one Gateway" }}
 {{- end }}
+{{- range $key := list "MAX_INVENTORY_BYTES" "MAX_BINARY_BYTES" }}
+{{- if hasKey $.Values.config.extra $key }}
+{{- $errors = append $errors (printf "config.extra.%s: set routes.%s.bodySize instead, so that the ingress and the server keep one limit" $key (ternary "inventory" "binaries" (eq $key "MAX_INVENTORY_BYTES"))) }}
+{{- end }}
+{{- end }}
+{{- $heartbeat := toString .Values.config.wsHeartbeatInterval }}
+{{- if and (regexMatch "^[0-9]+s?$" $heartbeat) (ge (int (trimSuffix "s" $heartbeat)) (int .Values.routes.websocket.timeout)) }}
+{{- $errors = append $errors (printf "routes.websocket.timeout (%v s) must exceed config.wsHeartbeatInterval (%s): the server's pings are what keep idle agents connected through the ingress" .Values.routes.websocket.timeout $heartbeat) }}
+{{- end }}
 {{- if and .Values.auth.existingSecret .Values.auth.secretKey }}
 {{- $errors = append $errors "auth.secretKey is not used with auth.existingSecret: put SECRET_KEY in that Secret" }}
 {{- end }}
@@ -721,4 +730,28 @@ not in it.
 {{- end }}
 {{- end }}
 {{- $items | toJson }}
+{{- end }}
+
+{{/*
+The routes of `routes`, in the order an Ingress or HTTPRoute lists them, as a
+JSON list of {name, paths}. The paths are the server's own (server/src/http/mod.rs):
+an Ingress path is a prefix, so `inventory` covers all of `/api/v1/agents`.
+*/}}
+{{- define "agent-server.routes" -}}
+{{- list (dict "name" "websocket" "paths" (list "/ws")) (dict "name" "inventory" "paths" (list "/api/v1/agents")) (dict "name" "binaries" "paths" (list "/api/v1/binaries")) (dict "name" "default" "paths" (list "/api" "/")) | toJson }}
+{{- end }}
+
+{{/* A `routes.*.bodySize` ("10Mi", "64Ki", "1048576") in bytes. */}}
+{{- define "agent-server.bytes" -}}
+{{- $text := toString . }}
+{{- $number := regexFind "^[0-9]+" $text }}
+{{- $factor := get (dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824) (trimPrefix $number $text) }}
+{{- mul (int64 $number) (int64 $factor) }}
+{{- end }}
+
+{{/* The same size in nginx's syntax ("10m", "64k", "1048576"), which reads k/m/g as powers of 1024. */}}
+{{- define "agent-server.nginxSize" -}}
+{{- $text := toString . }}
+{{- $number := regexFind "^[0-9]+" $text }}
+{{- $number }}{{ get (dict "" "" "Ki" "k" "Mi" "m" "Gi" "g") (trimPrefix $number $text) }}
 {{- end }}

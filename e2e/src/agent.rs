@@ -628,7 +628,7 @@ fn result_text(id: &str, status: ResultStatus, output: &Value) -> String {
     AgentMessage::Result {
         id: id.to_string(),
         status,
-        output: Some(output.clone()),
+        output: Some(agent_protocol::raw_json(output)),
     }
     .to_json()
 }

@@ -23,8 +23,7 @@ pub struct Profile {
     pub heartbeat: Option<Duration>,
     /// WS_OFFLINE_TIMEOUT (`config.wsOfflineTimeout`).
     pub offline_timeout: Option<Duration>,
-    /// The ingress's proxy read and send timeouts (`ingress.nginx.proxyReadTimeout`,
-    /// `proxySendTimeout`).
+    /// The ingress's proxy read and send timeouts on `/ws` (`routes.websocket.timeout`).
     pub ingress_timeout: Option<Duration>,
 }
 

@@ -11,19 +11,56 @@ use serde_yaml_ng::Value;
 /// The merged values.
 pub struct ChartValues(Value);
 
-/// What the local target needs from the values.
-#[derive(Clone, Debug)]
-pub struct IngressSettings {
-    /// `ingress.nginx.proxyReadTimeout`, seconds.
-    pub read_timeout: Duration,
-    /// `ingress.nginx.proxySendTimeout`, seconds.
-    pub send_timeout: Duration,
-    /// `ingress.nginx.proxyConnectTimeout`, seconds.
-    pub connect_timeout: Duration,
-    /// `ingress.nginx.proxyBodySize`, in nginx's syntax (`10m`).
+/// The routes of the chart's `routes` values with their paths, as
+/// `chart/templates/_helpers.tpl` (`agent-server.routes`) lists them: an Ingress path
+/// is a prefix, so `inventory` covers all of `/api/v1/agents`.
+pub const ROUTES: [(&str, &[&str]); 4] = [
+    ("websocket", &["/ws"]),
+    ("inventory", &["/api/v1/agents"]),
+    ("binaries", &["/api/v1/binaries"]),
+    ("default", &["/api", "/"]),
+];
+
+/// One route's limits at the ingress (`routes.<name>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteLimits {
+    /// The key under `routes`.
+    pub name: &'static str,
+    /// Its path prefixes.
+    pub paths: &'static [&'static str],
+    /// `routes.<name>.timeout`: ingress-nginx's proxy read and send timeouts.
+    pub timeout: Duration,
+    /// `routes.<name>.bodySize` in nginx's syntax (`10m`), as the chart renders it.
     pub body_size: String,
     /// The same, in bytes.
     pub body_size_bytes: u64,
+    /// Whether the body is streamed to the server rather than buffered first (the
+    /// binaries route's `proxy-request-buffering: off`).
+    pub stream_body: bool,
+}
+
+/// What the local target needs from the values.
+#[derive(Clone, Debug)]
+pub struct IngressSettings {
+    /// `ingress.nginx.proxyConnectTimeout`, seconds.
+    pub connect_timeout: Duration,
+    /// Every route of [`ROUTES`], in that order.
+    pub routes: Vec<RouteLimits>,
+}
+
+impl IngressSettings {
+    /// The limits of route `name` (a key of [`ROUTES`]).
+    pub fn route(&self, name: &str) -> &RouteLimits {
+        self.routes
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no route `{name}` in the chart's routes"))
+    }
+
+    /// `routes.websocket.timeout`: how long an agent's WebSocket may stay silent.
+    pub fn websocket_timeout(&self) -> Duration {
+        self.route("websocket").timeout
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -78,18 +115,26 @@ impl ChartValues {
     }
 
     pub fn ingress(&self) -> Result<IngressSettings> {
-        let body_size = match self.get("ingress.nginx.proxyBodySize")? {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            other => bail!("ingress.nginx.proxyBodySize is {other:?}"),
-        };
+        let routes = ROUTES
+            .iter()
+            .map(|&(name, paths)| {
+                let size = self.text(&format!("routes.{name}.bodySize"))?;
+                let (body_size, body_size_bytes) = byte_size(&size).with_context(|| {
+                    format!("routes.{name}.bodySize `{size}` is not a size like 10Mi")
+                })?;
+                Ok(RouteLimits {
+                    name,
+                    paths,
+                    timeout: self.seconds(&format!("routes.{name}.timeout"))?,
+                    body_size,
+                    body_size_bytes,
+                    stream_body: name == "binaries",
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(IngressSettings {
-            read_timeout: self.seconds("ingress.nginx.proxyReadTimeout")?,
-            send_timeout: self.seconds("ingress.nginx.proxySendTimeout")?,
             connect_timeout: self.seconds("ingress.nginx.proxyConnectTimeout")?,
-            body_size_bytes: nginx_size(&body_size)
-                .with_context(|| format!("proxyBodySize `{body_size}` is not an nginx size"))?,
-            body_size,
+            routes,
         })
     }
 
@@ -147,16 +192,21 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
     })
 }
 
-/// nginx's size syntax: bytes, or a number with `k` or `m` (either case).
-pub fn nginx_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let (num, mult) = match v.char_indices().last()? {
-        (i, 'k' | 'K') => (&v[..i], 1024),
-        (i, 'm' | 'M') => (&v[..i], 1024 * 1024),
-        (i, 'g' | 'G') => (&v[..i], 1024 * 1024 * 1024),
-        _ => (v, 1),
+/// The chart's size syntax (`10Mi`, `64Ki`, `1Gi`, plain bytes) as nginx writes it
+/// (`10m`) and in bytes, the way `agent-server.nginxSize` and `agent-server.bytes`
+/// render it.
+pub fn byte_size(v: &str) -> Option<(String, u64)> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let (suffix, factor) = match unit {
+        "" => ("", 1),
+        "Ki" => ("k", 1024),
+        "Mi" => ("m", 1024 * 1024),
+        "Gi" => ("g", 1024 * 1024 * 1024),
+        _ => return None,
     };
-    num.parse::<u64>().ok().map(|n| n * mult)
+    Some((format!("{n}{suffix}"), n.checked_mul(factor)?))
 }
 
 /// A duration as nginx and Helm values write it: whole seconds.
@@ -180,11 +230,11 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_durations_parse_as_nginx_and_the_server_read_them() {
-        assert_eq!(nginx_size("10m"), Some(10 * 1024 * 1024));
-        assert_eq!(nginx_size("512k"), Some(512 * 1024));
-        assert_eq!(nginx_size("100"), Some(100));
-        assert_eq!(nginx_size("ten"), None);
+    fn sizes_and_durations_parse_as_the_chart_and_the_server_read_them() {
+        assert_eq!(byte_size("10Mi"), Some(("10m".into(), 10 * 1024 * 1024)));
+        assert_eq!(byte_size("64Ki"), Some(("64k".into(), 64 * 1024)));
+        assert_eq!(byte_size("100"), Some(("100".into(), 100)));
+        assert_eq!(byte_size("10m"), None);
         assert_eq!(parse_duration("15"), Some(Duration::from_secs(15)));
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
     }
@@ -194,9 +244,14 @@ mod tests {
         let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../chart");
         let values = ChartValues::load(&chart, &[&chart.join("ci/kind-values.yaml")]).unwrap();
         let ingress = values.ingress().unwrap();
-        assert!(ingress.read_timeout >= Duration::from_secs(60));
-        assert_eq!(ingress.body_size_bytes, 10 * 1024 * 1024);
+        assert!(ingress.websocket_timeout() >= Duration::from_secs(60));
+        let inventory = ingress.route("inventory");
+        assert_eq!(inventory.body_size, "10m");
+        assert_eq!(inventory.body_size_bytes, 10 * 1024 * 1024);
+        assert_eq!(ingress.route("default").body_size_bytes, 1024 * 1024);
+        assert_eq!(ingress.route("binaries").body_size_bytes, 512 * 1024 * 1024);
+        assert!(ingress.route("binaries").stream_body);
         let server = values.server().unwrap();
-        assert!(server.heartbeat < ingress.read_timeout);
+        assert!(server.heartbeat < ingress.websocket_timeout());
     }
 }

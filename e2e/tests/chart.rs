@@ -927,59 +927,171 @@ fn service_is_cluster_ip_without_session_affinity() {
     assert_eq!(selector["app.kubernetes.io/instance"], RELEASE);
 }
 
+/// The Ingress of each route of `routes`: `(route, Ingress)`, the `default` route's
+/// under the release's name.
+fn route_ingresses(m: &Manifests) -> Vec<(&'static str, Ingress)> {
+    e2e::values::ROUTES
+        .iter()
+        .map(|&(route, _)| {
+            let name = if route == "default" {
+                RELEASE.to_string()
+            } else {
+                format!("{RELEASE}-{route}")
+            };
+            (route, m.one::<Ingress>("Ingress", &name))
+        })
+        .collect()
+}
+
+fn annotations_of(ingress: &Ingress) -> BTreeMap<String, String> {
+    ingress.metadata.annotations.clone().unwrap_or_default()
+}
+
 #[test]
-fn ingress_nginx_preset_raises_timeouts_and_never_emits_websocket_services() {
+fn ingress_nginx_gets_each_routes_limits_and_never_websocket_services() {
     let m = render!("-f", &ci_values("seed"));
-    let ingress: Ingress = m.one("Ingress", RELEASE);
-    let annotations = ingress.metadata.annotations.clone().expect("annotations");
-    let expected = [
-        ("cert-manager.io/cluster-issuer", "letsencrypt-prod"),
-        ("nginx.ingress.kubernetes.io/proxy-read-timeout", "3600"),
-        ("nginx.ingress.kubernetes.io/proxy-send-timeout", "3600"),
-        ("nginx.ingress.kubernetes.io/proxy-connect-timeout", "30"),
-        ("nginx.ingress.kubernetes.io/proxy-body-size", "10m"),
-        ("nginx.ingress.kubernetes.io/ssl-redirect", "true"),
-        ("nginx.ingress.kubernetes.io/force-ssl-redirect", "true"),
-        ("nginx.ingress.kubernetes.io/enable-cors", "true"),
-        (
-            "nginx.ingress.kubernetes.io/cors-allow-origin",
-            "https://agent.myelintek.com",
-        ),
+    let ingresses = route_ingresses(&m);
+    assert_eq!(
+        m.all::<Ingress>("Ingress").len(),
+        ingresses.len(),
+        "one Ingress per route"
+    );
+    // (route, read/send timeout, body size): 3600 s on /ws only, 10 MiB for
+    // inventories, 512 MiB for binaries, 1 MiB for everything else.
+    let limits = [
+        ("websocket", "3600", "64k"),
+        ("inventory", "60", "10m"),
+        ("binaries", "600", "512m"),
+        ("default", "60", "1m"),
     ];
-    for (key, value) in expected {
+    for ((route, ingress), (expected_route, timeout, body)) in ingresses.iter().zip(limits) {
+        assert_eq!(*route, expected_route);
+        let annotations = annotations_of(ingress);
+        let expected = [
+            ("nginx.ingress.kubernetes.io/proxy-read-timeout", timeout),
+            ("nginx.ingress.kubernetes.io/proxy-send-timeout", timeout),
+            ("nginx.ingress.kubernetes.io/proxy-body-size", body),
+            ("nginx.ingress.kubernetes.io/proxy-connect-timeout", "30"),
+            ("nginx.ingress.kubernetes.io/ssl-redirect", "true"),
+            ("nginx.ingress.kubernetes.io/force-ssl-redirect", "true"),
+            ("nginx.ingress.kubernetes.io/enable-cors", "true"),
+            (
+                "nginx.ingress.kubernetes.io/cors-allow-origin",
+                "https://agent.myelintek.com",
+            ),
+        ];
+        for (key, value) in expected {
+            assert_eq!(
+                annotations.get(key).map(String::as_str),
+                Some(value),
+                "{route}: {key}"
+            );
+        }
+        assert!(
+            !annotations
+                .keys()
+                .any(|k| k.ends_with("websocket-services")),
+            "websocket-services is not an ingress-nginx annotation: {annotations:?}"
+        );
+        // Binary uploads stream to the server; the rest is buffered as ingress-nginx does.
         assert_eq!(
-            annotations.get(key).map(String::as_str),
-            Some(value),
-            "{key}"
+            annotations
+                .get("nginx.ingress.kubernetes.io/proxy-request-buffering")
+                .map(String::as_str),
+            (*route == "binaries").then_some("off"),
+            "{route}"
+        );
+        // One Certificate: only the main Ingress asks cert-manager for it.
+        assert_eq!(
+            annotations
+                .get("cert-manager.io/cluster-issuer")
+                .map(String::as_str),
+            (*route == "default").then_some("letsencrypt-prod"),
+            "{route}"
         );
     }
-    assert!(
-        !annotations
-            .keys()
-            .any(|k| k.ends_with("websocket-services")),
-        "websocket-services is not an ingress-nginx annotation: {annotations:?}"
+}
+
+#[test]
+fn ingress_limits_and_the_servers_bounds_come_from_the_same_values() {
+    let m = render!("--set", "ingress.enabled=true");
+    let data = m.one::<ConfigMap>("ConfigMap", RELEASE).data.unwrap();
+    assert_eq!(data["MAX_INVENTORY_BYTES"], (10 * 1024 * 1024).to_string());
+    assert_eq!(data["MAX_BINARY_BYTES"], (512 * 1024 * 1024).to_string());
+
+    // Raising a route's size moves the ingress and the server together.
+    let m = render!(
+        "--set",
+        "ingress.enabled=true",
+        "--set",
+        "routes.inventory.bodySize=32Mi",
+        "--set",
+        "routes.binaries.bodySize=2Gi",
+        "--set",
+        "routes.websocket.timeout=900",
     );
+    let data = m.one::<ConfigMap>("ConfigMap", RELEASE).data.unwrap();
+    assert_eq!(data["MAX_INVENTORY_BYTES"], (32 * 1024 * 1024).to_string());
+    assert_eq!(data["MAX_BINARY_BYTES"], (2u64 << 30).to_string());
+    let ingresses: BTreeMap<&str, BTreeMap<String, String>> = route_ingresses(&m)
+        .iter()
+        .map(|(route, ingress)| (*route, annotations_of(ingress)))
+        .collect();
+    let body = "nginx.ingress.kubernetes.io/proxy-body-size";
+    let read = "nginx.ingress.kubernetes.io/proxy-read-timeout";
+    assert_eq!(ingresses["inventory"][body], "32m");
+    assert_eq!(ingresses["binaries"][body], "2g");
+    assert_eq!(ingresses["websocket"][read], "900");
+    assert_eq!(ingresses["default"][read], "60");
+    assert_eq!(ingresses["default"][body], "1m");
+
+    // The server's bounds cannot be set apart from the ingress's.
+    let Some(error) = render_error(&["--set-string", "config.extra.MAX_BINARY_BYTES=1"]) else {
+        return;
+    };
+    assert!(error.contains("routes.binaries.bodySize"), "{error}");
+    let Some(error) = render_error(&["--set", "routes.inventory.bodySize=10m"]) else {
+        return;
+    };
+    assert!(error.contains("bodySize"), "{error}");
+    // The ingress must outlast the server's pings on idle WebSockets.
+    let Some(error) = render_error(&["--set", "routes.websocket.timeout=10"]) else {
+        return;
+    };
+    assert!(error.contains("routes.websocket.timeout"), "{error}");
 }
 
 #[test]
 fn ingress_routes_websocket_api_and_ui_paths_over_tls_for_the_host() {
     let m = render!("-f", &ci_values("seed"));
-    let ingress: Ingress = m.one("Ingress", RELEASE);
-    let spec = ingress.spec.expect("an Ingress spec");
-    assert_eq!(spec.ingress_class_name.as_deref(), Some("nginx"));
-    let tls = &spec.tls.expect("TLS")[0];
-    assert_eq!(tls.hosts, Some(vec!["agent.myelintek.com".to_string()]));
-    assert_eq!(tls.secret_name.as_deref(), Some("agent-tls-cert"));
-    let rule = &spec.rules.expect("rules")[0];
-    assert_eq!(rule.host.as_deref(), Some("agent.myelintek.com"));
-    let paths = &rule.http.as_ref().expect("HTTP paths").paths;
-    let prefixes: Vec<&str> = paths.iter().filter_map(|p| p.path.as_deref()).collect();
-    assert_eq!(prefixes, ["/ws", "/api", "/"]);
-    for path in paths {
-        assert_eq!(path.path_type, "Prefix");
-        let backend = path.backend.service.as_ref().expect("a Service backend");
-        assert_eq!(backend.name, RELEASE);
+    let mut prefixes = Vec::new();
+    for (route, ingress) in route_ingresses(&m) {
+        let spec = ingress.spec.expect("an Ingress spec");
+        assert_eq!(spec.ingress_class_name.as_deref(), Some("nginx"));
+        let tls = &spec.tls.expect("TLS")[0];
+        assert_eq!(tls.hosts, Some(vec!["agent.myelintek.com".to_string()]));
+        assert_eq!(tls.secret_name.as_deref(), Some("agent-tls-cert"));
+        let rule = &spec.rules.expect("rules")[0];
+        assert_eq!(rule.host.as_deref(), Some("agent.myelintek.com"));
+        let paths = &rule.http.as_ref().expect("HTTP paths").paths;
+        let own: Vec<&str> = paths.iter().filter_map(|p| p.path.as_deref()).collect();
+        let wanted = e2e::values::ROUTES
+            .iter()
+            .find(|(name, _)| *name == route)
+            .unwrap()
+            .1;
+        assert_eq!(own, wanted, "{route}");
+        prefixes.extend(own.iter().map(|p| p.to_string()));
+        for path in paths {
+            assert_eq!(path.path_type, "Prefix");
+            let backend = path.backend.service.as_ref().expect("a Service backend");
+            assert_eq!(backend.name, RELEASE);
+        }
     }
+    assert_eq!(
+        prefixes,
+        ["/ws", "/api/v1/agents", "/api/v1/binaries", "/api", "/"]
+    );
 }
 
 #[test]
@@ -994,8 +1106,8 @@ fn ingress_serves_several_hosts_with_their_certificates_and_the_first_sets_the_u
         .map(|r| {
             assert_eq!(
                 r.http.unwrap().paths.len(),
-                3,
-                "every host gets /ws, /api and /"
+                2,
+                "every host gets /api and / (and the other routes' paths on their Ingresses)"
             );
             r.host.unwrap()
         })
@@ -1101,6 +1213,19 @@ fn operator_annotations_replace_the_charts_and_an_empty_value_removes_one() {
         .unwrap();
     assert_eq!(annotations["cert-manager.io/cluster-issuer"], "mine");
     assert!(!annotations.contains_key("cert-manager.io/issuer"));
+    // The other routes' Ingresses share the main one's certificate and never ask
+    // cert-manager for another.
+    for (route, ingress) in route_ingresses(&m) {
+        if route != "default" {
+            let annotations = annotations_of(&ingress);
+            assert!(
+                !annotations
+                    .keys()
+                    .any(|k| k.starts_with("cert-manager.io/")),
+                "{route}: {annotations:?}"
+            );
+        }
+    }
 
     // An operator value replaces the preset's value for the same key.
     let m = render!(
@@ -1121,57 +1246,95 @@ fn operator_annotations_replace_the_charts_and_an_empty_value_removes_one() {
 }
 
 #[test]
-fn traefik_preset_uses_traefik_annotations_and_no_nginx_ones() {
+fn traefik_preset_uses_traefik_annotations_and_a_body_limit_middleware_for_inventories() {
     let m = render!("-f", &ci_values("traefik"));
-    let ingress: Ingress = m.one("Ingress", RELEASE);
-    let annotations = ingress.metadata.annotations.expect("annotations");
+    let middleware = m
+        .raw("Middleware", "agent-server-inventory-body")
+        .expect("a Middleware");
+    assert_eq!(middleware["apiVersion"], "traefik.io/v1alpha1");
     assert_eq!(
-        annotations["traefik.ingress.kubernetes.io/router.entrypoints"],
-        "websecure"
+        middleware["spec"]["buffering"]["maxRequestBodyBytes"],
+        10 * 1024 * 1024
     );
-    assert_eq!(
-        annotations["traefik.ingress.kubernetes.io/router.tls"],
-        "true"
+    assert_eq!(m.raw_all("Middleware").count(), 1);
+    for (route, ingress) in route_ingresses(&m) {
+        let annotations = annotations_of(&ingress);
+        assert_eq!(
+            annotations["traefik.ingress.kubernetes.io/router.entrypoints"],
+            "websecure"
+        );
+        assert_eq!(
+            annotations["traefik.ingress.kubernetes.io/router.tls"],
+            "true"
+        );
+        assert!(
+            !annotations.keys().any(|k| k.starts_with("nginx.")),
+            "{annotations:?}"
+        );
+        // Buffering holds whole responses back: only the inventory route, whose
+        // answers are small documents, gets it; /ws, the event stream and binary
+        // downloads must flow.
+        assert_eq!(
+            annotations
+                .get("traefik.ingress.kubernetes.io/router.middlewares")
+                .map(String::as_str),
+            (route == "inventory")
+                .then_some("agent-system-agent-server-inventory-body@kubernetescrd"),
+            "{route}"
+        );
+        assert_eq!(
+            ingress.spec.unwrap().ingress_class_name.as_deref(),
+            Some("traefik")
+        );
+    }
+
+    let m = render!(
+        "-f",
+        &ci_values("traefik"),
+        "--set",
+        "ingress.traefik.bodyLimits=false"
     );
-    assert!(
-        !annotations.keys().any(|k| k.starts_with("nginx.")),
-        "{annotations:?}"
-    );
-    assert_eq!(
-        ingress.spec.unwrap().ingress_class_name.as_deref(),
-        Some("traefik")
-    );
+    assert_eq!(m.raw_all("Middleware").count(), 0);
+    assert!(route_ingresses(&m).iter().all(|(_, i)| {
+        !annotations_of(i).contains_key("traefik.ingress.kubernetes.io/router.middlewares")
+    }));
 }
 
 #[test]
-fn gateway_route_gives_websockets_their_own_timeouts() {
+fn gateway_route_gives_each_route_its_own_rule_and_timeouts() {
     let m = render!("-f", &ci_values("gateway"));
-    assert!(
-        m.raw("Ingress", RELEASE).is_none(),
+    assert_eq!(
+        m.raw_all("Ingress").count(),
+        0,
         "the route replaces the Ingress"
     );
     let route = m.raw("HTTPRoute", RELEASE).expect("an HTTPRoute");
     assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1");
     assert_eq!(route["spec"]["parentRefs"][0]["name"], "eg");
     let rules = route["spec"]["rules"].as_array().expect("rules");
-    let ws = rules
-        .iter()
-        .find(|r| r["matches"][0]["path"]["value"] == "/ws")
-        .expect("a /ws rule");
-    assert_eq!(ws["timeouts"]["request"], "0s");
-    let rest = rules
-        .iter()
-        .find(|r| {
-            r["matches"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["path"]["value"] == "/api")
-        })
-        .expect("an /api rule");
-    assert_eq!(rest["timeouts"]["request"], "60s");
-    assert_eq!(rest["backendRefs"][0]["name"], RELEASE);
-    assert_eq!(rest["backendRefs"][0]["port"], 80);
+    assert_eq!(rules.len(), e2e::values::ROUTES.len());
+    for (rule, (name, paths)) in rules.iter().zip(e2e::values::ROUTES) {
+        let values: Vec<&str> = rule["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                assert_eq!(m["path"]["type"], "PathPrefix");
+                m["path"]["value"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(values, paths, "{name}");
+        assert_eq!(rule["backendRefs"][0]["name"], RELEASE);
+        assert_eq!(rule["backendRefs"][0]["port"], 80);
+        let expected = match name {
+            // Envoy ends upgraded connections at the request timeout.
+            "websocket" => serde_json::json!({"request": "0s"}),
+            "binaries" => serde_json::json!({"request": "1h"}),
+            "default" => serde_json::json!({"request": "60s", "backendRequest": "30s"}),
+            _ => Value::Null,
+        };
+        assert_eq!(rule["timeouts"], expected, "{name}");
+    }
 }
 
 // ---------------------------------------------------------------------------

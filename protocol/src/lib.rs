@@ -14,7 +14,7 @@ pub mod version;
 pub use auth::{Claims, Role};
 pub use client_id::{MAX_CLIENT_ID_LEN, check_client_id, client_id_from_hostname};
 pub use close::{CloseCode, RESTART_DELAY_MAX, Reconnect, backoff_ceiling, refusal_policy};
-pub use message::{AgentMessage, ErrorCode, ResultStatus, ServerMessage, UpdateStatus};
+pub use message::{AgentMessage, ErrorCode, ResultStatus, ServerMessage, UpdateStatus, raw_json};
 
 /// The version the server speaks on `/ws/{client_id}` (`welcome.protocol`). Version 2
 /// adds `update_result` (agent → server) to version 1, which the server still serves on

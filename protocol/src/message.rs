@@ -1,14 +1,23 @@
 //! JSON text messages, tagged by `type`. Unknown fields are ignored in both directions;
 //! agents ignore server message types they do not know ([`ServerMessage::Unknown`]).
+//!
+//! The JSON documents a message carries (command `args`, result `output`, inventory
+//! `data`) are kept as raw JSON ([`RawValue`]): they reach the other side byte for byte as
+//! their sender wrote them, with integers beyond 64 bits, exponents like `1e400` and key
+//! order intact. serde's internally tagged enums buffer every field in a tree that cannot
+//! hold raw JSON, so both enums are read by hand ([`Fields`]): every field is captured raw
+//! first, then the fields of the message's `type` are decoded.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
 
+use serde::de::{DeserializeOwned, Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// Agent → server.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// Once after `welcome`; every field is optional. `version`, `os` and `arch` decide
@@ -28,14 +37,15 @@ pub enum AgentMessage {
         labels: Option<Vec<String>>,
     },
     /// A small inventory (under `WS_MAX_MESSAGE_BYTES`); large ones go to
-    /// `POST /api/v1/agents/{id}/inventory`.
-    Inventory { data: Value },
-    /// The outcome of command `id`; the first result for a command stands.
+    /// `POST /api/v1/agents/{id}/inventory`. Any JSON document but `null`, kept raw.
+    Inventory { data: Box<RawValue> },
+    /// The outcome of command `id`; the first result for a command stands. `output` is
+    /// any JSON document, kept raw; `null` is the same as none.
     Result {
         id: String,
         status: ResultStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        output: Option<Value>,
+        output: Option<Box<RawValue>>,
     },
     /// Optional; answered with `heartbeat_ack`.
     Heartbeat,
@@ -52,6 +62,117 @@ pub enum AgentMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+}
+
+/// Every field of a message, raw, and its `type`: what a message is read from before the
+/// fields of its type are decoded. `null` counts as absent; a field given twice is refused
+/// (which one would count is anybody's guess).
+struct Fields {
+    kind: String,
+    fields: BTreeMap<String, Box<RawValue>>,
+}
+
+impl Fields {
+    /// Field `name`, which must be present.
+    fn required<T: DeserializeOwned, E: serde::de::Error>(
+        &self,
+        name: &'static str,
+    ) -> Result<T, E> {
+        self.optional(name)?.ok_or_else(|| E::missing_field(name))
+    }
+
+    /// Field `name`, absent or `null` being `None`.
+    fn optional<T: DeserializeOwned, E: serde::de::Error>(
+        &self,
+        name: &'static str,
+    ) -> Result<Option<T>, E> {
+        match self.fields.get(name).filter(|raw| raw.get() != "null") {
+            Some(raw) => serde_json::from_str(raw.get())
+                .map(Some)
+                .map_err(|e| E::custom(format_args!("field `{name}`: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Field `name` as raw JSON, absent or `null` being `None`.
+    fn raw(&mut self, name: &str) -> Option<Box<RawValue>> {
+        self.fields.remove(name).filter(|raw| raw.get() != "null")
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = Fields;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object with a `type`")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut fields = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: Box<RawValue> = map.next_value()?;
+                    if fields.contains_key(&key) {
+                        return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                    fields.insert(key, value);
+                }
+                let kind = fields
+                    .remove("type")
+                    .ok_or_else(|| A::Error::missing_field("type"))?;
+                let kind = serde_json::from_str(kind.get())
+                    .map_err(|e| A::Error::custom(format_args!("field `type`: {e}")))?;
+                Ok(Fields { kind, fields })
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentMessage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut f = Fields::deserialize(d)?;
+        Ok(match f.kind.as_str() {
+            "hello" => AgentMessage::Hello {
+                version: f.optional("version")?,
+                hostname: f.optional("hostname")?,
+                os: f.optional("os")?,
+                arch: f.optional("arch")?,
+                labels: f.optional("labels")?,
+            },
+            "inventory" => AgentMessage::Inventory {
+                data: f
+                    .raw("data")
+                    .ok_or_else(|| D::Error::missing_field("data"))?,
+            },
+            "result" => AgentMessage::Result {
+                id: f.required("id")?,
+                status: f.required("status")?,
+                output: f.raw("output"),
+            },
+            "heartbeat" => AgentMessage::Heartbeat,
+            "update_result" => AgentMessage::UpdateResult {
+                rollout_id: f.required("rollout_id")?,
+                version: f.required("version")?,
+                status: f.required("status")?,
+                error: f.optional("error")?,
+            },
+            other => {
+                return Err(D::Error::unknown_variant(
+                    other,
+                    &["hello", "inventory", "result", "heartbeat", "update_result"],
+                ));
+            }
+        })
+    }
+}
+
+/// `value` as the raw JSON a message carries (`output`, `data`).
+pub fn raw_json(value: &serde_json::Value) -> Box<RawValue> {
+    // A `Value` has string keys only: it always serialises.
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 impl AgentMessage {
@@ -90,7 +211,7 @@ impl UpdateStatus {
 
 /// Server → agent. Strings borrow when the server builds a message and are owned when an
 /// agent parses one (`ServerMessage<'static>`, see [`ServerMessage::parse`]).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage<'a> {
     /// Always the first message. Intervals are in seconds.
@@ -109,8 +230,7 @@ pub enum ServerMessage<'a> {
     Command {
         id: Cow<'a, str>,
         name: Cow<'a, str>,
-        /// Any JSON value, passed through as the operator sent it.
-        #[serde(deserialize_with = "raw_value")]
+        /// Any JSON value, passed through byte for byte as the operator sent it.
         args: Cow<'a, RawValue>,
         /// Milliseconds since the Unix epoch.
         created_at: i64,
@@ -151,12 +271,13 @@ pub enum ServerMessage<'a> {
     },
     /// A type this version does not know: newer servers may add some, and agents ignore
     /// them.
-    #[serde(other, skip_serializing)]
+    #[serde(skip_serializing)]
     Unknown,
 }
 
 impl ServerMessage<'_> {
-    /// Parses one text frame into an owned message.
+    /// Parses one text frame into an owned message; a `type` this version does not know
+    /// is [`ServerMessage::Unknown`].
     pub fn parse(text: &str) -> Result<ServerMessage<'static>, serde_json::Error> {
         serde_json::from_str(text)
     }
@@ -172,13 +293,53 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-/// Reads any JSON value as raw JSON. `RawValue` itself cannot be read inside an internally
-/// tagged enum (serde buffers the content first), so this goes through a `Value`.
-fn raw_value<'de, 'a, D: Deserializer<'de>>(d: D) -> Result<Cow<'a, RawValue>, D::Error> {
-    let value = Value::deserialize(d)?;
-    serde_json::value::to_raw_value(&value)
-        .map(Cow::Owned)
-        .map_err(serde::de::Error::custom)
+impl<'de> Deserialize<'de> for ServerMessage<'static> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut f = Fields::deserialize(d)?;
+        let owned = |s: String| Cow::Owned(s);
+        Ok(match f.kind.as_str() {
+            "welcome" => ServerMessage::Welcome {
+                protocol: f.required("protocol")?,
+                client_id: owned(f.required("client_id")?),
+                pod: owned(f.required("pod")?),
+                epoch: f.required("epoch")?,
+                heartbeat_interval: f.required("heartbeat_interval")?,
+                offline_timeout: f.required("offline_timeout")?,
+                server_version: owned(f.required("server_version")?),
+            },
+            "command" => ServerMessage::Command {
+                id: owned(f.required("id")?),
+                name: owned(f.required("name")?),
+                args: Cow::Owned(f.raw("args").unwrap_or_else(|| RawValue::NULL.to_owned())),
+                created_at: f.required("created_at")?,
+                expires_at: f.optional("expires_at")?,
+            },
+            "ack" => ServerMessage::Ack {
+                id: owned(f.required("id")?),
+            },
+            "heartbeat_ack" => ServerMessage::HeartbeatAck {
+                ts: f.required("ts")?,
+            },
+            "update" => ServerMessage::Update {
+                rollout_id: owned(f.required("rollout_id")?),
+                binary_id: owned(f.required("binary_id")?),
+                name: owned(f.required("name")?),
+                version: owned(f.required("version")?),
+                os: owned(f.required("os")?),
+                arch: owned(f.required("arch")?),
+                url: owned(f.required("url")?),
+                sha256: owned(f.required("sha256")?),
+                size: f.required("size")?,
+                allow_downgrade: f.optional("allow_downgrade")?.unwrap_or(false),
+            },
+            "error" => ServerMessage::Error {
+                code: f.required("code")?,
+                message: owned(f.required("message")?),
+                id: f.optional::<String, _>("id")?.map(owned),
+            },
+            _ => ServerMessage::Unknown,
+        })
+    }
 }
 
 /// Why the server refused a message (`error.code`).
@@ -215,13 +376,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn command_args_survive_as_raw_json() {
-        let text = r#"{"type":"command","id":"c1","name":"exec","args":{"program":"uptime","args":[]},"created_at":1}"#;
-        let ServerMessage::Command { args, .. } = ServerMessage::parse(text).unwrap() else {
+    fn command_args_arrive_byte_for_byte() {
+        let args = r#"{"program":"zfs","n":18446744073709551616,"b":1,"a":2,"x":1e400}"#;
+        let text =
+            format!(r#"{{"type":"command","id":"c1","name":"exec","args":{args},"created_at":1}}"#);
+        let ServerMessage::Command { args: got, .. } = ServerMessage::parse(&text).unwrap() else {
             panic!("a command");
         };
-        let args: Value = serde_json::from_str(args.get()).unwrap();
-        assert_eq!(args, serde_json::json!({"program": "uptime", "args": []}));
+        assert_eq!(got.get(), args);
+    }
+
+    #[test]
+    fn documents_from_agents_are_kept_byte_for_byte() {
+        let data = r#"{"zpool_bytes": 18446744073709551616, "b": 1, "a": [1e400]}"#;
+        let text = format!(r#"{{"type":"inventory","data":{data}}}"#);
+        let AgentMessage::Inventory { data: got } = serde_json::from_str(&text).unwrap() else {
+            panic!("an inventory");
+        };
+        assert_eq!(got.get(), data);
+        let text = format!(r#"{{"status":"ok","output":{data},"type":"result","id":"c1"}}"#);
+        let AgentMessage::Result { output, .. } = serde_json::from_str(&text).unwrap() else {
+            panic!("a result");
+        };
+        assert_eq!(output.unwrap().get(), data);
+    }
+
+    #[test]
+    fn fields_of_other_types_are_ignored_and_a_field_given_twice_is_refused() {
+        let hello: AgentMessage =
+            serde_json::from_str(r#"{"type":"hello","status":[1],"version":"1.0","x":{}}"#)
+                .unwrap();
+        assert!(matches!(hello, AgentMessage::Hello { version: Some(v), .. } if v == "1.0"));
+        let e = serde_json::from_str::<AgentMessage>(r#"{"type":"result","id":"a","id":"b"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("duplicate field `id`"), "{e}");
+        let e = serde_json::from_str::<AgentMessage>(r#"{"type":"result","id":5,"status":"ok"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("field `id`"), "{e}");
+        let e =
+            serde_json::from_str::<AgentMessage>(r#"{"type":"result","status":"ok"}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `id`"), "{e}");
+        let e = serde_json::from_str::<AgentMessage>(r#"{"type":"inventory","data":null}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("missing field `data`"), "{e}");
     }
 
     #[test]

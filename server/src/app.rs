@@ -27,8 +27,10 @@ use crate::lifecycle::{Lifecycle, close_sessions_gradually};
 use crate::metrics::Metrics;
 use crate::secrets::load_or_create_signing_key;
 use crate::state::{AppState, State};
-use crate::store::{Store, StoreError};
-use crate::tasks::{PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic};
+use crate::store::{PoolSettings, Store, StoreError};
+use crate::tasks::{
+    OutagePoll, PresenceRefresh, RegistryRefresh, Sweep, UiSessionSweep, spawn_periodic,
+};
 use crate::ws::session::SessionContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +76,12 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let secret = signing_key(&config)?;
         let store = {
-            let (url, size) = (config.database.clone(), config.database_pool_size);
-            tokio::task::spawn_blocking(move || Store::open(&url, size))
+            let url = config.database.clone();
+            let settings = PoolSettings {
+                size: config.database_pool_size,
+                statement_timeout: config.database_statement_timeout,
+            };
+            tokio::task::spawn_blocking(move || Store::open(&url, settings))
                 .await
                 .map_err(|_| StoreError::Task)??
         };
@@ -256,15 +262,23 @@ impl Application {
         })
         .await
         .is_ok();
-        if finished {
+        // Last: connections the pool is still opening (it fills up while a replica
+        // starts) must be done before the process exits; see `Store::settle`.
+        let settled = state
+            .store
+            .settle(deadline.max(Instant::now() + SETTLE_AT_LEAST))
+            .await;
+        if finished && settled {
             tracing::info!(elapsed = ?started.elapsed(), "drained; exiting");
-        } else {
+        } else if !finished {
             tracing::warn!(
                 sessions = state.hub.len(),
                 "shutdown timeout reached with work still in flight; exiting anyway"
             );
+        } else {
+            tracing::warn!("database connections still opening; exiting anyway");
         }
-        finished
+        finished && settled
     }
 }
 
@@ -374,6 +388,17 @@ fn spawn_background(state: &State) {
         );
         spawn_periodic(
             lifecycle,
+            OUTAGE_POLL_INTERVAL,
+            None,
+            OutagePoll {
+                store: state.store.clone(),
+                hub: state.hub.clone(),
+                cluster: cluster.clone(),
+                metrics: state.metrics.clone(),
+            },
+        );
+        spawn_periodic(
+            lifecycle,
             Duration::from_secs(1),
             None,
             Rebalancer {
@@ -390,6 +415,13 @@ fn spawn_background(state: &State) {
     }
 }
 
+/// How long the drain waits for the database pool to settle even when SHUTDOWN_TIMEOUT
+/// has run out: a connection being opened takes milliseconds.
+const SETTLE_AT_LEAST: Duration = Duration::from_secs(1);
+/// How often, while Redis is unreachable, each replica looks for pending commands of its
+/// agents: wake-ups cannot cross replicas then, and this bounds the delay of a command
+/// queued through another replica instead of COMMAND_SWEEP_INTERVAL.
+const OUTAGE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the UI's agents-per-pod summary is recomputed while someone watches.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the tokens' `last_used_at` is written (it is informational; batching keeps

@@ -190,6 +190,10 @@ pub struct Config {
     pub(crate) http_header_timeout: Duration,
     /// DATABASE_POOL_SIZE: connections per process.
     pub(crate) database_pool_size: u32,
+    /// DATABASE_STATEMENT_TIMEOUT: the longest one database call may take: PostgreSQL's
+    /// `statement_timeout` and SQLite's `busy_timeout` on every pooled connection, and
+    /// the server's own bound on waiting for an answer (a cut network answers nothing).
+    pub(crate) database_statement_timeout: Duration,
     /// COMMAND_SWEEP_INTERVAL: how often this pod re-checks pending commands of its agents
     /// (a safety net for lost wake-ups) and expires commands past their TTL.
     pub(crate) command_sweep_interval: Duration,
@@ -451,6 +455,20 @@ impl Config {
                     _ => Err("a number of connections between 1 and 512".into()),
                 }
             })?,
+            database_statement_timeout: parse_or(
+                &get,
+                "DATABASE_STATEMENT_TIMEOUT",
+                DEFAULT_STATEMENT_TIMEOUT,
+                |v| {
+                    parse_duration(v)
+                        .filter(|d| {
+                            (Duration::from_millis(100)..=Duration::from_secs(3600)).contains(d)
+                        })
+                        .ok_or_else(|| {
+                            "a duration from 100ms to 1h, such as \"10s\" or \"500ms\"".into()
+                        })
+                },
+            )?,
             command_sweep_interval: duration(
                 &get,
                 "COMMAND_SWEEP_INTERVAL",
@@ -662,6 +680,10 @@ fn parse_sentinel(
         password: get("REDIS_SENTINEL_PASSWORD").map(Secret),
     })
 }
+
+/// DATABASE_STATEMENT_TIMEOUT's default: far above any query a request makes on a
+/// healthy database, short enough that a hung one is reported while the caller waits.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest duration a setting accepts: ten years. Longer means nothing more and only
 /// overflows the arithmetic it reaches (deadlines, `DRAIN_DELAY + DRAIN_WINDOW`).
@@ -1090,6 +1112,21 @@ mod tests {
             assert!(e.to_string().contains("at most 3650d"), "{e}");
         }
         assert!(parse(&[("AUDIT_RETENTION", "3650d")]).is_ok());
+    }
+
+    #[test]
+    fn statement_timeout_defaults_to_ten_seconds_and_stays_within_bounds() {
+        assert_eq!(
+            parse(&[]).unwrap().database_statement_timeout,
+            Duration::from_secs(10)
+        );
+        let c = parse(&[("DATABASE_STATEMENT_TIMEOUT", "500ms")]).unwrap();
+        assert_eq!(c.database_statement_timeout, Duration::from_millis(500));
+        for bad in ["0", "50ms", "2h", "soon"] {
+            let e = parse(&[("DATABASE_STATEMENT_TIMEOUT", bad)]).unwrap_err();
+            assert_eq!(e.var, "DATABASE_STATEMENT_TIMEOUT");
+            assert!(e.to_string().contains("from 100ms to 1h"), "{e}");
+        }
     }
 
     #[test]

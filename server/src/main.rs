@@ -89,7 +89,14 @@ async fn serve(config: Config) -> ExitCode {
         offline_timeout = ?config.offline_timeout,
         "agent-server listening"
     );
-    app.run_until_stopped(shutdown).await;
+    if !app.run_until_stopped(shutdown).await {
+        // Work was abandoned, and threads of the database pool may still be in OpenSSL
+        // (libpq's TLS): leave without the C library's exit handlers, since OpenSSL's
+        // would free what those threads use and crash the process (`Store::settle`).
+        // Logs go to stderr unbuffered; nothing else is pending.
+        // SAFETY: _exit ends the process; no Rust state is used afterwards.
+        unsafe { libc::_exit(0) }
+    }
     ExitCode::SUCCESS
 }
 

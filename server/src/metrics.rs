@@ -296,7 +296,8 @@ pub struct Metrics {
     pub(crate) ui_event_streams: Gauge,
     /// Fleet jobs by event (created, braked, paused, resumed, cancelled, completed).
     pub jobs: Family<JobLabels, Counter>,
-    /// Held job commands this replica's pacer released to its agents.
+    /// Job commands this replica released: its pacer's releases, and the first batch of
+    /// each job created here (released when it is stored).
     pub job_commands_released: Counter,
 }
 
@@ -456,7 +457,7 @@ impl Metrics {
         let job_commands_released = Counter::default();
         registry.register(
             "job_commands_released",
-            "Held fleet-job commands released by this replica's pacer",
+            "Fleet-job commands released by this replica: by its pacer, or when a job created here was stored",
             job_commands_released.clone(),
         );
         let build_info = Family::<BuildLabels, Gauge>::default();

@@ -127,6 +127,40 @@ impl Task for Sweep {
     }
 }
 
+/// While Redis is unreachable, wakes this replica's sessions that have pending commands:
+/// a command queued through another replica cannot be announced then, and without this
+/// it would wait for the next sweep. Does nothing while Redis answers.
+pub(crate) struct OutagePoll {
+    pub(crate) store: Store,
+    pub(crate) hub: Hub,
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Task for OutagePoll {
+    async fn run_once(&self) {
+        if self.cluster.is_healthy() {
+            return;
+        }
+        let local: Vec<String> = self
+            .hub
+            .sessions()
+            .iter()
+            .map(|s| s.client_id.clone())
+            .collect();
+        match self.store.agents_with_pending(local).await {
+            Ok(pending) => pending.iter().for_each(|id| {
+                self.hub.wake(id);
+            }),
+            Err(e) => {
+                // The sweep logs a failing store; this runs too often to log each time.
+                self.metrics.store_errors.inc();
+                tracing::debug!(error = %error_chain(&e), "outage poll failed");
+            }
+        }
+    }
+}
+
 /// Re-claims this replica's registry entries and closes sessions a newer connection
 /// replaced. Re-claiming every entry is also how a flushed or restarted Redis is
 /// repopulated within one heartbeat interval.

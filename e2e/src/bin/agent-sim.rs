@@ -21,7 +21,7 @@ use clap::Parser;
 use e2e::sim::backoff::Backoff;
 use e2e::sim::net::{loopback_sources, raise_open_files_limit};
 use e2e::sim::tokens::TokenSource;
-use e2e::sim::{Fleet, FleetConfig, Server, Snapshot};
+use e2e::sim::{Fleet, FleetConfig, Receipt, ReceiptLine, Server, Snapshot};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -111,6 +111,11 @@ struct Args {
     /// Stop when stdin closes (for a parent process that steers this one).
     #[arg(long)]
     stop_on_eof: bool,
+    /// With --json: also print one line per command received,
+    /// `{"command_id": "…", "received_ns": …}` on CLOCK_MONOTONIC, for latency
+    /// measurements across processes.
+    #[arg(long, requires = "json")]
+    receipts: bool,
 }
 
 fn duration(v: &str) -> Result<Duration, String> {
@@ -187,7 +192,8 @@ async fn run_fleet(args: Args) -> Result<()> {
             cfg.sources.len().max(1)
         );
     }
-    let fleet = Fleet::start(cfg, tokens, None);
+    let receipts = args.receipts.then(print_receipts);
+    let fleet = Fleet::start(cfg, tokens, receipts);
     let (control_tx, mut control) = mpsc::unbounded_channel();
     spawn_control(control_tx, args.stop_on_eof);
 
@@ -211,6 +217,31 @@ async fn run_fleet(args: Args) -> Result<()> {
         summary(&last, clean);
     }
     Ok(())
+}
+
+/// Prints every receipt as a JSON line on stdout, from a thread of its own: under the
+/// stdout lock, so that lines never interleave with the snapshots, and in batches, so that
+/// a burst of commands costs a few writes.
+fn print_receipts() -> mpsc::UnboundedSender<Receipt> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Receipt>();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        while let Some(first) = rx.blocking_recv() {
+            let mut out = std::io::stdout().lock();
+            let mut next = Some(first);
+            while let Some(receipt) = next {
+                let line = serde_json::to_string(&receipt.line()).unwrap_or_default();
+                if writeln!(out, "{line}").is_err() {
+                    return;
+                }
+                next = rx.try_recv().ok();
+            }
+            if out.flush().is_err() {
+                return;
+            }
+        }
+    });
+    tx
 }
 
 fn token_source(args: &Args, first: &Server) -> Result<TokenSource> {
@@ -298,8 +329,8 @@ fn summary(s: &Snapshot, clean: bool) {
         println!("  churn cycles        {}", s.churn_cycles);
     }
     println!(
-        "  commands            {} received, {} results sent, {} acked",
-        s.commands, s.results, s.acks
+        "  commands            {} received, {} results sent ({} again after store_unavailable), {} acked",
+        s.commands, s.results, s.results_resent, s.acks
     );
     println!(
         "  liveness            {} pings answered, {} heartbeats sent, {} acknowledged",
@@ -364,6 +395,9 @@ async fn supervise(args: Args, processes: u32) -> Result<()> {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Ok(snap) = serde_json::from_str::<Snapshot>(&line) {
                     latest.lock().unwrap_or_else(|p| p.into_inner())[i as usize] = snap;
+                } else if serde_json::from_str::<ReceiptLine>(&line).is_ok() {
+                    // A child prints receipts only when asked (--receipts): pass them on.
+                    println!("{line}");
                 }
             }
         });
@@ -483,6 +517,9 @@ fn child_args(a: &Args, first: u64, count: u32) -> Vec<String> {
     }
     if let Some(h) = a.hold {
         v.extend(["--hold".into(), d(h)]);
+    }
+    if a.receipts {
+        v.push("--receipts".into());
     }
     v
 }

@@ -79,7 +79,7 @@ impl KindTarget {
             values.text("image.repository")?,
             values.text("image.tag")?
         );
-        let chart_read_timeout = values.ingress()?.read_timeout;
+        let chart_read_timeout = values.ingress()?.websocket_timeout();
         let (secret, image_id) = match mode {
             Mode::Live => {
                 std::fs::create_dir_all(&opts.artifacts)
@@ -704,7 +704,7 @@ impl KindTarget {
                     MINUTE,
                 )
                 .await?;
-                let timeouts = read_timeouts_for(&conf, &host);
+                let timeouts = ws_read_timeouts_for(&conf, &host);
                 Ok(
                     if !timeouts.is_empty() && timeouts.iter().all(|t| t == expected) {
                         Check::Ready(())
@@ -931,7 +931,10 @@ async fn wait_metrics_api(client: &::kube::Client) -> Result<()> {
 /// The `proxy_read_timeout` values inside the server block for `host` of an
 /// ingress-nginx configuration (its blocks are delimited by `## start server <host>` and
 /// `## end server <host>`; unchanged from v1.9 to v1.15).
-fn read_timeouts_for(conf: &str, host: &str) -> Vec<String> {
+/// The `proxy_read_timeout`s of the `/ws` locations in `host`'s server block
+/// (ingress-nginx writes `location /ws/` and `location = /ws` for a Prefix path): each
+/// route has its own, and idle agents meet the WebSocket route's.
+fn ws_read_timeouts_for(conf: &str, host: &str) -> Vec<String> {
     let start = format!("## start server {host}");
     let end = format!("## end server {host}");
     let Some(from) = conf.find(&start) else {
@@ -939,12 +942,22 @@ fn read_timeouts_for(conf: &str, host: &str) -> Vec<String> {
     };
     let block = &conf[from..];
     let block = &block[..block.find(&end).unwrap_or(block.len())];
-    block
-        .lines()
-        .map(str::trim)
-        .filter_map(|l| l.strip_prefix("proxy_read_timeout"))
-        .map(|v| v.trim().to_string())
-        .collect()
+    let mut in_ws = false;
+    let mut found = Vec::new();
+    for line in block.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("location ") {
+            let path = rest
+                .trim_end_matches('{')
+                .split_whitespace()
+                .last()
+                .unwrap_or("")
+                .trim_matches('"');
+            in_ws = path == "/ws" || path == "/ws/";
+        } else if in_ws && let Some(v) = line.strip_prefix("proxy_read_timeout") {
+            found.push(v.trim().to_string());
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -952,24 +965,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn read_timeouts_come_from_the_hosts_server_block_only() {
+    fn read_timeouts_come_from_the_hosts_websocket_locations_only() {
         let conf = "\
 ## start server other.example
+    location /ws/ {
     proxy_read_timeout                      60s;
+    }
 ## end server other.example
 ## start server agent-server.localtest.me
-    location /ws {
+    location = /ws {
+        proxy_read_timeout                      3s;
+    }
+    location /ws/ {
         proxy_read_timeout                      3s;
     }
     location / {
-        proxy_read_timeout                      3s;
+        proxy_read_timeout                      60s;
     }
 ## end server agent-server.localtest.me
 ";
         assert_eq!(
-            read_timeouts_for(conf, "agent-server.localtest.me"),
+            ws_read_timeouts_for(conf, "agent-server.localtest.me"),
             vec!["3s;", "3s;"]
         );
-        assert!(read_timeouts_for(conf, "missing.example").is_empty());
+        assert!(ws_read_timeouts_for(conf, "missing.example").is_empty());
     }
 }

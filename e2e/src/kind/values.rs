@@ -206,8 +206,7 @@ pub fn overrides(
         values["config"]["wsOfflineTimeout"] = json!(whole_seconds(o).to_string());
     }
     if let Some(t) = profile.ingress_timeout {
-        values["ingress"]["nginx"]["proxyReadTimeout"] = json!(whole_seconds(t));
-        values["ingress"]["nginx"]["proxySendTimeout"] = json!(whole_seconds(t));
+        values["routes"]["websocket"]["timeout"] = json!(whole_seconds(t));
     }
     values
 }
@@ -285,7 +284,7 @@ mod tests {
     fn overrides_keep_the_chart_settings_unless_the_profile_sets_them() {
         let values = overrides(&Profile::standard(3), &"s".repeat(64), "sha256:x", None, 1);
         assert!(values["config"]["wsHeartbeatInterval"].is_null());
-        assert!(values["ingress"].is_null());
+        assert!(values["routes"].is_null());
         assert_eq!(values["autoscaling"]["minReplicas"], 3);
         assert_eq!(values["autoscaling"]["maxReplicas"], 5);
         let low = Profile {
@@ -296,7 +295,7 @@ mod tests {
         };
         let values = overrides(&low, &"s".repeat(64), "sha256:x", None, 1);
         assert_eq!(values["config"]["wsHeartbeatInterval"], "1");
-        assert_eq!(values["ingress"]["nginx"]["proxyReadTimeout"], 3);
+        assert_eq!(values["routes"]["websocket"]["timeout"], 3);
     }
 
     #[test]

@@ -102,12 +102,15 @@ impl LocalTarget {
         let values = ChartValues::load(&chart, &[&chart.join("ci/kind-values.yaml")])?;
         let ingress = values.ingress()?;
         let server = values.server()?;
+        let routes: Vec<String> = ingress
+            .routes
+            .iter()
+            .map(|r| format!("{} {}s/{}", r.name, r.timeout.as_secs(), r.body_size))
+            .collect();
         println!(
-            "  chart values: ingress read/send timeout {}s/{}s, connect {}s, body size {}; heartbeat {}s, offline {}s, drain window {}s",
-            ingress.read_timeout.as_secs(),
-            ingress.send_timeout.as_secs(),
+            "  chart values: ingress routes (timeout/body size) {}, connect {}s; heartbeat {}s, offline {}s, drain window {}s",
+            routes.join(", "),
             ingress.connect_timeout.as_secs(),
-            ingress.body_size,
             server.heartbeat.as_secs(),
             server.offline_timeout.as_secs(),
             server.drain_window.as_secs(),
@@ -216,6 +219,16 @@ impl LocalTarget {
             // nginx is updated before SIGTERM, so no extra delay is needed in front of the
             // drain (the chart relies on the preStop sleep for the same reason).
             ("DRAIN_DELAY", "0".into()),
+            // The server's bounds of the routes, from the values the ingress's come from
+            // (the chart's ConfigMap does the same).
+            (
+                "MAX_INVENTORY_BYTES",
+                self.ingress.route("inventory").body_size_bytes.to_string(),
+            ),
+            (
+                "MAX_BINARY_BYTES",
+                self.ingress.route("binaries").body_size_bytes.to_string(),
+            ),
             ("DRAIN_WINDOW", format!("{}ms", drain.as_millis())),
             (
                 "SHUTDOWN_TIMEOUT",
@@ -247,11 +260,17 @@ impl LocalTarget {
     }
 
     fn nginx_settings(&self, profile: &Profile) -> nginx::Settings {
+        // A profile's ingress timeout is the WebSocket route's (`routes.websocket.timeout`),
+        // the one idle agents meet.
+        let mut routes = self.ingress.routes.clone();
+        for route in &mut routes {
+            if route.name == "websocket" {
+                route.timeout = profile.ingress_timeout.unwrap_or(route.timeout);
+            }
+        }
         nginx::Settings {
-            read_timeout: profile.ingress_timeout.unwrap_or(self.ingress.read_timeout),
-            send_timeout: profile.ingress_timeout.unwrap_or(self.ingress.send_timeout),
             connect_timeout: self.ingress.connect_timeout,
-            body_size: self.ingress.body_size.clone(),
+            routes,
         }
     }
 

@@ -1,11 +1,12 @@
 //! nginx as the local target's ingress.
 //!
 //! Its configuration is generated from the chart's ingress values and mirrors what
-//! ingress-nginx renders for the chart's Ingress: WebSocket upgrade headers, HTTP/1.1 to
-//! the upstream, the proxy read/send/connect timeouts, `client_max_body_size`, no response
-//! buffering, and ingress-nginx's default `proxy_next_upstream error timeout` with three
-//! tries (a connection refused by a dead pod is tried on the next one; a request already
-//! sent is never repeated).
+//! ingress-nginx renders for the chart's Ingresses, one location per path of each route
+//! of `routes`: WebSocket upgrade headers, HTTP/1.1 to the upstream, the route's proxy
+//! read/send timeouts and `client_max_body_size`, the connect timeout, no response
+//! buffering (no request buffering on the binaries route), and ingress-nginx's default
+//! `proxy_next_upstream error timeout` with three tries (a connection refused by a dead
+//! pod is tried on the next one; a request already sent is never repeated).
 //!
 //! Upstream changes play the part of Kubernetes endpoint changes: the harness rewrites the
 //! `upstream` block and reloads nginx (SIGHUP), then waits until the new configuration is
@@ -25,17 +26,15 @@ use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
 use super::process::{signal, spawn_logged, tail, wait_exit};
-use crate::values::whole_seconds;
+use crate::values::{RouteLimits, whole_seconds};
 use crate::wait::{self, Check};
 
 /// What the configuration carries besides the upstreams.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    pub read_timeout: Duration,
-    pub send_timeout: Duration,
     pub connect_timeout: Duration,
-    /// `client_max_body_size`, nginx syntax.
-    pub body_size: String,
+    /// Each route's paths, timeouts and body size.
+    pub routes: Vec<RouteLimits>,
 }
 
 pub struct Nginx {
@@ -289,13 +288,33 @@ http {{
 
     server {{
         listen 127.0.0.1:{port};
-        client_max_body_size {body};
 
         location = /__e2e/generation {{
             return 200 "{generation}\n";
         }}
 
-        location / {{
+{locations}    }}
+}}
+"#,
+        locations = locations(settings),
+    )
+}
+
+/// One location per path of each route, with that route's limits (what ingress-nginx
+/// writes for a path of an Ingress with the route's annotations).
+fn locations(settings: &Settings) -> String {
+    let connect = whole_seconds(settings.connect_timeout).min(75);
+    let mut out = String::new();
+    for route in &settings.routes {
+        let timeout = whole_seconds(route.timeout);
+        let buffering = if route.stream_body { "off" } else { "on" };
+        for path in route.paths {
+            let _ = write!(
+                out,
+                r#"
+        # routes.{name}
+        location {path} {{
+            client_max_body_size {body};
             proxy_pass http://agent_server;
             proxy_http_version 1.1;
             proxy_set_header Host $host;
@@ -304,21 +323,20 @@ http {{
             proxy_set_header X-Forwarded-For $remote_addr;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_connect_timeout {connect}s;
-            proxy_read_timeout {read}s;
-            proxy_send_timeout {send}s;
+            proxy_read_timeout {timeout}s;
+            proxy_send_timeout {timeout}s;
             proxy_buffering off;
-            proxy_request_buffering on;
+            proxy_request_buffering {buffering};
             proxy_next_upstream error timeout;
             proxy_next_upstream_tries 3;
         }}
-    }}
-}}
 "#,
-        body = settings.body_size,
-        connect = whole_seconds(settings.connect_timeout).min(75),
-        read = whole_seconds(settings.read_timeout),
-        send = whole_seconds(settings.send_timeout),
-    )
+                name = route.name,
+                body = route.body_size,
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -326,17 +344,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_configuration_carries_the_values_and_every_upstream() {
+    fn the_configuration_carries_each_routes_limits_and_every_upstream() {
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../chart");
+        let values = crate::values::ChartValues::load(&chart, &[]).unwrap();
         let settings = Settings {
-            read_timeout: Duration::from_secs(3600),
-            send_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(30),
-            body_size: "10m".into(),
+            routes: values.ingress().unwrap().routes,
         };
         let conf = render(7, Path::new("/tmp/x"), 8080, &[1001, 1002], &settings);
-        assert!(conf.contains("proxy_read_timeout 3600s;"));
-        assert!(conf.contains("proxy_send_timeout 3600s;"));
-        assert!(conf.contains("client_max_body_size 10m;"));
+        let location = |path: &str| {
+            let start = conf
+                .find(&format!("location {path} {{"))
+                .unwrap_or_else(|| panic!("no location {path}:\n{conf}"));
+            let block = &conf[start..];
+            block[..block.find('}').unwrap()].to_string()
+        };
+        let ws = location("/ws");
+        assert!(ws.contains("proxy_read_timeout 3600s;"), "{ws}");
+        assert!(ws.contains("proxy_send_timeout 3600s;"), "{ws}");
+        let inventory = location("/api/v1/agents");
+        assert!(
+            inventory.contains("client_max_body_size 10m;"),
+            "{inventory}"
+        );
+        assert!(inventory.contains("proxy_read_timeout 60s;"), "{inventory}");
+        let binaries = location("/api/v1/binaries");
+        assert!(
+            binaries.contains("client_max_body_size 512m;"),
+            "{binaries}"
+        );
+        assert!(
+            binaries.contains("proxy_request_buffering off;"),
+            "{binaries}"
+        );
+        for path in ["/api", "/"] {
+            let rest = location(path);
+            assert!(rest.contains("client_max_body_size 1m;"), "{rest}");
+            assert!(rest.contains("proxy_read_timeout 60s;"), "{rest}");
+            assert!(rest.contains("proxy_connect_timeout 30s;"), "{rest}");
+        }
         assert!(conf.contains("server 127.0.0.1:1001 max_fails=0;"));
         assert!(conf.contains("server 127.0.0.1:1002 max_fails=0;"));
         assert!(conf.contains("return 200 \"7\\n\";"));

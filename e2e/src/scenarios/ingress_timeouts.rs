@@ -3,8 +3,11 @@
 //!
 //! 1. Ingress read/send timeout set low (3 s by default), server heartbeat below it (1 s):
 //!    idle agents stay connected for four times the timeout.
-//! 2. A 9 MiB inventory passes the ingress; an 11 MiB one gets 413 from the ingress itself
-//!    (its page, not the server's JSON error), so `proxyBodySize: 10m` is what applies.
+//! 2. Body sizes per route (`routes` in the chart's values): a 10 MiB inventory (the
+//!    inventory route's limit, exactly) passes the ingress and is stored; an 11 MiB one,
+//!    and a 2 MiB body on another route (`POST /api/v1/jobs`, 1 MiB there), get 413 from
+//!    the ingress itself (its page, not the server's JSON error), so the per-route
+//!    `client_max_body_size` is what applies.
 //! 3. Same ingress timeout, heartbeat above it (30 s; the server's pings effectively off):
 //!    the ingress cuts the silent connections at about the timeout. This is the proof that
 //!    the timeout value reaches the ingress; without it, part 1 would prove nothing.
@@ -88,19 +91,19 @@ pub async fn run<C: Target>(
         format!("{} without a drop", short(hold)),
     );
 
-    section("inventory size limit at the ingress");
+    section("body size limits per route at the ingress");
     let agent = fleet.agents()[0].client_id().to_string();
     let agent_token = target
         .minter()
         .mint(&agent, Role::Agent, Duration::from_secs(3600));
     let path = format!("/api/v1/agents/{agent}/inventory");
-    let nine = 9 * 1024 * 1024;
+    let ten = 10 * 1024 * 1024;
     match api
         .call(
             Method::POST,
             &path,
             Some(&agent_token),
-            Body::Raw(document(nine)),
+            Body::Raw(document(ten)),
             &[200],
         )
         .await
@@ -108,15 +111,15 @@ pub async fn run<C: Target>(
         Ok(reply) => {
             let stored = reply.json()["size_bytes"].as_u64();
             println!(
-                "  9 MiB inventory: {} (stored {stored:?} bytes)",
+                "  10 MiB inventory: {} (stored {stored:?} bytes)",
                 reply.status
             );
             report.check(
-                stored == Some(nine as u64),
-                format!("the 9 MiB inventory was stored as {stored:?} bytes"),
+                stored == Some(ten as u64),
+                format!("the 10 MiB inventory was stored as {stored:?} bytes"),
             );
         }
-        Err(e) => println!("  9 MiB inventory refused: {e}"),
+        Err(e) => report.check(false, format!("the 10 MiB inventory was refused: {e}")),
     }
     match api
         .call(
@@ -142,10 +145,39 @@ pub async fn run<C: Target>(
             );
             report.check(
                 from_ingress,
-                "the 11 MiB inventory got the server's 413, not the ingress's: proxyBodySize is not applied",
+                "the 11 MiB inventory got the server's 413, not the ingress's: routes.inventory.bodySize is not applied",
             );
         }
-        Err(e) => println!("  11 MiB inventory: {e}"),
+        Err(e) => report.check(false, format!("the 11 MiB inventory: {e}")),
+    }
+    // Elsewhere the limit is small: a 2 MiB job never reaches the server.
+    match api
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            None,
+            Body::Raw(document(2 * 1024 * 1024)),
+            &[413],
+        )
+        .await
+    {
+        Ok(reply) => {
+            let from_ingress = !reply.content_type.contains("application/json");
+            println!(
+                "  2 MiB body on /api/v1/jobs: 413 from {} ({})",
+                if from_ingress {
+                    "the ingress"
+                } else {
+                    "the server"
+                },
+                reply.content_type
+            );
+            report.check(
+                from_ingress,
+                "the 2 MiB job got the server's 413, not the ingress's: routes.default.bodySize is not applied",
+            );
+        }
+        Err(e) => report.check(false, format!("the 2 MiB job: {e}")),
     }
     stop_fleet(fleet).await;
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_protocol::{AgentMessage, CloseCode, Reconnect, ResultStatus, ServerMessage};
+use agent_protocol::{AgentMessage, CloseCode, ErrorCode, Reconnect, ResultStatus, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -43,6 +43,18 @@ const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
 /// Far enough in the future to mean "never" for a timer.
 const NEVER: Duration = Duration::from_secs(86_400 * 365);
+/// Delay before sending again a result the server could not store (`store_unavailable`),
+/// as the reference agent waits.
+const STORE_RETRY: Duration = Duration::from_secs(5);
+
+/// What a server message asks of the agent.
+enum Handled {
+    Done,
+    /// The connection failed.
+    Failed,
+    /// The server could not store the result of this command: send it again later.
+    Unstored(String),
+}
 
 pub(crate) async fn run(shared: Arc<Shared>, index: u32) {
     let cfg = &shared.cfg;
@@ -201,6 +213,10 @@ async fn session(
         .map_or(NEVER, |h| h.mul_f64(0.5) + uniform(h));
     let hold = tokio::time::sleep(hold);
     tokio::pin!(hold);
+    // Results to send again when `retry` fires; empty almost always.
+    let mut unstored: Vec<String> = Vec::new();
+    let retry = tokio::time::sleep(NEVER);
+    tokio::pin!(retry);
 
     loop {
         tokio::select! {
@@ -220,6 +236,14 @@ async fn session(
                 every = *heartbeat_rx.borrow_and_update();
                 heartbeat.as_mut().reset(Instant::now() + first_heartbeat(every));
             }
+            _ = &mut retry, if !unstored.is_empty() => {
+                for id in std::mem::take(&mut unstored) {
+                    stats.results_resent.fetch_add(1, RELAXED);
+                    if ws.send(Message::text(result_for(&id, "resent"))).await.is_err() {
+                        return End::Dropped;
+                    }
+                }
+            }
             _ = &mut heartbeat => {
                 heartbeat.as_mut().reset(Instant::now() + if every.is_zero() { NEVER } else { every });
                 stats.heartbeats.fetch_add(1, RELAXED);
@@ -234,12 +258,16 @@ async fn session(
                 };
                 stats.heard(index as usize);
                 match msg {
-                    Message::Text(text) => {
-                        let healthy = on_text(shared, &mut ws, index, &text).await;
-                        if !healthy {
-                            return End::Dropped;
+                    Message::Text(text) => match on_text(shared, &mut ws, index, &text).await {
+                        Handled::Done => {}
+                        Handled::Failed => return End::Dropped,
+                        Handled::Unstored(id) => {
+                            if unstored.is_empty() {
+                                retry.as_mut().reset(Instant::now() + STORE_RETRY);
+                            }
+                            unstored.push(id);
                         }
-                    }
+                    },
                     Message::Ping(_) => {
                         stats.pings.fetch_add(1, RELAXED);
                         // tungstenite queued the pong; send it now rather than with the
@@ -273,8 +301,18 @@ fn first_heartbeat(every: Duration) -> Duration {
     }
 }
 
-/// Handles one server message; false when the connection failed.
-async fn on_text(shared: &Shared, ws: &mut Ws, index: u32, text: &str) -> bool {
+/// The `result` of a command: every command succeeds here.
+fn result_for(id: &str, ran: &str) -> String {
+    AgentMessage::Result {
+        id: id.to_string(),
+        status: ResultStatus::Ok,
+        output: Some(agent_protocol::raw_json(&serde_json::json!({ "ran": ran }))),
+    }
+    .to_json()
+}
+
+/// Handles one server message.
+async fn on_text(shared: &Shared, ws: &mut Ws, index: u32, text: &str) -> Handled {
     let stats = &shared.stats;
     // The parsed message is dropped before the await below, so it never becomes part of
     // the agent's task state: idle agents stay as small as before the typed messages.
@@ -283,26 +321,25 @@ async fn on_text(shared: &Shared, ws: &mut Ws, index: u32, text: &str) -> bool {
             // Running a command is instant and idempotent here, so a command delivered
             // again (at-least-once delivery) is answered again with the same result,
             // which is what the protocol asks of agents that already ran it.
-            let result = AgentMessage::Result {
-                id: id.to_string(),
-                status: ResultStatus::Ok,
-                output: Some(serde_json::json!({"ran": name})),
-            };
-            (id.into_owned(), result.to_json())
+            let result = result_for(&id, &name);
+            (id.into_owned(), result)
         }
         Ok(ServerMessage::Ack { .. }) => {
             stats.acks.fetch_add(1, RELAXED);
-            return true;
+            return Handled::Done;
         }
         Ok(ServerMessage::HeartbeatAck { .. }) => {
             stats.heartbeat_acks.fetch_add(1, RELAXED);
-            return true;
+            return Handled::Done;
         }
-        Ok(ServerMessage::Error { .. }) => {
+        Ok(ServerMessage::Error { code, id, .. }) => {
             stats.errors.fetch_add(1, RELAXED);
-            return true;
+            return match (code, id) {
+                (ErrorCode::StoreUnavailable, Some(id)) => Handled::Unstored(id.into_owned()),
+                _ => Handled::Done,
+            };
         }
-        Ok(_) | Err(_) => return true,
+        Ok(_) | Err(_) => return Handled::Done,
     };
     let at = std::time::Instant::now();
     stats.commands.fetch_add(1, RELAXED);
@@ -317,7 +354,7 @@ async fn on_text(shared: &Shared, ws: &mut Ws, index: u32, text: &str) -> bool {
             at,
         });
     }
-    sent
+    if sent { Handled::Done } else { Handled::Failed }
 }
 
 /// Sends the inventory: as a message when small, over HTTP with the agent's own token

@@ -101,6 +101,41 @@ pub struct Receipt {
     pub at: Instant,
 }
 
+impl Receipt {
+    /// The receipt as `agent-sim --receipts` prints it, timed on the machine-wide clock.
+    pub fn line(&self) -> ReceiptLine {
+        let age = self.at.elapsed().as_nanos() as u64;
+        ReceiptLine {
+            command_id: self.command_id.clone(),
+            received_ns: monotonic_ns().saturating_sub(age),
+        }
+    }
+}
+
+/// One received command, as one JSON line on `agent-sim --receipts`'s stdout:
+/// `{"command_id": "…", "received_ns": 123}`. Several simulator processes and the
+/// benchmark that reads them share the clock ([`monotonic_ns`]), so one process can time
+/// a job from its POST to every agent's receipt.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptLine {
+    pub command_id: String,
+    /// [`monotonic_ns`] when the agent had the command.
+    pub received_ns: u64,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process on this machine
+/// (and the one `Instant` reads on Linux).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub(crate) enum Inventory {
     WebSocket(Utf8Bytes),
     Http(Bytes),
@@ -136,7 +171,8 @@ impl Fleet {
             0 => None,
             n if n <= WS_INVENTORY_MAX => {
                 let doc = super::inventory::document(n);
-                let data = serde_json::from_slice(&doc).expect("the generated inventory is JSON");
+                let data = serde_json::from_slice::<Box<serde_json::value::RawValue>>(&doc)
+                    .expect("the generated inventory is JSON");
                 let text = agent_protocol::AgentMessage::Inventory { data }.to_json();
                 Some(Inventory::WebSocket(Utf8Bytes::from(text)))
             }

@@ -23,5 +23,5 @@ pub mod net;
 pub mod stats;
 pub mod tokens;
 
-pub use fleet::{Fleet, FleetConfig, Receipt, Server};
+pub use fleet::{Fleet, FleetConfig, Receipt, ReceiptLine, Server, monotonic_ns};
 pub use stats::Snapshot;

@@ -44,6 +44,7 @@ pub struct Stats {
     pub commands: AtomicU64,
     pub results: AtomicU64,
     pub acks: AtomicU64,
+    pub results_resent: AtomicU64,
     pub pings: AtomicU64,
     pub heartbeats: AtomicU64,
     pub heartbeat_acks: AtomicU64,
@@ -77,6 +78,7 @@ impl Stats {
             commands: AtomicU64::new(0),
             results: AtomicU64::new(0),
             acks: AtomicU64::new(0),
+            results_resent: AtomicU64::new(0),
             pings: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             heartbeat_acks: AtomicU64::new(0),
@@ -201,6 +203,7 @@ impl Stats {
             commands: self.commands.load(Relaxed),
             results: self.results.load(Relaxed),
             acks: self.acks.load(Relaxed),
+            results_resent: self.results_resent.load(Relaxed),
             pings: self.pings.load(Relaxed),
             heartbeats: self.heartbeats.load(Relaxed),
             heartbeat_acks: self.heartbeat_acks.load(Relaxed),
@@ -243,6 +246,8 @@ pub struct Snapshot {
     pub commands: u64,
     pub results: u64,
     pub acks: u64,
+    /// Results sent again after the server answered `store_unavailable`.
+    pub results_resent: u64,
     pub pings: u64,
     pub heartbeats: u64,
     pub heartbeat_acks: u64,
@@ -289,6 +294,7 @@ impl Snapshot {
         self.commands += o.commands;
         self.results += o.results;
         self.acks += o.acks;
+        self.results_resent += o.results_resent;
         self.pings += o.pings;
         self.heartbeats += o.heartbeats;
         self.heartbeat_acks += o.heartbeat_acks;

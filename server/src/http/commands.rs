@@ -17,6 +17,7 @@ use super::openapi::{
 use crate::audit::{AuditAction, AuditEvent};
 use crate::auth::Role;
 use crate::ids::rfc3339;
+use crate::limits::check_depth;
 use crate::state::AppState;
 use crate::store::{CommandRow, CommandStatus, NewCommand, now_ms};
 
@@ -150,6 +151,7 @@ pub(super) async fn create(
         Some(raw) if raw.get().trim_start().starts_with('{') => raw.get().to_string(),
         Some(_) => return Err(invalid("args must be a JSON object".into())),
     };
+    check_depth("args", &args).map_err(|e| invalid(e.to_string()))?;
     let now = now_ms();
     let expires_at = match body.ttl_seconds {
         None => None,

@@ -12,6 +12,7 @@ use crate::auth::AuthError;
 use crate::binaries::StorageError;
 use crate::credentials::{CredentialError, EnrollError};
 use crate::error::error_chain;
+use crate::limits::TooDeep;
 use crate::storable::NulError;
 use crate::store::StoreError;
 
@@ -250,8 +251,8 @@ pub(crate) enum ApiError {
     /// A request to `/ws/{client_id}` without a valid WebSocket opening handshake.
     #[error("{0}")]
     Handshake(#[from] HandshakeRefusal),
-    /// The database does not answer.
-    #[error("storage is unavailable; retry shortly")]
+    /// The database does not answer, or not in time.
+    #[error("the database is unavailable ({}); retry shortly", .0.outage())]
     StoreUnavailable(#[source] StoreError),
     /// A server fault.
     #[error("internal error; the server log has the details under this request's id")]
@@ -261,9 +262,15 @@ pub(crate) enum ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => ApiError::StoreUnavailable(e),
+            e if e.is_unavailable() => ApiError::StoreUnavailable(e),
             other => ApiError::Internal(other),
         }
+    }
+}
+
+impl From<TooDeep> for ApiError {
+    fn from(e: TooDeep) -> Self {
+        ApiError::bad_request(ErrorCode::InvalidJson, e.to_string())
     }
 }
 

@@ -23,8 +23,7 @@ use crate::state::AppState;
 use crate::storable::check_json;
 use crate::store::now_ms;
 
-/// Bound on API request bodies other than inventories and uploads.
-pub(crate) const MAX_API_BODY: usize = 64 * 1024;
+pub(crate) use crate::limits::MAX_API_BODY;
 
 /// The caller, from `Authorization: Bearer <token>` or, without that header, the web
 /// UI's session cookie (an admin). A cookie on a state-changing request must come with

@@ -15,6 +15,7 @@ use super::openapi::{
 };
 use crate::auth::Role;
 use crate::ids::rfc3339;
+use crate::limits::check_depth;
 use crate::state::AppState;
 use crate::store::now_ms;
 
@@ -84,6 +85,7 @@ pub(super) async fn put(
     json_storable("inventory", &body)?;
     let text = String::from_utf8(body)
         .map_err(|_| ApiError::bad_request(ErrorCode::InvalidJson, "the inventory is not UTF-8"))?;
+    check_depth("inventory", &text)?;
     if principal.role == Role::Agent {
         // An agent with a valid token may report before its first connection.
         state.store.ensure_agent(client_id.clone()).await?;

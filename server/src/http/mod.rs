@@ -10,7 +10,7 @@ mod enroll;
 pub(crate) mod error;
 mod events;
 pub(crate) mod extract;
-mod files;
+pub(crate) mod files;
 mod health;
 mod inventory;
 mod jobs;

@@ -107,6 +107,10 @@ pub struct Cluster {
     /// Signalled when Redis comes back or the subscriber resubscribes: presence is
     /// re-registered and pending commands are re-checked without waiting for a tick.
     pub(crate) resync: Notify,
+    /// Signalled when Redis answers again after an outage: the subscription may have
+    /// died silently meanwhile (a cut link shows no error to an idle subscriber, and
+    /// Redis drops clients it cannot reach), so the subscriber subscribes afresh.
+    recovered: Notify,
     claim: Script,
     release: Script,
     /// Lifetime of an agent entry without refresh.
@@ -147,6 +151,7 @@ impl Cluster {
             healthy: AtomicBool::new(true),
             outage_logged_ms: AtomicI64::new(i64::MIN / 2),
             resync: Notify::new(),
+            recovered: Notify::new(),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
             presence_ttl: offline_timeout + heartbeat,
@@ -186,6 +191,7 @@ impl Cluster {
                 if !self.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!("Redis reachable again; re-registering agents");
                     self.metrics.redis_up.set(1);
+                    self.recovered.notify_waiters();
                     self.resync.notify_waiters();
                 }
                 Some(v)
@@ -390,19 +396,25 @@ impl Cluster {
                 // Wake-ups published while we were not listening are gone: re-check.
                 self.resync.notify_waiters();
                 let mut messages = pubsub.into_on_message();
-                loop {
+                let lost = loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         // Sentinel named another master: subscribe there instead.
-                        _ = self.conn.moved() => break,
+                        _ = self.conn.moved() => break true,
+                        // Redis is back after an outage: do not trust this subscription;
+                        // subscribe afresh at once.
+                        _ = self.recovered.notified() => break false,
                         msg = messages.next() => match msg {
-                                                        Some(msg) if msg.get_channel_name() == changes => {
+                            Some(msg) if msg.get_channel_name() == changes => {
                                 self.relay_changes(&store, msg.get_payload_bytes());
                             }
                             Some(msg) => self.handle(&hub, msg.get_payload_bytes()),
-                            None => break,
+                            None => break true,
                         },
                     }
+                };
+                if !lost {
+                    continue;
                 }
                 self.track::<()>(
                     "subscription",

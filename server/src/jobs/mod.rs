@@ -35,7 +35,7 @@ pub(crate) const DEFAULT_MIN_SAMPLE: i64 = 10;
 /// Largest page of jobs or results.
 pub(crate) const MAX_PAGE: i64 = 500;
 /// Stored for "no in-flight bound"; shown as `null`.
-const UNBOUNDED: i64 = i64::MAX;
+pub(crate) const UNBOUNDED: i64 = i64::MAX;
 
 /// Body of `POST /api/v1/jobs`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -246,8 +246,10 @@ impl Jobs {
     }
 
     /// `POST /api/v1/jobs` → 201 [`JobView`]. Validates, selects the agents and stores
-    /// the job with one held command per agent in one transaction. The pacers release
-    /// them (each replica's pacer wakes on the job's announcement).
+    /// the job with one command per agent in one transaction, which also releases the
+    /// first batch the job's bounds allow to agents online now; the rest stay held. Each
+    /// replica's pacer wakes on the job's announcement, wakes its agents whose command
+    /// was released, and releases the rest over time.
     pub async fn create(&self, req: CreateJob) -> Result<JobView, JobError> {
         let name = req.name.trim();
         if name.is_empty() || name.len() > MAX_NAME {
@@ -260,6 +262,7 @@ impl Jobs {
             Some(raw) if raw.get().trim_start().starts_with('{') => raw.get().to_string(),
             Some(_) => return Err(JobError::Invalid("args must be a JSON object".into())),
         };
+        crate::limits::check_depth("args", &args).map_err(|e| JobError::Invalid(e.to_string()))?;
         let positive = |field: &str, v: Option<i64>| match v {
             Some(n) if n < 1 => Err(JobError::Invalid(format!(
                 "{field} must be at least 1 (got {n})"
@@ -329,11 +332,14 @@ impl Jobs {
             JobCreation::Created(record) => *record,
             JobCreation::NoMatch => return Err(JobError::NoAgentsMatch),
         };
-        let job = &record.0;
+        let (job, pacing) = (&record.0, &record.1);
         self.metrics.job(JobEvent::Created);
         self.metrics
             .command(CommandStatus::Pending, job.targeted as u64);
-        tracing::info!(job = %job.id, name = %job.name, targeted = job.targeted, "job created");
+        self.metrics
+            .job_commands_released
+            .inc_by(pacing.released as u64);
+        tracing::info!(job = %job.id, name = %job.name, targeted = job.targeted, released = pacing.released, "job created");
         self.view(record).await
     }
 

@@ -9,9 +9,17 @@
 //! costs latency (the sweep wakes sessions with sendable commands), never a command.
 //! Offline agents keep their command held until they connect here or elsewhere (the
 //! pacer of that replica releases it) or until its TTL expires it (the sweep).
+//!
+//! A job's first batch is released by the transaction that stores it (`Store::create_job`
+//! takes the first turn for every replica at once), so the pacer's first turn on a job
+//! wakes the agents here whose command that released (`Store::released_here`), and it
+//! wakes those still undelivered again every [`REWAKE`]: a session that could not read
+//! its command (no database connection within the pool's timeout, under load) would
+//! otherwise wait for the sweep.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +35,9 @@ pub(crate) const TICK: Duration = Duration::from_millis(250);
 pub(crate) const MIN_GAP: Duration = Duration::from_millis(50);
 /// Most commands released by one statement.
 pub(crate) const MAX_BATCH: i64 = 20_000;
+/// Agents here with a released, undelivered command of a running job are woken again
+/// this often: far above a delivery's time, far below COMMAND_SWEEP_INTERVAL's default.
+pub(crate) const REWAKE: Duration = Duration::from_secs(5);
 
 /// Built from the narrow handles it uses; spawned by the application's assembly code:
 /// `tasks.spawn(Pacer::new(store, hub, metrics, pod_id).run(stop))`.
@@ -38,6 +49,9 @@ pub struct Pacer {
     metrics: Arc<Metrics>,
     /// This replica's POD_ID: it releases commands of agents connected here.
     pod: String,
+    /// Running jobs whose released commands this replica has woken its agents for, and
+    /// when it last did.
+    woken: Mutex<HashMap<String, Instant>>,
 }
 
 impl Pacer {
@@ -50,6 +64,7 @@ impl Pacer {
             hub,
             metrics,
             pod,
+            woken: Mutex::default(),
         }
     }
 
@@ -81,10 +96,35 @@ impl Pacer {
         }
     }
 
-    /// One turn over every running job; returns how many commands it released.
+    /// One turn over every running job; returns how many commands it released (those a
+    /// job's creation released are woken for, not counted).
     pub async fn turn(&self) -> Result<usize, StoreError> {
         let mut total = 0;
-        for job in self.store.running_jobs().await? {
+        let running = self.store.running_jobs().await?;
+        // Jobs to wake agents for: new here, or last woken for REWAKE ago.
+        let due: Vec<String> = {
+            let mut woken = self.woken.lock().unwrap_or_else(|p| p.into_inner());
+            woken.retain(|job, _| running.contains(job));
+            running
+                .iter()
+                .filter(|job| woken.get(*job).is_none_or(|at| at.elapsed() >= REWAKE))
+                .cloned()
+                .collect()
+        };
+        for job in running {
+            if due.contains(&job) {
+                let agents = self
+                    .store
+                    .released_here(job.clone(), self.pod.clone())
+                    .await?;
+                for agent in &agents {
+                    self.hub.wake(agent);
+                }
+                self.woken
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(job.clone(), Instant::now());
+            }
             loop {
                 let pace = self
                     .store

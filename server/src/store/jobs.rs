@@ -12,7 +12,7 @@ use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use serde::Serialize;
 
 use super::schema::{agent_labels, agents, commands, job_pacing, jobs};
-use super::{Change, Store, StoreError, with_conn};
+use super::{Change, Store, StoreError, WriteTransaction, with_conn};
 
 #[diesel::declare_sql_function]
 extern "SQL" {
@@ -278,6 +278,47 @@ macro_rules! count_commands {
     }};
 }
 
+/// Commands of a job released and without a final status (`JobCounts::in_flight`): two
+/// short ranges of the `commands_job` index (held, status), however many commands the
+/// job has. Each status is its own equality: PostgreSQL would otherwise scan every
+/// released command of the job and filter on the status.
+macro_rules! count_in_flight {
+    ($c:expr, $job_id:expr) => {{
+        let mut n = 0i64;
+        for status in ["pending", "delivered"] {
+            n += commands::table
+                .filter(commands::job_id.eq(String::from($job_id)))
+                .filter(commands::held.eq(false))
+                .filter(commands::status.eq(status))
+                .count()
+                .get_result::<i64>($c)?;
+        }
+        Ok::<i64, StoreError>(n)
+    }};
+}
+
+/// Whether any command of a job is still open (released and pending or delivered, or
+/// held): index probes that stop at the first hit.
+macro_rules! any_open {
+    ($c:expr, $job_id:expr) => {{
+        let mut any = false;
+        for (held, status) in [(false, "delivered"), (false, "pending"), (true, "pending")] {
+            any = commands::table
+                .filter(commands::job_id.eq(String::from($job_id)))
+                .filter(commands::held.eq(held))
+                .filter(commands::status.eq(status))
+                .select(commands::id)
+                .first::<String>($c)
+                .optional()?
+                .is_some();
+            if any {
+                break;
+            }
+        }
+        Ok::<bool, StoreError>(any)
+    }};
+}
+
 /// Applies an [`AgentSelection`] to a boxed query on `agents`.
 macro_rules! select_agents {
     ($q:expr, $sel:expr) => {{
@@ -306,7 +347,8 @@ macro_rules! select_agents {
 }
 
 /// Held commands of a job whose agents are connected to `pod`: what its pacer may
-/// release.
+/// release. The `commands_job` index yields them in id (client_id) order, so a turn that
+/// takes the first N reads about N of them, not every held one.
 macro_rules! local_candidates {
     ($job_id:expr, $pod:expr) => {
         commands::table
@@ -323,26 +365,56 @@ macro_rules! local_candidates {
 const INSERT_CHUNK: usize = 10_000;
 
 impl Store {
-    /// Stores `job` and one held command per agent matching `selection` (and `keep`, if
+    /// Stores `job` and one command per agent matching `selection` (and `keep`, if
     /// given), in one transaction; the job's `targeted` and `canary` are set from the
-    /// count. Announces [`Change::Job`].
+    /// count. The transaction also takes the job's first pacer turn: the commands the
+    /// job may release at once ([`crate::jobs::pacing::budget`], for agents connected
+    /// anywhere, in client_id order) are stored released, the rest held. So a job that
+    /// nothing paces writes each command once instead of inserting it held and
+    /// rewriting it (with every index entry) to release it; each replica's pacer wakes
+    /// its own agents ([`Store::released_here`]). Announces [`Change::Job`].
     pub(crate) async fn create_job(
         &self,
-        job: JobRow,
+        mut job: JobRow,
         selection: AgentSelection,
         keep: Option<AgentPredicate>,
         canary: Option<CanarySize>,
     ) -> Result<JobCreation, StoreError> {
         let created = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobCreation, StoreError, _>(|c| {
-                    diesel::insert_into(jobs::table).values(&job).execute(c)?;
-                    let pacing = JobPacing {
+                with_conn!(pool, c => c.write_transaction::<JobCreation, StoreError, _>(|c| {
+                    // One read decides who is targeted and who is released; the inserts
+                    // then name them, so an agent connecting meanwhile cannot fall
+                    // between the two sets.
+                    let q = select_agents!(agents::table.into_boxed(), &selection);
+                    let candidates: Vec<(String, Option<String>, bool)> = q
+                        .order(agents::id.asc())
+                        .select((agents::id, agents::version, agents::online))
+                        .load(c)?;
+                    let chosen: Vec<(String, bool)> = candidates
+                        .into_iter()
+                        .filter(|(id, version, _)| keep.as_ref().is_none_or(|keep| keep(id, version.as_deref())))
+                        .map(|(id, _, online)| (id, online))
+                        .collect();
+                    if chosen.is_empty() {
+                        return Ok(JobCreation::NoMatch);
+                    }
+                    job.canary = canary.map_or(0, |size| size.resolve(chosen.len() as i64));
+                    let now = job.created_at;
+                    let mut pacing = JobPacing {
                         job_id: job.id.clone(),
-                        updated_at: job.created_at,
+                        updated_at: now,
                         ..JobPacing::default()
                     };
-                    diesel::insert_into(job_pacing::table).values(&pacing).execute(c)?;
+                    let budget = crate::jobs::pacing::budget(&job, &pacing, 0, now);
+                    let (mut released, mut held) = (Vec::new(), Vec::new());
+                    for (id, online) in chosen {
+                        if online && (released.len() as i64) < budget {
+                            released.push(id);
+                        } else {
+                            held.push(id);
+                        }
+                    }
                     let columns = (
                         commands::id,
                         commands::agent_id,
@@ -357,7 +429,7 @@ impl Store {
                     // The command id is `<job id>.<client_id>`: unique, and it sorts a
                     // job's commands by agent, which the results' keyset pages use.
                     let prefix = format!("{}.", job.id);
-                    let row = || (
+                    let row = |held: bool| (
                         prefix.clone().into_sql::<Text>().concat(agents::id),
                         agents::id,
                         job.name.clone().into_sql::<Text>(),
@@ -366,60 +438,61 @@ impl Store {
                         job.created_at.into_sql::<BigInt>(),
                         job.expires_at.into_sql::<Nullable<BigInt>>(),
                         Some(job.id.clone()).into_sql::<Nullable<Text>>(),
-                        true.into_sql::<Bool>(),
+                        held.into_sql::<Bool>(),
                     );
-                    let targeted = match &keep {
-                        None => {
-                            let q = select_agents!(agents::table.into_boxed(), &selection);
-                            diesel::insert_into(commands::table)
-                                .values(q.select(row()))
+                    let mut inserted = [0i64; 2];
+                    for (ids, is_held) in [(&released, false), (&held, true)] {
+                        for chunk in ids.chunks(INSERT_CHUNK) {
+                            inserted[usize::from(is_held)] += diesel::insert_into(commands::table)
+                                .values(agents::table.filter(agents::id.eq_any(chunk)).select(row(is_held)))
                                 .into_columns(columns)
-                                .execute(c)?
+                                .execute(c)? as i64;
                         }
-                        Some(keep) => {
-                            let q = select_agents!(agents::table.into_boxed(), &selection);
-                            let candidates: Vec<(String, Option<String>)> =
-                                q.select((agents::id, agents::version)).load(c)?;
-                            let chosen: Vec<String> = candidates
-                                .into_iter()
-                                .filter(|(id, version)| keep(id, version.as_deref()))
-                                .map(|(id, _)| id)
-                                .collect();
-                            let mut n = 0;
-                            for chunk in chosen.chunks(INSERT_CHUNK) {
-                                n += diesel::insert_into(commands::table)
-                                    .values(agents::table.filter(agents::id.eq_any(chunk)).select(row()))
-                                    .into_columns(columns)
-                                    .execute(c)?;
-                            }
-                            n
-                        }
-                    } as i64;
-                    if targeted == 0 {
-                        // Rolls the job's row back with it.
-                        return Err(StoreError::Query(diesel::result::Error::RollbackTransaction));
                     }
-                    let canary = canary.map_or(0, |size| size.resolve(targeted));
-                    let row = diesel::update(jobs::table.find(&job.id))
-                        .set((jobs::targeted.eq(targeted), jobs::canary.eq(canary)))
-                        .returning(JobRow::as_returning())
-                        .get_result(c)?;
-                    Ok(JobCreation::Created(Box::new((row, pacing))))
+                    // Counted as stored: an agent deleted since the read has no command.
+                    let [n_released, n_held] = inserted;
+                    job.targeted = n_released + n_held;
+                    if job.targeted == 0 {
+                        return Ok(JobCreation::NoMatch);
+                    }
+                    if n_released > 0 {
+                        pacing.release_clock = crate::jobs::pacing::advance_clock(&job, &pacing, now, n_released);
+                        pacing.released = n_released;
+                    }
+                    diesel::insert_into(jobs::table).values(&job).execute(c)?;
+                    diesel::insert_into(job_pacing::table).values(&pacing).execute(c)?;
+                    Ok(JobCreation::Created(Box::new((job, pacing))))
                 }))
             })
-            .await;
-        let created = match created {
-            Err(StoreError::Query(diesel::result::Error::RollbackTransaction)) => {
-                return Ok(JobCreation::NoMatch);
-            }
-            other => other?,
-        };
+            .await?;
         if let JobCreation::Created(record) = &created {
             let row = &record.0;
             let id = row.id.clone();
             self.announce(|| Change::Job { id });
         }
         Ok(created)
+    }
+
+    /// Agents connected to `pod` whose command in the job is released and not delivered
+    /// yet: those the job's creation released, which this replica's pacer wakes when it
+    /// first sees the job (a pacer's own releases wake their agents at once).
+    pub(crate) async fn released_here(
+        &self,
+        job_id: String,
+        pod: String,
+    ) -> Result<Vec<String>, StoreError> {
+        self.run(move |pool| {
+            with_conn!(pool, c => Ok(commands::table
+                .inner_join(agents::table)
+                .filter(commands::job_id.eq(&job_id))
+                .filter(commands::held.eq(false))
+                .filter(commands::status.eq("pending"))
+                .filter(agents::online.eq(true))
+                .filter(agents::pod.eq(&pod))
+                .select(commands::agent_id)
+                .load(c)?))
+        })
+        .await
     }
 
     /// The job and its pacing state; `None` for an unknown id.
@@ -559,6 +632,11 @@ impl Store {
     /// job's bounds (in flight, rate, canary). Replicas may call this at the same time
     /// for the same job: the first statement writes the job's row, so turns take place
     /// one after the other and each sees the others' releases.
+    ///
+    /// A turn reads only what its decisions need: the brake's counts when the job has a
+    /// brake, the commands in flight when it has an in-flight bound or a canary, and
+    /// otherwise index probes (is anything held here, is anything open), so the turns
+    /// that every burst of results prompts stay cheap while a large job runs.
     pub(crate) async fn pace_job(
         &self,
         job_id: String,
@@ -580,11 +658,19 @@ impl Store {
                         .optional()?;
                     let Some(job) = job else { return Ok(Pace::Idle) };
                     let pacing: JobPacing = job_pacing::table.find(&job_id).select(JobPacing::as_select()).first(c)?;
-                    let counts = count_commands!(c, &job)?;
-                    let must_act = job_verdict(&job, &pacing, &counts).is_some()
-                        || counts.open() == 0
-                        || (crate::jobs::pacing::budget(&job, &pacing, &counts, now) > 0
-                            && local_candidates!(&job_id, &pod).select(commands::id).first::<String>(c).optional()?.is_some());
+                    let held_here = local_candidates!(&job_id, &pod).select(commands::id).first::<String>(c).optional()?.is_some();
+                    let must_act = if job.max_failure_ratio.is_some() {
+                        let counts = count_commands!(c, &job)?;
+                        job_verdict(&job, &pacing, &counts).is_some()
+                            || counts.open() == 0
+                            || (held_here && crate::jobs::pacing::budget(&job, &pacing, counts.in_flight(), now) > 0)
+                    } else if held_here {
+                        let in_flight = if crate::jobs::pacing::counts_in_flight(&job) { count_in_flight!(c, &job_id)? } else { 0 };
+                        crate::jobs::pacing::budget(&job, &pacing, in_flight, now) > 0
+                    } else {
+                        // Nothing to release here: act only to complete the job.
+                        !any_open!(c, &job_id)?
+                    };
                     if !must_act {
                         return Ok(Pace::Released(Vec::new()));
                     }
@@ -598,20 +684,27 @@ impl Store {
                         .optional()?;
                     let Some(job) = job else { return Ok(Pace::Idle) };
                     let pacing: JobPacing = job_pacing::table.find(&job_id).select(JobPacing::as_select()).first(c)?;
-                    let counts = count_commands!(c, &job)?;
-                    if let Some(reason) = job_verdict(&job, &pacing, &counts) {
-                        diesel::update(jobs::table.find(&job_id))
-                            .set((jobs::status.eq(JobStatus::Paused.as_str()), jobs::reason.eq(&reason)))
-                            .execute(c)?;
-                        return Ok(Pace::Braked(reason));
-                    }
-                    if counts.open() == 0 {
+                    let in_flight = if job.max_failure_ratio.is_some() {
+                        let counts = count_commands!(c, &job)?;
+                        if let Some(reason) = job_verdict(&job, &pacing, &counts) {
+                            diesel::update(jobs::table.find(&job_id))
+                                .set((jobs::status.eq(JobStatus::Paused.as_str()), jobs::reason.eq(&reason)))
+                                .execute(c)?;
+                            return Ok(Pace::Braked(reason));
+                        }
+                        (counts.open() > 0).then_some(counts.in_flight())
+                    } else if any_open!(c, &job_id)? {
+                        Some(if crate::jobs::pacing::counts_in_flight(&job) { count_in_flight!(c, &job_id)? } else { 0 })
+                    } else {
+                        None
+                    };
+                    let Some(in_flight) = in_flight else {
                         diesel::update(jobs::table.find(&job_id))
                             .set((jobs::status.eq(JobStatus::Completed.as_str()), jobs::ended_at.eq(now)))
                             .execute(c)?;
                         return Ok(Pace::Completed);
-                    }
-                    let budget = crate::jobs::pacing::budget(&job, &pacing, &counts, now).min(max_batch);
+                    };
+                    let budget = crate::jobs::pacing::budget(&job, &pacing, in_flight, now).min(max_batch);
                     if budget <= 0 {
                         return Ok(Pace::Released(Vec::new()));
                     }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PoolError};
-use diesel::{PgConnection, SqliteConnection};
+use diesel::{Connection, PgConnection, SqliteConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use crate::config::DatabaseUrl;
@@ -62,7 +62,8 @@ const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqli
 /// together do not race on the schema.
 const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7473_7276; // "agentsrv"
 
-/// Why a store call failed. Only `Unavailable` is the database being away (HTTP 503,
+/// Why a store call failed. `Unavailable`, `ConnectionLost`, `TimedOut` and `NoAnswer` are
+/// the database being away or too slow ([`StoreError::is_unavailable`]: HTTP 503,
 /// `store_unavailable` to an agent); the others are faults (500) whose message, already
 /// redacted of credentials, belongs in the log.
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +72,23 @@ pub enum StoreError {
     /// saturated); r2d2's message.
     #[error("no database connection available: {0}")]
     Unavailable(String),
-    /// The database refused or failed a query (a constraint, a lost connection mid-query).
+    /// The connection broke during the call: the server restarted, or the network
+    /// between us dropped it (libpq's TCP user timeout and keepalives notice a cut link).
+    #[error("the database connection was lost: {0}")]
+    ConnectionLost(#[source] diesel::result::Error),
+    /// The database cancelled a statement that ran past DATABASE_STATEMENT_TIMEOUT
+    /// (PostgreSQL's `statement_timeout`), or SQLite stayed locked that long.
+    #[error("the database cancelled a statement after DATABASE_STATEMENT_TIMEOUT: {0}")]
+    TimedOut(#[source] diesel::result::Error),
+    /// Nothing came back within the bound: the call may still complete later, so its
+    /// effect is unknown (callers retry; every write the server retries is idempotent
+    /// or deduplicated by id).
+    #[error("no answer from the database within {}", crate::config::human(*.0))]
+    NoAnswer(Duration),
+    /// The database refused or failed a query (a constraint, a foreign key raced by a
+    /// delete): a fault, not an outage.
     #[error("database query failed: {0}")]
-    Query(#[from] diesel::result::Error),
+    Query(#[source] diesel::result::Error),
     /// A migration of `migrations/{postgres,sqlite}` failed at start-up.
     #[error("database migration failed: {0}")]
     Migration(String),
@@ -88,6 +103,67 @@ pub enum StoreError {
 impl From<PoolError> for StoreError {
     fn from(e: PoolError) -> Self {
         StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl From<diesel::result::Error> for StoreError {
+    /// Sorts out the failures that mean "the database is not reachable now" (503, or
+    /// `store_unavailable` to an agent) from the ones that are faults (500).
+    fn from(e: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
+        match &e {
+            Error::DatabaseError(Kind::ClosedConnection | Kind::UnableToSendCommand, _) => {
+                StoreError::ConnectionLost(e)
+            }
+            Error::DatabaseError(_, info) if is_timeout(info.message()) => StoreError::TimedOut(e),
+            _ => StoreError::Query(e),
+        }
+    }
+}
+
+/// Whether a database error is a cancellation by a timeout: PostgreSQL's
+/// `statement_timeout` and `lock_timeout` (SQLSTATE 57014 and 55P03, which diesel does not
+/// expose, so the server's messages are matched), or SQLite still busy after
+/// `busy_timeout`.
+fn is_timeout(message: &str) -> bool {
+    message.contains("canceling statement due to statement timeout")
+        || message.contains("canceling statement due to lock timeout")
+        || message.contains("database is locked")
+        || message.contains("database table is locked")
+}
+
+impl StoreError {
+    /// Whether the database could not be reached or did not answer in time, as opposed
+    /// to a fault: retrying later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_)
+                | StoreError::ConnectionLost(_)
+                | StoreError::TimedOut(_)
+                | StoreError::NoAnswer(_)
+        )
+    }
+
+    /// For a client, why the database is unavailable, in words that leak nothing of its
+    /// address or credentials.
+    pub fn outage(&self) -> String {
+        match self {
+            StoreError::Unavailable(_) => format!(
+                "no database connection within {}",
+                crate::config::human(POOL_TIMEOUT)
+            ),
+            StoreError::ConnectionLost(_) => "the connection to the database was lost".into(),
+            StoreError::TimedOut(_) => {
+                "the database cancelled a statement after DATABASE_STATEMENT_TIMEOUT".into()
+            }
+            StoreError::NoAnswer(bound) => format!(
+                "no answer from the database within {} (DATABASE_STATEMENT_TIMEOUT plus {})",
+                crate::config::human(*bound),
+                crate::config::human(ANSWER_MARGIN)
+            ),
+            _ => "the database failed".into(),
+        }
     }
 }
 
@@ -154,9 +230,13 @@ pub struct Store {
     /// Committed changes, announced in-process for live views (the UI's event stream),
     /// and in cluster mode forwarded to and from the other replicas.
     changes: tokio::sync::broadcast::Sender<Announcement>,
-    /// The group-commit writer (`writer.rs`): session writes and queued commands, many
-    /// per transaction.
-    writer: std::sync::mpsc::Sender<writer::Job>,
+    /// The group-commit writers (`writer.rs`): session writes and queued commands, many
+    /// per transaction, on connections of the same pool (so with the same statement
+    /// timeout and network settings).
+    writer: writer::Writers,
+    /// How long [`Store::run`] waits for a call: DATABASE_STATEMENT_TIMEOUT plus
+    /// [`ANSWER_MARGIN`].
+    answer_within: Duration,
 }
 
 /// A change the store has committed, announced after the write so that live views can
@@ -213,20 +293,103 @@ const CHANGE_BUFFER: usize = 1024;
 /// a healthy pool hands out connections in microseconds.
 pub(crate) const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How much longer than DATABASE_STATEMENT_TIMEOUT the server waits for a call before
+/// giving up on it: enough for the database's own cancellation to come back first, so
+/// that the answer names the cause when the database can still give one.
+pub(crate) const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+
+/// libpq connection parameters that make a cut network visible as an error on an
+/// established connection instead of a wait of many minutes (TCP retransmissions), each
+/// added unless DATABASE_URL sets it: unacknowledged data or keepalive probes for 10 s
+/// end the connection (`tcp_user_timeout`, Linux), idle connections are probed after 5 s,
+/// and connecting gives up after 5 s.
+const PG_NETWORK_PARAMETERS: [(&str, &str); 6] = [
+    ("connect_timeout", "5"),
+    ("keepalives", "1"),
+    ("keepalives_idle", "5"),
+    ("keepalives_interval", "2"),
+    ("keepalives_count", "3"),
+    ("tcp_user_timeout", "10000"),
+];
+
+/// How the pool is sized and bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    /// Connections per process (DATABASE_POOL_SIZE); SQLite uses at most 8.
+    pub size: u32,
+    /// DATABASE_STATEMENT_TIMEOUT.
+    pub statement_timeout: Duration,
+}
+
+impl PoolSettings {
+    /// `size` connections and the default statement timeout.
+    pub fn sized(size: u32) -> Self {
+        PoolSettings {
+            size,
+            statement_timeout: crate::config::DEFAULT_STATEMENT_TIMEOUT,
+        }
+    }
+}
+
 /// SQLite pragmas applied to every pooled connection: WAL lets readers run beside the
-/// writer, busy_timeout turns lock contention into a short wait instead of an error, and
-/// foreign keys make `ON DELETE CASCADE` work.
+/// writer, busy_timeout (DATABASE_STATEMENT_TIMEOUT) turns lock contention into a bounded
+/// wait instead of an error, and foreign keys make `ON DELETE CASCADE` work.
 #[derive(Debug)]
-struct SqlitePragmas;
+struct SqlitePragmas {
+    busy_timeout: Duration,
+}
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        conn.batch_execute(
-            "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+        conn.batch_execute(&format!(
+            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
              PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-        )
+            self.busy_timeout.as_millis()
+        ))
         .map_err(diesel::r2d2::Error::QueryError)
     }
+}
+
+/// PostgreSQL's `statement_timeout` (DATABASE_STATEMENT_TIMEOUT) on every pooled
+/// connection: a statement that hangs on a live server (a lock held elsewhere, a runaway
+/// plan) is cancelled by the server, and its connection stays usable.
+#[derive(Debug)]
+struct PgSession {
+    statement_timeout: Duration,
+}
+
+impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for PgSession {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(&format!(
+            "SET statement_timeout = {}",
+            self.statement_timeout.as_millis()
+        ))
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// `url` with [`PG_NETWORK_PARAMETERS`] added where it does not set them already. The
+/// query starts at the first `?` after the userinfo: an unescaped password may hold one.
+fn with_network_parameters(url: &str) -> String {
+    let after_userinfo = url.rfind('@').map_or(0, |at| at + 1);
+    let query_start = url[after_userinfo..].find('?').map(|q| after_userinfo + q);
+    let given: Vec<&str> = query_start
+        .map_or("", |q| &url[q + 1..])
+        .split('&')
+        .filter_map(|pair| pair.split('=').next())
+        .collect();
+    let mut out = url.to_string();
+    let mut separator = if query_start.is_some() { '&' } else { '?' };
+    for (key, value) in PG_NETWORK_PARAMETERS {
+        if !given.contains(&key) {
+            out.push(separator);
+            out.push_str(key);
+            out.push('=');
+            out.push_str(value);
+            separator = '&';
+        }
+    }
+    out
 }
 
 impl Store {
@@ -236,15 +399,22 @@ impl Store {
     /// PGPASSWORD, PGSSLROOTCERT, PGSSLCERT and PGSSLKEY (and the other `PG*` variables),
     /// which the server passes through untouched. libpq quotes parts of a URL it cannot
     /// parse, so the open error is redacted before anyone can print it.
-    pub fn open(url: &DatabaseUrl, pool_size: u32) -> Result<Self, StoreError> {
+    pub fn open(url: &DatabaseUrl, settings: PoolSettings) -> Result<Self, StoreError> {
         let timeout = POOL_TIMEOUT;
         let pool = match url {
             DatabaseUrl::Postgres(url) => {
+                let url = with_network_parameters(url.expose());
+                // Migrations may run longer than any request: their own connection,
+                // without the statement timeout, closed once they are done.
+                migrate_postgres(&url)?;
                 let pool = Pool::builder()
-                    .max_size(pool_size)
+                    .max_size(settings.size)
                     .min_idle(Some(1))
                     .connection_timeout(timeout)
-                    .build(ConnectionManager::<PgConnection>::new(url.expose()))
+                    .connection_customizer(Box::new(PgSession {
+                        statement_timeout: settings.statement_timeout,
+                    }))
+                    .build(ConnectionManager::<PgConnection>::new(url))
                     .map_err(|e| StoreError::Open(redact(&e.to_string()).into_owned()))?;
                 DbPool::Postgres(pool)
             }
@@ -255,68 +425,60 @@ impl Store {
                     })?;
                 }
                 let pool = Pool::builder()
-                    .max_size(pool_size.min(8))
+                    .max_size(settings.size.min(8))
                     .min_idle(Some(1))
                     .connection_timeout(timeout)
-                    .connection_customizer(Box::new(SqlitePragmas))
+                    .connection_customizer(Box::new(SqlitePragmas {
+                        busy_timeout: settings.statement_timeout,
+                    }))
                     .build(ConnectionManager::<SqliteConnection>::new(sqlite_url(path)))
                     .map_err(|e| StoreError::Open(e.to_string()))?;
+                let mut conn = pool.get()?;
+                conn.run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map_err(|e| StoreError::Migration(e.to_string()))?;
+                drop(conn);
                 DbPool::Sqlite(pool)
             }
         };
         let pool = Arc::new(pool);
-        let store = Store {
+        Ok(Store {
             writer: writer::spawn(pool.clone()),
             pool,
             changes: tokio::sync::broadcast::channel(CHANGE_BUFFER).0,
-        };
-        store.migrate()?;
-        Ok(store)
+            answer_within: settings.statement_timeout + ANSWER_MARGIN,
+        })
     }
 
-    fn migrate(&self) -> Result<(), StoreError> {
-        let migration_error =
-            |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
-        match &*self.pool {
-            DbPool::Postgres(pool) => {
-                let mut conn = pool.get()?;
-                conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))?;
-                let result = conn
-                    .run_pending_migrations(POSTGRES_MIGRATIONS)
-                    .map(|_| ())
-                    .map_err(migration_error);
-                conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))?;
-                result
-            }
-            DbPool::Sqlite(pool) => {
-                let mut conn = pool.get()?;
-                conn.run_pending_migrations(SQLITE_MIGRATIONS)
-                    .map(|_| ())
-                    .map_err(migration_error)
-            }
-        }
-    }
-
-    /// Runs blocking diesel work on the blocking pool.
+    /// Runs blocking diesel work on the blocking pool, waiting at most
+    /// DATABASE_STATEMENT_TIMEOUT plus [`ANSWER_MARGIN`] for it: a call stuck on a cut
+    /// network returns `StoreError::NoAnswer` then, and its thread finishes (or fails)
+    /// on its own once libpq's TCP timeouts end the connection.
     pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&DbPool) -> Result<T, StoreError> + Send + 'static,
     {
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || f(&pool))
-            .await
-            .map_err(|_| StoreError::Task)?
+        let work = tokio::task::spawn_blocking(move || f(&pool));
+        match tokio::time::timeout(self.answer_within, work).await {
+            Ok(done) => done.map_err(|_| StoreError::Task)?,
+            Err(_) => Err(StoreError::NoAnswer(self.answer_within)),
+        }
     }
 
     /// Applies `write` through the group-commit writer; resolves once the transaction
-    /// holding it has committed (or failed).
+    /// holding it has committed (or failed), or with `StoreError::NoAnswer` after the same
+    /// bound as [`Store::run`] (the write may still be applied later: every write the
+    /// writer takes is idempotent or checked by epoch or id).
     async fn write(&self, write: writer::Write) -> Result<writer::Outcome, StoreError> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        self.writer
-            .send(writer::Job { write, reply })
-            .map_err(|_| StoreError::Task)?;
-        outcome.await.map_err(|_| StoreError::Task)?
+        if !self.writer.send(writer::Job { write, reply }) {
+            return Err(StoreError::Task);
+        }
+        match tokio::time::timeout(self.answer_within, outcome).await {
+            Ok(answer) => answer.map_err(|_| StoreError::Task)?,
+            Err(_) => Err(StoreError::NoAnswer(self.answer_within)),
+        }
     }
 
     /// Listens to committed changes from now on.
@@ -344,6 +506,30 @@ impl Store {
         }
     }
 
+    /// Waits until no pooled connection is being opened or used, or until `deadline`;
+    /// returns whether the pool settled. r2d2 opens connections on threads of its own and
+    /// never joins them, and libpq's TLS and SCRAM run on those threads: a process that
+    /// exits while one of them is in OpenSSL crashes in OpenSSL's exit handler (SIGSEGV
+    /// after a clean drain, seen when a replica is stopped right after it started and
+    /// the pool was still filling). The group-commit writers' threads are not joined
+    /// either, so this also waits until they have answered every write queued. The drain
+    /// calls this last.
+    pub async fn settle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let state = match &*self.pool {
+                DbPool::Postgres(pool) => pool.state(),
+                DbPool::Sqlite(pool) => pool.state(),
+            };
+            if state.connections == state.idle_connections && self.writer.idle() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Round trip used by readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.run(
@@ -361,6 +547,20 @@ impl Store {
     }
 }
 
+/// Runs pending PostgreSQL migrations on a connection of their own, under an advisory
+/// lock so that replicas starting together do not race on the schema.
+fn migrate_postgres(url: &str) -> Result<(), StoreError> {
+    let mut conn = PgConnection::establish(url)
+        .map_err(|e| StoreError::Open(redact(&e.to_string()).into_owned()))?;
+    conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))?;
+    let result = conn
+        .run_pending_migrations(POSTGRES_MIGRATIONS)
+        .map(|_| ())
+        .map_err(|e| StoreError::Migration(e.to_string()));
+    conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))?;
+    result
+}
+
 fn sqlite_url(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
@@ -371,4 +571,50 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_parameters_are_added_unless_the_url_sets_them() {
+        assert_eq!(
+            with_network_parameters("postgres://db/x"),
+            "postgres://db/x?connect_timeout=5&keepalives=1&keepalives_idle=5\
+             &keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10000"
+        );
+        let url = with_network_parameters(
+            "postgres://u:p?ss@db/x?sslmode=require&tcp_user_timeout=30000&keepalives_idle=60",
+        );
+        assert_eq!(
+            url,
+            "postgres://u:p?ss@db/x?sslmode=require&tcp_user_timeout=30000&keepalives_idle=60\
+             &connect_timeout=5&keepalives=1&keepalives_interval=2&keepalives_count=3"
+        );
+    }
+
+    #[test]
+    fn timeouts_and_lost_connections_are_unavailability_not_faults() {
+        use diesel::result::{DatabaseErrorKind, Error};
+        let lost = Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection,
+            Box::new("server closed the connection unexpectedly".to_string()),
+        );
+        assert!(StoreError::from(lost).is_unavailable());
+        let cancelled = Error::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("canceling statement due to statement timeout".to_string()),
+        );
+        assert!(matches!(
+            StoreError::from(cancelled),
+            StoreError::TimedOut(_)
+        ));
+        let busy = Error::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("database is locked".to_string()),
+        );
+        assert!(StoreError::from(busy).is_unavailable());
+        assert!(!StoreError::from(Error::NotFound).is_unavailable());
+    }
 }

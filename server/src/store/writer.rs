@@ -30,7 +30,8 @@
 //! results one statement per kind.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 
 use diesel::prelude::*;
 use tokio::sync::oneshot;
@@ -109,22 +110,52 @@ pub(crate) enum Outcome {
 /// trip, another applies the next batch. SQLite has one writer at a time anyway.
 const POSTGRES_WRITERS: usize = 3;
 
+/// The way to the writer threads, and how many writes they have yet to answer.
+#[derive(Clone)]
+pub(crate) struct Writers {
+    /// Where writes are queued.
+    jobs: mpsc::Sender<Job>,
+    /// Writes queued and not yet answered: `Store::settle` waits for none (a writer in the
+    /// middle of a batch may be inside libpq and OpenSSL).
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Writers {
+    /// Queues `job`; false if no writer is left to take it.
+    pub(crate) fn send(&self, job: Job) -> bool {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.jobs.send(job).is_err() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Whether every queued write has been answered.
+    pub(crate) fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+    }
+}
+
 /// Starts the writer threads. They stop when every sender is gone (the last `Store`
 /// dropped), after the batch each is applying.
-pub(crate) fn spawn(pool: std::sync::Arc<DbPool>) -> mpsc::Sender<Job> {
+pub(crate) fn spawn(pool: Arc<DbPool>) -> Writers {
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = mpsc::channel::<Job>();
-    let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+    let rx = Arc::new(std::sync::Mutex::new(rx));
     let writers = match &*pool {
         DbPool::Postgres(_) => POSTGRES_WRITERS,
         DbPool::Sqlite(_) => 1,
     };
     for n in 0..writers {
-        let (pool, rx) = (pool.clone(), rx.clone());
+        let (pool, rx, in_flight) = (pool.clone(), rx.clone(), in_flight.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("store-writer-{n}"))
             .spawn(move || {
                 while let Some(batch) = next_batch(&rx) {
+                    let len = batch.len();
                     commit(&pool, batch);
+                    in_flight.fetch_sub(len, Ordering::SeqCst);
                 }
             });
         if let Err(e) = spawned {
@@ -132,7 +163,10 @@ pub(crate) fn spawn(pool: std::sync::Arc<DbPool>) -> mpsc::Sender<Job> {
             tracing::error!(error = %e, "could not start a store writer thread");
         }
     }
-    tx
+    Writers {
+        jobs: tx,
+        in_flight,
+    }
 }
 
 /// The next batch: the first job to arrive, then whatever else is queued (at most
@@ -192,11 +226,8 @@ fn commit(pool: &DbPool, batch: Vec<Job>) {
             }
         }
         Err(e) => {
-            // Every caller gets an error of the same kind (503 while the pool is out).
-            let again = |e: &StoreError| match e {
-                StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                _ => StoreError::Task,
-            };
+            // Every caller gets an error of the same kind: 503 `store_unavailable` while
+            // the database is away or too slow, whichever way that showed.
             let mut replies = replies.into_iter();
             let first = replies.next();
             for reply in replies {
@@ -206,6 +237,26 @@ fn commit(pool: &DbPool, batch: Vec<Job>) {
                 let _ = first.send(Err(e));
             }
         }
+    }
+}
+
+/// A copy of `e` for another caller of the same failed batch: the same kind of failure
+/// (an outage stays an outage), with the database's message. diesel's errors are not
+/// `Clone`, so a database error is rebuilt from its kind and message.
+fn again(e: &StoreError) -> StoreError {
+    use diesel::result::Error;
+    let copy = |d: &Error| match d {
+        Error::DatabaseError(kind, info) => {
+            Error::DatabaseError(*kind, Box::new(info.message().to_string()))
+        }
+        other => Error::QueryBuilderError(other.to_string().into()),
+    };
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::ConnectionLost(d) => StoreError::ConnectionLost(copy(d)),
+        StoreError::TimedOut(d) => StoreError::TimedOut(copy(d)),
+        StoreError::NoAnswer(bound) => StoreError::NoAnswer(*bound),
+        _ => StoreError::Task,
     }
 }
 

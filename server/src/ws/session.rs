@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::error::error_chain;
 use crate::hub::{Hub, SessionHandle};
+use crate::limits::check_depth;
 use crate::metrics::{CloseReason, Direction, MessageType, Metrics};
 use crate::storable::check_json;
 use crate::store::{CommandStatus, Hello, ResultOutcome, Store, now_ms};
@@ -495,7 +496,13 @@ impl Session {
                     .await
             }
             Inbound::Inventory { data } => {
-                let body = data.to_string();
+                if let Err(e) = check_depth("data", data.get()) {
+                    return self
+                        .error(ErrorCode::InvalidMessage, e.to_string(), None)
+                        .await;
+                }
+                // Stored as the agent wrote it.
+                let body = data.get().to_string();
                 match self
                     .guarded(store.store_inventory(id.to_string(), body, now_ms()))
                     .await?
@@ -518,11 +525,17 @@ impl Session {
                 status,
                 output,
             } => {
+                if let Some(Err(e)) = output.as_ref().map(|o| check_depth("output", o.get())) {
+                    return self
+                        .error(ErrorCode::InvalidMessage, e.to_string(), Some(&command_id))
+                        .await;
+                }
                 let status = match status {
                     ResultStatus::Ok => CommandStatus::Succeeded,
                     ResultStatus::Error => CommandStatus::Failed,
                 };
-                let output = output.map(|o| o.to_string());
+                // Stored as the agent wrote it.
+                let output = output.map(|o| o.get().to_string());
                 let outcome = self
                     .guarded(store.record_result(
                         id.clone(),

@@ -15,7 +15,7 @@ use agent_server::credentials::{
 };
 use agent_server::hub::Hub;
 use agent_server::metrics::Metrics;
-use agent_server::store::{EnrollSecretRow, Store, now_ms};
+use agent_server::store::{EnrollSecretRow, PoolSettings, Store, now_ms};
 use agent_server::ws::protocol;
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
@@ -46,12 +46,18 @@ impl Env {
             "sqlite" => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = DatabaseUrl::Sqlite(dir.path().join("creds.db"));
-                (Store::open(&url, 4).unwrap(), Db::Sqlite(dir))
+                (
+                    Store::open(&url, PoolSettings::sized(4)).unwrap(),
+                    Db::Sqlite(dir),
+                )
             }
             _ => {
                 let (url, db) = postgres_db()?;
                 let url = DatabaseUrl::Postgres(Secret::new(url));
-                (Store::open(&url, 4).unwrap(), Db::Postgres(db))
+                (
+                    Store::open(&url, PoolSettings::sized(4)).unwrap(),
+                    Db::Postgres(db),
+                )
             }
         };
         let hub = Hub::new(Arc::new(Metrics::new()), None);

@@ -240,6 +240,8 @@ pub struct TestApp {
     pub admin: String,
     /// The configuration it runs with (replicas start from it).
     pub config: Config,
+    /// Its DATABASE_URL, for tests that open a connection of their own.
+    pub database_url: String,
     /// The running app's handles (store, hub, metrics), for domain-level scenarios.
     pub state: AppState,
     tokens: Tokens,
@@ -263,7 +265,7 @@ pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Opt
         Backend::Postgres => postgres_db()?,
     };
     let config = test_config(&url, data_dir.path(), overrides);
-    let mut app = start(config).await;
+    let mut app = start(config, url).await;
     app._data_dir = Some(data_dir);
     app._db = Some(db);
     Some(app)
@@ -274,12 +276,12 @@ pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Opt
 pub async fn spawn_app_on(url: &str, overrides: &[(&str, &str)]) -> TestApp {
     let data_dir = tempfile::tempdir().unwrap();
     let config = test_config(url, data_dir.path(), overrides);
-    let mut app = start(config).await;
+    let mut app = start(config, url.to_string()).await;
     app._data_dir = Some(data_dir);
     app
 }
 
-async fn start(config: Config) -> TestApp {
+async fn start(config: Config, database_url: String) -> TestApp {
     let app = Application::build(config.clone())
         .await
         .expect("app builds");
@@ -298,6 +300,7 @@ async fn start(config: Config) -> TestApp {
         admin: tokens.mint("admin", Role::Admin, Duration::from_secs(3600)),
         http: reqwest::Client::new(),
         config,
+        database_url,
         state,
         tokens,
         shutdown: Some(tx),
@@ -312,7 +315,7 @@ impl TestApp {
     pub async fn spawn_replica(&self, pod: &str) -> TestApp {
         let mut config = self.config.clone();
         config.pod_id = pod.to_string();
-        start(config).await
+        start(config, self.database_url.clone()).await
     }
 
     pub fn agent_token(&self, id: &str) -> String {
@@ -607,7 +610,7 @@ impl Agent {
         self.send_msg(&AgentMessage::Result {
             id: id.to_string(),
             status,
-            output: Some(output),
+            output: Some(agent_protocol::raw_json(&output)),
         })
         .await;
     }

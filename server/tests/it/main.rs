@@ -8,6 +8,7 @@
 mod certs;
 mod helpers;
 mod host_agent;
+mod netns;
 mod procs;
 
 mod api;
@@ -17,11 +18,13 @@ mod cluster;
 mod commands;
 mod credentials;
 mod credentials_http;
+mod documents;
 mod drain;
 mod group_commit;
 mod http;
 mod jobs;
 mod jobs_http;
+mod netcut;
 mod openapi;
 mod outage;
 mod process;

@@ -2,131 +2,12 @@
 //! on a free port, never the machine's shared server): failures surface within the pool's
 //! bound, sessions keep their heartbeat, and nothing sent during the outage is lost.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::helpers::*;
-
-/// A PostgreSQL server of its own: `initdb` into a temporary directory and `pg_ctl` on a
-/// free port, run as the `postgres` user. Stopped and removed on drop.
-struct PrivatePostgres {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl PrivatePostgres {
-    /// `None` (a loud skip outside CI) where PostgreSQL's server binaries or the
-    /// `postgres` user are missing.
-    fn start() -> Option<PrivatePostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|versions| {
-                versions
-                    .filter_map(Result::ok)
-                    .map(|v| v.path().join("bin"))
-                    .find(|b| b.join("pg_ctl").exists())
-            });
-        let Some(bin) = bin else {
-            let why = "no PostgreSQL server binaries under /usr/lib/postgresql";
-            assert!(std::env::var_os("CI").is_none(), "{why}");
-            eprintln!("SKIPPED: {why}");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let chown = Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(dir.path())
-            .status();
-        if !chown.is_ok_and(|s| s.success()) {
-            let why = "cannot hand a data directory to the postgres user (not root?)";
-            assert!(std::env::var_os("CI").is_none(), "{why}");
-            eprintln!("SKIPPED: {why}");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let pg = PrivatePostgres { bin, dir, port };
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                &pg.data(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ],
-        );
-        pg.start_server();
-        Some(pg)
-    }
-
-    fn data(&self) -> String {
-        self.dir.path().join("data").display().to_string()
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        let out = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join(tool))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn start_server(&self) {
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {}",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("log").display().to_string();
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data(),
-                "-o",
-                &options,
-                "-l",
-                &log,
-                "-w",
-                "start",
-            ],
-        );
-    }
-
-    fn stop_server(&self) {
-        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args(["-D", &self.data(), "-m", "immediate", "stop"])
-            .output();
-    }
-}
+use crate::procs::PrivatePostgres;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_is_reported_within_the_bound_and_loses_no_result() {
@@ -216,4 +97,61 @@ async fn database_outage_is_reported_within_the_bound_and_loses_no_result() {
     )
     .await;
     assert_eq!(app.command_status(&id).await["status"], "succeeded");
+}
+
+/// A statement that waits on a lock another session holds, on a database that is up, is
+/// cancelled after DATABASE_STATEMENT_TIMEOUT (PostgreSQL's `statement_timeout`, SQLite's
+/// `busy_timeout`): a 503 that names the cause, and the server goes on once the lock is
+/// released.
+async fn a_statement_blocked_by_a_lock_ends_after_the_statement_timeout(app: TestApp) {
+    use agent_server::config::DatabaseUrl;
+    use diesel::Connection;
+    use diesel::connection::SimpleConnection;
+
+    app.enroll("locked-1").await;
+    let mut holder: Box<dyn SimpleConnection> = match &app.config.database {
+        DatabaseUrl::Postgres(_) => {
+            let mut c = diesel::PgConnection::establish(&app.database_url).unwrap();
+            c.batch_execute("BEGIN; LOCK TABLE commands IN ACCESS EXCLUSIVE MODE")
+                .unwrap();
+            Box::new(c)
+        }
+        DatabaseUrl::Sqlite(path) => {
+            let mut c = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+            c.batch_execute("BEGIN IMMEDIATE").unwrap();
+            Box::new(c)
+        }
+    };
+    let started = Instant::now();
+    let (status, body) = app
+        .post(
+            "/api/v1/agents/locked-1/commands",
+            &json!({"name": "uptime"}),
+        )
+        .await;
+    let waited = started.elapsed();
+    eprintln!("POST behind a lock: {status} after {waited:?}: {body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("DATABASE_STATEMENT_TIMEOUT"),
+        "{body}"
+    );
+    assert!(
+        (Duration::from_millis(900)..Duration::from_millis(2500)).contains(&waited),
+        "503 after {waited:?}"
+    );
+    holder.batch_execute("COMMIT").unwrap();
+    app.command("locked-1", "uptime", json!({})).await;
+}
+
+on_both_backends! {
+    a_statement_blocked_by_a_lock_ends_after_the_statement_timeout
+        with ["DATABASE_STATEMENT_TIMEOUT" = "1s"];
 }

@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::WAIT;
+use crate::netns::NetHost;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-server");
 
@@ -113,7 +114,10 @@ impl ServerProcess {
             .unwrap();
         // The pipe reaches EOF once the process is gone.
         let _ = tokio::time::timeout(WAIT, &mut self.reader).await;
-        let log = self.log.lock().unwrap().clone();
+        let mut log = self.log.lock().unwrap().clone();
+        if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+            log.push_str(&format!("[ended by signal {signal}]\n"));
+        }
         (status.code().unwrap_or(-1), log)
     }
 
@@ -141,7 +145,7 @@ impl ServerProcess {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -313,7 +317,7 @@ impl FleetAgent {
                                 let result = AgentMessage::Result {
                                     id: cid,
                                     status: ResultStatus::Ok,
-                                    output: Some(json!(port)),
+                                    output: Some(agent_protocol::raw_json(&json!(port))),
                                 };
                                 if ws.send(Message::text(result.to_json())).await.is_err() {
                                     break;
@@ -345,5 +349,160 @@ impl FleetAgent {
 impl Drop for FleetAgent {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A PostgreSQL server of its own: `initdb` into a temporary directory and `pg_ctl` on a
+/// free port, run as the `postgres` user, on the loopback or on a [`NetHost`] of its own.
+/// Stopped and removed on drop. Never the machine's shared server.
+pub struct PrivatePostgres {
+    bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    /// The address it listens on.
+    pub host: std::net::Ipv4Addr,
+    /// The network namespace it runs in, if not the test's.
+    netns: Option<String>,
+}
+
+impl PrivatePostgres {
+    /// On 127.0.0.1; `None` (a loud skip outside CI) where PostgreSQL's server binaries or
+    /// the `postgres` user are missing.
+    pub fn start() -> Option<PrivatePostgres> {
+        Self::start_in(None)
+    }
+
+    /// On `net`'s address, inside its namespace, so that [`NetHost::cut`] cuts it off.
+    pub fn start_on(net: &NetHost) -> Option<PrivatePostgres> {
+        Self::start_in(Some(net))
+    }
+
+    fn start_in(net: Option<&NetHost>) -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .filter_map(Result::ok)
+                    .map(|v| v.path().join("bin"))
+                    .find(|b| b.join("pg_ctl").exists())
+            });
+        let Some(bin) = bin else {
+            let why = "no PostgreSQL server binaries under /usr/lib/postgresql";
+            assert!(std::env::var_os("CI").is_none(), "{why}");
+            eprintln!("SKIPPED: {why}");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir.path())
+            .status();
+        if !chown.is_ok_and(|s| s.success()) {
+            let why = "cannot hand a data directory to the postgres user (not root?)";
+            assert!(std::env::var_os("CI").is_none(), "{why}");
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let (host, port) = match net {
+            // Alone in its namespace: the default port is free there.
+            Some(net) => (net.addr, 5432),
+            None => (std::net::Ipv4Addr::LOCALHOST, free_port()),
+        };
+        let pg = PrivatePostgres {
+            bin,
+            dir,
+            port,
+            host,
+            netns: net.map(|n| n.ns.clone()),
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &pg.data(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        if net.is_some() {
+            // initdb trusts the loopback only; the server's side of the link is another
+            // address.
+            let hba = std::path::Path::new(&pg.data()).join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).unwrap();
+            rules.push_str("host all all 0.0.0.0/0 trust\n");
+            std::fs::write(&hba, rules).unwrap();
+        }
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "runuser"]);
+                c
+            }
+            None => std::process::Command::new("runuser"),
+        };
+        let out = command
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(tool))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn start_server(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses={} -k {}",
+            self.port,
+            self.host,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    pub fn stop_server(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@{}:{}/postgres", self.host, self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
     }
 }

@@ -171,10 +171,7 @@ fn secret_file(dir: &Path, name: &str, content: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
-// Ignored until understood, like the libpq test below: beside the process tests it failed
-// once in three runs. Run it with `cargo test -p agent-server --test it -- --ignored secrets::`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky beside the process tests (under investigation)"]
 async fn secrets_mounted_as_files_configure_a_clustered_server() {
     let Some((db_url, _db)) = postgres_db() else {
         return;
@@ -218,8 +215,8 @@ async fn secrets_mounted_as_files_configure_a_clustered_server() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    let (code, _) = server.sigterm_and_wait().await;
-    assert_eq!(code, 0);
+    let (code, log) = server.sigterm_and_wait().await;
+    assert_eq!(code, 0, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,11 +421,7 @@ fn chown_to_postgres(path: &Path) {
     assert!(status.success());
 }
 
-// Ignored until understood: run beside the process and drain tests, the server it starts
-// sometimes ends by a signal (exit status -1) after SIGTERM instead of draining; alone it
-// passes. Run it with `cargo test -p agent-server --test it -- --ignored secrets::`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky beside the process tests: the server sometimes ends by a signal after SIGTERM"]
 async fn postgres_password_and_certificates_come_from_libpq_variables() {
     let Some(pg) = PrivatePostgres::start() else {
         return;

@@ -1,7 +1,7 @@
 //! The store as replicas meet it at start-up.
 
 use agent_server::config::{DatabaseUrl, Secret};
-use agent_server::store::Store;
+use agent_server::store::{PoolSettings, Store};
 
 use crate::helpers::postgres_db;
 
@@ -13,7 +13,9 @@ fn replicas_starting_together_migrate_without_racing() {
     let replicas: Vec<_> = (0..4)
         .map(|_| {
             let url = DatabaseUrl::Postgres(Secret::new(url.clone()));
-            std::thread::spawn(move || Store::open(&url, 2).map(|s| s.backend_name()))
+            std::thread::spawn(move || {
+                Store::open(&url, PoolSettings::sized(2)).map(|s| s.backend_name())
+            })
         })
         .collect();
     for r in replicas {
@@ -25,9 +27,9 @@ fn replicas_starting_together_migrate_without_racing() {
 fn embedded_sqlite_database_is_created_with_its_directory() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/deeper/agent.db");
-    let store = Store::open(&DatabaseUrl::Sqlite(path.clone()), 2).unwrap();
+    let store = Store::open(&DatabaseUrl::Sqlite(path.clone()), PoolSettings::sized(2)).unwrap();
     assert_eq!(store.backend_name(), "sqlite");
     assert!(path.exists());
     // Opening again runs no migration twice.
-    Store::open(&DatabaseUrl::Sqlite(path), 2).unwrap();
+    Store::open(&DatabaseUrl::Sqlite(path), PoolSettings::sized(2)).unwrap();
 }

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use e2e::sim::Snapshot;
+use e2e::sim::{ReceiptLine, Snapshot};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
 
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -339,8 +340,21 @@ struct SimState {
 
 impl SimProc {
     pub async fn start(bin: &Path, args: &[String], secret_key: &str, log: &Path) -> Result<Self> {
+        Self::start_with_receipts(bin, args, secret_key, log, None).await
+    }
+
+    /// As [`SimProc::start`]; with `receipts`, the simulator runs with `--receipts` and
+    /// every command an agent receives is sent there.
+    pub async fn start_with_receipts(
+        bin: &Path,
+        args: &[String],
+        secret_key: &str,
+        log: &Path,
+        receipts: Option<mpsc::UnboundedSender<ReceiptLine>>,
+    ) -> Result<Self> {
         let mut child = Command::new(bin)
             .args(["--json", "--stop-on-eof"])
+            .args(receipts.is_some().then_some("--receipts"))
             .args(args)
             .env("SECRET_KEY", secret_key)
             .stdin(Stdio::piped())
@@ -360,6 +374,10 @@ impl SimProc {
                     let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
                     st.history.push((Instant::now(), snap.clone()));
                     st.latest = snap;
+                } else if let (Some(tx), Ok(receipt)) =
+                    (&receipts, serde_json::from_str::<ReceiptLine>(&line))
+                {
+                    let _ = tx.send(receipt);
                 }
             }
         });
