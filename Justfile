@@ -33,10 +33,25 @@ lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# The web UI in headless Chromium (needs chromium and chromedriver); screenshots land in
-# target/ui-artifacts/.
+# Needs chromium and chromedriver; screenshots land in target/ui-artifacts/.
+# The web UI in headless Chromium, with the real agent.
 ui-test:
+    cargo build --locked -p agent
     cargo test -p agent-server --test it browser
+
+# Needs cargo-deb (`cargo install cargo-deb --locked` once); the package lands in
+# target/debian/ (agent/README.md, "Packaging").
+# The agent's Debian package; prints its control data and its files.
+agent-deb:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-deb >/dev/null || { echo "agent-deb needs cargo-deb: cargo install cargo-deb --locked" >&2; exit 2; }
+    deb=$(cargo deb -p agent --locked | tail -n 1)
+    if command -v dpkg-deb >/dev/null; then
+        dpkg-deb --info "$deb"
+        dpkg-deb --contents "$deb"
+    fi
+    echo "$deb"
 
 # helm lint, render every chart/ci values file, validate against Kubernetes schemas, scan.
 chart-lint:
@@ -126,12 +141,12 @@ fuzz target="all" seconds="20":
     done
 
 # `just bench idle` runs one benchmark; `just bench storm --agents 5000` another size.
-# Capacity benchmarks 1-7 against release builds, about 15 minutes (docs/benchmarks.md).
+# Capacity benchmarks 1-8 against release builds, about 15 minutes (docs/benchmarks.md).
 bench what="all" *ARGS:
-    cargo build --release --locked -p agent-server -p e2e --bins
+    cargo build --release --locked -p agent-server -p e2e -p agent --bins
     cargo run --release --locked -q -p e2e --bin bench -- {{what}} {{ARGS}}
 
 # The benchmarks at tiny sizes on debug builds, in about a minute: proves they run.
 bench-smoke:
-    cargo build --locked -p agent-server -p e2e --bins
+    cargo build --locked -p agent-server -p e2e -p agent --bins
     cargo run --locked -q -p e2e --bin bench -- --smoke all

@@ -34,6 +34,8 @@ pub const KEYS: &[&str] = &[
     "client_id",
     "token",
     "token_file",
+    "enroll_secret",
+    "enroll_secret_file",
     "state_dir",
     "labels",
     "exec_allow",
@@ -45,11 +47,15 @@ pub const KEYS: &[&str] = &[
     "log",
 ];
 
-/// A token: never printed, not even by `{:?}`.
+/// A token or an enroll secret: never printed, not even by `{:?}`.
 #[derive(Clone)]
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -67,18 +73,38 @@ impl std::fmt::Debug for Secret {
 pub enum TokenSource {
     Inline(Secret),
     File(PathBuf),
+    /// The agent enrolls itself: with no token in `path` (or an expired one) it trades
+    /// `secret` for its own token at `POST /api/v1/enroll` and keeps it in `path`
+    /// (`<state_dir>/token`, see `enroll.rs`).
+    Enroll {
+        secret: Secret,
+        path: PathBuf,
+    },
 }
 
 impl TokenSource {
+    /// The token to present now. For an enrolling agent, the stored token; an error
+    /// when it has none yet.
     pub fn read(&self) -> Result<Secret, String> {
         match self {
             TokenSource::Inline(s) => Ok(s.clone()),
-            TokenSource::File(path) => match std::fs::read_to_string(path) {
-                Ok(s) if !s.trim().is_empty() => Ok(Secret(s.trim().to_string())),
-                Ok(_) => Err(format!("token file {} is empty", path.display())),
-                Err(e) => Err(format!("cannot read token file {}: {e}", path.display())),
-            },
+            TokenSource::File(path) | TokenSource::Enroll { path, .. } => {
+                match std::fs::read_to_string(path) {
+                    Ok(s) if !s.trim().is_empty() => Ok(Secret(s.trim().to_string())),
+                    Ok(_) => Err(format!("token file {} is empty", path.display())),
+                    Err(e) => Err(format!("cannot read token file {}: {e}", path.display())),
+                }
+            }
         }
+    }
+}
+
+/// Reads a secret from a file: trimmed, and not empty.
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Secret(s.trim().to_string())),
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
 
@@ -171,7 +197,8 @@ pub struct Config {
     pub server: ServerUrl,
     pub client_id: String,
     pub token: TokenSource,
-    /// The journal of commands lives here (`/var/lib/agent`; systemd's StateDirectory).
+    /// The journal of commands, and an enrolled agent's token, live here
+    /// (`/var/lib/agent`; systemd's StateDirectory).
     pub state_dir: PathBuf,
     /// Sent in every hello; a rollout may target one.
     pub labels: Vec<String>,
@@ -336,23 +363,51 @@ impl Config {
                 })?,
         };
 
-        let token = match (v.string("token")?, v.string("token_file")?) {
+        let state_dir = PathBuf::from(
+            v.string("state_dir")?
+                .unwrap_or_else(|| "/var/lib/agent".into()),
+        );
+        let enroll_secret = match (v.string("enroll_secret")?, v.string("enroll_secret_file")?) {
             (Some(_), Some(_)) => {
+                return Err(bad(
+                    "enroll_secret",
+                    "set either enroll_secret or enroll_secret_file, not both",
+                ));
+            }
+            (Some(s), None) if !s.trim().is_empty() => Some(Secret(s.trim().to_string())),
+            (Some(_), None) => return Err(bad("enroll_secret", "is empty")),
+            (None, Some(path)) => {
+                Some(read_secret_file(Path::new(&path)).map_err(|e| bad("enroll_secret_file", e))?)
+            }
+            (None, None) => None,
+        };
+        let token = match (v.string("token")?, v.string("token_file")?, enroll_secret) {
+            (Some(_), Some(_), _) => {
                 return Err(bad("token", "set either token or token_file, not both"));
             }
-            (Some(t), None) if !t.trim().is_empty() => {
+            (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
+                return Err(bad(
+                    "enroll_secret",
+                    "set either a token (token or token_file) or an enroll secret (enroll_secret or enroll_secret_file), not both: an enrolling agent keeps the token it is issued in state_dir",
+                ));
+            }
+            (Some(t), None, None) if !t.trim().is_empty() => {
                 TokenSource::Inline(Secret(t.trim().to_string()))
             }
-            (Some(_), None) => return Err(bad("token", "is empty")),
-            (None, Some(path)) => {
+            (Some(_), None, None) => return Err(bad("token", "is empty")),
+            (None, Some(path), None) => {
                 let source = TokenSource::File(PathBuf::from(path));
                 source.read().map_err(|e| bad("token_file", e))?;
                 source
             }
-            (None, None) => {
+            (None, None, Some(secret)) => TokenSource::Enroll {
+                secret,
+                path: state_dir.join(crate::enroll::TOKEN_FILE),
+            },
+            (None, None, None) => {
                 return Err(bad(
                     "token",
-                    "required (or token_file); mint one with `agent-server token --sub ID --role agent`",
+                    "required (or token_file, or enroll_secret to enroll with the server); mint one with `agent-server token --sub ID --role agent`",
                 ));
             }
         };
@@ -400,10 +455,7 @@ impl Config {
             server,
             client_id,
             token,
-            state_dir: PathBuf::from(
-                v.string("state_dir")?
-                    .unwrap_or_else(|| "/var/lib/agent".into()),
-            ),
+            state_dir,
             labels,
             exec_allow,
             plugin_dir,
@@ -508,5 +560,52 @@ mod tests {
     fn the_token_never_prints() {
         let c = load(MINIMAL, &[]).unwrap();
         assert!(!format!("{c:?}").contains("t0k3n"));
+    }
+
+    #[test]
+    fn an_enroll_secret_instead_of_a_token_keeps_the_issued_token_in_the_state_dir() {
+        let file =
+            "server_url = \"wss://a.example.com\"\nenroll_secret = \"agent-enroll-s3cr3t\"\n";
+        let c = load(file, &[("AGENT_STATE_DIR", "/srv/agent")]).unwrap();
+        match &c.token {
+            TokenSource::Enroll { secret, path } => {
+                assert_eq!(secret.expose(), "agent-enroll-s3cr3t");
+                assert_eq!(path, &PathBuf::from("/srv/agent/token"));
+            }
+            other => panic!("expected enrollment, got {other:?}"),
+        }
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("enroll-secret");
+        std::fs::write(&secret_file, "agent-enroll-from-file\n").unwrap();
+        let c = load(
+            "server_url = \"wss://a.example.com\"\n",
+            &[("AGENT_ENROLL_SECRET_FILE", secret_file.to_str().unwrap())],
+        )
+        .unwrap();
+        assert!(
+            matches!(&c.token, TokenSource::Enroll { secret, .. } if secret.expose() == "agent-enroll-from-file")
+        );
+    }
+
+    #[test]
+    fn a_token_and_an_enroll_secret_together_are_refused_by_name() {
+        let e = load(MINIMAL, &[("AGENT_ENROLL_SECRET", "agent-enroll-x")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("enroll_secret (AGENT_ENROLL_SECRET): set either a token"),
+            "{e}"
+        );
+        let e = load(
+            "server_url = \"ws://x\"\n",
+            &[("AGENT_ENROLL_SECRET_FILE", "/nonexistent/secret")],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("enroll_secret_file (AGENT_ENROLL_SECRET_FILE): cannot read"),
+            "{e}"
+        );
     }
 }

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,7 +57,12 @@ impl Journal {
     /// entries left running by a previous process are recorded as interrupted.
     pub fn open(state_dir: &Path) -> std::io::Result<(Journal, Vec<Entry>)> {
         let dir = state_dir.join("journal");
-        std::fs::create_dir_all(&dir)?;
+        // Directories created here are the agent's alone, like systemd's StateDirectory:
+        // the state directory also holds an enrolled agent's token.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         let journal = Journal { dir };
         let mut entries = Vec::new();
         for file in std::fs::read_dir(&journal.dir)? {

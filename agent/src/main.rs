@@ -4,8 +4,9 @@
 //! `agent --update-watchdog STATE_DIR`: guards a switch to a new build (`update::watchdog`).
 //!
 //! Exit codes: 0 after SIGTERM/SIGINT; 64 on a bad configuration (the message names the
-//! key); 77 when the server refuses this agent for good (deleted, or its token or id
-//! refused), so that systemd does not restart it in a loop (`RestartPreventExitStatus`).
+//! key) or a state directory that cannot be written; 77 when the server refuses this
+//! agent for good (deleted, its token or id refused, its enrollment refused), so that
+//! systemd does not restart it in a loop (`RestartPreventExitStatus`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,9 +24,13 @@ usage: agent [--config PATH]     connect to the server named in the configuratio
 
 The configuration is a TOML file (default /etc/agent/agent.toml); every key can be set
 or overridden by the environment: AGENT_SERVER_URL, AGENT_CLIENT_ID, AGENT_TOKEN or
-AGENT_TOKEN_FILE, AGENT_STATE_DIR, AGENT_LABELS, AGENT_EXEC_ALLOW, AGENT_PLUGIN_DIR,
-AGENT_CA_FILE, AGENT_COMMAND_TIMEOUT, AGENT_WS_MAX_MESSAGE_BYTES,
-AGENT_UPDATE_WELCOME_TIMEOUT, AGENT_LOG.";
+AGENT_TOKEN_FILE (or AGENT_ENROLL_SECRET or AGENT_ENROLL_SECRET_FILE, to enroll and keep
+the issued token in the state directory), AGENT_STATE_DIR, AGENT_LABELS,
+AGENT_EXEC_ALLOW, AGENT_PLUGIN_DIR, AGENT_CA_FILE, AGENT_COMMAND_TIMEOUT,
+AGENT_WS_MAX_MESSAGE_BYTES, AGENT_UPDATE_WELCOME_TIMEOUT, AGENT_LOG.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT, 64 bad configuration or state directory,
+77 refused by the server (deleted, token or enrollment refused): see the log.";
 
 const EXIT_CONFIG: u8 = 64;
 const EXIT_REFUSED: u8 = 77;
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
             client_id = %cfg.client_id,
             server = %cfg.server.ws_url(&cfg.client_id),
             state_dir = %cfg.state_dir.display(),
+            enrolls = matches!(cfg.token, agent::config::TokenSource::Enroll { .. }),
             exec_allow = ?cfg.exec_allow,
             plugin_dir = ?cfg.plugin_dir,
             "agent starting"
@@ -130,6 +136,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Exit::Refused => ExitCode::from(EXIT_REFUSED),
+            Exit::StateDir => ExitCode::from(EXIT_CONFIG),
         }
     })
 }

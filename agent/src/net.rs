@@ -1,8 +1,8 @@
 //! Transport: TCP, directly or through an HTTP proxy's CONNECT tunnel (`HTTPS_PROXY` for
 //! `wss`/`https`, `HTTP_PROXY` for `ws`/`http`, `NO_PROXY` to bypass), then TLS with
-//! rustls (system roots plus an optional CA file). The WebSocket, the HTTP inventory
-//! upload and build downloads share it, so the agent's token only ever goes to the
-//! server it is configured for.
+//! rustls (system roots plus an optional CA file). The WebSocket and the HTTP calls
+//! (enrollment, the inventory upload, build downloads) share it, so the agent's token
+//! only ever goes to the server it is configured for.
 
 use std::io;
 use std::path::Path;
@@ -181,8 +181,7 @@ impl Net {
                         .headers()
                         .get(RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                        .and_then(retry_after_secs);
                     let message = resp
                         .body()
                         .as_deref()
@@ -203,9 +202,26 @@ impl Net {
             .unwrap_or_else(|_| Err(ConnectError::Transport("connecting timed out".into())))
     }
 
-    /// POSTs a JSON body to `path` with the agent's token; returns the status, or an error
-    /// with the server's message.
+    /// POSTs a JSON body to `path` with the agent's token; an error carries the status
+    /// and the server's message.
     pub async fn post_json(&self, path: &str, token: &Secret, body: String) -> Result<(), String> {
+        let resp = self.post(path, Some(token), body).await?;
+        if (200..300).contains(&resp.status) {
+            return Ok(());
+        }
+        let message = String::from_utf8_lossy(&resp.body[..resp.body.len().min(1024)]).into_owned();
+        Err(format!("HTTP {}: {message}", resp.status))
+    }
+
+    /// POSTs a JSON body to `path`, with the token if one is given, and returns the
+    /// answer whatever its status; an error only when no answer came (connection, TLS,
+    /// timeout). Bodies are read up to [`MAX_RESPONSE_BYTES`].
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&Secret>,
+        body: String,
+    ) -> Result<HttpResponse, String> {
         let attempt = async {
             let stream = self.stream().await?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -214,32 +230,39 @@ impl Net {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            let req = http::Request::post(self.server.path(path))
+            let mut req = http::Request::post(self.server.path(path))
                 .header(http::header::HOST, self.server.authority())
-                .header(
+                .header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(token) = token {
+                req = req.header(
                     http::header::AUTHORIZATION,
                     format!("Bearer {}", token.expose()),
-                )
-                .header(http::header::CONTENT_TYPE, "application/json")
+                );
+            }
+            let req = req
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| e.to_string())?;
             let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-            let status = resp.status();
-            if status.is_success() {
-                return Ok(());
-            }
-            let body = resp
-                .into_body()
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(retry_after_secs);
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let message = String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned();
-            Err(format!("HTTP {status}: {message}"))
+                .map_err(|e| format!("reading the answer: {e}"))?;
+            Ok(HttpResponse {
+                status,
+                retry_after,
+                body,
+            })
         };
         timeout(CONNECT_TIMEOUT * 4, attempt)
             .await
-            .unwrap_or_else(|_| Err("the upload timed out".into()))
+            .unwrap_or_else(|_| Err("the request timed out".into()))
     }
 }
 
@@ -278,6 +301,36 @@ impl Net {
             .await
             .unwrap_or_else(|_| Err("connecting timed out".into()))
     }
+}
+
+/// An HTTP answer: its status, `Retry-After` (RFC 9110 §10.2.3, delay-seconds form) and
+/// body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub retry_after: Option<Duration>,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    /// The `message` of the server's `{"error": {"code", "message"}}` body, else the
+    /// start of the body.
+    pub fn error_message(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&self.body[..self.body.len().min(1024)]).into_owned()
+            })
+    }
+}
+
+/// Largest answer body read from the HTTP API.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// `Retry-After` in delay-seconds, the form the server sends.
+fn retry_after_secs(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// The proxy for this server from the environment (the lowercase names win, as curl has

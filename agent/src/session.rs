@@ -26,7 +26,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::{self, Kind};
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, TokenSource};
+use crate::enroll::{self, Answer};
 use crate::journal::{Entry, Journal, Outcome};
 use crate::net::{ConnectError, Net, Ws};
 use crate::update::{Confirmation, Decision, Offer, Updater};
@@ -45,12 +46,35 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 const MAX_RUNNING: usize = 16;
 
 /// Why the agent stopped.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Exit {
     /// SIGTERM or SIGINT.
     Shutdown,
-    /// The server refused this agent for good (deleted, bad token, bad id).
+    /// The server refused this agent for good (deleted, bad token, bad id, enrollment
+    /// refused).
     Refused,
+    /// The state directory cannot hold what the agent must keep (the enrolled token).
+    StateDir,
+}
+
+/// What the agent presents next, or why it cannot yet.
+enum Credential {
+    Token(Secret),
+    Wait(Duration),
+    Exit(Exit),
+}
+
+/// The next full-jitter backoff delay; counts the attempt.
+fn next_backoff(attempt: &mut u32) -> Duration {
+    let d = jitter(backoff_ceiling(*attempt, BACKOFF_BASE, BACKOFF_CAP));
+    *attempt = attempt.saturating_add(1);
+    d
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// How one connection ended.
@@ -139,43 +163,38 @@ impl Agent {
         let mut attempt = 0u32;
         let mut replaced_in_a_row = 0u32;
         loop {
-            let backoff = |attempt: &mut u32| {
-                let d = jitter(backoff_ceiling(*attempt, BACKOFF_BASE, BACKOFF_CAP));
-                *attempt = attempt.saturating_add(1);
-                d
-            };
-            let delay = match self.cfg.token.read() {
-                Err(e) => {
-                    tracing::error!(error = %e, "no token; retrying");
-                    backoff(&mut attempt)
-                }
-                Ok(token) => match self.net.websocket(&id, &token).await {
+            let delay = match self.credential(&mut attempt).await {
+                Credential::Wait(d) => d,
+                Credential::Exit(exit) => return exit,
+                Credential::Token(token) => match self.net.websocket(&id, &token).await {
                     Err(ConnectError::Refused {
                         status,
                         retry_after,
                         message,
                     }) => match refusal_policy(status) {
                         Reconnect::Stop => {
-                            let hint = match status {
-                                401 => {
-                                    "the token is missing, expired or signed with another key: mint a new one with `agent-server token --sub ID --role agent`"
+                            let hint = match (&self.cfg.token, status) {
+                                (TokenSource::Enroll { path, .. }, 401) => format!(
+                                    "the token this agent enrolled for was refused: an operator deleted the agent or revoked its credentials, or the server's key changed. To enroll again, an operator deletes the agent (or hands out an enroll secret with allow_reenroll); then remove {} and start the agent",
+                                    path.display()
+                                ),
+                                (_, 401) => "the token is missing, expired, revoked or signed with another key: mint a new one with `agent-server token --sub ID --role agent` or POST /api/v1/tokens".into(),
+                                (_, 403) => {
+                                    "the token belongs to another client_id or is not an agent token".into()
                                 }
-                                403 => {
-                                    "the token belongs to another client_id or is not an agent token"
-                                }
-                                _ => "the client_id is not valid",
+                                _ => "the client_id is not valid".into(),
                             };
-                            tracing::error!(status, %message, "the server refused this agent; stopping: {hint}");
+                            tracing::error!(status, reason = %message, "the server refused this agent; stopping: {hint}");
                             return Exit::Refused;
                         }
                         _ => {
-                            let d = backoff(&mut attempt).max(retry_after.unwrap_or_default());
-                            tracing::warn!(status, %message, delay_ms = d.as_millis() as u64, "the server refused the connection; retrying");
+                            let d = next_backoff(&mut attempt).max(retry_after.unwrap_or_default());
+                            tracing::warn!(status, reason = %message, delay_ms = d.as_millis() as u64, "the server refused the connection; retrying");
                             d
                         }
                     },
                     Err(ConnectError::Transport(e)) => {
-                        let d = backoff(&mut attempt);
+                        let d = next_backoff(&mut attempt);
                         tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "cannot connect; retrying");
                         d
                     }
@@ -204,11 +223,11 @@ impl Agent {
                                 tracing::warn!(
                                     "nothing heard from the server within its offline timeout; reconnecting"
                                 );
-                                backoff(&mut attempt)
+                                next_backoff(&mut attempt)
                             }
                             End::Dropped(e) => {
                                 tracing::warn!(error = %e, "connection lost; reconnecting");
-                                backoff(&mut attempt)
+                                next_backoff(&mut attempt)
                             }
                             End::Closed(code) => {
                                 let close = CloseCode::from(code);
@@ -217,9 +236,16 @@ impl Agent {
                                 }
                                 match close.policy() {
                                     Reconnect::Stop => {
+                                        let hint = match &self.cfg.token {
+                                            TokenSource::Enroll { path, .. } => format!(
+                                                "to enroll again, an operator deletes the agent (or hands out an enroll secret with allow_reenroll); then remove {} and start the agent",
+                                                path.display()
+                                            ),
+                                            _ => "give it a new token to reconnect".into(),
+                                        };
                                         tracing::error!(
                                             code,
-                                            "an operator deleted this agent on the server; stopping. Enroll it again with a new token to reconnect"
+                                            "an operator deleted this agent or revoked its credentials on the server; stopping: {hint}"
                                         );
                                         return Exit::Refused;
                                     }
@@ -234,7 +260,7 @@ impl Agent {
                                                 code,
                                                 "replaced by a newer connection with the same client_id; reconnecting"
                                             );
-                                            backoff(&mut attempt)
+                                            next_backoff(&mut attempt)
                                         }
                                     }
                                     Reconnect::RenewToken => {
@@ -252,7 +278,7 @@ impl Agent {
                                         jitter(RESTART_DELAY_MAX)
                                     }
                                     Reconnect::Backoff => {
-                                        let d = backoff(&mut attempt);
+                                        let d = next_backoff(&mut attempt);
                                         tracing::info!(
                                             code,
                                             reason = close.reason(),
@@ -285,6 +311,86 @@ impl Agent {
             );
         }
         Exit::Shutdown
+    }
+
+    /// The token to connect with: the configured one, or for an enrolling agent the
+    /// stored one, enrolling first when there is none (or it expired, or it belongs to
+    /// another client id).
+    async fn credential(&self, attempt: &mut u32) -> Credential {
+        let TokenSource::Enroll { secret, path } = &self.cfg.token else {
+            return match self.cfg.token.read() {
+                Ok(token) => Credential::Token(token),
+                Err(e) => {
+                    let d = next_backoff(attempt);
+                    tracing::error!(error = %e, delay_ms = d.as_millis() as u64, "no token; retrying");
+                    Credential::Wait(d)
+                }
+            };
+        };
+        match self.cfg.token.read() {
+            Ok(token) => match enroll::unusable(&token, &self.cfg.client_id, unix_now()) {
+                None => return Credential::Token(token),
+                Some(why) => tracing::info!(path = %path.display(), "{why}; enrolling again"),
+            },
+            Err(_) if !path.exists() => {
+                tracing::info!(path = %path.display(), "no token yet; enrolling with the enroll secret")
+            }
+            Err(e) => {
+                let d = next_backoff(attempt);
+                tracing::error!(error = %e, delay_ms = d.as_millis() as u64, "cannot read the enrolled token; retrying");
+                return Credential::Wait(d);
+            }
+        }
+        let hostname = crate::inventory::hostname();
+        match enroll::enroll(&self.net, secret, &self.cfg.client_id, hostname).await {
+            Err(e) => {
+                let d = next_backoff(attempt);
+                tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "cannot enroll; retrying");
+                Credential::Wait(d)
+            }
+            Ok(Answer::Enrolled {
+                token,
+                expires_at,
+                labels,
+            }) => {
+                let (p, t) = (path.clone(), token.clone());
+                let stored = tokio::task::spawn_blocking(move || enroll::store_token(&p, &t))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match stored {
+                    Ok(()) => {
+                        tracing::info!(client_id = %self.cfg.client_id, %expires_at, ?labels, path = %path.display(), "enrolled: the server issued this agent's own token, kept in the state directory");
+                        Credential::Token(token)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, path = %path.display(), "enrolled, but the token cannot be stored; stopping. Make state_dir (AGENT_STATE_DIR) writable; this client_id is now enrolled, so an operator must delete the agent (or hand out an enroll secret with allow_reenroll) before it can enroll again");
+                        Credential::Exit(Exit::StateDir)
+                    }
+                }
+            }
+            Ok(Answer::Refused { status, message }) => {
+                let hint = match status {
+                    401 => {
+                        "set a valid enroll_secret (AGENT_ENROLL_SECRET or enroll_secret_file); an operator creates one with POST /api/v1/enroll-secrets"
+                    }
+                    409 => {
+                        "if this host lost its token (state_dir wiped), an operator must delete the agent or hand out an enroll secret with allow_reenroll; otherwise give this host its own client_id"
+                    }
+                    _ => "the server does not accept this enrollment request",
+                };
+                tracing::error!(status, reason = %message, "the server refused the enrollment; stopping: {hint}");
+                Credential::Exit(Exit::Refused)
+            }
+            Ok(Answer::Later {
+                status,
+                retry_after,
+                message,
+            }) => {
+                let d = next_backoff(attempt).max(retry_after.unwrap_or_default());
+                tracing::warn!(status, reason = %message, delay_ms = d.as_millis() as u64, "the server cannot enroll this agent now; retrying");
+                Credential::Wait(d)
+            }
+        }
     }
 
     async fn session(&mut self, mut ws: Ws, token: &Secret) -> End {
@@ -475,7 +581,7 @@ impl Agent {
                                     }
                                 }
                                 ServerMessage::Error { code, message, id } => {
-                                    tracing::warn!(code = code.as_str(), %message, command = ?id, "the server refused a message");
+                                    tracing::warn!(code = code.as_str(), reason = %message, command = ?id, "the server refused a message");
                                     match (code, id) {
                                         (ErrorCode::StoreUnavailable, id) => {
                                             retry_inventory |= id.is_none();

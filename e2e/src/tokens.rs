@@ -41,12 +41,7 @@ impl Minter {
     }
 
     fn sign(&self, sub: &str, role: Role, iat: u64, exp: u64) -> String {
-        let claims = Claims {
-            sub: sub.to_string(),
-            role,
-            iat,
-            exp,
-        };
+        let claims = Claims::new(sub, role, iat, exp);
         // HMAC over claims we built cannot fail.
         jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
             .expect("HMAC signing")

@@ -15,6 +15,7 @@ use crate::auth::Tokens;
 use crate::auth::ui_session::UiSignIn;
 use crate::binaries::{Rollouts, Storage};
 use crate::config::{Config, Secret, SecretKeySource};
+use crate::credentials::cache::CACHE_TTL;
 use crate::credentials::{Credentials, RevocationBus};
 use crate::events::{EventHub, SummaryRefresh};
 use crate::hub::Hub;
@@ -147,6 +148,7 @@ impl Application {
             hub.clone(),
             metrics.clone(),
             rollouts.clone(),
+            creds.clone(),
         ));
         let jobs = Jobs::new(store.clone(), metrics.clone());
         let state = Arc::new(State {
@@ -344,6 +346,15 @@ fn spawn_background(state: &State) {
         state
             .creds
             .last_used_flusher(LAST_USED_FLUSH_INTERVAL)
+            .run(stop.clone()),
+    );
+    // Every heartbeat, so that a revocation whose bus message was lost closes a live
+    // session within two heartbeat intervals (see `ws::session`); at least twice per
+    // cache lifetime, so that the entries sessions read never age out between rounds.
+    tasks.spawn(
+        state
+            .creds
+            .revocation_refresh(config.heartbeat_interval.min(CACHE_TTL / 2))
             .run(stop.clone()),
     );
     tasks.spawn(

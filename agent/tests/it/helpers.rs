@@ -303,6 +303,21 @@ impl Server {
         child.kill().await.unwrap();
     }
 
+    /// An enroll secret from `POST /api/v1/enroll-secrets` with these extra fields
+    /// (`labels`, `max_uses`, …); returns the secret and its id.
+    pub async fn enroll_secret(&self, extra: Value) -> (String, String) {
+        let mut body = json!({"name": "it"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let (status, created) = self.post("/api/v1/enroll-secrets", &body).await;
+        assert_eq!(status, 201, "{created}");
+        (
+            created["secret"].as_str().unwrap().to_string(),
+            created["id"].as_str().unwrap().to_string(),
+        )
+    }
+
     /// An agent token from `POST /api/v1/tokens`, as an operator enrols a host.
     pub async fn agent_token(&self, client_id: &str) -> String {
         let (status, body) = self
@@ -434,7 +449,8 @@ impl Drop for Agent {
 /// What an agent is started with.
 pub struct AgentSpec<'a> {
     pub client_id: &'a str,
-    pub token: &'a str,
+    /// `None` for an agent that enrolls (AGENT_ENROLL_SECRET in `env`).
+    pub token: Option<&'a str>,
     pub state_dir: &'a Path,
     pub env: Vec<(&'a str, String)>,
 }
@@ -446,14 +462,18 @@ impl Agent {
 
     /// Runs the agent executable at `exe` (which an update replaces) against `server_url`.
     pub fn start_from(exe: &Path, server_url: &str, spec: AgentSpec<'_>) -> Agent {
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AGENT_SERVER_URL", server_url)
             .env("AGENT_CLIENT_ID", spec.client_id)
-            .env("AGENT_TOKEN", spec.token)
             .env("AGENT_STATE_DIR", spec.state_dir)
-            .env("AGENT_LOG", "info")
+            .env("AGENT_LOG", "info");
+        if let Some(token) = spec.token {
+            command.env("AGENT_TOKEN", token);
+        }
+        let mut child = command
             .envs(spec.env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -495,6 +515,14 @@ impl Agent {
     /// ends it).
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// SIGTERM, as systemd stops it; waits for the exit and returns its code.
+    pub async fn stop(mut self) -> i32 {
+        let pid = self.child.id().expect("running") as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.exits().await
     }
 }
 

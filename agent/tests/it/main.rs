@@ -22,6 +22,11 @@ on_both_backends! {
     command_interrupted_by_the_agents_death_is_reported_not_rerun;
     deleted_agent_stops_with_a_clear_message;
     refused_token_stops_with_a_clear_message;
+    first_start_enrolls_and_a_restart_reuses_the_stored_token;
+    used_up_enroll_secret_stops_with_a_clear_message;
+    wrong_enroll_secret_stops_with_a_clear_message;
+    enrollment_waits_as_long_as_retry_after_says;
+    revoked_enrolled_agent_stops_and_says_how_to_enroll_again;
 }
 
 const ID: &str = "it-host-1";
@@ -33,7 +38,7 @@ async fn agent(server: &Server, env: Vec<(&'static str, String)>) -> Agent {
         server,
         AgentSpec {
             client_id: ID,
-            token: &token,
+            token: Some(&token),
             state_dir: &state_dir(server),
             env,
         },
@@ -300,7 +305,7 @@ async fn refused_token_stops_with_a_clear_message(server: Server) {
         &server,
         AgentSpec {
             client_id: ID,
-            token,
+            token: Some(token),
             state_dir: &state_dir(&server),
             env: vec![],
         },
@@ -326,4 +331,182 @@ fn bad_configuration_exits_64_naming_the_key() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("server_url (AGENT_SERVER_URL)"), "{stderr}");
+}
+
+/// An agent that enrolls: no token, the enroll secret in the environment, its own state
+/// directory.
+fn enrolling(server: &Server, client_id: &str, secret: &str) -> Agent {
+    Agent::start(
+        server,
+        AgentSpec {
+            client_id,
+            token: None,
+            state_dir: &server.dir.path().join(format!("state-{client_id}")),
+            env: vec![("AGENT_ENROLL_SECRET", secret.to_string())],
+        },
+    )
+}
+
+fn token_file(server: &Server, client_id: &str) -> PathBuf {
+    server
+        .dir
+        .path()
+        .join(format!("state-{client_id}"))
+        .join("token")
+}
+
+async fn use_count(server: &Server, secret_id: &str) -> i64 {
+    let (_, listed) = server.get("/api/v1/enroll-secrets").await;
+    listed["enroll_secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == secret_id)
+        .and_then(|s| s["use_count"].as_i64())
+        .unwrap()
+}
+
+async fn first_start_enrolls_and_a_restart_reuses_the_stored_token(server: Server) {
+    use std::os::unix::fs::PermissionsExt;
+    let (secret, secret_id) = server.enroll_secret(json!({"labels": ["rack-12"]})).await;
+    let agent = enrolling(&server, ID, &secret);
+    agent.log.shows("enrolled").await;
+    server.online(ID).await;
+    let path = token_file(&server, ID);
+    let token = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(use_count(&server, &secret_id).await, 1);
+    let (_, labelled) = server.get("/api/v1/agents?label=rack-12").await;
+    assert_eq!(labelled["agents"][0]["id"], ID, "{labelled}");
+    let log = agent.log.text();
+    assert!(
+        !log.contains(&secret),
+        "the enroll secret must never be logged:\n{log}"
+    );
+    assert!(
+        !log.contains(token.trim()),
+        "the token must never be logged:\n{log}"
+    );
+    assert_eq!(agent.stop().await, 0);
+
+    // Offline first, so that "online" below is the restarted agent's doing.
+    server
+        .eventually(&format!("/api/v1/agents/{ID}"), |a| a["online"] == false)
+        .await;
+    let again = enrolling(&server, ID, &secret);
+    server.online(ID).await;
+    again.log.shows("connected").await;
+    assert!(
+        !again.log.text().contains("enrolled"),
+        "{}",
+        again.log.text()
+    );
+    assert_eq!(
+        use_count(&server, &secret_id).await,
+        1,
+        "no second enrollment"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), token);
+}
+
+async fn used_up_enroll_secret_stops_with_a_clear_message(server: Server) {
+    let (secret, _) = server.enroll_secret(json!({"max_uses": 1})).await;
+    let _first = enrolling(&server, "rack-host-1", &secret);
+    server.online("rack-host-1").await;
+
+    let mut second = enrolling(&server, "rack-host-2", &secret);
+    assert_eq!(second.exits().await, 77, "{}", second.log.text());
+    let log = second.log.text();
+    assert!(log.contains("refused the enrollment"), "{log}");
+    assert!(log.contains("status=401"), "{log}");
+    assert!(
+        log.contains("max_uses"),
+        "the server's reason is shown:\n{log}"
+    );
+    assert!(!token_file(&server, "rack-host-2").exists());
+}
+
+async fn wrong_enroll_secret_stops_with_a_clear_message(server: Server) {
+    let wrong = "agent-enroll-0000000000000000000000000000000000000000000000000000000000000000";
+    let mut agent = enrolling(&server, ID, wrong);
+    assert_eq!(agent.exits().await, 77, "{}", agent.log.text());
+    let log = agent.log.text();
+    assert!(log.contains("not known to this server"), "{log}");
+    assert!(
+        log.contains("AGENT_ENROLL_SECRET"),
+        "names the setting:\n{log}"
+    );
+    assert!(
+        !log.contains(wrong),
+        "the secret must never be logged:\n{log}"
+    );
+    let (status, _) = server.get(&format!("/api/v1/agents/{ID}")).await;
+    assert_eq!(status, 404, "nothing was created");
+}
+
+async fn enrollment_waits_as_long_as_retry_after_says(server: Server) {
+    let (secret, _) = server.enroll_secret(json!({})).await;
+    // Spend this address's enrollment budget (a burst of 10, then 1 per second) with
+    // wrong secrets, so that the agent's first attempt gets 429 with Retry-After.
+    for _ in 0..20 {
+        let status = server
+            .http
+            .post(format!("{}/api/v1/enroll", server.base()))
+            .json(&json!({"secret": "agent-enroll-wrong", "client_id": "probe"}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 429 {
+            break;
+        }
+    }
+    let agent = enrolling(&server, ID, &secret);
+    agent.log.shows("status=429").await;
+    agent.log.shows("enrolled").await;
+    server.online(ID).await;
+    let log = agent.log.text();
+    let waited = log
+        .lines()
+        .find(|l| l.contains("status=429"))
+        .and_then(|l| l.split("delay_ms=").nth(1))
+        .and_then(|d| d.split_whitespace().next())
+        .and_then(|d| d.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no delay logged:\n{log}"));
+    assert!(
+        waited >= 1000,
+        "Retry-After is at least 1 s; waited {waited} ms"
+    );
+}
+
+async fn revoked_enrolled_agent_stops_and_says_how_to_enroll_again(server: Server) {
+    let (secret, _) = server.enroll_secret(json!({})).await;
+    let mut agent = enrolling(&server, ID, &secret);
+    server.online(ID).await;
+    let (status, body) = server
+        .post(&format!("/api/v1/agents/{ID}/revoke"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(agent.exits().await, 77, "{}", agent.log.text());
+    let path = token_file(&server, ID);
+    assert!(
+        agent
+            .log
+            .text()
+            .contains(&format!("remove {}", path.display())),
+        "{}",
+        agent.log.text()
+    );
+
+    // Started again (a reboot), it tries its stored token once and stops again: no
+    // loop, no silent re-enrollment undoing the operator's revocation.
+    let mut again = enrolling(&server, ID, &secret);
+    assert_eq!(again.exits().await, 77, "{}", again.log.text());
+    let log = again.log.text();
+    assert!(log.contains("status=401"), "{log}");
+    assert!(log.contains(&format!("remove {}", path.display())), "{log}");
+    assert!(!log.contains("enrolled:"), "{log}");
 }

@@ -42,7 +42,7 @@ async fn host(
         server_url,
         AgentSpec {
             client_id: id,
-            token: &token,
+            token: Some(&token),
             state_dir: &state_dir,
             env,
         },

@@ -13,7 +13,6 @@ use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
-use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 
@@ -25,69 +24,10 @@ pub(crate) const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86
 /// Lifetime of an admin token unless the minter asks for another: a working day.
 pub(crate) const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
 
-/// Who a token speaks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// A host agent; may only act as its own `sub`.
-    Agent,
-    /// An operator or the UI; may do everything.
-    Admin,
-}
-
-impl Role {
-    /// The claim's and the API's spelling, lowercase (`agent`, `admin`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Agent => "agent",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "agent" => Ok(Role::Agent),
-            "admin" => Ok(Role::Admin),
-            other => Err(format!("`{other}` is not a role; use agent or admin")),
-        }
-    }
-}
-
-/// The claims of a verified token, and what [`Tokens::mint_with`] signs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Claims {
-    /// The subject: a `client_id` for agents, a free-form name for admins.
-    pub sub: String,
-    /// What the token may do.
-    pub role: Role,
-    /// Expiry, whole seconds since the Unix epoch (a fractional `exp` is rounded down).
-    pub exp: u64,
-    /// Issued-at, seconds since the Unix epoch; optional (RFC 7519 §4.1.6).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
-    /// Not-before, seconds since the Unix epoch (a fraction is rounded up).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
-    /// Token id: set on tokens minted through the API or by enrollment, which are
-    /// recorded in the `api_tokens` table and can be revoked one by one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jti: Option<String>,
-    /// The agent's credential generation when the token was minted (a private claim).
-    /// Deleting or revoking an agent bumps its generation, which invalidates every token
-    /// minted before; a token without `gen` belongs to generation 0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub r#gen: Option<i64>,
-}
-
-impl Claims {
-    /// The credential generation the token was minted for (0 when it carries none).
-    pub fn generation(&self) -> i64 {
-        self.r#gen.unwrap_or(0)
-    }
-}
+/// The claims and roles are the protocol crate's: one definition for the server, the
+/// agent, the simulators and the tests. What is the server's own is here: signing,
+/// verifying with each refusal named, lifetimes and revocation reasons.
+pub use agent_protocol::{Claims, Role};
 
 /// Why a token was refused; each maps to 401 with a message a person can act on. No
 /// message ever contains the token.
@@ -290,7 +230,7 @@ impl Tokens {
             iat: Some(now),
             nbf: Some(now),
             jti: options.jti,
-            r#gen: options.generation,
+            generation: options.generation,
         };
         // Encoding HMAC claims we built ourselves cannot fail.
         let token = jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.encoding)
@@ -412,7 +352,7 @@ fn check_claims(value: &serde_json::Value, now: f64, leeway: f64) -> Result<Clai
         iat: iat.map(|d| d.floor() as u64),
         nbf: nbf.map(|d| d.ceil() as u64),
         jti: jti.map(str::to_string),
-        r#gen: generation,
+        generation,
     })
 }
 

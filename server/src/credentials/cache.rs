@@ -6,8 +6,15 @@
 //! long a lost bus message (pub/sub is at-most-once) could leave a revoked token usable.
 //! Entries only ever move towards "revoked", so a database read racing with a
 //! revocation cannot undo it.
+//!
+//! Live sessions check their credentials against the cache on every ping
+//! (`Credentials::must_close`), which marks them *watched*; the replica's
+//! [`RevocationRefresh`](super::RevocationRefresh) re-reads the watched keys from the
+//! database in batches every heartbeat interval. So a revocation whose bus message was
+//! lost still closes a live session within two heartbeat intervals, at the cost of one
+//! query per 500 sessions per interval rather than one per ping.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -47,6 +54,9 @@ pub(crate) struct CredentialCache {
 struct Inner {
     generations: HashMap<String, (i64, Instant)>,
     tokens: HashMap<String, (TokenState, Instant)>,
+    /// Agents and tokens that live sessions asked about since the last refresh.
+    watched_agents: HashSet<String>,
+    watched_tokens: HashSet<String>,
 }
 
 impl Default for CredentialCache {
@@ -130,6 +140,35 @@ impl CredentialCache {
         }
     }
 
+    /// Marks an agent's generation and a token's state as wanted by a live session, so
+    /// that the next refresh re-reads them. Bounded like the maps: beyond capacity, new
+    /// keys wait for the next round.
+    pub(crate) fn watch(&self, client_id: Option<&str>, jti: Option<&str>) {
+        let capacity = self.capacity;
+        let mut inner = self.lock();
+        if let Some(id) = client_id
+            && inner.watched_agents.len() < capacity
+            && !inner.watched_agents.contains(id)
+        {
+            inner.watched_agents.insert(id.to_string());
+        }
+        if let Some(jti) = jti
+            && inner.watched_tokens.len() < capacity
+            && !inner.watched_tokens.contains(jti)
+        {
+            inner.watched_tokens.insert(jti.to_string());
+        }
+    }
+
+    /// The watched client ids and `jti`s, forgetting them: sessions watch again at their
+    /// next ping.
+    pub(crate) fn take_watched(&self) -> (Vec<String>, Vec<String>) {
+        let mut inner = self.lock();
+        let agents = std::mem::take(&mut inner.watched_agents);
+        let tokens = std::mem::take(&mut inner.watched_tokens);
+        (agents.into_iter().collect(), tokens.into_iter().collect())
+    }
+
     /// Forgets everything: revocations may have been missed (the bus reconnected).
     pub(crate) fn clear(&self) {
         let mut inner = self.lock();
@@ -177,5 +216,20 @@ mod tests {
             cache.put_token(&i.to_string(), TokenState::Live);
         }
         assert!(cache.len() <= 11, "{}", cache.len());
+    }
+
+    #[test]
+    fn watched_keys_are_taken_once_and_stay_bounded() {
+        let cache = CredentialCache::new(CACHE_TTL, 2);
+        cache.watch(Some("a"), Some("t1"));
+        cache.watch(Some("a"), None);
+        cache.watch(Some("b"), Some("t2"));
+        cache.watch(Some("c"), Some("t3"));
+        let (mut agents, mut tokens) = cache.take_watched();
+        agents.sort();
+        tokens.sort();
+        assert_eq!(agents, ["a", "b"]);
+        assert_eq!(tokens, ["t1", "t2"]);
+        assert_eq!(cache.take_watched(), (vec![], vec![]));
     }
 }

@@ -7,7 +7,10 @@
 //!   a replica-local [`CredentialCache`]: no database round trip per heartbeat or message,
 //!   at most one lookup per agent and per token per cache lifetime.
 //! - **Revocation** reaches this replica's cache and sessions at once and the other
-//!   replicas over the [`RevocationBus`] (cluster mode), within a second.
+//!   replicas over the [`RevocationBus`] (cluster mode), within a second. Should a bus
+//!   message be lost, live sessions still close within two heartbeat intervals: each
+//!   ping checks [`Credentials::must_close`], whose cache entries the
+//!   [`RevocationRefresh`] re-reads in batches.
 //! - **Tokens minted through the API** get a `jti` recorded with a name, role, subject,
 //!   expiry and (batched, see [`LastUsedFlusher`]) last use.
 //! - **Enrollment** (anchors: FleetDM enroll secrets, Teleport join tokens): an enroll
@@ -20,6 +23,7 @@
 pub mod bus;
 pub mod cache;
 pub(crate) mod rate_limit;
+pub(crate) mod refresh;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -31,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Actor, Audit, AuditAction, AuditEvent, RequestContext, chain};
 use crate::auth::{
-    AuthError, Claims, MintOptions, Revoked, Role, Tokens, TtlOutOfRange, ttl_from_secs,
+    AuthError, Claims, DEFAULT_ADMIN_TOKEN_TTL, DEFAULT_AGENT_TOKEN_TTL, MintOptions, Revoked,
+    Role, Tokens, TtlOutOfRange, ttl_from_secs,
 };
 use crate::hub::Hub;
 use crate::ids::check_client_id;
@@ -44,11 +49,8 @@ pub(crate) use bus::Revocation;
 pub use bus::RevocationBus;
 pub(crate) use cache::{CredentialCache, TokenState};
 pub use rate_limit::RateLimiter;
+pub(crate) use refresh::RevocationRefresh;
 
-/// Lifetime of an agent token when none is asked for (API minting, enrollment).
-pub(crate) const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
-/// Lifetime of an admin token when none is asked for.
-pub(crate) const DEFAULT_ADMIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
 /// Longest token name, enroll secret name and label.
 pub(crate) const MAX_NAME_CHARS: usize = 100;
 pub(crate) const MAX_LABELS: usize = 32;
@@ -382,11 +384,15 @@ impl Credentials {
     /// For a live session holding `claims`: whether its credentials were revoked, from
     /// the cache alone (no database). `None` when nothing revokes them as far as this
     /// replica knows. Sessions are also closed directly (4002, "credentials revoked")
-    /// when a revocation arrives; this is the session's own check, e.g. at each ping.
+    /// when a revocation arrives; this is the session's own check, at each ping.
+    ///
+    /// The agent and the token are marked watched, so the [`RevocationRefresh`] re-reads
+    /// them from the database in its next batch: what a lost bus message left stale
+    /// here is corrected within one refresh interval.
     pub fn must_close(&self, claims: &Claims) -> Option<Revoked> {
-        let generation = (claims.role == Role::Agent)
-            .then(|| self.cache.generation(&claims.sub))
-            .flatten();
+        let client_id = (claims.role == Role::Agent).then_some(claims.sub.as_str());
+        self.cache.watch(client_id, claims.jti.as_deref());
+        let generation = client_id.and_then(|id| self.cache.generation(id));
         let token = claims.jti.as_deref().and_then(|j| self.cache.token(j));
         verdict(claims, generation, token)
     }
@@ -403,6 +409,15 @@ impl Credentials {
         LastUsedFlusher {
             store: self.store.clone(),
             pending: self.last_used.clone(),
+            interval,
+        }
+    }
+
+    /// The background job that re-reads, every `interval`, what live sessions watch.
+    pub(crate) fn revocation_refresh(&self, interval: Duration) -> RevocationRefresh {
+        RevocationRefresh {
+            store: self.store.clone(),
+            cache: self.cache.clone(),
             interval,
         }
     }

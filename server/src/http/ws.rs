@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use super::error::{ApiError, ErrorCode, Result};
 use super::extract::{ClientId, Query, bearer};
 use super::openapi::{BadRequest, ErrorBody, Forbidden, Unauthorized, Unavailable};
-use crate::auth::{AuthError, Role};
+use crate::auth::{AuthError, Claims, Role};
 use crate::metrics::{HandshakeRefusalLabels, RefusalReason};
 use crate::state::AppState;
 use crate::ws::{session, ws_config};
@@ -144,7 +144,7 @@ pub(super) async fn upgrade(
     // Owned, so that the request body (not Sync) is not borrowed across the await.
     let (method, version, headers) = (req.method().clone(), req.version(), req.headers().clone());
     let checked = check_upgrade(&state, client_id, query.token, &method, version, &headers).await;
-    let (client_id, exp, accept) = match checked {
+    let (claims, accept) = match checked {
         Ok(ok) => ok,
         Err(e) => {
             state.metrics.ws_rejected_upgrades.inc();
@@ -172,10 +172,10 @@ pub(super) async fn upgrade(
                     Some(config),
                 )
                 .await;
-                session::run(context, ws, client_id, exp).await;
+                session::run(context, ws, Box::new(claims)).await;
             }
             Err(e) => {
-                tracing::debug!(agent = %client_id, error = %e, "upgrade did not complete")
+                tracing::debug!(agent = %claims.sub, error = %e, "upgrade did not complete")
             }
         }
     });
@@ -191,8 +191,9 @@ pub(super) async fn upgrade(
 
 /// Every check before the 101, in the order a person fixes them: this replica, the
 /// transport (the handshake, where proxies go wrong), the id, then the credential. Returns
-/// the id, the token's expiry and the `Sec-WebSocket-Accept` value. The token is checked
-/// against revocations too: a deleted or revoked agent's old token gets a 401 saying so.
+/// the token's claims (their `sub` is the id) and the `Sec-WebSocket-Accept` value. The
+/// token is checked against revocations too: a deleted or revoked agent's old token gets a
+/// 401 saying so.
 async fn check_upgrade(
     state: &AppState,
     client_id: std::result::Result<ClientId, ApiError>,
@@ -200,7 +201,7 @@ async fn check_upgrade(
     method: &Method,
     version: Version,
     headers: &HeaderMap,
-) -> Result<(String, u64, HeaderValue)> {
+) -> Result<(Claims, HeaderValue)> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::Draining);
     }
@@ -227,7 +228,7 @@ async fn check_upgrade(
     // never by an ambient cookie, so a cross-site page cannot ride on a visitor's
     // credentials; and non-browser clients (Python's websocket-client) send an Origin of
     // their own choosing by default.
-    Ok((client_id, claims.exp, accept))
+    Ok((claims, accept))
 }
 
 /// RFC 6455 §4.2.1's checks of the opening handshake; returns `Sec-WebSocket-Accept`.

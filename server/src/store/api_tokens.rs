@@ -53,6 +53,15 @@ pub(crate) struct CredentialState {
     pub token_revoked: Option<bool>,
 }
 
+/// What the database says about many agents and tokens at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct CredentialStates {
+    /// Credential generation by client id, for agents whose generation was ever bumped.
+    pub generations: std::collections::HashMap<String, i64>,
+    /// Whether each recorded token (by `jti`) is revoked.
+    pub revoked: std::collections::HashMap<String, bool>,
+}
+
 impl Store {
     pub(crate) async fn insert_api_token(&self, row: ApiTokenRow) -> Result<(), StoreError> {
         self.run(move |pool| {
@@ -104,8 +113,10 @@ impl Store {
     }
 
     /// Marks a token revoked (the first revocation's time is kept). Returns the row, or
-    /// `None` when no token has this `jti`.
-    pub(crate) async fn revoke_api_token(
+    /// `None` when no token has this `jti`. The database write alone: live sessions and
+    /// other replicas learn of it from `Credentials`, or, should its message be lost,
+    /// from the revocation refresh.
+    pub async fn revoke_api_token(
         &self,
         jti: String,
         now: i64,
@@ -145,6 +156,38 @@ impl Store {
                 }
                 Ok(())
             }))
+        })
+        .await
+    }
+
+    /// Many agents' generations and many tokens' states, 500 keys per statement: what a
+    /// replica's revocation refresh re-reads for its live sessions. Agents never bumped
+    /// are absent from `generations` (their generation is 0); tokens not recorded are
+    /// absent from `revoked`.
+    pub(crate) async fn credential_states(
+        &self,
+        client_ids: Vec<String>,
+        jtis: Vec<String>,
+    ) -> Result<CredentialStates, StoreError> {
+        self.run(move |pool| {
+            let mut states = CredentialStates::default();
+            for chunk in client_ids.chunks(500) {
+                let rows: Vec<(String, i64)> = with_conn!(pool, c => agent_credentials::table
+                    .filter(agent_credentials::client_id.eq_any(chunk))
+                    .select((agent_credentials::client_id, agent_credentials::generation))
+                    .load(c)?);
+                states.generations.extend(rows);
+            }
+            for chunk in jtis.chunks(500) {
+                let rows: Vec<(String, Option<i64>)> = with_conn!(pool, c => api_tokens::table
+                    .filter(api_tokens::jti.eq_any(chunk))
+                    .select((api_tokens::jti, api_tokens::revoked_at))
+                    .load(c)?);
+                states
+                    .revoked
+                    .extend(rows.into_iter().map(|(jti, at)| (jti, at.is_some())));
+            }
+            Ok(states)
         })
         .await
     }
@@ -189,7 +232,8 @@ impl Store {
 
     /// Invalidates every token minted for the agent so far, and returns the new
     /// generation. A single upsert, so concurrent bumps on several replicas all count.
-    pub(crate) async fn bump_agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
+    /// The database write alone, like [`Store::revoke_api_token`].
+    pub async fn bump_agent_generation(&self, client_id: String) -> Result<i64, StoreError> {
         self.run(move |pool| {
             let now = now_ms();
             with_conn!(pool, c => Ok(bump_generation!(c, &client_id, now)?))

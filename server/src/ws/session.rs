@@ -32,9 +32,10 @@ use super::protocol::{
     self, Close, ErrorCode, Inbound, Metered, Outbound, PROTOCOL_VERSION, ResultStatus,
     UpdateStatus,
 };
-use crate::auth::unix_now;
+use crate::auth::{Claims, unix_now};
 use crate::binaries::{Rollouts, rollout};
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::error::error_chain;
 use crate::hub::{Hub, SessionHandle};
 use crate::limits::check_depth;
@@ -55,6 +56,8 @@ pub(crate) struct SessionContext {
     pub(crate) hub: Hub,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) rollouts: Rollouts,
+    /// For each ping's revocation check, from the replica's cache (no database).
+    pub(crate) creds: Credentials,
     /// POD_ID, announced in the welcome and recorded with the connection.
     pub(crate) pod_id: String,
     /// HEARTBEAT_INTERVAL: how often the server pings.
@@ -73,12 +76,14 @@ impl SessionContext {
         hub: Hub,
         metrics: Arc<Metrics>,
         rollouts: Rollouts,
+        creds: Credentials,
     ) -> Self {
         SessionContext {
             store,
             hub,
             metrics,
             rollouts,
+            creds,
             pod_id: config.pod_id.clone(),
             heartbeat_interval: config.heartbeat_interval,
             offline_timeout: config.offline_timeout,
@@ -99,12 +104,15 @@ enum End {
 
 /// Runs one agent's session until it ends, recording its connection and disconnection.
 ///
+/// `claims` are the verified token's: `sub` is the agent's id, `exp` ends the session,
+/// and each ping checks them against revocations (boxed: they are read once a heartbeat).
+///
 /// An idle agent's whole cost is this task, so its size matters: what runs once (the
 /// connect, the close) and what runs rarely (messages, deliveries) is boxed, and the
 /// task itself holds little more than the socket and the select of `serve_until_end`
 /// (`idle_session_task_stays_small`).
-pub(crate) async fn run(state: Arc<SessionContext>, ws: Socket, client_id: String, token_exp: u64) {
-    let Some(mut session) = Box::pin(open(state, ws, client_id, token_exp)).await else {
+pub(crate) async fn run(state: Arc<SessionContext>, ws: Socket, claims: Box<Claims>) {
+    let Some(mut session) = Box::pin(open(state, ws, claims)).await else {
         return;
     };
     let end = session.serve().await;
@@ -113,12 +121,8 @@ pub(crate) async fn run(state: Arc<SessionContext>, ws: Socket, client_id: Strin
 
 /// Records the connection (its epoch) and registers it in the hub; `None` when the
 /// session ended before it began (store unavailable, or a newer connection exists).
-async fn open(
-    state: Arc<SessionContext>,
-    mut ws: Socket,
-    client_id: String,
-    token_exp: u64,
-) -> Option<Session> {
+async fn open(state: Arc<SessionContext>, mut ws: Socket, claims: Box<Claims>) -> Option<Session> {
+    let client_id = claims.sub.clone();
     let epoch = match state
         .store
         .agent_connected(client_id.clone(), state.pod_id.clone())
@@ -146,13 +150,14 @@ async fn open(
     let heartbeat = state.heartbeat_interval;
     let mut ping = tokio::time::interval_at(ping_slot(Instant::now() + heartbeat), heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let token_left = Duration::from_secs(token_exp.saturating_sub(unix_now()));
+    let token_left = Duration::from_secs(claims.exp.saturating_sub(unix_now()));
     Some(Session {
         state,
         ws,
         handle,
         ping,
         token_expiry: Box::pin(tokio::time::sleep(token_left)),
+        claims,
     })
 }
 
@@ -217,6 +222,8 @@ struct Session {
     ping: Interval,
     /// Fires at the token's `exp`: the session ends when its credential does.
     token_expiry: Pin<Box<Sleep>>,
+    /// The token the session was opened with, checked against revocations at each ping.
+    claims: Box<Claims>,
 }
 
 impl Session {
@@ -307,11 +314,22 @@ impl Session {
         self.send_update(offer).await
     }
 
-    /// A heartbeat tick: closes a silent agent (4000), else pings it.
+    /// A heartbeat tick: closes a silent agent (4000) or one whose credentials were
+    /// revoked (4002), else pings it.
+    ///
+    /// Revocations normally close the session at once (`Credentials::apply_local`, on
+    /// every replica through the revocation bus). Redis pub/sub is at-most-once, so each
+    /// ping also asks the replica's credential cache, which the revocation refresh keeps
+    /// in step with the database: a lost message still closes the session within two
+    /// heartbeat intervals, with no database round trip here.
     async fn heartbeat(&mut self) -> Result<(), End> {
         let offline_ms = self.state.offline_timeout.as_millis() as i64;
         if now_ms() - self.handle.last_inbound_ms() >= offline_ms {
             return Err(End::Server(protocol::HEARTBEAT_TIMEOUT));
+        }
+        if let Some(revoked) = self.state.creds.must_close(&self.claims) {
+            tracing::info!(agent = %self.handle.client_id, %revoked, "closing a session whose credentials were revoked");
+            return Err(End::Server(protocol::REVOKED));
         }
         self.send_frame(Message::Ping(Default::default()), MessageType::Ping)
             .await
@@ -692,9 +710,9 @@ fn classify(e: WsError) -> End {
 #[cfg(test)]
 mod tests {
     /// The size of the future `f` returns, without calling it.
-    fn future_size<F, A, B, C, D, R>(_: F) -> usize
+    fn future_size<F, A, B, C, R>(_: F) -> usize
     where
-        F: FnOnce(A, B, C, D) -> R,
+        F: FnOnce(A, B, C) -> R,
     {
         std::mem::size_of::<R>()
     }

@@ -1,13 +1,15 @@
 //! The web UI in a real browser: headless Chromium driven over the WebDriver protocol by
-//! chromedriver. Signs in, watches a simulated agent come online, sends it a command and
-//! sees the result, uploads a binary and rolls it out with a failure brake, sees a failed
-//! update pause the rollout with its reason and resumes it, runs a command on the agents with
-//! a label as a fleet job and sees every result; screenshots of every page go to
-//! `target/ui-artifacts/`.
+//! chromedriver. Signs in, watches the real host agent (`agent`, started as a process)
+//! come online with this host's facts, sends it a command and sees the result, uploads a
+//! binary and rolls it out with a failure brake, sees the real agent refuse the build at
+//! its self-check and the brake pause the rollout with both reasons, resumes it, runs a
+//! command on real agents with a label as a fleet job and sees every result; screenshots
+//! of every page go to `target/ui-artifacts/`.
 //!
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium
-//! chromium-driver`), found on PATH or through CHROMIUM / CHROMEDRIVER. Without them the
-//! test is a loud skip locally and a failure in CI.
+//! chromium-driver`), found on PATH or through CHROMIUM / CHROMEDRIVER, and the `agent`
+//! binary (`cargo build -p agent`). Without them the test is a loud skip locally and a
+//! failure in CI.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,6 +20,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::helpers::*;
+use crate::host_agent::{self, HostAgent};
 
 const PASSWORD: &str = "correct horse battery staple";
 /// The W3C WebDriver key of an element reference.
@@ -310,13 +313,17 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     let Some(browser) = Browser::start().await else {
         return;
     };
+    let Some(agent_binary) = host_agent::binary() else {
+        return;
+    };
+    let arch = std::env::consts::ARCH;
     // Some fleet around the agent under test, so the pages have something to show.
     for id in ["db-1", "db-2", "cache-1"] {
         app.enroll(id).await;
     }
     let mut cache = app.connect("cache-1").await;
     cache
-        .send(json!({"type": "hello", "version": "2.5.0", "hostname": "cache-1.eu", "os": "linux", "arch": "x86_64"}))
+        .send(json!({"type": "hello", "version": "2.5.0", "hostname": "cache-1.eu", "os": "linux", "arch": arch}))
         .await;
 
     browser.goto(&app.url("/")).await;
@@ -331,54 +338,55 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     browser.click("#sign-in").await;
     browser.find("#agents-table").await;
 
-    // An agent connects while the page is open: it appears online without a reload.
-    let mut agent = app.connect("web-1").await;
-    agent
-        .send(json!({"type": "hello", "version": "2.4.0", "hostname": "web-1.eu", "os": "linux", "arch": "x86_64"}))
-        .await;
-    agent
-        .send(json!({"type": "inventory", "data": {
-            "cpus": 8, "memory_mb": 32768,
-            "disks": [{"mount": "/", "size_gb": 200, "used_gb": 71}, {"mount": "/data", "size_gb": 2000, "used_gb": 1220}],
-            "os": {"name": "Debian", "version": "12", "kernel": "6.1.0-18-amd64"},
-            "packages": ["nginx 1.22.1", "openssl 3.0.11", "postgresql-client 15"]
-        }}))
-        .await;
+    // The real agent starts while the page is open: it appears online, with its own
+    // version, without a reload. `uname` is the one program it allows.
+    let agent = HostAgent::start(
+        &app,
+        &agent_binary,
+        "web-1",
+        &[("AGENT_EXEC_ALLOW", "uname")],
+    );
+    let version = env!("CARGO_PKG_VERSION");
     browser
         .find_where("tr[data-agent='web-1']", |t| {
-            t.contains("Online") && t.contains("2.4.0")
+            t.contains("Online") && t.contains(version)
         })
         .await;
     browser.screenshot("02-agents.png").await;
 
+    // Its page shows this host's inventory, as the agent read it.
     browser.click("tr[data-agent='web-1'] a").await;
-    browser.find_where(".tree", |t| t.contains("kernel")).await;
-    browser.type_into("#command-name", "uptime").await;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     browser
-        .type_into("#command-args", "{\"format\": \"short\"}")
+        .find_where(".tree", |t| {
+            t.contains("kernel") && t.contains(kernel.trim())
+        })
+        .await;
+    browser.type_into("#command-name", "exec").await;
+    browser
+        .type_into(
+            "#command-args",
+            "{\"program\": \"uname\", \"args\": [\"-s\"]}",
+        )
         .await;
     browser.click("#send-command").await;
-    let command = agent.recv_type("command").await;
-    assert_eq!(command["name"], "uptime");
-    assert_eq!(command["args"], json!({"format": "short"}));
-    agent
-        .result(
-            command["id"].as_str().unwrap(),
-            "ok",
-            json!({"stdout": "up 3 days, load average 0.12"}),
-        )
+    // The page posts the command in the background: wait until the server has it.
+    let history = app
+        .eventually("/api/v1/agents/web-1/commands", |h| {
+            h["commands"][0]["id"].is_string()
+        })
         .await;
+    let command = history["commands"][0]["id"].as_str().unwrap().to_string();
     browser
-        .find_where(
-            &format!("tr[data-command='{}']", command["id"].as_str().unwrap()),
-            |t| t.contains("succeeded") && t.contains("up 3 days"),
-        )
+        .find_where(&format!("tr[data-command='{command}']"), |t| {
+            t.contains("succeeded") && t.contains("Linux")
+        })
         .await;
     browser.screenshot("03-agent.png").await;
 
     browser.click("a[href='#/binaries']").await;
     let build = tempfile::tempdir().unwrap();
-    let path = build.path().join("agent-2.5.0-linux-x86_64");
+    let path = build.path().join(format!("agent-2.5.0-linux-{arch}"));
     std::fs::write(&path, vec![0x7f; 3 * 1024 * 1024]).unwrap();
     let file = browser.find("#upload-file").await;
     browser
@@ -391,7 +399,7 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     browser.type_into("#upload-name", "agent").await;
     browser.type_into("#upload-version", "2.5.0").await;
     browser.type_into("#upload-os", "linux").await;
-    browser.type_into("#upload-arch", "x86_64").await;
+    browser.type_into("#upload-arch", arch).await;
     browser
         .type_into("#upload-notes", "Fixes the reconnect storm")
         .await;
@@ -402,7 +410,7 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     let (_, listed) = app.get("/api/v1/binaries").await;
     assert_eq!(listed["binaries"][0]["size_bytes"], 3 * 1024 * 1024);
 
-    // Roll it out: the agent on 2.4.0 is told to update.
+    // Roll it out: the agent, on an older version, is told to update.
     let roll = browser
         .cmd(
             reqwest::Method::POST,
@@ -417,31 +425,22 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     browser.type_into("#rollout-brake", "50").await;
     browser.type_into("#rollout-sample", "1").await;
     browser.click("#rollout-start").await;
-    let update = agent.recv_type("update").await;
-    assert_eq!(update["version"], "2.5.0");
-    browser
-        .find_where("[data-rollout]", |t| {
-            t.contains("Updating 1") && t.contains("Already current 1")
-        })
-        .await;
-    browser.screenshot("04-binaries.png").await;
 
-    // The agent reports the update failed: the page shows the failure with its reason,
-    // and the pause the brake decided, with its reason.
-    agent
-        .send(json!({
-            "type": "update_result", "rollout_id": update["rollout_id"], "version": "2.5.0",
-            "status": "failed", "error": "rolled back to 2.4.0: the new build did not reach welcome within 120 s",
-        }))
-        .await;
-    agent.recv_type("ack").await;
+    // The real agent downloads the build, checks its size and sha256, and runs it with
+    // `--self-check`: these bytes are no program, so the update fails there (before
+    // anything is switched) and the agent reports why. The page shows the failure with
+    // the agent's reason, and the pause the brake decided, with its reason.
+    agent.logged("update offered: downloading").await;
+    agent.logged("the server stored the update's outcome").await;
     browser
         .find_where("[data-rollout][data-status='paused']", |t| {
             t.contains("Failed 1")
-                && t.contains("did not reach welcome within 120 s")
+                && t.contains("Already current 1")
+                && t.contains("self-check")
                 && t.contains("Paused: failure brake: 1 of 1 updates failed")
         })
         .await;
+    browser.screenshot("04-binaries.png").await;
     browser.screenshot("04b-rollout-paused.png").await;
     browser
         .click("[data-rollout] button[data-action='resume']")
@@ -506,44 +505,59 @@ async fn a_person_signs_in_watches_an_agent_sends_a_command_and_rolls_out_a_bina
     drop(cache);
 }
 
-/// Simulated agents with labels that answer every command with `ran on <id>`.
-async fn answering_agents(
+/// Real agents with labels, each with a plug-in `restart-collector` that answers
+/// `ran on <id>`.
+fn answering_agents(
     app: &TestApp,
-    agents: &[(&str, &[&str])],
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for (id, labels) in agents {
-        let mut agent = app.connect_as(id, "2.5.0", labels).await;
-        agent.until_heartbeat_ack().await;
-        let id = id.to_string();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let command = agent.recv_type("command").await;
-                let output = json!({"stdout": format!("ran on {id}")});
-                agent
-                    .result(command["id"].as_str().unwrap(), "ok", output)
-                    .await;
-            }
-        }));
-    }
-    tasks
+    binary: &std::path::Path,
+    plugins: &Path,
+    agents: &[(&str, &str)],
+) -> Vec<HostAgent> {
+    agents
+        .iter()
+        .map(|(id, labels)| {
+            let dir = plugins.join(id);
+            std::fs::create_dir_all(&dir).unwrap();
+            host_agent::plugin(
+                &dir,
+                "restart-collector",
+                &format!("#!/bin/sh\ncat >/dev/null\necho '{{\"stdout\": \"ran on {id}\"}}'\n"),
+            );
+            let dir = dir.display().to_string();
+            HostAgent::start(
+                app,
+                binary,
+                id,
+                &[("AGENT_LABELS", labels), ("AGENT_PLUGIN_DIR", &dir)],
+            )
+        })
+        .collect()
 }
 
 async fn a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result(app: TestApp) {
     let Some(browser) = Browser::start().await else {
         return;
     };
-    let gpu: &[&str] = &["gpu", "rack-a3"];
+    let Some(agent_binary) = host_agent::binary() else {
+        return;
+    };
+    let plugins = tempfile::tempdir().unwrap();
+    let gpu = "gpu,rack-a3";
     let fleet = answering_agents(
         &app,
+        &agent_binary,
+        plugins.path(),
         &[
             ("gpu-1", gpu),
             ("gpu-2", gpu),
             ("gpu-3", gpu),
-            ("cpu-1", &["rack-a3"]),
+            ("cpu-1", "rack-a3"),
         ],
-    )
-    .await;
+    );
+    for id in ["gpu-1", "gpu-2", "gpu-3", "cpu-1"] {
+        app.eventually(&format!("/api/v1/agents/{id}"), |a| a["online"] == true)
+            .await;
+    }
 
     browser.goto(&app.url("/")).await;
     browser.type_into("#password", PASSWORD).await;
@@ -600,9 +614,7 @@ async fn a_person_runs_a_command_on_agents_with_a_label_and_sees_every_result(ap
         })
         .await;
     browser.screenshot("08-jobs.png").await;
-    for task in fleet {
-        task.abort();
-    }
+    drop(fleet);
 }
 
 on_sqlite! {

@@ -1,6 +1,7 @@
 //! Credentials over HTTP, on SQLite and on PostgreSQL: revocation seen by another replica
 //! within a second (cluster mode over the shared Redis), enrollment and each of its
-//! refusals, a deleted agent's old token refused, an audit entry per change, and
+//! refusals, a deleted agent's old token refused, a revocation no message announced
+//! closing the live session all the same, an audit entry per change, and
 //! `agent-server check` passing twice in a row against the same server.
 
 use std::time::{Duration, Instant};
@@ -468,6 +469,46 @@ async fn every_change_through_the_api_is_in_the_audit_log(app: TestApp) {
     assert_eq!(status, 403);
 }
 
+/// Redis pub/sub is at-most-once: a revocation whose message never arrived must still
+/// close the live session. Here nothing is published at all: the revocations are written
+/// to the database directly, and each session closes with 4002 within two heartbeat
+/// intervals (the refresh, then the next ping), while an untouched agent stays.
+async fn a_revocation_only_the_database_knows_closes_the_live_session_within_two_heartbeats(
+    app: TestApp,
+) {
+    let heartbeat = app.config.heartbeat_interval;
+    let mut connected = Vec::new();
+    for id in ["quiet-1", "quiet-2", "quiet-3"] {
+        let (status, minted) = app.post("/api/v1/tokens", &json!({"client_id": id})).await;
+        assert_eq!(status, 201, "{minted}");
+        let token = minted["token"].as_str().unwrap().to_string();
+        let agent = app
+            .connect_with(id, &[("authorization", &format!("Bearer {token}"))], "")
+            .await
+            .expect("connects");
+        connected.push((agent, minted["id"].as_str().unwrap().to_string()));
+    }
+    let mut connected = connected.into_iter();
+    let (mut by_generation, _) = connected.next().unwrap();
+    let (mut by_token, jti) = connected.next().unwrap();
+    let (mut untouched, _) = connected.next().unwrap();
+
+    let store = &app.state.store;
+    let started = Instant::now();
+    store.bump_agent_generation("quiet-1".into()).await.unwrap();
+    store.revoke_api_token(jti, now_ms()).await.unwrap();
+    let bound = heartbeat * 2 + Duration::from_secs(1);
+    for agent in [&mut by_generation, &mut by_token] {
+        let (code, reason) = tokio::time::timeout(bound, agent.closed())
+            .await
+            .expect("closed within two heartbeat intervals");
+        assert_eq!((code, reason.as_str()), (4002, "credentials revoked"));
+    }
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    // The third agent was not revoked: it still gets answers.
+    assert!(untouched.until_heartbeat_ack().await.is_empty());
+}
+
 async fn check_passes_twice_in_a_row_against_the_same_server(app: TestApp) {
     for run in 1..=2 {
         let outcome = agent_server::cli::check(&app.config, &app.base, WAIT).await;
@@ -483,4 +524,6 @@ on_both_backends! {
     every_change_through_the_api_is_in_the_audit_log
         with ["ADMIN_PASSWORD" = "correct horse battery staple"];
     check_passes_twice_in_a_row_against_the_same_server;
+    a_revocation_only_the_database_knows_closes_the_live_session_within_two_heartbeats
+        with ["WS_HEARTBEAT_INTERVAL" = "1", "WS_OFFLINE_TIMEOUT" = "10"];
 }

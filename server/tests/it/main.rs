@@ -7,6 +7,7 @@
 
 mod certs;
 mod helpers;
+mod host_agent;
 mod netns;
 mod procs;
 

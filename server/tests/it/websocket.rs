@@ -249,15 +249,7 @@ async fn message_over_the_size_limit_closes_with_1009(app: TestApp) {
 
 async fn session_ends_with_4003_when_its_token_expires(app: TestApp) {
     let now = agent_server::auth::unix_now();
-    let claims = Claims {
-        sub: "short".into(),
-        role: agent_server::auth::Role::Agent,
-        exp: now + 1,
-        iat: Some(now),
-        nbf: None,
-        jti: None,
-        r#gen: None,
-    };
+    let claims = Claims::new("short", agent_server::auth::Role::Agent, now, now + 1);
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,

@@ -1,4 +1,4 @@
-//! bench: the capacity benchmarks of issue 7 (and 15's jobs), against agent-server built in release and
+//! bench: the capacity benchmarks of issue 7 (and 15's jobs, and the host agent's own cost), against agent-server built in release and
 //! run as separate processes, with a database, a redis-server and agent-sim fleets of
 //! their own. `just bench` runs them all; `just bench-smoke` runs tiny sizes (CI).
 //!
@@ -9,6 +9,7 @@
 
 mod churn;
 mod heartbeat;
+mod host_agent;
 mod idle;
 mod inventory;
 mod jobs;
@@ -73,7 +74,7 @@ fn key_value(v: &str) -> Result<(String, String), String> {
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq, Debug)]
 enum Bench {
-    /// Benchmarks 1 to 6, then a table of every figure.
+    /// Benchmarks 1 to 8, then a table of every figure.
     All,
     /// 1. Idle agents held by one process; RSS per agent beside a bare WebSocket server's.
     Idle,
@@ -89,6 +90,8 @@ enum Bench {
     Churn,
     /// 7. Fleet jobs: one command to every agent on 2 replicas, unbounded and paced.
     Jobs,
+    /// 8. The host agent: one idle `agent` process's RSS and CPU over a few heartbeats.
+    Agent,
 }
 
 /// One figure against its target.
@@ -133,6 +136,11 @@ impl Ctx {
 
     pub fn floor_bin(&self) -> PathBuf {
         self.bin_dir.join("ws-floor")
+    }
+
+    /// The host agent (`cargo build --release -p agent`).
+    pub fn agent_bin(&self) -> PathBuf {
+        self.bin_dir.join("agent")
     }
 
     /// Measurement window: the override, the smoke size, or the default.
@@ -335,6 +343,7 @@ async fn main() -> Result<()> {
             Bench::Inventory,
             Bench::Churn,
             Bench::Jobs,
+            Bench::Agent,
         ],
         one => vec![one],
     };
@@ -348,6 +357,7 @@ async fn main() -> Result<()> {
             Bench::Inventory => inventory::run(&mut ctx).await,
             Bench::Churn => churn::run(&mut ctx).await,
             Bench::Jobs => jobs::run(&mut ctx).await,
+            Bench::Agent => host_agent::run(&mut ctx).await,
             Bench::All => Ok(()),
         };
         if let Err(e) = result {
