@@ -12,7 +12,7 @@ use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use serde::Serialize;
 
 use super::schema::{agent_labels, agents, commands, job_pacing, jobs};
-use super::{Change, Store, StoreError, with_conn};
+use super::{Change, Store, StoreError, WriteTransaction, with_conn};
 
 #[diesel::declare_sql_function]
 extern "SQL" {
@@ -335,7 +335,7 @@ impl Store {
     ) -> Result<JobCreation, StoreError> {
         let created = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobCreation, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<JobCreation, StoreError, _>(|c| {
                     diesel::insert_into(jobs::table).values(&job).execute(c)?;
                     let pacing = JobPacing {
                         job_id: job.id.clone(),
@@ -588,7 +588,7 @@ impl Store {
                     if !must_act {
                         return Ok(Pace::Released(Vec::new()));
                     }
-                    c.transaction::<Pace, StoreError, _>(|c| {
+                    c.write_transaction::<Pace, StoreError, _>(|c| {
                     // Writing the job's row first serialises the turns of every replica.
                     let job: Option<JobRow> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&job_id).and(jobs::status.eq(JobStatus::Running.as_str())))
@@ -668,7 +668,7 @@ impl Store {
         let announced = id.clone();
         let outcome = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<JobTransition, StoreError, _>(|c| {
                     let row: Option<JobRow> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&id).and(jobs::status.eq(JobStatus::Running.as_str())))
                         .set((
@@ -709,7 +709,7 @@ impl Store {
         let announced = id.clone();
         let outcome = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<JobTransition, StoreError, _>(|c| {
                     // The job's row is written first, as in a pacer turn: the statements
                     // after it see every turn before it, and none runs meanwhile.
                     let row: Option<JobRow> = diesel::update(jobs::table)
@@ -758,7 +758,7 @@ impl Store {
         let announced = id.clone();
         let outcome = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<JobTransition, StoreError, _>(|c| {
                     let ended: Option<String> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&id))
                         .filter(jobs::status.eq_any([JobStatus::Running.as_str(), JobStatus::Paused.as_str()]))
