@@ -6,7 +6,7 @@ use diesel::sql_types::{Bool, Text};
 
 use super::schema::{agent_labels, agents, inventories};
 use super::writer::{Outcome, Write};
-use super::{Change, DbPool, Store, StoreError, now_ms, with_conn};
+use super::{Change, DbPool, Store, StoreError, WriteTransaction, now_ms, with_conn};
 
 /// An agent as stored: identity, presence and what its last `hello` said. Timestamps are
 /// milliseconds since the Unix epoch.
@@ -327,7 +327,7 @@ impl Store {
     pub async fn delete_agent(&self, id: String) -> Result<bool, StoreError> {
         let announced = id.clone();
         let existed = self.run(move |pool| {
-            with_conn!(pool, c => c.transaction::<bool, StoreError, _>(|c| {
+            with_conn!(pool, c => c.write_transaction::<bool, StoreError, _>(|c| {
                 // Explicit child deletes: SQLite enforces the cascade only when the
                 // connection enabled foreign keys, and this must not depend on it.
                 diesel::delete(super::schema::commands::table.filter(super::schema::commands::agent_id.eq(&id))).execute(c)?;

@@ -4,7 +4,7 @@
 use diesel::prelude::*;
 
 use super::schema::{agent_credentials, api_tokens};
-use super::{Store, StoreError, now_ms, with_conn};
+use super::{Store, StoreError, WriteTransaction, now_ms, with_conn};
 
 /// A token minted through the API or by enrollment, as recorded: enough to list and
 /// revoke it, never the token itself.
@@ -146,7 +146,7 @@ impl Store {
             return Ok(());
         }
         self.run(move |pool| {
-            with_conn!(pool, c => c.transaction::<(), StoreError, _>(|c| {
+            with_conn!(pool, c => c.write_transaction::<(), StoreError, _>(|c| {
                 for (jti, at) in &uses {
                     diesel::update(api_tokens::table.find(jti).filter(
                         api_tokens::last_used_at.is_null().or(api_tokens::last_used_at.lt(*at)),

@@ -4,7 +4,7 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use super::schema::{binaries, rollout_agents, rollout_brakes, rollouts};
-use super::{Change, Store, StoreError, with_conn};
+use super::{Change, Store, StoreError, WriteTransaction, with_conn};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = binaries)]
@@ -159,7 +159,7 @@ impl Store {
         let outcome = self
             .run(move |pool| {
                 with_conn!(pool, c => {
-                    let result = c.transaction::<BinaryDeletion, DieselError, _>(|c| {
+                    let result = c.write_transaction::<BinaryDeletion, DieselError, _>(|c| {
                         let active: Option<String> = rollouts::table
                             .filter(rollouts::binary_id.eq(&id).and(rollouts::status.eq_any(super::rollouts::RolloutStatus::CURRENT)))
                             .select(rollouts::id)

@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use super::api_tokens::{ApiTokenRow, bump_generation};
 use super::rollouts::LABEL_FROM_ENROLLMENT;
 use super::schema::{agent_credentials, agent_labels, agents, api_tokens, enroll_secrets};
-use super::{Change, Store, StoreError, with_conn};
+use super::{Change, Store, StoreError, WriteTransaction, with_conn};
 
 /// An enroll secret as stored. Timestamps are milliseconds since the Unix epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
@@ -163,7 +163,7 @@ impl Store {
         let outcome = self
             .run(move |pool| {
                 let EnrollAttempt { secret_sha256, client_id, hostname, now, mut token } = attempt;
-                let result = with_conn!(pool, c => c.transaction::<_, TxError, _>(|c| {
+                let result = with_conn!(pool, c => c.write_transaction::<_, TxError, _>(|c| {
                     let secret = enroll_secrets::table
                         .filter(enroll_secrets::secret_sha256.eq(&secret_sha256))
                         .select(EnrollSecretRow::as_select())

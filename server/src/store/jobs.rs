@@ -674,7 +674,7 @@ impl Store {
                     if !must_act {
                         return Ok(Pace::Released(Vec::new()));
                     }
-                    c.transaction::<Pace, StoreError, _>(|c| {
+                    c.write_transaction::<Pace, StoreError, _>(|c| {
                     // Writing the job's row first serialises the turns of every replica.
                     let job: Option<JobRow> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&job_id).and(jobs::status.eq(JobStatus::Running.as_str())))
@@ -761,7 +761,7 @@ impl Store {
         let announced = id.clone();
         let outcome = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<JobTransition, StoreError, _>(|c| {
                     let row: Option<JobRow> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&id).and(jobs::status.eq(JobStatus::Running.as_str())))
                         .set((
@@ -802,7 +802,7 @@ impl Store {
         let announced = id.clone();
         let outcome = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<JobTransition, StoreError, _>(|c| {
                     // The job's row is written first, as in a pacer turn: the statements
                     // after it see every turn before it, and none runs meanwhile.
                     let row: Option<JobRow> = diesel::update(jobs::table)
@@ -851,7 +851,7 @@ impl Store {
         let announced = id.clone();
         let outcome = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<JobTransition, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<JobTransition, StoreError, _>(|c| {
                     let ended: Option<String> = diesel::update(jobs::table)
                         .filter(jobs::id.eq(&id))
                         .filter(jobs::status.eq_any([JobStatus::Running.as_str(), JobStatus::Paused.as_str()]))

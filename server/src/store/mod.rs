@@ -617,4 +617,53 @@ mod tests {
         assert!(StoreError::from(busy).is_unavailable());
         assert!(!StoreError::from(Error::NotFound).is_unavailable());
     }
+
+    /// The store's sources, each checked for transactions that begin another way.
+    const SOURCES: [(&str, &str); 14] = [
+        ("mod.rs", include_str!("mod.rs")),
+        ("agents.rs", include_str!("agents.rs")),
+        ("api_tokens.rs", include_str!("api_tokens.rs")),
+        ("audit.rs", include_str!("audit.rs")),
+        ("binaries.rs", include_str!("binaries.rs")),
+        ("commands.rs", include_str!("commands.rs")),
+        ("enroll_secrets.rs", include_str!("enroll_secrets.rs")),
+        ("inventory.rs", include_str!("inventory.rs")),
+        ("jobs.rs", include_str!("jobs.rs")),
+        ("rollouts.rs", include_str!("rollouts.rs")),
+        ("schema.rs", include_str!("schema.rs")),
+        ("sets.rs", include_str!("sets.rs")),
+        ("ui_sessions.rs", include_str!("ui_sessions.rs")),
+        ("writer.rs", include_str!("writer.rs")),
+    ];
+
+    /// A deferred SQLite transaction that reads and then writes fails with SQLITE_BUSY
+    /// when another connection committed in between; [`super::WriteTransaction`] begins
+    /// IMMEDIATE there. Every transaction of the store begins through it (the
+    /// concurrent case is tested in `tests/it/store.rs`).
+    #[test]
+    fn every_store_transaction_begins_as_a_write_transaction() {
+        let deferred = [
+            format!(".{}(", "transaction"),
+            format!(".{}::<", "transaction"),
+            format!("{}(", "build_transaction"),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".rs"))
+            .collect();
+        files.sort();
+        let mut listed: Vec<&str> = SOURCES.iter().map(|(file, _)| *file).collect();
+        listed.sort();
+        assert_eq!(files, listed, "SOURCES must list every file of store/");
+        for (file, source) in SOURCES {
+            for needle in &deferred {
+                assert!(
+                    !source.contains(needle.as_str()),
+                    "store/{file} begins a transaction with `{needle}`: use write_transaction"
+                );
+            }
+        }
+    }
 }

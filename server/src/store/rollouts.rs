@@ -12,7 +12,7 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use super::schema::{agent_labels, agents, binaries, rollout_agents, rollout_brakes, rollouts};
-use super::{Change, Store, StoreError, with_conn};
+use super::{Change, Store, StoreError, WriteTransaction, with_conn};
 
 /// `agent_labels.source` of the labels an enroll secret gave: hellos keep them.
 pub(crate) const LABEL_FROM_ENROLLMENT: &str = "enroll";
@@ -305,7 +305,7 @@ impl Store {
         let outcome = self
             .run(move |pool| {
                 with_conn!(pool, c => {
-                    let result = c.transaction::<Option<String>, DieselError, _>(|c| {
+                    let result = c.write_transaction::<Option<String>, DieselError, _>(|c| {
                         let superseded: Vec<String> = diesel::update(rollouts::table)
                             .filter(rollouts::os.eq(&row.os))
                             .filter(rollouts::arch.eq(&row.arch))
@@ -463,7 +463,7 @@ impl Store {
     ) -> Result<Claim, StoreError> {
         let claim = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<Claim, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<Claim, StoreError, _>(|c| {
                     // Writing the rollout's row first serialises the claims of this rollout.
                     let row: Option<RolloutRow> = diesel::update(rollouts::table)
                         .filter(rollouts::id.eq(&rollout_id).and(rollouts::status.eq(RolloutStatus::Active.as_str())))
@@ -591,7 +591,7 @@ impl Store {
                     // One transaction per rollout (there is one per platform at most),
                     // each writing the rollout's row first, as a claim does.
                     for id in current {
-                        let (n, braked) = c.transaction::<(usize, Option<String>), StoreError, _>(|c| {
+                        let (n, braked) = c.write_transaction::<(usize, Option<String>), StoreError, _>(|c| {
                             let row: Option<RolloutRow> = diesel::update(rollouts::table)
                                 .filter(rollouts::id.eq(&id).and(rollouts::status.eq_any(RolloutStatus::CURRENT)))
                                 .set(rollouts::status.eq(rollouts::status))
@@ -642,7 +642,7 @@ impl Store {
     ) -> Result<FailureRecord, StoreError> {
         let record = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<FailureRecord, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<FailureRecord, StoreError, _>(|c| {
                     let row: Option<RolloutRow> = diesel::update(rollouts::table.find(&rollout_id))
                         .set(rollouts::status.eq(rollouts::status))
                         .returning(RolloutRow::as_returning())
@@ -710,7 +710,7 @@ impl Store {
     ) -> Result<RolloutTransition, StoreError> {
         let outcome = self
             .run(move |pool| {
-                with_conn!(pool, c => c.transaction::<RolloutTransition, StoreError, _>(|c| {
+                with_conn!(pool, c => c.write_transaction::<RolloutTransition, StoreError, _>(|c| {
                     let row: Option<RolloutRow> = diesel::update(rollouts::table.find(&id))
                         .set(rollouts::status.eq(rollouts::status))
                         .returning(RolloutRow::as_returning())
@@ -864,7 +864,7 @@ impl Store {
         labels: Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
         self.run(move |pool| {
-            with_conn!(pool, c => c.transaction::<Vec<String>, StoreError, _>(|c| {
+            with_conn!(pool, c => c.write_transaction::<Vec<String>, StoreError, _>(|c| {
                 diesel::delete(
                     agent_labels::table
                         .filter(agent_labels::agent_id.eq(&agent_id))
