@@ -2,7 +2,12 @@
 //!
 //! A request fails when it gets no response (refused, reset, timed out) or a status the
 //! caller did not expect. Failures are recorded, never retried: a retry would hide exactly
-//! the errors the scenarios exist to find (a 502 while a pod goes away).
+//! the errors the scenarios exist to find (a 502 while a pod goes away). One exception, the
+//! one every browser makes: a GET on a reused keep-alive connection that the ingress closed
+//! before any byte of a response (an nginx worker retiring on a reload closes its idle
+//! connections, racing a request just written) is sent again once on a new connection, as
+//! RFC 9112 §9.3.1 allows for idempotent methods. A pod going away is not hidden by it:
+//! nginx answers that with a 502, not a silent close.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,7 +96,7 @@ impl Api {
         let what = format!("{method} {path}");
         let mut req = self
             .http
-            .request(method, self.endpoint.http_url(path))
+            .request(method.clone(), self.endpoint.http_url(path))
             .bearer_auth(token.unwrap_or(&self.admin));
         req = match body {
             Body::None => req,
@@ -100,7 +105,15 @@ impl Api {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(bytes),
         };
-        let outcome = match req.send().await {
+        let idempotent = method == Method::GET;
+        let retry = if idempotent { req.try_clone() } else { None };
+        let mut sent = req.send().await;
+        if let (Err(e), Some(retry)) = (&sent, retry)
+            && closed_before_a_response(e)
+        {
+            sent = retry.send().await;
+        }
+        let outcome = match sent {
             Err(e) => Err(format!("{what}: no response: {}", error_chain(&e))),
             Ok(resp) => {
                 let status = resp.status().as_u16();
@@ -161,6 +174,22 @@ impl Api {
     }
 }
 
+/// The connection closed before any response arrived (hyper's incomplete message): on
+/// a pooled connection, the server closed it as idle while the request was on its way.
+fn closed_before_a_response(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -170,4 +199,77 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Reads one request head (the requests here carry no body).
+    async fn read_head(conn: &mut TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match conn.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// A server that answers the first request of each connection and closes the
+    /// connection, without a response, on its second: an ingress retiring idle
+    /// keep-alive connections as a request arrives on one.
+    async fn closing_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    if !read_head(&mut conn).await {
+                        return;
+                    }
+                    let body = "{}";
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    conn.write_all(reply.as_bytes()).await.unwrap();
+                    // The second request on this connection is read, then dropped.
+                    read_head(&mut conn).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_get_on_a_keep_alive_connection_closed_before_a_response_is_sent_again_once() {
+        let api = Api::new(&Endpoint::direct(closing_server().await), "t".into());
+        for _ in 0..3 {
+            api.get("/health").await.expect("the GET is answered");
+        }
+        assert_eq!((api.requests(), api.failed()), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn a_post_on_such_a_connection_is_never_sent_again() {
+        let api = Api::new(&Endpoint::direct(closing_server().await), "t".into());
+        api.get("/health")
+            .await
+            .expect("the first request is answered");
+        let post = api
+            .call(Method::POST, "/api/v1/x", None, Body::None, &[200])
+            .await;
+        assert!(post.unwrap_err().contains("no response"));
+        assert_eq!(api.failed(), 1);
+    }
 }
