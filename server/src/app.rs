@@ -351,11 +351,11 @@ fn spawn_background(state: &State) {
     // Every heartbeat, so that a revocation whose bus message was lost closes a live
     // session within two heartbeat intervals (see `ws::session`); at least twice per
     // cache lifetime, so that the entries sessions read never age out between rounds.
-    tasks.spawn(
-        state
-            .creds
-            .revocation_refresh(config.heartbeat_interval.min(CACHE_TTL / 2))
-            .run(stop.clone()),
+    spawn_periodic(
+        lifecycle,
+        config.heartbeat_interval.min(CACHE_TTL / 2),
+        None,
+        state.creds.revocation_refresh(),
     );
     tasks.spawn(
         AuditPruner::new(state.store.clone(), config.credentials.audit_retention).run(stop.clone()),

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::credentials::RevocationRefresh;
 use crate::error::error_chain;
 use crate::hub::Hub;
 use crate::hub::cluster::Cluster;
@@ -105,17 +106,17 @@ impl Sweep {
             self.metrics.command(CommandStatus::Expired, expired as u64);
             tracing::info!(commands = expired, "expired commands past their TTL");
         }
-        let local: Vec<String> = self
-            .hub
-            .sessions()
-            .iter()
-            .map(|s| s.client_id.clone())
-            .collect();
-        for client_id in self.store.agents_with_pending(local).await? {
+        for client_id in pending_here(&self.hub, &self.store).await? {
             self.hub.wake(&client_id);
         }
         Ok(())
     }
+}
+
+/// The agents connected to this replica that have commands waiting for them.
+async fn pending_here(hub: &Hub, store: &Store) -> Result<Vec<String>, StoreError> {
+    let local = hub.sessions().iter().map(|s| s.client_id.clone()).collect();
+    store.agents_with_pending(local).await
 }
 
 impl Task for Sweep {
@@ -142,13 +143,7 @@ impl Task for OutagePoll {
         if self.cluster.is_healthy() {
             return;
         }
-        let local: Vec<String> = self
-            .hub
-            .sessions()
-            .iter()
-            .map(|s| s.client_id.clone())
-            .collect();
-        match self.store.agents_with_pending(local).await {
+        match pending_here(&self.hub, &self.store).await {
             Ok(pending) => pending.iter().for_each(|id| {
                 self.hub.wake(id);
             }),
@@ -188,6 +183,16 @@ impl Task for UiSessionSweep {
         if let Err(e) = self.store.delete_expired_ui_sessions(now_ms()).await {
             self.metrics.store_errors.inc();
             tracing::error!(error = %error_chain(&e), "could not remove expired UI sessions");
+        }
+    }
+}
+
+impl Task for RevocationRefresh {
+    async fn run_once(&self) {
+        if let Err(e) = self.refresh().await {
+            // Sessions watch again at their next ping; until the database answers,
+            // the cache's entries age out and lost revocations wait.
+            tracing::warn!(error = %error_chain(&e), "could not refresh the credentials live sessions hold");
         }
     }
 }

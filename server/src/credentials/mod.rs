@@ -413,12 +413,11 @@ impl Credentials {
         }
     }
 
-    /// The background job that re-reads, every `interval`, what live sessions watch.
-    pub(crate) fn revocation_refresh(&self, interval: Duration) -> RevocationRefresh {
+    /// The background job that re-reads what live sessions watch.
+    pub(crate) fn revocation_refresh(&self) -> RevocationRefresh {
         RevocationRefresh {
             store: self.store.clone(),
             cache: self.cache.clone(),
-            interval,
         }
     }
 

@@ -10,20 +10,15 @@
 //! bus message cannot undo it.
 
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use super::cache::{CredentialCache, TokenState};
-use crate::audit::chain;
 use crate::store::{Store, StoreError};
 
-/// Spawned by the assembly code:
-/// `tasks.spawn(credentials.revocation_refresh(heartbeat_interval).run(stop.clone()))`.
+/// A periodic task ([`crate::tasks::Task`]), spawned by the assembly code with
+/// `spawn_periodic` every heartbeat interval.
 pub(crate) struct RevocationRefresh {
     pub(super) store: Store,
     pub(super) cache: Arc<CredentialCache>,
-    pub(super) interval: Duration,
 }
 
 impl RevocationRefresh {
@@ -52,23 +47,5 @@ impl RevocationRefresh {
             self.cache.put_token(jti, state);
         }
         Ok(agents.len() + tokens.len())
-    }
-
-    /// Refreshes every interval until `stop`; a failed round is logged and retried at the
-    /// next tick.
-    pub(crate) async fn run(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.refresh().await {
-                // Sessions watch again at their next ping; until the database answers,
-                // the cache's entries age out and lost revocations wait.
-                tracing::warn!(error = %chain(&e), "could not refresh the credentials live sessions hold");
-            }
-        }
     }
 }
