@@ -262,8 +262,8 @@ impl Application {
         })
         .await
         .is_ok();
-        // Last: connections the pool is still opening (it fills up while a replica
-        // starts) must be done before the process exits; see `Store::settle`.
+        // Last: queued writes are answered and pooled connections returned before the
+        // process exits; see `Store::settle`.
         let settled = state
             .store
             .settle(deadline.max(Instant::now() + SETTLE_AT_LEAST))
@@ -276,7 +276,7 @@ impl Application {
                 "shutdown timeout reached with work still in flight; exiting anyway"
             );
         } else {
-            tracing::warn!("database connections still opening; exiting anyway");
+            tracing::warn!("database work still in flight; exiting anyway");
         }
         finished && settled
     }

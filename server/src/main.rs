@@ -88,7 +88,8 @@ async fn serve(config: Config) -> ExitCode {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = %agent_server::error::error_chain(&e), "could not start");
-            return ExitCode::FAILURE;
+            // The pool may still be retrying connections on its own threads.
+            exit_without_handlers(1)
         }
     };
     if config.is_sqlite() {
@@ -106,15 +107,28 @@ async fn serve(config: Config) -> ExitCode {
         offline_timeout = ?config.offline_timeout,
         "agent-server listening"
     );
-    if !app.run_until_stopped(shutdown).await {
-        // Work was abandoned, and threads of the database pool may still be in OpenSSL
-        // (libpq's TLS): leave without the C library's exit handlers, since OpenSSL's
-        // would free what those threads use and crash the process (`Store::settle`).
-        // Logs go to stderr unbuffered; nothing else is pending.
-        // SAFETY: _exit ends the process; no Rust state is used afterwards.
-        unsafe { libc::_exit(0) }
-    }
-    ExitCode::SUCCESS
+    // 0 also when the drain timed out: the process was asked to stop and did; the log
+    // says what was abandoned.
+    app.run_until_stopped(shutdown).await;
+    exit_without_handlers(0)
+}
+
+/// Ends the process at once with `code`, without the C library's exit handlers.
+///
+/// r2d2 opens database connections on threads it never joins, and its pool does not
+/// count a connection still being opened (`Store::settle` cannot see it): a replica
+/// stopped right after it started exits while one of those threads is in libpq's TLS
+/// handshake, and OpenSSL's exit handler then frees what that thread uses (SIGSEGV
+/// after "drained; exiting", seen in CI). Everything that matters is done by now: the
+/// drain finished or timed out, the group-commit writers answered every queued write
+/// (`Store::settle`), and logs go to stderr unbuffered. Leaving without exit handlers avoids the race
+/// whatever the pool is doing; the kernel closes the sockets.
+fn exit_without_handlers(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit ends the process; no Rust state is used afterwards.
+    unsafe { libc::_exit(code) }
 }
 
 /// Registers the SIGTERM and SIGINT handlers now; the returned future resolves on the

@@ -506,14 +506,11 @@ impl Store {
         }
     }
 
-    /// Waits until no pooled connection is being opened or used, or until `deadline`;
-    /// returns whether the pool settled. r2d2 opens connections on threads of its own and
-    /// never joins them, and libpq's TLS and SCRAM run on those threads: a process that
-    /// exits while one of them is in OpenSSL crashes in OpenSSL's exit handler (SIGSEGV
-    /// after a clean drain, seen when a replica is stopped right after it started and
-    /// the pool was still filling). The group-commit writers' threads are not joined
-    /// either, so this also waits until they have answered every write queued. The drain
-    /// calls this last.
+    /// Waits until no pooled connection is in use and the group-commit writers have
+    /// answered every write queued, or until `deadline`; returns whether both happened.
+    /// The drain calls this last, so that what was accepted is stored before the process
+    /// exits. A connection r2d2 is still opening on one of its threads is not counted by
+    /// the pool; the process therefore leaves without exit handlers (`main.rs`).
     pub async fn settle(&self, deadline: tokio::time::Instant) -> bool {
         loop {
             let state = match &*self.pool {
