@@ -22,9 +22,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::{AsyncCommands, RedisResult, Script};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Batcher;
 use super::redis_conn::RedisConn;
 use super::{Hub, SessionHandle};
 use crate::config::RedisConfig;
@@ -33,22 +34,57 @@ use crate::metrics::Metrics;
 use crate::store::{Announcement, Change, Store, now_ms};
 use crate::ws::protocol;
 
-/// Sets the entry if the caller's epoch is at least the stored one; returns
-/// `{claimed (0|1), previous pod, previous epoch}`. Used to register and to refresh.
-const CLAIM: &str = r#"
-local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-local prev = redis.call('HGET', KEYS[1], 'pod') or ''
-if cur > tonumber(ARGV[2]) then return {0, prev, cur} end
-redis.call('HSET', KEYS[1], 'pod', ARGV[1], 'epoch', ARGV[2], 'since', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {1, prev, cur}
+/// Registers connections: for each key, sets the entry if the caller's epoch is at least
+/// the stored one. `KEYS` are the agents' entries; `ARGV` the pod and the entries' TTL
+/// (ms), then each key's epoch and `since`. Returns `{claimed (0|1), previous pod,
+/// previous epoch}` per key, in order; a key named twice is claimed in that order, as by
+/// two calls. Used to register (a batch of connects) and to refresh.
+const CLAIM_ALL: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local epoch, since = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  local held = redis.call('HMGET', key, 'epoch', 'pod')
+  local cur = tonumber(held[1] or '0')
+  local prev = held[2] or ''
+  if cur > tonumber(epoch) then
+    out[i] = {0, prev, cur}
+  else
+    redis.call('HSET', key, 'pod', ARGV[1], 'epoch', epoch, 'since', since)
+    redis.call('PEXPIRE', key, ARGV[2])
+    out[i] = {1, prev, cur}
+  end
+end
+return out
 "#;
 
-/// Deletes the entry only if it still belongs to the caller's epoch.
-const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+/// Deletes each entry (`KEYS`) only if it still belongs to the caller's epoch (`ARGV`, one
+/// per key); returns how many were deleted.
+const RELEASE_ALL: &str = r#"
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'epoch') == ARGV[i] then n = n + redis.call('DEL', key) end
+end
+return n
 "#;
+
+/// Most registry entries one script call claims or releases: a storm's claims share a
+/// few calls, and none holds Redis for more than a few milliseconds.
+const REGISTRY_BATCH: usize = 1000;
+
+/// A connect waiting for its registry claim.
+struct PendingClaim {
+    id: String,
+    epoch: i64,
+    since_ms: i64,
+    reply: oneshot::Sender<Claim>,
+}
+
+/// A disconnect waiting for its registry entry's removal.
+struct PendingRelease {
+    id: String,
+    epoch: i64,
+    done: oneshot::Sender<()>,
+}
 
 /// A message on a replica's channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,8 +147,14 @@ pub struct Cluster {
     /// died silently meanwhile (a cut link shows no error to an idle subscriber, and
     /// Redis drops clients it cannot reach), so the subscriber subscribes afresh.
     recovered: Notify,
+    /// [`CLAIM_ALL`].
     claim: Script,
+    /// [`RELEASE_ALL`].
     release: Script,
+    /// Connects waiting to be claimed together, in one script call.
+    claims: Batcher<PendingClaim>,
+    /// Disconnects waiting to be released together, in one script call.
+    releases: Batcher<PendingRelease>,
     /// Lifetime of an agent entry without refresh.
     presence_ttl: Duration,
     /// Set once this replica is routable (its readiness answered 200, or an agent
@@ -152,8 +194,10 @@ impl Cluster {
             outage_logged_ms: AtomicI64::new(i64::MIN / 2),
             resync: Notify::new(),
             recovered: Notify::new(),
-            claim: Script::new(CLAIM),
-            release: Script::new(RELEASE),
+            claim: Script::new(CLAIM_ALL),
+            release: Script::new(RELEASE_ALL),
+            claims: Batcher::new(),
+            releases: Batcher::new(),
             presence_ttl: offline_timeout + heartbeat,
             routable: AtomicBool::new(false),
         })
@@ -228,33 +272,148 @@ impl Cluster {
             })
     }
 
-    /// Registers a connection (compare-and-set on its epoch).
-    pub async fn claim(&self, id: &str, epoch: i64, since_ms: i64) -> Claim {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.claim.key(self.agent_key(id));
-        invocation
-            .arg(&self.pod)
-            .arg(epoch)
-            .arg(since_ms)
-            .arg(self.presence_ttl.as_millis() as u64);
-        let result =
-            Self::with_timeout(invocation.invoke_async::<(i64, String, i64)>(&mut conn)).await;
-        match self.track("claim", result) {
-            Some((1, prev, _)) => Claim::Claimed {
-                previous: (!prev.is_empty() && prev != self.pod).then_some(prev),
-            },
-            Some(_) => Claim::Superseded,
-            None => Claim::Unknown,
+    /// Registers a connection (compare-and-set on its epoch) and, if another replica held
+    /// the agent, tells that one to close its older session (`replaced` on its channel).
+    ///
+    /// Connects arriving together share the round trips: the claims waiting while one
+    /// batch is in flight go out as the next one, in one script call ([`CLAIM_ALL`]),
+    /// and their `replaced` notices as one pipeline. Each entry is still compare-and-set
+    /// on its own epoch, so the newest connection wins exactly as with one call each.
+    pub async fn claim(self: &Arc<Self>, id: &str, epoch: i64, since_ms: i64) -> Claim {
+        let (reply, claimed) = oneshot::channel();
+        let pending = PendingClaim {
+            id: id.to_string(),
+            epoch,
+            since_ms,
+            reply,
+        };
+        if self.claims.push(pending) {
+            let cluster = self.clone();
+            // Its own task, so a caller that goes away never strands the queue; every
+            // call in it is bounded by REDIS_TIMEOUT.
+            tokio::spawn(async move { cluster.flush_claims().await });
+        }
+        claimed.await.unwrap_or(Claim::Unknown)
+    }
+
+    /// Claims queued connects, batch after batch, until none is waiting.
+    async fn flush_claims(&self) {
+        loop {
+            let batch = self.claims.take(REGISTRY_BATCH);
+            if batch.is_empty() {
+                return;
+            }
+            let entries: Vec<(&str, i64, i64)> = batch
+                .iter()
+                .map(|p| (p.id.as_str(), p.epoch, p.since_ms))
+                .collect();
+            let outcomes = self.claim_all("claim", &entries).await;
+            let claims: Vec<Claim> = match outcomes {
+                Some(outcomes) if outcomes.len() == batch.len() => outcomes
+                    .into_iter()
+                    .map(|(claimed, prev, _)| match claimed {
+                        1 => Claim::Claimed {
+                            previous: (!prev.is_empty() && prev != self.pod).then_some(prev),
+                        },
+                        _ => Claim::Superseded,
+                    })
+                    .collect(),
+                _ => batch.iter().map(|_| Claim::Unknown).collect(),
+            };
+            let replaced: Vec<(&str, BusMessage)> = batch
+                .iter()
+                .zip(&claims)
+                .filter_map(|(p, c)| match c {
+                    Claim::Claimed {
+                        previous: Some(pod),
+                    } => Some((
+                        pod.as_str(),
+                        BusMessage::Replaced {
+                            id: p.id.clone(),
+                            epoch: p.epoch,
+                        },
+                    )),
+                    _ => None,
+                })
+                .collect();
+            if !replaced.is_empty() {
+                let mut pipe = redis::pipe();
+                for (pod, msg) in &replaced {
+                    let payload = serde_json::to_string(msg).unwrap_or_default();
+                    pipe.cmd("PUBLISH")
+                        .arg(self.channel(pod))
+                        .arg(payload)
+                        .ignore();
+                }
+                let mut conn = self.conn.clone();
+                let result = Self::with_timeout(pipe.query_async::<()>(&mut conn)).await;
+                self.track("publish", result);
+            }
+            for (pending, claim) in batch.into_iter().zip(claims) {
+                let _ = pending.reply.send(claim);
+            }
         }
     }
 
-    /// Removes a connection's entry unless a newer connection already replaced it.
-    pub(crate) async fn release(&self, id: &str, epoch: i64) {
+    /// One [`CLAIM_ALL`] call for `entries` (`client_id`, epoch, `since` in ms), at most
+    /// [`REGISTRY_BATCH`]: each entry's `(claimed, previous pod, previous epoch)`, or
+    /// `None` when Redis did not answer (counted and logged as `what`).
+    async fn claim_all(
+        &self,
+        what: &str,
+        entries: &[(&str, i64, i64)],
+    ) -> Option<Vec<(i64, String, i64)>> {
+        let mut invocation = self.claim.prepare_invoke();
+        invocation
+            .arg(&self.pod)
+            .arg(self.presence_ttl.as_millis() as u64);
+        for (id, epoch, since_ms) in entries {
+            invocation
+                .key(self.agent_key(id))
+                .arg(*epoch)
+                .arg(*since_ms);
+        }
         let mut conn = self.conn.clone();
-        let mut invocation = self.release.key(self.agent_key(id));
-        invocation.arg(epoch);
-        let result = Self::with_timeout(invocation.invoke_async::<i64>(&mut conn)).await;
-        self.track("release", result);
+        let result =
+            Self::with_timeout(invocation.invoke_async::<Vec<(i64, String, i64)>>(&mut conn)).await;
+        self.track(what, result)
+    }
+
+    /// Removes a connection's entry unless a newer connection already replaced it.
+    /// Disconnects arriving together share one script call ([`RELEASE_ALL`]), each
+    /// entry still compared with its own epoch.
+    pub(crate) async fn release(self: &Arc<Self>, id: &str, epoch: i64) {
+        let (done, released) = oneshot::channel();
+        let pending = PendingRelease {
+            id: id.to_string(),
+            epoch,
+            done,
+        };
+        if self.releases.push(pending) {
+            let cluster = self.clone();
+            tokio::spawn(async move { cluster.flush_releases().await });
+        }
+        let _ = released.await;
+    }
+
+    /// Releases queued disconnects, batch after batch, until none is waiting.
+    async fn flush_releases(&self) {
+        loop {
+            let batch = self.releases.take(REGISTRY_BATCH);
+            if batch.is_empty() {
+                return;
+            }
+            let mut invocation = self.release.prepare_invoke();
+            for p in &batch {
+                invocation.key(self.agent_key(&p.id)).arg(p.epoch);
+            }
+            let mut conn = self.conn.clone();
+            let result = Self::with_timeout(invocation.invoke_async::<i64>(&mut conn)).await;
+            self.track("release", result);
+            for p in batch {
+                let _ = p.done.send(());
+            }
+        }
     }
 
     /// The replica an agent is connected to, per the registry.
@@ -281,31 +440,13 @@ impl Cluster {
     /// or FLUSHALL) and returns the sessions that a newer connection has superseded.
     pub(crate) async fn refresh(&self, sessions: &[Arc<SessionHandle>]) -> Vec<Arc<SessionHandle>> {
         let mut stale = Vec::new();
-        let mut conn = self.conn.clone();
-        // Loading per cycle re-installs the script after a Redis restart emptied its cache.
-        let sha: String = match self.track(
-            "script load",
-            Self::with_timeout(self.claim.prepare_invoke().load_async(&mut conn)).await,
-        ) {
-            Some(sha) => sha,
-            None => return stale,
-        };
-        let ttl = self.presence_ttl.as_millis() as u64;
-        for chunk in sessions.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for s in chunk {
-                pipe.cmd("EVALSHA")
-                    .arg(&sha)
-                    .arg(1)
-                    .arg(self.agent_key(&s.client_id))
-                    .arg(&self.pod)
-                    .arg(s.epoch)
-                    .arg(s.connected_at_ms)
-                    .arg(ttl);
-            }
-            let result =
-                Self::with_timeout(pipe.query_async::<Vec<(i64, String, i64)>>(&mut conn)).await;
-            let Some(outcomes) = self.track("presence refresh", result) else {
+        for chunk in sessions.chunks(REGISTRY_BATCH) {
+            let entries: Vec<(&str, i64, i64)> = chunk
+                .iter()
+                .map(|s| (s.client_id.as_str(), s.epoch, s.connected_at_ms))
+                .collect();
+            // A script call re-installs the script after a Redis restart emptied its cache.
+            let Some(outcomes) = self.claim_all("presence refresh", &entries).await else {
                 return stale;
             };
             self.metrics.presence_refreshes.inc_by(chunk.len() as u64);

@@ -8,6 +8,7 @@
 //! In cluster mode the hub also consults the [`cluster::Cluster`] registry: `route_wake`
 //! and `route_close` reach an agent on whichever replica holds it.
 
+mod batch;
 pub mod cluster;
 pub mod rebalance;
 pub(crate) mod redis_conn;
@@ -193,21 +194,9 @@ impl Hub {
             cluster.mark_routable();
         }
         if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_healthy()) {
+            // The claim also tells a replica that held the agent to close its session.
             match cluster.claim(client_id, epoch, now_ms).await {
-                Claim::Claimed {
-                    previous: Some(pod),
-                } => {
-                    cluster
-                        .publish(
-                            &pod,
-                            &BusMessage::Replaced {
-                                id: client_id.to_string(),
-                                epoch,
-                            },
-                        )
-                        .await;
-                }
-                Claim::Claimed { previous: None } | Claim::Unknown => {}
+                Claim::Claimed { .. } | Claim::Unknown => {}
                 Claim::Superseded => {
                     self.unregister(&handle);
                     return Err(Superseded);

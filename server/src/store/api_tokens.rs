@@ -3,7 +3,8 @@
 
 use diesel::prelude::*;
 
-use super::schema::{agent_credentials, api_tokens};
+use super::schema::api_tokens;
+use super::writer::{Outcome, Write};
 use super::{Store, StoreError, WriteTransaction, now_ms, with_conn};
 
 /// A token minted through the API or by enrollment, as recorded: enough to list and
@@ -169,59 +170,25 @@ impl Store {
         client_ids: Vec<String>,
         jtis: Vec<String>,
     ) -> Result<CredentialStates, StoreError> {
-        self.run(move |pool| {
-            let mut states = CredentialStates::default();
-            for chunk in client_ids.chunks(500) {
-                let rows: Vec<(String, i64)> = with_conn!(pool, c => agent_credentials::table
-                    .filter(agent_credentials::client_id.eq_any(chunk))
-                    .select((agent_credentials::client_id, agent_credentials::generation))
-                    .load(c)?);
-                states.generations.extend(rows);
-            }
-            for chunk in jtis.chunks(500) {
-                let rows: Vec<(String, Option<i64>)> = with_conn!(pool, c => api_tokens::table
-                    .filter(api_tokens::jti.eq_any(chunk))
-                    .select((api_tokens::jti, api_tokens::revoked_at))
-                    .load(c)?);
-                states
-                    .revoked
-                    .extend(rows.into_iter().map(|(jti, at)| (jti, at.is_some())));
-            }
-            Ok(states)
-        })
+        self.run(
+            move |pool| with_conn!(pool, c => Ok(load_credential_states!(c, &client_ids, &jtis))),
+        )
         .await
     }
 
-    /// The agent's credential generation and the token's state, in one round trip.
+    /// The agent's credential generation and the token's state, for an upgrade's
+    /// revocation check. Read by the group-commit writer together with every other
+    /// admission's lookup that is waiting (two statements per batch, not per agent), so a
+    /// reconnect storm neither queues for pool connections nor fails on a pool wait.
     pub(crate) async fn credential_state(
         &self,
         client_id: Option<String>,
         jti: Option<String>,
     ) -> Result<CredentialState, StoreError> {
-        self.run(move |pool| {
-            with_conn!(pool, c => {
-                let generation = match &client_id {
-                    None => None,
-                    Some(id) => Some(agent_credentials::table
-                        .find(id)
-                        .select(agent_credentials::generation)
-                        .first::<i64>(c)
-                        .optional()?
-                        .unwrap_or(0)),
-                };
-                let token_revoked = match &jti {
-                    None => None,
-                    Some(jti) => api_tokens::table
-                        .find(jti)
-                        .select(api_tokens::revoked_at)
-                        .first::<Option<i64>>(c)
-                        .optional()?
-                        .map(|r| r.is_some()),
-                };
-                Ok(CredentialState { generation, token_revoked })
-            })
-        })
-        .await
+        match self.write(Write::Credentials { client_id, jti }).await? {
+            Outcome::Credentials(state) => Ok(state),
+            _ => Err(StoreError::Task),
+        }
     }
 
     /// The agent's current credential generation (0 when never bumped).
@@ -241,6 +208,37 @@ impl Store {
         .await
     }
 }
+
+/// The reads behind [`Store::credential_states`], usable inside a transaction on either
+/// backend: `$ids` and `$jtis` are `&[impl AsRef<str>]`-like slices of `String` or `&str`;
+/// evaluates to the `CredentialStates`, 500 keys per statement, and returns a query's
+/// error with `?` (the enclosing function's error must come `From` diesel's).
+macro_rules! load_credential_states {
+    ($c:expr, $ids:expr, $jtis:expr) => {{
+        use $crate::store::schema::{agent_credentials as ac, api_tokens as at};
+        {
+            let mut states = $crate::store::api_tokens::CredentialStates::default();
+            for chunk in $ids.chunks(500) {
+                let rows: Vec<(String, i64)> = ac::table
+                    .filter(ac::client_id.eq_any(chunk))
+                    .select((ac::client_id, ac::generation))
+                    .load($c)?;
+                states.generations.extend(rows);
+            }
+            for chunk in $jtis.chunks(500) {
+                let rows: Vec<(String, Option<i64>)> = at::table
+                    .filter(at::jti.eq_any(chunk))
+                    .select((at::jti, at::revoked_at))
+                    .load($c)?;
+                states
+                    .revoked
+                    .extend(rows.into_iter().map(|(jti, at)| (jti, at.is_some())));
+            }
+            states
+        }
+    }};
+}
+pub(crate) use load_credential_states;
 
 /// The upsert behind [`Store::bump_agent_generation`], usable inside a transaction on
 /// either backend: evaluates to `QueryResult<i64>`, the new generation.

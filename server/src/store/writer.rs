@@ -26,8 +26,9 @@
 //! So a batch costs a handful of statements whatever its size: the `delivered` marks of
 //! several sessions are one `UPDATE`, the agents of several queued commands one `SELECT`
 //! and their rows one `INSERT` (and one for their audit entries), the connect-time
-//! "anything to send?" checks one `SELECT`, and the connects, disconnects, hellos and
-//! results one statement per kind.
+//! "anything to send?" checks one `SELECT`, the upgrades' revocation checks one `SELECT`
+//! of generations and one of tokens, and the connects, disconnects, hellos and results
+//! one statement per kind.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +37,7 @@ use std::sync::{Arc, mpsc};
 use diesel::prelude::*;
 use tokio::sync::oneshot;
 
+use super::api_tokens::{CredentialState, load_credential_states};
 use super::commands::OPEN;
 use super::schema::{agents, audit_log, commands};
 use super::sets::{ConnectRow, DisconnectRow, HelloRow, ResultRow, SetStatements};
@@ -94,6 +96,13 @@ pub(crate) enum Write {
     /// or delivered without a result, released, not expired). Outcome:
     /// [`Outcome::Applied`].
     Sendable { agent_id: String, now: i64 },
+    /// A read for an upgrade's revocation check: the agent's credential generation (when
+    /// `client_id` is given) and the token's state (when `jti` is). Outcome:
+    /// [`Outcome::Credentials`].
+    Credentials {
+        client_id: Option<String>,
+        jti: Option<String>,
+    },
 }
 
 /// What a write came to.
@@ -103,6 +112,7 @@ pub(crate) enum Outcome {
     Applied(bool),
     Count(usize),
     Result(ResultOutcome),
+    Credentials(CredentialState),
     Done,
 }
 
@@ -189,22 +199,24 @@ fn next_batch(rx: &std::sync::Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
     Some(batch)
 }
 
-/// Where a write goes in a batch: `delivered` marks, connect-time checks and queued
-/// commands first (they lock no agent row, and runs of each share a statement), then
+/// Where a write goes in a batch: `delivered` marks, connect-time checks, credential
+/// lookups and queued commands first (they lock no agent row, and runs of each share a
+/// statement), then
 /// the writes that lock an agent's row or a result's command row, by agent and command.
 fn lock_order(w: &Write) -> (u8, &str, &str) {
     match w {
         Write::Delivered { .. } => (0, "", ""),
         Write::Sendable { .. } => (1, "", ""),
-        Write::Command { .. } => (2, "", ""),
+        Write::Credentials { .. } => (2, "", ""),
+        Write::Command { .. } => (3, "", ""),
         Write::Connect { id, .. } | Write::Disconnect { id, .. } | Write::Hello { id, .. } => {
-            (3, id, "")
+            (4, id, "")
         }
         Write::Result {
             agent_id,
             command_id,
             ..
-        } => (3, agent_id, command_id),
+        } => (4, agent_id, command_id),
     }
 }
 
@@ -333,9 +345,28 @@ fn apply(pool: &DbPool, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
             }
         }
 
+        // Credential lookups of upgrades: one read of generations and one of tokens.
+        let lookups = of_kind(2);
+        if !lookups.is_empty() {
+            let asked = |i: usize| match &writes[i] {
+                Write::Credentials { client_id, jti } => (client_id.as_deref(), jti.as_deref()),
+                _ => (None, None),
+            };
+            let ids: Vec<&str> = lookups.iter().filter_map(|&i| asked(i).0).collect();
+            let jtis: Vec<&str> = lookups.iter().filter_map(|&i| asked(i).1).collect();
+            let states = load_credential_states!(c, &ids, &jtis);
+            for i in lookups {
+                let (id, jti) = asked(i);
+                out[i] = Some(Outcome::Credentials(CredentialState {
+                    generation: id.map(|id| states.generations.get(id).copied().unwrap_or(0)),
+                    token_revoked: jti.and_then(|j| states.revoked.get(j).copied()),
+                }));
+            }
+        }
+
         // Queued commands: their agents in one read, then every row (and audit entry) in
         // one multi-row insert each.
-        let queued = of_kind(2);
+        let queued = of_kind(3);
         if !queued.is_empty() {
             let cmds: Vec<(usize, &NewCommand, Option<&NewAuditRow>)> = queued
                 .iter()
@@ -373,7 +404,7 @@ fn apply(pool: &DbPool, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
             }
         }
 
-        apply_agent_writes(c, writes, &of_kind(3), &mut out)?;
+        apply_agent_writes(c, writes, &of_kind(4), &mut out)?;
         out.into_iter().collect::<Option<Vec<_>>>().ok_or(StoreError::Task)
     }))
 }

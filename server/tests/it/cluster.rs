@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use agent_server::auth::{Role, Tokens};
 use agent_server::config::Secret;
+use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -262,6 +263,50 @@ async fn duplicate_connection_on_another_replica_closes_the_older_within_two_sec
     let (_, agent) = c.get(0, "/api/v1/agents/twin").await;
     assert_eq!(agent["pod"], "pod-b");
     eprintln!("duplicate across replicas: older closed in {kicked:?}; 0 lost");
+}
+
+/// Agents admitted together share registry round trips (one script call claims many
+/// entries, one pipeline carries the `replaced` notices), yet each entry is still
+/// compare-and-set on its own epoch: when a whole fleet moves to another replica at once,
+/// every entry names the agent's newest connection and every older one is told it was
+/// replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_moving_at_once_is_registered_with_its_newest_connections() {
+    let Some(c) = cluster(2, &[]).await else {
+        return;
+    };
+    let ids = ids("herd", 100);
+    let olds = join_all(ids.iter().map(|id| c.connect(0, id))).await;
+    let news = join_all(ids.iter().map(|id| c.connect(1, id))).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}/", c.redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for ((id, mut old), new) in ids.iter().zip(olds).zip(&news) {
+        assert_eq!(
+            old.closed().await.0,
+            4001,
+            "{id}'s older connection is replaced"
+        );
+        let (pod, epoch): (String, i64) = redis::cmd("HMGET")
+            .arg(format!("it:agent:{id}"))
+            .arg("pod")
+            .arg("epoch")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(pod, "pod-b", "{id}");
+        assert_eq!(Some(epoch), new.welcome["epoch"].as_i64(), "{id}");
+        assert!(new.welcome["epoch"].as_i64() > old.welcome["epoch"].as_i64());
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let scripts = stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .collect::<Vec<_>>();
+    eprintln!("200 connects and 100 replacements on 2 replicas; script calls: {scripts:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::procfs::{CpuMeter, pids_named};
-use crate::services::SimProc;
+use crate::services::{SimProc, redis_calls_per};
+use crate::storm::redis_calls;
 use crate::{Ctx, thousands};
 
 const BENCH: &str = "6 churn";
@@ -65,7 +66,11 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     let pg_cpu = stack.db.cpu_meter();
     let pg_all = CpuMeter::start_listing(|| pids_named("postgres"));
     let sim_cpu = CpuMeter::start(sim.pids());
+    let redis0 = redis_calls(&stack);
+    let db0 = stack.db.activity().unwrap_or_default();
     tokio::time::sleep(len).await;
+    let redis1 = redis_calls(&stack);
+    let db1 = stack.db.activity().unwrap_or_default();
     let (server_pct, redis_pct, pg_pct, pg_all_pct, sim_pct) = (
         server_cpu.percent(),
         redis_cpu.percent(),
@@ -94,6 +99,30 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     );
     println!(
         "  CPU, % of one core: server {server_pct:.0}, Redis {redis_pct:.0}, PostgreSQL backends {pg_pct:.0} (all PostgreSQL processes {pg_all_pct:.0}), simulator {sim_pct:.0}"
+    );
+    let cycles = upgrades * wall;
+    let redis_per = redis_calls_per(&redis0, &redis1, cycles);
+    println!(
+        "  per connect/disconnect cycle: Redis commands {redis_per}; database {}",
+        db1.per(&db0, cycles)
+    );
+    ctx.figure(
+        BENCH,
+        "Redis commands per cycle",
+        redis_per.split(' ').next().unwrap_or("").to_string(),
+        "",
+        None,
+    );
+    ctx.figure(
+        BENCH,
+        "DB transactions / table scans per cycle",
+        format!(
+            "{:.2} / {:.2}",
+            db1.transactions.saturating_sub(db0.transactions) as f64 / cycles.max(1.0),
+            db1.scans.saturating_sub(db0.scans) as f64 / cycles.max(1.0)
+        ),
+        "",
+        None,
     );
     ctx.figure(
         BENCH,

@@ -50,6 +50,32 @@ impl Database {
         backend_pids(&self.server, &self.name)
     }
 
+    /// Transactions and table scans of this database so far (`pg_stat_database`,
+    /// `pg_stat_user_tables`): the difference over a window, divided by the admissions in
+    /// it, is the database work per admission. PostgreSQL publishes a busy backend's
+    /// counts about once a second, so a window should end a second or two after the work.
+    pub fn activity(&self) -> Result<DbActivity> {
+        let out = psql(
+            &self.url(),
+            &format!(
+                "SELECT (SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{}'), \
+                 (SELECT COALESCE(SUM(COALESCE(seq_scan, 0) + COALESCE(idx_scan, 0)), 0) FROM pg_stat_user_tables), \
+                 (SELECT COALESCE(SUM(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables)",
+                self.name
+            ),
+        )?;
+        let fields: Vec<u64> = out
+            .trim()
+            .split('|')
+            .map(|f| f.trim().parse().unwrap_or(0))
+            .collect();
+        Ok(DbActivity {
+            transactions: fields.first().copied().unwrap_or(0),
+            scans: fields.get(1).copied().unwrap_or(0),
+            rows_written: fields.get(2).copied().unwrap_or(0),
+        })
+    }
+
     /// CPU of this database's backends, including those opened during the window.
     pub fn cpu_meter(&self) -> super::procfs::CpuMeter {
         let (server, name) = (self.server.clone(), self.name.clone());
@@ -63,6 +89,31 @@ impl Drop for Database {
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.name
         ));
+    }
+}
+
+/// Cumulative database counters; see [`Database::activity`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DbActivity {
+    /// Transactions committed or rolled back.
+    pub transactions: u64,
+    /// Sequential and index scans started on the project's tables: about one per
+    /// statement that reads or writes a table (a join or a subquery adds one).
+    pub scans: u64,
+    /// Rows inserted, updated or deleted.
+    pub rows_written: u64,
+}
+
+impl DbActivity {
+    /// Per admission over the window from `before` to `self`: transactions, scans, rows.
+    pub fn per(&self, before: &DbActivity, admissions: f64) -> String {
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / admissions.max(1.0);
+        format!(
+            "{:.2} transactions, {:.2} table scans, {:.2} rows written",
+            per(self.transactions, before.transactions),
+            per(self.scans, before.scans),
+            per(self.rows_written, before.rows_written)
+        )
     }
 }
 
@@ -134,31 +185,44 @@ impl Redis {
         self.child.id().unwrap_or(0)
     }
 
-    /// `INFO commandstats`: calls per command since the start (or the last reset).
+    /// Calls per command since start (`INFO commandstats`; commands a Lua script runs
+    /// count under their own names too).
     pub fn command_calls(&self) -> Result<std::collections::BTreeMap<String, u64>> {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "INFO", "commandstats"])
             .output()
-            .context("running redis-cli (is the Redis client installed?)")?;
-        if !out.status.success() {
-            bail!(
-                "redis-cli INFO commandstats: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(parse_commandstats(&String::from_utf8_lossy(&out.stdout)))
+            .context("running redis-cli")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_string(), calls.parse().ok()?))
+            })
+            .collect())
     }
 }
 
-/// `cmdstat_evalsha:calls=12,usec=…` lines → {"evalsha": 12}.
-fn parse_commandstats(text: &str) -> std::collections::BTreeMap<String, u64> {
-    text.lines()
-        .filter_map(|l| {
-            let (name, rest) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-            Some((name.to_string(), calls.parse().ok()?))
+/// Redis commands per admission between two [`Redis::command_calls`] readings: the
+/// total, then each command's share (`evalsha 0.01, hget 1.00, …`), largest first.
+pub fn redis_calls_per(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    admissions: f64,
+) -> String {
+    let mut each: Vec<(&str, f64)> = after
+        .iter()
+        .map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (k.as_str(), d as f64 / admissions.max(1.0))
         })
-        .collect()
+        .filter(|(_, d)| *d > 0.0)
+        .collect();
+    each.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = each.iter().map(|(_, d)| d).sum();
+    let list: Vec<String> = each.iter().map(|(k, d)| format!("{k} {d:.2}")).collect();
+    format!("{total:.2} ({})", list.join(", "))
 }
 
 /// One agent-server replica, its log in a file.
@@ -592,17 +656,6 @@ impl SimProc {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redis_commandstats_are_read_as_calls_per_command() {
-        let calls = parse_commandstats(
-            "# Commandstats\r\ncmdstat_evalsha:calls=12,usec=30,usec_per_call=2.50,rejected_calls=0,failed_calls=0\r\n\
-             cmdstat_publish:calls=3,usec=4,usec_per_call=1.33\r\n",
-        );
-        assert_eq!(calls.get("evalsha"), Some(&12));
-        assert_eq!(calls.get("publish"), Some(&3));
-        assert_eq!(calls.len(), 2);
-    }
 
     #[test]
     fn metrics_are_summed_over_matching_labels() {

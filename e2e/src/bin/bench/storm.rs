@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio::task::JoinSet;
 
 use crate::procfs::{CpuMeter, rss_kib};
-use crate::services::SimProc;
+use crate::services::{SimProc, redis_calls_per};
 use crate::{Ctx, post_command, thousands};
 
 const BENCH: &str = "4 storm";
@@ -92,6 +92,8 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     let server_cpu = CpuMeter::start(vec![b_pid]);
     let redis_cpu = CpuMeter::start(stack.redis.as_ref().map(|r| r.pid()).into_iter().collect());
     let pg_cpu = stack.db.cpu_meter();
+    let redis_calls0 = redis_calls(&stack);
+    let db0 = stack.db.activity().unwrap_or_default();
     let killed = Instant::now();
     stack.servers[0].sigkill().await;
 
@@ -127,6 +129,10 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     let redis_pct = redis_cpu.percent();
     let pg_pct = pg_cpu.percent();
     let rss1 = rss_kib(b_pid).unwrap_or(0);
+    // PostgreSQL publishes a busy backend's counters about once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let redis_calls1 = redis_calls(&stack);
+    let db1 = stack.db.activity().unwrap_or_default();
     let (during_ids, post_failures) = queued.await?;
     commands.extend(during_ids);
 
@@ -187,6 +193,29 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         redis_pct,
         pg_pct
     );
+    let redis_per = redis_calls_per(&redis_calls0, &redis_calls1, f64::from(n));
+    println!(
+        "  per admission (with the storm's commands and heartbeats): Redis commands {redis_per}; database {}",
+        db1.per(&db0, f64::from(n))
+    );
+    ctx.figure(
+        BENCH,
+        "Redis commands per admission",
+        redis_per.split(' ').next().unwrap_or("").to_string(),
+        "",
+        None,
+    );
+    ctx.figure(
+        BENCH,
+        "DB transactions / table scans per admission",
+        format!(
+            "{:.2} / {:.2}",
+            db1.transactions.saturating_sub(db0.transactions) as f64 / f64::from(n),
+            db1.scans.saturating_sub(db0.scans) as f64 / f64::from(n)
+        ),
+        "",
+        None,
+    );
     ctx.figure(
         BENCH,
         format!(
@@ -223,6 +252,15 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         commands.len()
     );
     Ok(())
+}
+
+/// Calls per Redis command so far on the stack's redis-server (empty without one).
+pub fn redis_calls(stack: &crate::Stack) -> std::collections::BTreeMap<String, u64> {
+    stack
+        .redis
+        .as_ref()
+        .and_then(|r| r.command_calls().ok())
+        .unwrap_or_default()
 }
 
 /// How many of `ids` still have no result after waiting up to `bound`.
