@@ -8,8 +8,8 @@ run:
     cargo run --release -p agent-server
 
 # The OpenAPI contract (a smoke run of about a minute, 25 examples per operation), the
-# chart checks, the workflow lint and the local end-to-end scenarios come after the Rust
-# tests.
+# chart checks, the workflow lint, the local end-to-end scenarios and a 10 s run of every
+# fuzz target come after the Rust tests.
 # Everything CI runs: formatting, lints, tests, the API contract, chart and workflow
 # checks, local e2e.
 test: lint
@@ -18,6 +18,7 @@ test: lint
     just chart-lint
     just workflow-lint
     just e2e-local
+    just fuzz all 10
 
 # Validates the OpenAPI document of a live server (openapi-spec-validator) and runs
 # schemathesis against it with an admin token and seeded resources: no 5xx, every
@@ -120,25 +121,32 @@ workflow-lint:
     fi
     echo "actionlint: .github/workflows clean"
 
-# cargo-fuzz comes from crates.io on first use; RUSTC_BOOTSTRAP=1 lets the stable compiler
-# take the sanitizer flags it passes. Not part of `just test`: the instrumented build of the
-# server takes about ten minutes of CPU; CI's `fuzz` job runs the smoke run. Longer runs:
-# `just fuzz token 3600`. A crash is saved under fuzz/artifacts/<target>/; replay it with
-# `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run <target> artifacts/<target>/<file>`.
-# Fuzz every target (or one) for `seconds` each; 20 s is the smoke run.
+# Needs cargo-fuzz (`cargo install cargo-fuzz --locked`; scripts/test.sh installs it) and
+# the nightly toolchain (`rustup toolchain install nightly --profile minimal`) for the
+# sanitizer flags. fuzz/Cargo.lock must be current (checked first). Every target starts
+# from its seeds in fuzz/corpus/<target>/ (the inputs of the tests); `just test` runs
+# each for 10 s; longer runs: `just fuzz token 3600`. A crash is saved under
+# fuzz/artifacts/<target>/; replay it with
+# `cd fuzz && cargo +nightly fuzz run <target> artifacts/<target>/<file>`.
+# Fuzz every target (or one) for `seconds` each.
 fuzz target="all" seconds="20":
     #!/usr/bin/env bash
     set -euo pipefail
-    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    command -v cargo-fuzz >/dev/null || { echo "just fuzz needs cargo-fuzz: cargo install cargo-fuzz --locked" >&2; exit 2; }
+    cargo +nightly --version >/dev/null 2>&1 || { echo "just fuzz needs the nightly toolchain (cargo-fuzz passes sanitizer flags): rustup toolchain install nightly --profile minimal" >&2; exit 2; }
     cd fuzz
-    export RUSTC_BOOTSTRAP=1
+    cargo +nightly metadata --locked --format-version 1 >/dev/null || { echo "fuzz/Cargo.lock is out of date: run \`cargo +nightly update --workspace\` in fuzz/ and commit it" >&2; exit 2; }
     targets="{{target}}"
-    if [ "$targets" = all ]; then targets="$(cargo fuzz list)"; fi
+    if [ "$targets" = all ]; then targets="$(cargo +nightly fuzz list)"; fi
+    started=$(date +%s)
+    if [ "{{target}}" = all ]; then cargo +nightly fuzz build; else cargo +nightly fuzz build "{{target}}"; fi
+    echo "==> fuzz targets built in $(( $(date +%s) - started )) s"
     for t in $targets; do
         echo "==> fuzz $t for {{seconds}} s"
         mkdir -p "corpus/$t"
-        cargo fuzz run "$t" "corpus/$t" -- -max_total_time={{seconds}} -max_len=65536 -print_final_stats=1
+        cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time={{seconds}} -max_len=65536 -print_final_stats=1
     done
+    echo "==> fuzzing done in $(( $(date +%s) - started )) s"
 
 # `just bench idle` runs one benchmark; `just bench storm --agents 5000` another size.
 # Capacity benchmarks 1-8 against release builds, about 15 minutes (docs/benchmarks.md);

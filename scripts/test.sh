@@ -8,6 +8,8 @@
 #
 # What it installs, where it can:
 #   just                           with `cargo install just --locked` (any user)
+#   cargo-fuzz                     with `cargo install cargo-fuzz --locked` (any user;
+#                                  the fuzz smoke run of `just test`)
 #   Debian packages                with apt-get, as root on Debian or Ubuntu:
 #     build-essential pkg-config libpq-dev libsqlite3-dev   (building the server)
 #     chromium chromium-driver                              (the web UI test)
@@ -16,8 +18,9 @@
 #     python3 python3-venv curl                             (chart checks and the OpenAPI
 #                                                            contract: their Python tools go
 #                                                            into venvs under target/)
-# What it only checks, and says how to get: Rust (rustup), helm (the chart checks),
-# and a PostgreSQL on 127.0.0.1:5432 that user `postgres` may use without a
+# What it only checks, and says how to get: Rust (rustup), the nightly toolchain
+# (`rustup toolchain install nightly --profile minimal`: the fuzz build passes sanitizer
+# flags), helm (the chart checks), and a PostgreSQL on 127.0.0.1:5432 that user `postgres` may use without a
 # password (or TEST_POSTGRES_URL). A PostgreSQL cluster that is installed but
 # stopped is started with pg_ctlcluster; a running one is never stopped or
 # reconfigured.
@@ -111,6 +114,11 @@ elif { [ ! -x target/chart-venv/bin/checkov ] || [ ! -x target/contract-venv/bin
   packages+=(python3-venv)
 fi
 
+# The fuzz targets build with `cargo +nightly fuzz` (sanitizer flags need nightly).
+if have cargo && ! cargo +nightly --version >/dev/null 2>&1; then
+  manual+=("the nightly Rust toolchain (the fuzz smoke run): rustup toolchain install nightly --profile minimal")
+fi
+
 if ! have helm; then
   manual+=("helm (chart checks: helm lint and helm template): https://helm.sh/docs/intro/install/")
 fi
@@ -137,6 +145,15 @@ if ! have just; then
     cargo install just --locked --quiet
   else
     manual+=("just: cargo install just --locked (after installing Rust)")
+  fi
+fi
+
+if ! have cargo-fuzz; then
+  if have cargo; then
+    step "installing cargo-fuzz (cargo install cargo-fuzz --locked)"
+    cargo install cargo-fuzz --locked --quiet
+  else
+    manual+=("cargo-fuzz: cargo install cargo-fuzz --locked (after installing Rust)")
   fi
 fi
 

@@ -80,6 +80,7 @@ impl Application {
             let settings = PoolSettings {
                 size: config.database_pool_size,
                 statement_timeout: config.database_statement_timeout,
+                outage_timeout: config.database_outage_timeout,
             };
             tokio::task::spawn_blocking(move || Store::open(&url, settings))
                 .await

@@ -194,6 +194,9 @@ pub struct Config {
     /// `statement_timeout` and SQLite's `busy_timeout` on every pooled connection, and
     /// the server's own bound on waiting for an answer (a cut network answers nothing).
     pub(crate) database_statement_timeout: Duration,
+    /// DATABASE_OUTAGE_TIMEOUT: how soon a database that answers nothing (stopped, hung,
+    /// cut off) is reported as unavailable (`store/liveness.rs`).
+    pub(crate) database_outage_timeout: Duration,
     /// COMMAND_SWEEP_INTERVAL: how often this pod re-checks pending commands of its agents
     /// (a safety net for lost wake-ups) and expires commands past their TTL.
     pub(crate) command_sweep_interval: Duration,
@@ -466,6 +469,20 @@ impl Config {
                         })
                         .ok_or_else(|| {
                             "a duration from 100ms to 1h, such as \"10s\" or \"500ms\"".into()
+                        })
+                },
+            )?,
+            database_outage_timeout: parse_or(
+                &get,
+                "DATABASE_OUTAGE_TIMEOUT",
+                crate::store::DEFAULT_OUTAGE_TIMEOUT,
+                |v| {
+                    parse_duration(v)
+                        .filter(|d| {
+                            (Duration::from_millis(200)..=Duration::from_secs(60)).contains(d)
+                        })
+                        .ok_or_else(|| {
+                            "a duration from 200ms to 60s, such as \"2s\" or \"1500ms\"".into()
                         })
                 },
             )?,
@@ -1126,6 +1143,21 @@ mod tests {
             let e = parse(&[("DATABASE_STATEMENT_TIMEOUT", bad)]).unwrap_err();
             assert_eq!(e.var, "DATABASE_STATEMENT_TIMEOUT");
             assert!(e.to_string().contains("from 100ms to 1h"), "{e}");
+        }
+    }
+
+    #[test]
+    fn outage_timeout_defaults_to_two_seconds_and_stays_within_bounds() {
+        assert_eq!(
+            parse(&[]).unwrap().database_outage_timeout,
+            Duration::from_secs(2)
+        );
+        let c = parse(&[("DATABASE_OUTAGE_TIMEOUT", "1500ms")]).unwrap();
+        assert_eq!(c.database_outage_timeout, Duration::from_millis(1500));
+        for bad in ["0", "100ms", "2m", "soon"] {
+            let e = parse(&[("DATABASE_OUTAGE_TIMEOUT", bad)]).unwrap_err();
+            assert_eq!(e.var, "DATABASE_OUTAGE_TIMEOUT");
+            assert!(e.to_string().contains("from 200ms to 60s"), "{e}");
         }
     }
 

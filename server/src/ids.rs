@@ -1,7 +1,32 @@
-//! Identifier rules shared by the WebSocket path, the API and the token minter.
+//! Identifier rules shared by the WebSocket path, the API and the token minter, and the
+//! one label rule of every place a label comes from or is named in.
 
 /// The `client_id` rule, shared with agents: the protocol crate holds the one copy.
 pub(crate) use agent_protocol::check_client_id;
+
+/// Most labels one agent, enroll secret or job target holds.
+pub(crate) const MAX_LABELS: usize = 32;
+/// Longest label, in bytes (they are ASCII).
+pub(crate) const MAX_LABEL_LEN: usize = 64;
+
+/// The label rule (docs/protocol.md, `hello.labels`): 1 to [`MAX_LABEL_LEN`] of
+/// `A-Z a-z 0-9 . _ : / -`. The same for labels an agent reports, labels an enroll secret
+/// gives, and labels a job target or a rollout names, so that every label an agent can
+/// hold can be targeted. The error says the rule.
+pub(crate) fn check_label(label: &str) -> Result<(), String> {
+    let valid = !label.is_empty()
+        && label.len() <= MAX_LABEL_LEN
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "a label is 1 to {MAX_LABEL_LEN} letters, digits, '.', '_', ':', '/' or '-' (got {label:?})"
+        ))
+    }
+}
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
 pub(crate) fn rfc3339(ms: i64) -> String {
@@ -51,6 +76,23 @@ mod tests {
         // Only whole dot segments are removed; dots within an id are kept by URL clients.
         for good in ["...", ".a", "a.", "a..b", "..a"] {
             assert!(check_client_id(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn labels_are_short_words_of_a_url_safe_charset() {
+        for good in [
+            "canary",
+            "region:eu",
+            "tier/web",
+            "a.b_c-d",
+            &"x".repeat(64),
+        ] {
+            assert!(check_label(good).is_ok(), "{good}");
+        }
+        for bad in ["", "web server", "ü", "a\0", "a,b", &"x".repeat(65)] {
+            let e = check_label(bad).unwrap_err();
+            assert!(e.contains("1 to 64"), "{e}");
         }
     }
 

@@ -79,6 +79,64 @@ pub mod fuzzing {
     pub fn verify_at(tokens: &Tokens, token: &str, now: f64) -> Result<Claims, AuthError> {
         tokens.verify_at(token, now)
     }
+
+    /// What the server's routes make of the path and query string of a GET to `uri`
+    /// (`/ws/{client_id}`, the list endpoints' `?limit=&after=&before=&q=&status=…`): the
+    /// status and the JSON body, which holds what the extractors and the handlers' checks
+    /// decoded, or the error. `None` when `uri` is no request target, or no route takes
+    /// it. The routes' patterns, middleware and extractors are the server's own
+    /// (`http::fuzzing`); nothing reaches a store.
+    pub fn get_uri(uri: &str) -> Option<(u16, serde_json::Value)> {
+        thread_local! {
+            static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a current-thread runtime");
+        }
+        let uri: http::Uri = uri.parse().ok()?;
+        RUNTIME.with(|rt| rt.block_on(crate::http::fuzzing::get_uri(uri)))
+    }
+
+    /// The label rule (`ids::check_label`).
+    pub fn check_label(label: &str) -> Result<(), String> {
+        crate::ids::check_label(label)
+    }
+
+    /// The labels a hello keeps, and why the others were refused
+    /// (`binaries::rollout::check_labels`).
+    pub fn check_labels(reported: Vec<String>) -> (Vec<String>, Option<String>) {
+        crate::binaries::rollout::check_labels(reported)
+    }
+
+    /// The labels an enroll secret gives its agents (`credentials::enroll_labels`).
+    pub fn enroll_labels(given: Vec<String>) -> Result<Vec<String>, String> {
+        crate::credentials::enroll_labels(given).map_err(|e| e.to_string())
+    }
+
+    /// What SQL selects of a job target, once checked (`Target::resolve`).
+    #[derive(Debug)]
+    pub struct Selection {
+        /// These client_ids.
+        pub ids: Option<Vec<String>>,
+        /// Agents with every one of these labels.
+        pub labels: Vec<String>,
+        /// Reported os, lowercase.
+        pub os: Option<String>,
+        /// Reported arch, lowercase.
+        pub arch: Option<String>,
+    }
+
+    /// Checks a job's target as `POST /api/v1/jobs` does (`hash_key` is the job's name).
+    pub fn resolve_target(
+        target: &crate::jobs::Target,
+        hash_key: &str,
+    ) -> Result<Selection, String> {
+        target.resolve(hash_key).map(|r| Selection {
+            ids: r.selection.ids,
+            labels: r.selection.labels,
+            os: r.selection.os,
+            arch: r.selection.arch,
+        })
+    }
 }
 
 pub use app::Application;

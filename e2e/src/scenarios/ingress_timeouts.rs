@@ -121,64 +121,27 @@ pub async fn run<C: Target>(
         }
         Err(e) => report.check(false, format!("the 10 MiB inventory was refused: {e}")),
     }
-    match api
-        .call(
-            Method::POST,
-            &path,
-            Some(&agent_token),
-            Body::Raw(document(11 * 1024 * 1024)),
-            &[413],
-        )
-        .await
-    {
-        Ok(reply) => {
-            // The server's own 413 is JSON; the ingress answers with its HTML page.
-            let from_ingress = !reply.content_type.contains("application/json");
-            println!(
-                "  11 MiB inventory: 413 from {} ({})",
-                if from_ingress {
-                    "the ingress"
-                } else {
-                    "the server"
-                },
-                reply.content_type
-            );
-            report.check(
-                from_ingress,
-                "the 11 MiB inventory got the server's 413, not the ingress's: routes.inventory.bodySize is not applied",
-            );
-        }
-        Err(e) => report.check(false, format!("the 11 MiB inventory: {e}")),
-    }
+    refused_by_ingress(
+        &api,
+        report,
+        &path,
+        Some(&agent_token),
+        11 * 1024 * 1024,
+        "11 MiB inventory",
+        "routes.inventory.bodySize",
+    )
+    .await;
     // Elsewhere the limit is small: a 2 MiB job never reaches the server.
-    match api
-        .call(
-            Method::POST,
-            "/api/v1/jobs",
-            None,
-            Body::Raw(document(2 * 1024 * 1024)),
-            &[413],
-        )
-        .await
-    {
-        Ok(reply) => {
-            let from_ingress = !reply.content_type.contains("application/json");
-            println!(
-                "  2 MiB body on /api/v1/jobs: 413 from {} ({})",
-                if from_ingress {
-                    "the ingress"
-                } else {
-                    "the server"
-                },
-                reply.content_type
-            );
-            report.check(
-                from_ingress,
-                "the 2 MiB job got the server's 413, not the ingress's: routes.default.bodySize is not applied",
-            );
-        }
-        Err(e) => report.check(false, format!("the 2 MiB job: {e}")),
-    }
+    refused_by_ingress(
+        &api,
+        report,
+        "/api/v1/jobs",
+        None,
+        2 * 1024 * 1024,
+        "2 MiB job",
+        "routes.default.bodySize",
+    )
+    .await;
     stop_fleet(fleet).await;
 
     section(&format!(
@@ -250,6 +213,45 @@ pub async fn run<C: Target>(
 
     record_requests(report, &api);
     Ok(())
+}
+
+/// POSTs a JSON document of `size` bytes to `path` and checks that the ingress itself
+/// refused it with 413: the server's own 413 is JSON, the ingress answers with its HTML
+/// page, so a JSON 413 means the route's limit (`setting` in the chart's values) was not
+/// applied. `what` names the body in the output and the failures.
+async fn refused_by_ingress(
+    api: &Api,
+    report: &mut ScenarioReport,
+    path: &str,
+    token: Option<&str>,
+    size: usize,
+    what: &str,
+    setting: &str,
+) {
+    match api
+        .call(Method::POST, path, token, Body::Raw(document(size)), &[413])
+        .await
+    {
+        Ok(reply) => {
+            let from_ingress = !reply.content_type.contains("application/json");
+            println!(
+                "  {what} on {path}: 413 from {} ({})",
+                if from_ingress {
+                    "the ingress"
+                } else {
+                    "the server"
+                },
+                reply.content_type
+            );
+            report.check(
+                from_ingress,
+                format!(
+                    "the {what} got the server's 413, not the ingress's: {setting} is not applied"
+                ),
+            );
+        }
+        Err(e) => report.check(false, format!("the {what}: {e}")),
+    }
 }
 
 /// A JSON document of exactly `size` bytes.

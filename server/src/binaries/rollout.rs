@@ -27,6 +27,7 @@ use super::Storage;
 use crate::config::Config;
 use crate::error::error_chain;
 use crate::hub::Hub;
+use crate::ids::{MAX_LABEL_LEN, MAX_LABELS, check_label};
 use crate::metrics::{Metrics, UpdateOutcome};
 use crate::store::{
     Claim, CurrentRollout, FailureRecord, RolloutRow, RolloutStatus, Store, StoreError,
@@ -68,24 +69,16 @@ pub(crate) struct HelloOutcome {
     pub problem: Option<String>,
 }
 
-pub(crate) const MAX_LABELS: usize = 32;
-pub(crate) const MAX_LABEL_LEN: usize = 64;
-
-/// Keeps the valid labels (deduplicated) and describes the invalid ones.
+/// Keeps the valid labels (`ids::check_label`, deduplicated, at most [`MAX_LABELS`]) and
+/// describes the invalid ones.
 pub(crate) fn check_labels(reported: Vec<String>) -> (Vec<String>, Option<String>) {
-    let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= MAX_LABEL_LEN
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b))
-    };
     let mut valid = Vec::new();
     let mut refused = Vec::new();
     for label in reported {
         if valid.contains(&label) {
             continue;
         }
-        if valid_label(&label) && valid.len() < MAX_LABELS {
+        if check_label(&label).is_ok() && valid.len() < MAX_LABELS {
             valid.push(label);
         } else {
             refused.push(label);

@@ -39,7 +39,7 @@ use crate::auth::{
     Role, Tokens, TtlOutOfRange, ttl_from_secs,
 };
 use crate::hub::Hub;
-use crate::ids::check_client_id;
+use crate::ids::{MAX_LABELS, check_client_id, check_label};
 use crate::store::{
     ApiTokenFilter, ApiTokenRow, EnrollAttempt, EnrollOutcome, EnrollRefusal, EnrollSecretRow,
     Store, StoreError, now_ms,
@@ -51,9 +51,8 @@ pub(crate) use cache::{CredentialCache, TokenState};
 pub use rate_limit::RateLimiter;
 pub(crate) use refresh::RevocationRefresh;
 
-/// Longest token name, enroll secret name and label.
+/// Longest token name and enroll secret name.
 pub(crate) const MAX_NAME_CHARS: usize = 100;
-pub(crate) const MAX_LABELS: usize = 32;
 pub(crate) const MAX_HOSTNAME_CHARS: usize = 253;
 /// Bound on an enroll secret's `max_uses`.
 pub(crate) const MAX_ENROLL_USES: u64 = 1_000_000;
@@ -213,8 +212,11 @@ pub struct NewEnrollSecret {
     /// characters.
     #[schema(min_length = 1, max_length = 100)]
     pub name: String,
-    /// Given to every agent that enrolls with it.
+    /// Given to every agent that enrolls with it: up to 32, each 1 to 64 of
+    /// `A-Z a-z 0-9 . _ : / -` (the rule of a hello's labels, so that jobs and rollouts
+    /// can name them).
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub labels: Vec<String>,
     /// It stops working this long after its creation; never by default.
     #[serde(default)]
@@ -682,20 +684,7 @@ impl Credentials {
     ) -> Result<CreatedEnrollSecret, CredentialError> {
         let name =
             check_name("name", request.name).map_err(|m| CredentialError::invalid("name", m))?;
-        if request.labels.len() > MAX_LABELS {
-            return Err(CredentialError::invalid(
-                "labels",
-                format!("at most {MAX_LABELS} labels"),
-            ));
-        }
-        let mut labels = Vec::with_capacity(request.labels.len());
-        for label in request.labels {
-            labels.push(
-                check_name("label", label).map_err(|m| CredentialError::invalid("labels", m))?,
-            );
-        }
-        labels.sort();
-        labels.dedup();
+        let labels = enroll_labels(request.labels)?;
         let now = now_ms();
         let expires_at = match request.expires_in_seconds {
             None => None,
@@ -984,7 +973,28 @@ fn page_limit(limit: Option<u32>) -> Result<u32, CredentialError> {
     }
 }
 
-/// A name or label: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters
+/// An enroll secret's labels, which become its agents': at most [`MAX_LABELS`], each
+/// trimmed and following the one label rule (`ids::check_label`), so that a job or a
+/// rollout can name every one; sorted, without duplicates.
+pub(crate) fn enroll_labels(given: Vec<String>) -> Result<Vec<String>, CredentialError> {
+    if given.len() > MAX_LABELS {
+        return Err(CredentialError::invalid(
+            "labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    let mut labels = Vec::with_capacity(given.len());
+    for label in given {
+        let label = label.trim().to_string();
+        check_label(&label).map_err(|m| CredentialError::invalid("labels", m))?;
+        labels.push(label);
+    }
+    labels.sort();
+    labels.dedup();
+    Ok(labels)
+}
+
+/// A name: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters
 /// (PostgreSQL `text` cannot hold U+0000 either).
 fn check_name(what: &str, value: String) -> Result<String, String> {
     let value = value.trim().to_string();

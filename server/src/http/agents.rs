@@ -105,6 +105,33 @@ pub(super) struct AgentQuery {
     label: Option<String>,
 }
 
+impl AgentQuery {
+    /// The store's filter for these parameters and `page`; 400 `invalid_filter` or
+    /// `invalid_limit`. Empty values mean absent.
+    pub(super) fn filter(self, page: &Page) -> Result<AgentFilter> {
+        let online = match self.online.as_deref().or(self.status.as_deref()) {
+            None | Some("") | Some("all") => None,
+            Some("true") | Some("online") => Some(true),
+            Some("false") | Some("offline") => Some(false),
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidFilter,
+                    format!(
+                        "online must be true or false (status: online or offline), not `{other}`"
+                    ),
+                ));
+            }
+        };
+        Ok(AgentFilter {
+            online,
+            search: self.q.filter(|q| !q.is_empty()),
+            label: self.label.filter(|l| !l.is_empty()),
+            after: page.after(),
+            limit: page.limit(100, 1000)?,
+        })
+    }
+}
+
 /// `GET /api/v1/agents?online=&q=&label=&limit=&after=`: agents by client_id, each with
 /// its labels, and the counts.
 #[utoipa::path(
@@ -134,25 +161,8 @@ pub(super) async fn list(
     page: Page,
     Query(query): Query<AgentQuery>,
 ) -> Result<Json<AgentList>> {
-    let online = match query.online.as_deref().or(query.status.as_deref()) {
-        None | Some("") | Some("all") => None,
-        Some("true") | Some("online") => Some(true),
-        Some("false") | Some("offline") => Some(false),
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                ErrorCode::InvalidFilter,
-                format!("online must be true or false (status: online or offline), not `{other}`"),
-            ));
-        }
-    };
-    let limit = page.limit(100, 1000)?;
-    let filter = AgentFilter {
-        online,
-        search: query.q.filter(|q| !q.is_empty()),
-        label: query.label.filter(|l| !l.is_empty()),
-        after: page.after(),
-        limit,
-    };
+    let filter = query.filter(&page)?;
+    let limit = filter.limit;
     let found = state.store.list_agents(filter).await?;
     let next = Page::next(
         found.agents.len(),

@@ -69,6 +69,37 @@ pub(super) struct AuditFilterQuery {
     action: Option<String>,
 }
 
+impl AuditFilterQuery {
+    /// The audit query for these parameters and `page`; 400 `invalid_filter`,
+    /// `invalid_cursor` or `invalid_limit`. Empty values mean absent.
+    pub(super) fn query(self, page: &Page) -> Result<AuditQuery> {
+        let action = match self.action.as_deref().filter(|a| !a.is_empty()) {
+            None => None,
+            Some(a) => Some(
+                a.parse::<AuditAction>()
+                    .map_err(|m| ApiError::bad_request(ErrorCode::InvalidFilter, m))?,
+            ),
+        };
+        let after = match page.after() {
+            None => None,
+            Some(a) => Some(a.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(
+                    ErrorCode::InvalidCursor,
+                    "after must be a `next` value from a previous page",
+                )
+            })?),
+        };
+        let limit = page.limit(i64::from(DEFAULT_AUDIT_PAGE), i64::from(MAX_AUDIT_PAGE))?;
+        Ok(AuditQuery {
+            actor: self.actor.filter(|a| !a.is_empty()),
+            action,
+            since_ms: None,
+            after,
+            limit: Some(limit as u32),
+        })
+    }
+}
+
 /// `GET /api/v1/audit?actor=&action=&after=&limit=`: entries newest first; `after` is the
 /// previous page's `next`.
 #[utoipa::path(
@@ -96,34 +127,8 @@ pub(super) async fn list(
     page: Page,
     Query(filter): Query<AuditFilterQuery>,
 ) -> Result<Json<AuditPage>> {
-    let action = match filter.action.as_deref().filter(|a| !a.is_empty()) {
-        None => None,
-        Some(a) => Some(
-            a.parse::<AuditAction>()
-                .map_err(|m| ApiError::bad_request(ErrorCode::InvalidFilter, m))?,
-        ),
-    };
-    let after = match page.after() {
-        None => None,
-        Some(a) => Some(a.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(
-                ErrorCode::InvalidCursor,
-                "after must be a `next` value from a previous page",
-            )
-        })?),
-    };
-    let limit = page.limit(i64::from(DEFAULT_AUDIT_PAGE), i64::from(MAX_AUDIT_PAGE))?;
-    let found = state
-        .creds
-        .audit()
-        .query(AuditQuery {
-            actor: filter.actor.filter(|a| !a.is_empty()),
-            action,
-            since_ms: None,
-            after,
-            limit: Some(limit as u32),
-        })
-        .await?;
+    let query = filter.query(&page)?;
+    let found = state.creds.audit().query(query).await?;
     Ok(Json(AuditPage {
         entries: found.entries.into_iter().map(Into::into).collect(),
         next: found.next.map(|n| n.to_string()),

@@ -222,10 +222,10 @@ pub(crate) fn cross_site() -> ApiError {
 #[derive(Debug, Clone)]
 pub(crate) struct ClientId(pub String);
 
-impl FromRequestParts<AppState> for ClientId {
+impl<S: Send + Sync> FromRequestParts<S> for ClientId {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::bad_request(ErrorCode::InvalidClientId, e.body_text()))?;

@@ -11,6 +11,8 @@ pub(crate) mod error;
 mod events;
 pub(crate) mod extract;
 pub(crate) mod files;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing;
 mod health;
 mod inventory;
 mod jobs;

@@ -112,7 +112,7 @@ impl HandshakeRefusal {
 /// proxies log query strings.
 #[derive(Deserialize)]
 pub(super) struct TokenQuery {
-    token: Option<String>,
+    pub(super) token: Option<String>,
 }
 
 /// Validates the handshake, the id and the token, then answers 101 and runs the session.

@@ -119,6 +119,64 @@ pub struct ListResults {
     pub after: Option<String>,
 }
 
+impl ListJobs {
+    /// The status, the `before` cursor (`{created_at}.{id}`) and the page size; 400
+    /// `invalid_job` for a bad status, limit or cursor. Empty values mean absent.
+    pub(crate) fn parse(self) -> Result<JobListing, JobError> {
+        let status = self
+            .status
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                JobStatus::parse(s).ok_or_else(|| {
+                    JobError::Invalid(format!(
+                        "status must be running, paused, cancelled or completed (got {s:?})"
+                    ))
+                })
+            })
+            .transpose()?;
+        let limit = page_limit(self.limit, 50)?;
+        let before = match self.before.as_deref().filter(|s| !s.is_empty()) {
+            None => None,
+            Some(cursor) => Some(
+                cursor
+                    .split_once('.')
+                    .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id.to_string())))
+                    .ok_or_else(|| {
+                        JobError::Invalid(format!(
+                            "before must be a cursor from `next` (got {cursor:?})"
+                        ))
+                    })?,
+            ),
+        };
+        Ok((status, before, limit))
+    }
+}
+
+/// A checked [`ListJobs`]: the status, the `before` cursor and the page size.
+pub(crate) type JobListing = (Option<JobStatus>, Option<(i64, String)>, i64);
+
+impl ListResults {
+    /// The command status (lowercase), the `after` cursor (a client_id) and the page
+    /// size; 400 `invalid_job` for a bad status or limit. Empty values mean absent.
+    pub(crate) fn parse(self) -> Result<(Option<String>, Option<String>, i64), JobError> {
+        let status = self
+            .status
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                CommandStatus::parse(s).map(|s| s.as_str().to_string()).ok_or_else(|| {
+                    JobError::Invalid(format!(
+                        "status must be pending, delivered, succeeded, failed or expired (got {s:?})"
+                    ))
+                })
+            })
+            .transpose()?;
+        let limit = page_limit(self.limit, 100)?;
+        Ok((status, self.after.filter(|s| !s.is_empty()), limit))
+    }
+}
+
 /// A job, its counts and durations: the body of every job response.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = Job)]
@@ -346,32 +404,7 @@ impl Jobs {
     /// `GET /api/v1/jobs` → 200 [`JobPage`]; 400 `invalid_job` for a bad status,
     /// limit or cursor.
     pub async fn list(&self, query: ListJobs) -> Result<JobPage, JobError> {
-        let status = query
-            .status
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                JobStatus::parse(s).ok_or_else(|| {
-                    JobError::Invalid(format!(
-                        "status must be running, paused, cancelled or completed (got {s:?})"
-                    ))
-                })
-            })
-            .transpose()?;
-        let limit = page_limit(query.limit, 50)?;
-        let before = match query.before.as_deref().filter(|s| !s.is_empty()) {
-            None => None,
-            Some(cursor) => Some(
-                cursor
-                    .split_once('.')
-                    .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id.to_string())))
-                    .ok_or_else(|| {
-                        JobError::Invalid(format!(
-                            "before must be a cursor from `next` (got {cursor:?})"
-                        ))
-                    })?,
-            ),
-        };
+        let (status, before, limit) = query.parse()?;
         let rows = self.store.list_jobs(status, before, limit).await?;
         let next = (rows.len() as i64 == limit)
             .then(|| {
@@ -395,21 +428,8 @@ impl Jobs {
     /// `GET /api/v1/jobs/{id}/results` → 200 [`ResultPage`]; 404; 400 `invalid_job` for
     /// a bad status or limit.
     pub async fn results(&self, id: &str, query: ListResults) -> Result<ResultPage, JobError> {
-        let status = query
-            .status
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                CommandStatus::parse(s).map(|s| s.as_str().to_string()).ok_or_else(|| {
-                    JobError::Invalid(format!(
-                        "status must be pending, delivered, succeeded, failed or expired (got {s:?})"
-                    ))
-                })
-            })
-            .transpose()?;
-        let limit = page_limit(query.limit, 100)?;
+        let (status, after, limit) = query.parse()?;
         let (job, _) = self.find(id).await?;
-        let after = query.after.filter(|s| !s.is_empty());
         let rows = self.store.job_results(job.id, status, after, limit).await?;
         let next = (rows.len() as i64 == limit)
             .then(|| rows.last().map(|r| r.agent_id.clone()))

@@ -10,8 +10,8 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use crate::binaries::rollout::{MAX_LABEL_LEN, MAX_LABELS, check_labels, selected};
-use crate::ids::check_client_id;
+use crate::binaries::rollout::{check_labels, selected};
+use crate::ids::{MAX_LABEL_LEN, MAX_LABELS, check_client_id};
 use crate::store::{AgentPredicate, AgentSelection};
 use agent_protocol::version;
 

@@ -14,6 +14,7 @@ pub mod commands;
 pub mod enroll_secrets;
 pub mod inventory;
 pub mod jobs;
+mod liveness;
 pub mod rollouts;
 pub(crate) mod schema;
 mod sets;
@@ -38,6 +39,8 @@ pub use audit::AuditRow;
 pub use commands::{CommandRow, CommandStatus};
 pub use enroll_secrets::{EnrollAttempt, EnrollOutcome, EnrollRefusal, EnrollSecretRow};
 pub use jobs::{JobCounts, JobDurations, JobPacing, JobRow, JobStatus};
+pub use liveness::DEFAULT_OUTAGE_TIMEOUT;
+use liveness::Liveness;
 pub use rollouts::Claim;
 
 pub(crate) use agents::AgentFilter;
@@ -85,6 +88,12 @@ pub enum StoreError {
     /// or deduplicated by id).
     #[error("no answer from the database within {}", crate::config::human(*.0))]
     NoAnswer(Duration),
+    /// The database did not answer a probe (`SELECT 1` on a connection of its own) within
+    /// DATABASE_OUTAGE_TIMEOUT, the bound given, or has not answered one since: it is
+    /// stopped, hung or cut off (`liveness.rs`). The call's effect is unknown, as with
+    /// `NoAnswer`.
+    #[error("the database does not answer (no reply to a probe within {})", crate::config::human(*.0))]
+    NotResponding(Duration),
     /// The database refused or failed a query (a constraint, a foreign key raced by a
     /// delete): a fault, not an outage.
     #[error("database query failed: {0}")]
@@ -142,6 +151,7 @@ impl StoreError {
                 | StoreError::ConnectionLost(_)
                 | StoreError::TimedOut(_)
                 | StoreError::NoAnswer(_)
+                | StoreError::NotResponding(_)
         )
     }
 
@@ -161,6 +171,10 @@ impl StoreError {
                 "no answer from the database within {} (DATABASE_STATEMENT_TIMEOUT plus {})",
                 crate::config::human(*bound),
                 crate::config::human(ANSWER_MARGIN)
+            ),
+            StoreError::NotResponding(bound) => format!(
+                "the database does not answer (no reply within {}, DATABASE_OUTAGE_TIMEOUT)",
+                crate::config::human(*bound)
             ),
             _ => "the database failed".into(),
         }
@@ -237,6 +251,9 @@ pub struct Store {
     /// How long [`Store::run`] waits for a call: DATABASE_STATEMENT_TIMEOUT plus
     /// [`ANSWER_MARGIN`].
     answer_within: Duration,
+    /// Whether the database answers at all: a stopped, hung or cut-off one fails calls
+    /// within DATABASE_OUTAGE_TIMEOUT instead of `answer_within` (`liveness.rs`).
+    liveness: Liveness,
 }
 
 /// A change the store has committed, announced after the write so that live views can
@@ -319,6 +336,8 @@ pub struct PoolSettings {
     pub size: u32,
     /// DATABASE_STATEMENT_TIMEOUT.
     pub statement_timeout: Duration,
+    /// DATABASE_OUTAGE_TIMEOUT: how soon a database that answers nothing is reported.
+    pub outage_timeout: Duration,
 }
 
 impl PoolSettings {
@@ -327,6 +346,7 @@ impl PoolSettings {
         PoolSettings {
             size,
             statement_timeout: crate::config::DEFAULT_STATEMENT_TIMEOUT,
+            outage_timeout: DEFAULT_OUTAGE_TIMEOUT,
         }
     }
 }
@@ -401,9 +421,11 @@ impl Store {
     /// parse, so the open error is redacted before anyone can print it.
     pub fn open(url: &DatabaseUrl, settings: PoolSettings) -> Result<Self, StoreError> {
         let timeout = POOL_TIMEOUT;
+        let mut probed = None;
         let pool = match url {
             DatabaseUrl::Postgres(url) => {
                 let url = with_network_parameters(url.expose());
+                probed = Some(url.clone());
                 // Migrations may run longer than any request: their own connection,
                 // without the statement timeout, closed once they are done.
                 migrate_postgres(&url)?;
@@ -446,39 +468,41 @@ impl Store {
             pool,
             changes: tokio::sync::broadcast::channel(CHANGE_BUFFER).0,
             answer_within: settings.statement_timeout + ANSWER_MARGIN,
+            liveness: Liveness::new(probed, settings.outage_timeout),
         })
     }
 
     /// Runs blocking diesel work on the blocking pool, waiting at most
-    /// DATABASE_STATEMENT_TIMEOUT plus [`ANSWER_MARGIN`] for it: a call stuck on a cut
-    /// network returns `StoreError::NoAnswer` then, and its thread finishes (or fails)
-    /// on its own once libpq's TCP timeouts end the connection.
+    /// DATABASE_STATEMENT_TIMEOUT plus [`ANSWER_MARGIN`] for it, and failing within
+    /// DATABASE_OUTAGE_TIMEOUT when the database answers nothing at all (`liveness.rs`).
+    /// A call stuck on a hung database or a cut network returns then, and its thread
+    /// finishes (or fails) on its own once the database answers or libpq's TCP timeouts
+    /// end the connection.
     pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&DbPool) -> Result<T, StoreError> + Send + 'static,
     {
+        self.liveness.refuse()?;
         let pool = self.pool.clone();
         let work = tokio::task::spawn_blocking(move || f(&pool));
-        match tokio::time::timeout(self.answer_within, work).await {
-            Ok(done) => done.map_err(|_| StoreError::Task)?,
-            Err(_) => Err(StoreError::NoAnswer(self.answer_within)),
-        }
+        let work = async { work.await.map_err(|_| StoreError::Task)? };
+        self.liveness.wait(work, self.answer_within).await
     }
 
     /// Applies `write` through the group-commit writer; resolves once the transaction
-    /// holding it has committed (or failed), or with `StoreError::NoAnswer` after the same
-    /// bound as [`Store::run`] (the write may still be applied later: every write the
-    /// writer takes is idempotent or checked by epoch or id).
+    /// holding it has committed (or failed), or with `StoreError::NoAnswer` or
+    /// `StoreError::NotResponding` after the same bounds as [`Store::run`] (the write may
+    /// still be applied later: every write the writer takes is idempotent or checked by
+    /// epoch or id).
     async fn write(&self, write: writer::Write) -> Result<writer::Outcome, StoreError> {
+        self.liveness.refuse()?;
         let (reply, outcome) = tokio::sync::oneshot::channel();
         if !self.writer.send(writer::Job { write, reply }) {
             return Err(StoreError::Task);
         }
-        match tokio::time::timeout(self.answer_within, outcome).await {
-            Ok(answer) => answer.map_err(|_| StoreError::Task)?,
-            Err(_) => Err(StoreError::NoAnswer(self.answer_within)),
-        }
+        let outcome = async { outcome.await.map_err(|_| StoreError::Task)? };
+        self.liveness.wait(outcome, self.answer_within).await
     }
 
     /// Listens to committed changes from now on.
@@ -616,7 +640,7 @@ mod tests {
     }
 
     /// The store's sources, each checked for transactions that begin another way.
-    const SOURCES: [(&str, &str); 14] = [
+    const SOURCES: [(&str, &str); 15] = [
         ("mod.rs", include_str!("mod.rs")),
         ("agents.rs", include_str!("agents.rs")),
         ("api_tokens.rs", include_str!("api_tokens.rs")),
@@ -626,6 +650,7 @@ mod tests {
         ("enroll_secrets.rs", include_str!("enroll_secrets.rs")),
         ("inventory.rs", include_str!("inventory.rs")),
         ("jobs.rs", include_str!("jobs.rs")),
+        ("liveness.rs", include_str!("liveness.rs")),
         ("rollouts.rs", include_str!("rollouts.rs")),
         ("schema.rs", include_str!("schema.rs")),
         ("sets.rs", include_str!("sets.rs")),

@@ -268,6 +268,7 @@ fn again(e: &StoreError) -> StoreError {
         StoreError::ConnectionLost(d) => StoreError::ConnectionLost(copy(d)),
         StoreError::TimedOut(d) => StoreError::TimedOut(copy(d)),
         StoreError::NoAnswer(bound) => StoreError::NoAnswer(*bound),
+        StoreError::NotResponding(bound) => StoreError::NotResponding(*bound),
         _ => StoreError::Task,
     }
 }

@@ -163,21 +163,7 @@ impl TestCluster {
 
     /// Connects directly to one replica (bypassing the balancer).
     async fn connect(&self, pod: usize, id: &str) -> Agent {
-        let token = self.agent_token(id);
-        let mut req =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                format!("ws://127.0.0.1:{}/ws/{id}", self.pods[pod].port),
-            )
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let mut agent = Agent {
-            ws,
-            welcome: Value::Null,
-        };
-        agent.welcome = agent.recv().await;
-        agent
+        connect_to(self.pods[pod].port, id, &self.agent_token(id)).await
     }
 
     fn fleet(&self, ids: &[String], balancer: &Balancer) -> Vec<FleetAgent> {

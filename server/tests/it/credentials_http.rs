@@ -518,7 +518,47 @@ async fn check_passes_twice_in_a_row_against_the_same_server(app: TestApp) {
     assert_eq!(agents["total"], 0, "check leaves no agent behind: {agents}");
 }
 
+/// An enroll secret's labels become its agents', so they follow the label rule of a
+/// hello (found by the `labels` fuzz target: "web server" was accepted here, and no job
+/// or rollout could name it): every label an agent gets this way can be targeted.
+async fn enroll_secret_labels_follow_the_label_rule_so_jobs_can_target_them(app: TestApp) {
+    for bad in ["web server", "ü", &"x".repeat(65), " "] {
+        let (status, body) = app
+            .post(
+                "/api/v1/enroll-secrets",
+                &json!({"name": "rack", "labels": [bad]}),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("a label is 1 to 64"), "{message}");
+    }
+    let (status, created) = app
+        .post(
+            "/api/v1/enroll-secrets",
+            &json!({"name": "rack", "labels": [" region:eu ", "tier/web"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, enrolled, _) = enroll(
+        &app,
+        json!({"secret": created["secret"], "client_id": "eu-1", "hostname": "eu-1"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{enrolled}");
+    assert_eq!(enrolled["labels"], json!(["region:eu", "tier/web"]));
+    let (status, job) = app
+        .post(
+            "/api/v1/jobs",
+            &json!({"name": "uptime", "target": {"labels": ["region:eu", "tier/web"]}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["targeted"], 1, "{job}");
+}
+
 on_both_backends! {
+    enroll_secret_labels_follow_the_label_rule_so_jobs_can_target_them;
     enrollment_gives_a_working_token_and_each_refusal_says_why;
     a_deleted_agent_cannot_reconnect_with_its_old_token;
     every_change_through_the_api_is_in_the_audit_log

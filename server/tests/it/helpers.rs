@@ -42,6 +42,80 @@ pub async fn eventually(
     }
 }
 
+/// Attempts a WebSocket handshake with the server at `addr` (`host:port`) as `id`, with
+/// `headers` and `query` (empty, or `?…`); on refusal returns the HTTP status and body.
+pub async fn open_session(
+    addr: &str,
+    id: &str,
+    headers: &[(&str, &str)],
+    query: &str,
+) -> Result<Agent, (u16, String)> {
+    let mut req = format!("ws://{addr}/ws/{id}{query}")
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => {
+            let mut agent = Agent {
+                ws,
+                welcome: Value::Null,
+            };
+            agent.welcome = agent.recv().await;
+            assert_eq!(
+                agent.welcome["type"], "welcome",
+                "first message is the welcome"
+            );
+            Ok(agent)
+        }
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err((status, body))
+        }
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
+/// Connects as `id` with `token` to the server listening on 127.0.0.1:`port` and reads
+/// the welcome.
+pub async fn connect_to(port: u16, id: &str, token: &str) -> Agent {
+    let bearer = format!("Bearer {token}");
+    open_session(
+        &format!("127.0.0.1:{port}"),
+        id,
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await
+    .expect("agent connects")
+}
+
+/// Checks that every answer of [`TestApp::requests_at_once`] is a 503
+/// `store_unavailable` whose message names the database, within `bound`; returns the
+/// slowest answer's time.
+pub fn all_store_unavailable(answers: &[(u16, Value, Duration)], bound: Duration) -> Duration {
+    for (status, body, took) in answers {
+        assert_eq!(
+            (*status, body["error"]["code"].as_str()),
+            (503, Some("store_unavailable")),
+            "{body}"
+        );
+        assert!(*took < bound, "503 after {took:?}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("database"), "{message}");
+    }
+    answers.iter().map(|(_, _, t)| *t).max().unwrap_or_default()
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
     Sqlite,
@@ -346,39 +420,26 @@ impl TestApp {
         headers: &[(&str, &str)],
         query: &str,
     ) -> Result<Agent, (u16, String)> {
-        let mut req = format!("ws://{}/ws/{id}{query}", self.addr)
-            .into_client_request()
-            .unwrap();
-        for (k, v) in headers {
-            req.headers_mut().insert(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                http::HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => {
-                let mut agent = Agent {
-                    ws,
-                    welcome: Value::Null,
+        open_session(&self.addr.to_string(), id, headers, query).await
+    }
+
+    /// `n` API calls at once, half of them queueing a command for `agent`, half listing
+    /// the agents: each one's status, body and how long it took.
+    pub async fn requests_at_once(&self, agent: &str, n: usize) -> Vec<(u16, Value, Duration)> {
+        let path = format!("/api/v1/agents/{agent}/commands");
+        let requests = (0..n).map(|i| {
+            let path = &path;
+            async move {
+                let started = std::time::Instant::now();
+                let (status, body) = if i % 2 == 0 {
+                    self.post(path, &json!({"name": "uptime"})).await
+                } else {
+                    self.get("/api/v1/agents").await
                 };
-                agent.welcome = agent.recv().await;
-                assert_eq!(
-                    agent.welcome["type"], "welcome",
-                    "first message is the welcome"
-                );
-                Ok(agent)
+                (status, body, started.elapsed())
             }
-            Err(tungstenite::Error::Http(resp)) => {
-                let status = resp.status().as_u16();
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default();
-                Err((status, body))
-            }
-            Err(e) => panic!("unexpected handshake error: {e}"),
-        }
+        });
+        futures_util::future::join_all(requests).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -613,6 +674,42 @@ impl Agent {
             output: Some(agent_protocol::raw_json(&output)),
         })
         .await;
+    }
+
+    /// Sends an `ok` result for command `id` while the store is away and reads up to the
+    /// server's `error` reply, counting the pings meanwhile (the session must stay open).
+    /// Returns the reply, how long it took and the pings.
+    pub async fn result_during_outage(&mut self, id: &str) -> (Value, Duration, usize) {
+        let sent = std::time::Instant::now();
+        self.result(id, "ok", json!({"stdout": "up"})).await;
+        let mut pings = 0;
+        loop {
+            match self.next_frame().await {
+                Frame::Ping => pings += 1,
+                Frame::Json(v) if v["type"] == "error" => return (v, sent.elapsed(), pings),
+                Frame::Json(_) => {}
+                Frame::Close(c) => panic!("the session closed during the outage: {c:?}"),
+            }
+        }
+    }
+
+    /// Sends the result of command `id` (status `ok`) again until it is acknowledged, as
+    /// an agent told `store_unavailable` does, within `bound`; returns how long it took.
+    pub async fn resend_result_until_acked(&mut self, id: &str, bound: Duration) -> Duration {
+        let mut acked = false;
+        eventually(bound, "the result is stored", async || {
+            if !acked {
+                self.result(id, "ok", json!({"stdout": "up"})).await;
+                let v = loop {
+                    if let Frame::Json(v) = self.next_frame().await {
+                        break v;
+                    }
+                };
+                acked = v["type"] == "ack";
+            }
+            acked
+        })
+        .await
     }
 
     /// Drops the TCP connection without a close handshake, as a crashed host would.

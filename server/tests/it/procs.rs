@@ -162,12 +162,7 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts redis-server, or returns `None` (a loud skip) outside CI when it is absent.
     pub async fn start() -> Option<RedisServer> {
-        if which("redis-server").is_none() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is required in CI"
-            );
-            eprintln!("SKIPPED: redis-server not found on PATH");
+        if !have_redis_server() {
             return None;
         }
         let mut r = RedisServer {
@@ -179,22 +174,9 @@ impl RedisServer {
     }
 
     pub async fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
+        let mut command = Command::new("redis-server");
+        command.args(ephemeral_redis("127.0.0.1", self.port));
+        self.child = Some(spawn_redis(command, &[]));
         let deadline = Instant::now() + WAIT;
         while self.query(&["PING"]).await.is_err() {
             assert!(Instant::now() < deadline, "redis-server answers PING");
@@ -227,6 +209,40 @@ impl RedisServer {
             .await
             .unwrap()
     }
+}
+
+/// Whether redis-server is installed; outside CI its absence is a loud skip, in CI a
+/// failure.
+pub fn have_redis_server() -> bool {
+    if which("redis-server").is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "redis-server is required in CI"
+    );
+    eprintln!("SKIPPED: redis-server not found on PATH");
+    false
+}
+
+/// The arguments of a redis-server that keeps nothing on disk, on `bind`:`port`.
+pub fn ephemeral_redis(bind: &str, port: u16) -> Vec<String> {
+    ["--port", &port.to_string(), "--bind", bind]
+        .into_iter()
+        .chain(["--save", "", "--appendonly", "no"])
+        .map(String::from)
+        .collect()
+}
+
+/// Spawns `command` (redis-server, or a wrapper that runs it) with `args` added, quiet,
+/// killed when the handle is dropped.
+pub fn spawn_redis(mut command: Command, args: &[String]) -> Child {
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server starts")
 }
 
 fn which(bin: &str) -> Option<std::path::PathBuf> {
@@ -363,6 +379,8 @@ pub struct PrivatePostgres {
     pub host: std::net::Ipv4Addr,
     /// The network namespace it runs in, if not the test's.
     netns: Option<String>,
+    /// Stopped by [`PrivatePostgres::freeze`] and not yet resumed.
+    frozen: AtomicBool,
 }
 
 impl PrivatePostgres {
@@ -414,6 +432,7 @@ impl PrivatePostgres {
             port,
             host,
             netns: net.map(|n| n.ns.clone()),
+            frozen: AtomicBool::new(false),
         };
         pg.run(
             "initdb",
@@ -495,10 +514,57 @@ impl PrivatePostgres {
     pub fn url(&self) -> String {
         format!("postgres://postgres@{}:{}/postgres", self.host, self.port)
     }
+
+    /// Hangs the server without closing anything: SIGSTOP to the postmaster and each of
+    /// its processes. Connections stay established and the kernel still accepts new ones,
+    /// but nothing answers: a database stuck on a dead disk or a frozen VM.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+        self.signal_all(libc::SIGSTOP);
+    }
+
+    /// Resumes a server [`PrivatePostgres::freeze`] stopped.
+    pub fn thaw(&self) {
+        self.signal_all(libc::SIGCONT);
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Sends `signal` to the postmaster (by the pid in its `postmaster.pid`), then to each
+    /// of its children.
+    fn signal_all(&self, signal: i32) {
+        let pidfile = std::path::Path::new(&self.data()).join("postmaster.pid");
+        let postmaster: i32 = std::fs::read_to_string(pidfile)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let children = std::fs::read_dir("/proc").unwrap().filter_map(|entry| {
+            let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces, so read after its `)`.
+            let ppid: i32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == postmaster).then_some(pid)
+        });
+        for pid in std::iter::once(postmaster).chain(children.collect::<Vec<_>>()) {
+            // SAFETY: kill(2) on a pid of this test's own PostgreSQL.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
 }
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        if self.frozen.load(Ordering::SeqCst) {
+            self.thaw();
+        }
         let _ = std::process::Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(self.bin.join("pg_ctl"))

@@ -4,7 +4,6 @@
 //! connected fleet. Every server is a real process on a free port, owned by the test.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agent_server::auth::{Role, Tokens};
@@ -21,36 +20,8 @@ const INSPECTOR: &str = "inspector";
 const REDIS_PASSWORD: &str = "data-pass-Vx7#kQ9";
 const SENTINEL_PASSWORD: &str = "sentinel-pass-3Lr";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn have_redis_server() -> bool {
-    let found = std::process::Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "redis-server is required in CI"
-        );
-        eprintln!("SKIPPED: redis-server not found on PATH");
-    }
-    found
-}
-
 fn redis_process(args: &[String]) -> Child {
-    Command::new("redis-server")
-        .args(args)
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server starts")
+    spawn_redis(Command::new("redis-server"), args)
 }
 
 /// Runs one command on a Redis node or sentinel, over TLS when `ca` is given.
