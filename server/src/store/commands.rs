@@ -52,7 +52,7 @@ impl CommandStatus {
 }
 
 /// A command as stored. Timestamps are milliseconds since the Unix epoch.
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = commands)]
 pub struct CommandRow {
     /// A UUIDv7: ids sort by creation time.
@@ -169,7 +169,9 @@ impl Store {
     }
 
     /// The next commands to send on a connection, oldest first. On a fresh connection
-    /// `include_delivered` resends those delivered earlier without a result.
+    /// `include_delivered` resends those delivered earlier without a result. The first
+    /// page (`after` is `None`: what every wake-up reads) goes through the group readers
+    /// (`reader.rs`), many sessions per statement; later pages are read alone.
     pub async fn commands_to_send(
         &self,
         agent_id: String,
@@ -178,6 +180,11 @@ impl Store {
         now: i64,
         limit: i64,
     ) -> Result<Vec<CommandRow>, StoreError> {
+        if after.is_none() {
+            return self
+                .read_sendable(agent_id, include_delivered, limit, now)
+                .await;
+        }
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let statuses: &[&str] = if include_delivered { &OPEN } else { &OPEN[..1] };

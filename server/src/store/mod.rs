@@ -9,12 +9,14 @@
 pub mod agents;
 pub(crate) mod api_tokens;
 pub mod audit;
+mod batch;
 pub mod binaries;
 pub mod commands;
 pub mod enroll_secrets;
 pub mod inventory;
 pub mod jobs;
 mod liveness;
+mod reader;
 pub mod rollouts;
 pub(crate) mod schema;
 mod sets;
@@ -248,6 +250,9 @@ pub struct Store {
     /// per transaction, on connections of the same pool (so with the same statement
     /// timeout and network settings).
     writer: writer::Writers,
+    /// The group readers (`reader.rs`): the first page of commands to send, for many
+    /// sessions per statement, on their own threads (never behind the writers' commits).
+    reader: reader::Readers,
     /// How long [`Store::run`] waits for a call: DATABASE_STATEMENT_TIMEOUT plus
     /// [`ANSWER_MARGIN`].
     answer_within: Duration,
@@ -465,6 +470,7 @@ impl Store {
         let pool = Arc::new(pool);
         Ok(Store {
             writer: writer::spawn(pool.clone()),
+            reader: reader::spawn(pool.clone()),
             pool,
             changes: tokio::sync::broadcast::channel(CHANGE_BUFFER).0,
             answer_within: settings.statement_timeout + ANSWER_MARGIN,
@@ -496,13 +502,45 @@ impl Store {
     /// still be applied later: every write the writer takes is idempotent or checked by
     /// epoch or id).
     async fn write(&self, write: writer::Write) -> Result<writer::Outcome, StoreError> {
-        self.liveness.refuse()?;
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        if !self.writer.send(writer::Job { write, reply }) {
+        self.queued(&self.writer, writer::Job { write, reply }, outcome)
+            .await
+    }
+
+    /// The oldest `limit` commands `agent_id` may send now, read by the group readers
+    /// together with other sessions' reads; bounded as [`Store::run`] is.
+    async fn read_sendable(
+        &self,
+        agent_id: String,
+        include_delivered: bool,
+        limit: i64,
+        now: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let (reply, page) = tokio::sync::oneshot::channel();
+        let read = reader::Read {
+            agent_id,
+            include_delivered,
+            limit,
+            now,
+            reply,
+        };
+        self.queued(&self.reader, read, page).await
+    }
+
+    /// Queues `job` on `queue` and waits for its `answer`, within the same bounds as
+    /// [`Store::run`] (`StoreError::NoAnswer` or `StoreError::NotResponding`).
+    async fn queued<J: Send + 'static, T>(
+        &self,
+        queue: &batch::Queue<J>,
+        job: J,
+        answer: tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.liveness.refuse()?;
+        if !queue.send(job) {
             return Err(StoreError::Task);
         }
-        let outcome = async { outcome.await.map_err(|_| StoreError::Task)? };
-        self.liveness.wait(outcome, self.answer_within).await
+        let answer = async { answer.await.map_err(|_| StoreError::Task)? };
+        self.liveness.wait(answer, self.answer_within).await
     }
 
     /// Listens to committed changes from now on.
@@ -530,8 +568,9 @@ impl Store {
         }
     }
 
-    /// Waits until no pooled connection is in use and the group-commit writers have
-    /// answered every write queued, or until `deadline`; returns whether both happened.
+    /// Waits until no pooled connection is in use and the group-commit writers and the
+    /// group readers have answered everything queued, or until `deadline`; returns
+    /// whether both happened.
     /// The drain calls this last, so that what was accepted is stored before the process
     /// exits. A connection r2d2 is still opening on one of its threads is not counted by
     /// the pool; the process therefore leaves without exit handlers (`main.rs`).
@@ -541,7 +580,10 @@ impl Store {
                 DbPool::Postgres(pool) => pool.state(),
                 DbPool::Sqlite(pool) => pool.state(),
             };
-            if state.connections == state.idle_connections && self.writer.idle() {
+            if state.connections == state.idle_connections
+                && self.writer.idle()
+                && self.reader.idle()
+            {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {

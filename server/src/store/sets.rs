@@ -95,7 +95,7 @@ pub(super) trait SetStatements {
 }
 
 /// `(p1, p2, p3), (p4, p5, p6)`: `rows` tuples of `cols` numbered placeholders.
-fn values(dollar: bool, rows: usize, cols: usize) -> String {
+pub(super) fn values(dollar: bool, rows: usize, cols: usize) -> String {
     let mut s = String::with_capacity(rows * cols * 6);
     let sigil = if dollar { '$' } else { '?' };
     for r in 0..rows {

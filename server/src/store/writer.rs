@@ -31,13 +31,13 @@
 //! one statement per kind.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 
 use diesel::prelude::*;
 use tokio::sync::oneshot;
 
 use super::api_tokens::{CredentialState, load_credential_states};
+use super::batch::{Plan, Queue};
 use super::commands::OPEN;
 use super::schema::{agents, audit_log, commands};
 use super::sets::{ConnectRow, DisconnectRow, HelloRow, ResultRow, SetStatements};
@@ -120,83 +120,34 @@ pub(crate) enum Outcome {
 /// trip, another applies the next batch. SQLite has one writer at a time anyway.
 const POSTGRES_WRITERS: usize = 3;
 
-/// The way to the writer threads, and how many writes they have yet to answer.
-#[derive(Clone)]
-pub(crate) struct Writers {
-    /// Where writes are queued.
-    jobs: mpsc::Sender<Job>,
-    /// Writes queued and not yet answered: `Store::settle` waits for none (a writer in the
-    /// middle of a batch may be inside libpq and OpenSSL).
-    in_flight: Arc<AtomicUsize>,
-}
+/// The way to the writer threads.
+pub(crate) type Writers = Queue<Job>;
 
-impl Writers {
-    /// Queues `job`; false if no writer is left to take it.
-    pub(crate) fn send(&self, job: Job) -> bool {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if self.jobs.send(job).is_err() {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-
-    /// Whether every queued write has been answered.
-    pub(crate) fn idle(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) == 0
-    }
-}
-
-/// Starts the writer threads. They stop when every sender is gone (the last `Store`
-/// dropped), after the batch each is applying.
+/// Starts the writer threads (`batch.rs`): each batch is put in [`lock_order`] and
+/// committed in one transaction.
 pub(crate) fn spawn(pool: Arc<DbPool>) -> Writers {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let (tx, rx) = mpsc::channel::<Job>();
-    let rx = Arc::new(std::sync::Mutex::new(rx));
-    let writers = match &*pool {
+    let threads = match &*pool {
         DbPool::Postgres(_) => POSTGRES_WRITERS,
         DbPool::Sqlite(_) => 1,
     };
-    for n in 0..writers {
-        let (pool, rx, in_flight) = (pool.clone(), rx.clone(), in_flight.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("store-writer-{n}"))
-            .spawn(move || {
-                while let Some(batch) = next_batch(&rx) {
-                    let len = batch.len();
-                    commit(&pool, batch);
-                    in_flight.fetch_sub(len, Ordering::SeqCst);
-                }
-            });
-        if let Err(e) = spawned {
-            // Without any thread every write fails as a task error; say why.
-            tracing::error!(error = %e, "could not start a store writer thread");
-        }
-    }
-    Writers {
-        jobs: tx,
-        in_flight,
-    }
+    Queue::spawn(
+        pool,
+        Plan {
+            name: "store-writer",
+            threads,
+            max_batch: MAX_BATCH,
+            order: sort_batch,
+            apply: commit,
+        },
+    )
 }
 
-/// The next batch: the first job to arrive, then whatever else is queued (at most
-/// [`MAX_BATCH`]); `None` once every sender is gone. One writer collects at a time.
-fn next_batch(rx: &std::sync::Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
-    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-    let mut batch = vec![rx.recv().ok()?];
-    while batch.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
-        }
-    }
-    drop(rx);
-    // Concurrent batches lock rows in one global order (no deadlock between writers):
-    // first the writes that lock no agent row, then by agent. A stable sort keeps each
-    // agent's writes in arrival order; writes of different agents are independent, so
-    // any order of them is one the callers could have seen.
+/// Concurrent batches lock rows in one global order (no deadlock between writers): first
+/// the writes that lock no agent row, then by agent. A stable sort keeps each agent's
+/// writes in arrival order; writes of different agents are independent, so any order of
+/// them is one the callers could have seen.
+fn sort_batch(batch: &mut [Job]) {
     batch.sort_by(|a, b| lock_order(&a.write).cmp(&lock_order(&b.write)));
-    Some(batch)
 }
 
 /// Where a write goes in a batch: `delivered` marks, connect-time checks, credential
@@ -255,7 +206,7 @@ fn commit(pool: &DbPool, batch: Vec<Job>) {
 /// A copy of `e` for another caller of the same failed batch: the same kind of failure
 /// (an outage stays an outage), with the database's message. diesel's errors are not
 /// `Clone`, so a database error is rebuilt from its kind and message.
-fn again(e: &StoreError) -> StoreError {
+pub(super) fn again(e: &StoreError) -> StoreError {
     use diesel::result::Error;
     let copy = |d: &Error| match d {
         Error::DatabaseError(kind, info) => {

@@ -1,7 +1,8 @@
 //! Group commit (`store/writer.rs`): writes of many sessions and requests share a
 //! transaction, and each caller still learns the outcome of its own write, exactly as if
-//! it had been alone. Every write here is issued at once, so they land in the same
-//! batches.
+//! it had been alone. Group reads (`store/reader.rs`): the commands to send to many
+//! sessions are read in one statement, and each session gets exactly its own. Every
+//! write or read here is issued at once, so they land in the same batches.
 
 use agent_server::store::{CommandStatus, Hello, NewCommand, ResultOutcome, Store, now_ms};
 use futures_util::future::join_all;
@@ -183,6 +184,78 @@ async fn a_new_connection_learns_whether_commands_wait_for_it(app: TestApp) {
     assert!(store.has_sendable_commands("busy".into()).await.unwrap());
 }
 
+async fn reads_of_many_sessions_in_one_batch_each_get_their_own_commands(app: TestApp) {
+    let store = &app.state.store;
+    for a in ["many", "one", "none"] {
+        connect(store, a).await;
+    }
+    let now = now_ms();
+    // "many" has six commands, created in order: one delivered without a result, one
+    // expired, one finished, three pending.
+    for i in 0..6 {
+        let mut cmd = command(&format!("m{i}"), "many");
+        cmd.created_at = now - 1000 + i;
+        if i == 2 {
+            cmd.expires_at = Some(now - 1);
+        }
+        assert!(store.create_command(cmd, None).await.unwrap());
+    }
+    store.mark_delivered(vec!["m0".into()], now).await.unwrap();
+    let epoch = connect(store, "many").await;
+    store
+        .record_result(
+            "many".into(),
+            epoch,
+            "m3".into(),
+            CommandStatus::Succeeded,
+            None,
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .create_command(command("o0", "one"), None)
+            .await
+            .unwrap()
+    );
+
+    // (agent, include delivered, limit) → the ids it must get, oldest first.
+    let asked: [(&str, bool, i64, &[&str]); 7] = [
+        ("many", false, 100, &["m1", "m4", "m5"]),
+        ("many", true, 100, &["m0", "m1", "m4", "m5"]),
+        ("many", true, 2, &["m0", "m1"]),
+        ("many", false, 1, &["m1"]),
+        ("one", false, 100, &["o0"]),
+        ("none", true, 100, &[]),
+        ("unknown", true, 100, &[]),
+    ];
+    let pages = join_all(asked.iter().map(|(agent, delivered, limit, _)| {
+        store.commands_to_send(agent.to_string(), *delivered, None, now, *limit)
+    }))
+    .await;
+    for ((agent, delivered, limit, want), page) in asked.iter().zip(pages) {
+        let got: Vec<String> = page.unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(
+            got, *want,
+            "{agent}, delivered too: {delivered}, limit {limit}"
+        );
+    }
+    // The next page (after the last one sent) is read alone, with the same rules.
+    let rest = store
+        .commands_to_send(
+            "many".into(),
+            true,
+            Some((now - 1000 + 1, "m1".into())),
+            now,
+            100,
+        )
+        .await
+        .unwrap();
+    let rest: Vec<String> = rest.into_iter().map(|c| c.id).collect();
+    assert_eq!(rest, ["m4", "m5"]);
+}
+
 async fn connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch(app: TestApp) {
     let store = &app.state.store;
     let agents: Vec<String> = (0..40).map(|i| format!("mix-{i:02}")).collect();
@@ -281,5 +354,6 @@ on_both_backends! {
     results_in_one_batch_each_get_their_own_outcome;
     a_failing_write_fails_alone_and_its_neighbours_are_committed;
     a_new_connection_learns_whether_commands_wait_for_it;
+    reads_of_many_sessions_in_one_batch_each_get_their_own_commands;
     connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch;
 }

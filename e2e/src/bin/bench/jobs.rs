@@ -5,6 +5,11 @@
 //! bound, sampled in the database while it runs. CPU of the database's backends, of
 //! each replica and of the simulators from /proc.
 //!
+//! When the PostgreSQL server preloads pg_stat_statements (`shared_preload_libraries`;
+//! pass such a server with `--postgres`), each job also prints the statements the
+//! database ran for it: in all, per command, and the heaviest kinds with their calls per
+//! command and time (`COMMIT`'s calls are the write transactions).
+//!
 //! The agents run in agent-sim processes (one process may hold only 20,000 open files),
 //! which print every command's receipt on the machine-wide monotonic clock; this process
 //! reads the same clock when it posts the job, so one clock times both ends.
@@ -86,6 +91,12 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         .await
         .context("connecting to the benchmark's database")?;
     tokio::spawn(connection);
+    let statements = Statements::available(&db).await;
+    if !statements {
+        println!(
+            "  statements per command: not counted (this PostgreSQL does not preload pg_stat_statements)"
+        );
+    }
     let api = stack.servers[0].base();
     let bound = (n / 20).max(10);
     for max_in_flight in [None, Some(bound)] {
@@ -99,8 +110,10 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
                 .collect(),
             sim: CpuMeter::start(sim.pids()),
         };
+        Statements::reset(&db, statements).await?;
         one_job(ctx, &api, &db, n, max_in_flight, &receipts).await?;
         let case = case_name(max_in_flight);
+        Statements::report(ctx, &db, statements, &case, n).await?;
         let db_cpu = meters.db.percent();
         let replicas: Vec<String> = meters
             .replicas
@@ -152,11 +165,105 @@ fn case_name(max_in_flight: Option<u32>) -> String {
     }
 }
 
+/// Statement statistics of the benchmark's database over a job (pg_stat_statements),
+/// without the benchmark's own polling: every statement it sends starts with
+/// `/* bench */`, which the counts leave out.
+struct Statements;
+
+impl Statements {
+    /// Whether pg_stat_statements answers here (the extension is created in the
+    /// benchmark's database; it counts only when the server preloads it).
+    async fn available(db: &tokio_postgres::Client) -> bool {
+        db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+            .is_ok()
+            && db
+                .query_one("/* bench */ SELECT count(*) FROM pg_stat_statements", &[])
+                .await
+                .is_ok()
+    }
+
+    /// Clears this database's statement counts, when available.
+    async fn reset(db: &tokio_postgres::Client, available: bool) -> Result<()> {
+        if available {
+            db.execute(
+                "/* bench */ SELECT pg_stat_statements_reset(0, \
+                 (SELECT oid FROM pg_database WHERE datname = current_database()), 0)",
+                &[],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Prints the job's statements per command (a `COMMIT` line counts its write
+    /// transactions) and the heaviest kinds of statement (numbered placeholders and
+    /// `VALUES` lists folded, so one kind is one line whatever its batch size).
+    async fn report(
+        ctx: &mut Ctx,
+        db: &tokio_postgres::Client,
+        available: bool,
+        case: &str,
+        n: u32,
+    ) -> Result<()> {
+        if !available {
+            return Ok(());
+        }
+        let per = |x: f64| x / f64::from(n);
+        let rows = db
+            .query(
+                r"/* bench */ SELECT sum(calls)::bigint, sum(total_exec_time)::float8,
+                    sum(rows)::bigint, kind FROM (
+                  SELECT calls, total_exec_time, rows, left(regexp_replace(regexp_replace(
+                    regexp_replace(query, '\s+', ' ', 'g'),
+                    '\(\$[0-9]+[^()]*\)(, \(\$[0-9]+[^()]*\))*', '(…)', 'g'),
+                    '\$[0-9]+', '$', 'g'), 120) AS kind
+                  FROM pg_stat_statements
+                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND query NOT LIKE '/* bench */%') s
+                GROUP BY kind ORDER BY 2 DESC",
+                &[],
+            )
+            .await?;
+        let (calls, time): (i64, f64) = rows.iter().fold((0, 0.0), |(c, t), r| {
+            (c + r.get::<_, i64>(0), t + r.get::<_, f64>(1))
+        });
+        println!(
+            "  {case}: {calls} statements ({:.2} per command), {time:.0} ms executing ({:.0} µs per command); heaviest:",
+            per(calls as f64),
+            per(time) * 1000.0
+        );
+        for r in rows.iter().take(12) {
+            let (c, t, returned, kind): (i64, f64, i64, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            println!(
+                "    {:>7.3} per command {:>8.0} ms {:>7.0} µs each {:>7.1} rows each  {kind}",
+                per(c as f64),
+                t,
+                t * 1000.0 / c.max(1) as f64,
+                returned as f64 / c.max(1) as f64,
+            );
+        }
+        ctx.figure(
+            BENCH,
+            format!("{case}: statements per command"),
+            format!(
+                "{:.2} ({:.0} µs executing)",
+                per(calls as f64),
+                per(time) * 1000.0
+            ),
+            "",
+            None,
+        );
+        Ok(())
+    }
+}
+
 /// The job's status, from its row: a primary-key read, so polling costs the database
 /// nothing that the measurement would see.
 async fn job_status(db: &tokio_postgres::Client, job: &str) -> Result<String> {
     Ok(db
-        .query_one("SELECT status FROM jobs WHERE id = $1", &[&job])
+        .query_one("/* bench */ SELECT status FROM jobs WHERE id = $1", &[&job])
         .await?
         .get(0))
 }
@@ -167,7 +274,7 @@ async fn job_status(db: &tokio_postgres::Client, job: &str) -> Result<String> {
 async fn in_flight(db: &tokio_postgres::Client, job: &str) -> Result<i64> {
     Ok(db
         .query_one(
-            "SELECT \
+            "/* bench */ SELECT \
                (SELECT count(*) FROM commands WHERE job_id = $1 AND NOT held AND status = 'pending') + \
                (SELECT count(*) FROM commands WHERE job_id = $1 AND NOT held AND status = 'delivered')",
             &[&job],
@@ -180,7 +287,7 @@ async fn in_flight(db: &tokio_postgres::Client, job: &str) -> Result<i64> {
 async fn finished(db: &tokio_postgres::Client, job: &str) -> Result<(i64, Option<i64>)> {
     let row = db
         .query_one(
-            "SELECT count(*), max(completed_at) FROM commands \
+            "/* bench */ SELECT count(*), max(completed_at) FROM commands \
              WHERE job_id = $1 AND status IN ('succeeded', 'failed')",
             &[&job],
         )
