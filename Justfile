@@ -149,7 +149,8 @@ fuzz target="all" seconds="20":
     echo "==> fuzzing done in $(( $(date +%s) - started )) s"
 
 # `just bench idle` runs one benchmark; `just bench storm --agents 5000` another size.
-# Capacity benchmarks 1-8 against release builds, about 15 minutes (docs/benchmarks.md).
+# Capacity benchmarks 1-8 against release builds, about 15 minutes (docs/benchmarks.md);
+# `just bench scale` (9: 100,000 agents on 5 replicas, a rolling restart) runs alone.
 bench what="all" *ARGS:
     cargo build --release --locked -p agent-server -p e2e -p agent --bins
     cargo run --release --locked -q -p e2e --bin bench -- {{what}} {{ARGS}}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use agent_protocol::{AgentMessage, CloseCode, ErrorCode, Reconnect, ResultStatus, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -101,8 +102,13 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) {
                                 shared.stats.gave_up.fetch_add(1, RELAXED);
                                 return;
                             }
-                            // Restarting or rebalancing: a short random delay.
-                            Reconnect::Soon => uniform(cfg.restart_delay),
+                            // Restarting or rebalancing: a short random delay, then
+                            // any replica, as a load balancer spreads reconnections
+                            // (back to the same one, rebalancing could never work).
+                            Reconnect::Soon => {
+                                server = rand::rng().random_range(0..cfg.servers.len());
+                                uniform(cfg.restart_delay)
+                            }
                             // Token expired: a fresh one is minted on every connection.
                             Reconnect::RenewToken => Duration::ZERO,
                             Reconnect::Backoff => {

@@ -1,4 +1,5 @@
-//! bench: the capacity benchmarks of issue 7 (and 15's jobs, and the host agent's own cost), against agent-server built in release and
+//! bench: the capacity benchmarks of issue 7 (and 15's jobs, the host agent's own cost and
+//! 16's scale run), against agent-server built in release and
 //! run as separate processes, with a database, a redis-server and agent-sim fleets of
 //! their own. `just bench` runs them all; `just bench-smoke` runs tiny sizes (CI).
 //!
@@ -13,9 +14,11 @@ mod host_agent;
 mod idle;
 mod inventory;
 mod jobs;
+mod kernel;
 mod latency;
 mod machine;
 mod procfs;
+mod scale;
 mod services;
 mod storm;
 
@@ -37,7 +40,8 @@ struct Args {
     /// Agents for the selected benchmark instead of its default.
     #[arg(long, global = true)]
     agents: Option<u32>,
-    /// Commands per second for the latency benchmark instead of 200 and 1,000.
+    /// Commands per second for the latency benchmark instead of 200 and 1,000, and for
+    /// the scale benchmark's rolling restart instead of 200.
     #[arg(long, global = true)]
     rate: Option<u32>,
     /// Measurement window in seconds instead of the default.
@@ -92,6 +96,9 @@ enum Bench {
     Jobs,
     /// 8. The host agent: one idle `agent` process's RSS and CPU over a few heartbeats.
     Agent,
+    /// 9. Scale: up to 100,000 agents on 5 replicas, alive through two heartbeat intervals,
+    ///    then a rolling restart under commands (not part of `all`: it needs the machine).
+    Scale,
 }
 
 /// One figure against its target.
@@ -358,6 +365,7 @@ async fn main() -> Result<()> {
             Bench::Churn => churn::run(&mut ctx).await,
             Bench::Jobs => jobs::run(&mut ctx).await,
             Bench::Agent => host_agent::run(&mut ctx).await,
+            Bench::Scale => scale::run(&mut ctx).await,
             Bench::All => Ok(()),
         };
         if let Err(e) = result {

@@ -23,6 +23,21 @@ pub fn sched_ns(pid: u32) -> Option<u64> {
     )
 }
 
+/// Proportional set size of a process in KiB (`/proc/<pid>/smaps_rollup`): its resident
+/// pages, each shared page divided among the processes that map it. Summed over
+/// PostgreSQL's backends it counts the shared buffers once, where RSS would count them
+/// once per backend.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// VmHWM of a process (its peak resident memory), in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     status_field(pid, "VmHWM:")
@@ -239,6 +254,7 @@ mod tests {
     fn this_process_has_rss_and_cpu_time() {
         let me = std::process::id();
         assert!(rss_kib(me).unwrap() > 0);
+        assert!(pss_kib(me).unwrap() > 0);
         assert!(cpu_ticks(me).is_some());
         assert!(open_fds(me).unwrap() >= 3);
         assert!(max_open_files(me).unwrap() > 0);

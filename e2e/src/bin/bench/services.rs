@@ -45,6 +45,11 @@ impl Database {
         psql(&format!("{}/postgres", self.server), sql)
     }
 
+    /// The backends serving this database now.
+    pub fn backends(&self) -> Vec<u32> {
+        backend_pids(&self.server, &self.name)
+    }
+
     /// Transactions and table scans of this database so far (`pg_stat_database`,
     /// `pg_stat_user_tables`): the difference over a window, divided by the admissions in
     /// it, is the database work per admission. PostgreSQL publishes a busy backend's
@@ -229,6 +234,13 @@ pub struct ServerProc {
     pub log: PathBuf,
     child: Child,
     pid: u32,
+    /// CPU time of the processes this replica ran before the current one, in clock
+    /// ticks (each read last while it drained), so that a meter spans restarts.
+    retired_ticks: u64,
+    /// What it was started with, to start it again on the same ports ([`Self::restart`]).
+    bin: PathBuf,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl ServerProc {
@@ -238,11 +250,39 @@ impl ServerProc {
         name: &str,
         env: &[(String, String)],
     ) -> Result<Self> {
-        let port = free_port()?;
-        let metrics_port = free_port()?;
+        let (port, metrics_port) = (free_port()?, free_port()?);
+        let (child, pid, log) = Self::spawn(bin, dir, name, env, port, metrics_port, 1).await?;
+        Ok(ServerProc {
+            name: name.to_string(),
+            port,
+            metrics_port,
+            log,
+            child,
+            pid,
+            retired_ticks: 0,
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            env: env.to_vec(),
+        })
+    }
+
+    /// Runs the binary on the given ports and waits (bounded) for `/health`; the log of
+    /// the `run`th start is `NAME.log`, then `NAME.RUN.log`.
+    async fn spawn(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        env: &[(String, String)],
+        port: u16,
+        metrics_port: u16,
+        run: u32,
+    ) -> Result<(Child, u32, PathBuf)> {
         let data = dir.join(name);
         std::fs::create_dir_all(&data)?;
-        let log = dir.join(format!("{name}.log"));
+        let log = match run {
+            1 => dir.join(format!("{name}.log")),
+            n => dir.join(format!("{name}.{n}.log")),
+        };
         let file = std::fs::File::create(&log)?;
         let mut child = Command::new(bin)
             .env_clear()
@@ -280,14 +320,52 @@ impl ServerProc {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(ServerProc {
-            name: name.to_string(),
-            port,
-            metrics_port,
-            log,
-            child,
-            pid,
+        Ok((child, pid, log))
+    }
+
+    /// SIGTERM, a bounded wait for the drain (SIGKILL after `bound`), then the same
+    /// replica started again on the same ports, as a rolling update replaces a pod behind
+    /// the same Service. Returns the time from the signal to the exit and to `/health`
+    /// answering again, and the exit status.
+    pub async fn restart(&mut self, bound: Duration, run: u32) -> Result<Restarted> {
+        let signalled = Instant::now();
+        self.terminate();
+        // The CPU time read every 100 ms until the exit (a zombie still shows it).
+        let mut last_ticks = super::procfs::cpu_ticks(self.pid).unwrap_or(0);
+        let status = loop {
+            tokio::select! {
+                status = self.child.wait() => break status?.to_string(),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            last_ticks = super::procfs::cpu_ticks(self.pid).unwrap_or(last_ticks);
+            if signalled.elapsed() > bound {
+                let _ = self.child.kill().await;
+                break format!("killed after {} s", bound.as_secs());
+            }
+        };
+        self.retired_ticks += last_ticks;
+        let exited = signalled.elapsed();
+        let (child, pid, log) = Self::spawn(
+            &self.bin,
+            &self.dir,
+            &self.name,
+            &self.env,
+            self.port,
+            self.metrics_port,
+            run,
+        )
+        .await?;
+        (self.child, self.pid, self.log) = (child, pid, log);
+        Ok(Restarted {
+            exited,
+            healthy: signalled.elapsed(),
+            status,
         })
+    }
+
+    fn terminate(&self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
     }
 
     pub fn base(&self) -> String {
@@ -296,6 +374,11 @@ impl ServerProc {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// CPU time of this replica in clock ticks: every process it ran, restarts included.
+    pub fn cpu_ticks(&self) -> u64 {
+        self.retired_ticks + super::procfs::cpu_ticks(self.pid).unwrap_or(0)
     }
 
     /// The Prometheus text of `/metrics`, from METRICS_PORT, or from the main port for a
@@ -318,8 +401,7 @@ impl ServerProc {
 
     /// SIGTERM, then a bounded wait for the drain.
     pub async fn stop(mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        self.terminate();
         if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .is_err()
@@ -327,6 +409,16 @@ impl ServerProc {
             let _ = self.child.kill().await;
         }
     }
+}
+
+/// How a [`ServerProc::restart`] went.
+pub struct Restarted {
+    /// SIGTERM to the process's exit (the drain).
+    pub exited: Duration,
+    /// SIGTERM to `/health` answering from the new process.
+    pub healthy: Duration,
+    /// The old process's exit status, as the system reports it.
+    pub status: String,
 }
 
 /// ws-floor: a bare tokio-tungstenite server with agent-server's buffers, the floor that
@@ -412,6 +504,9 @@ impl Metrics {
             .sum()
     }
 }
+
+/// How often a long wait prints where it stands.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// An agent-sim process (it may run children of its own), steered over stdin and read
 /// through its JSON snapshots.
@@ -502,7 +597,8 @@ impl SimProc {
             .unwrap_or_default()
     }
 
-    /// Waits (bounded) until the fleet's snapshot satisfies `done`; returns how long.
+    /// Waits (bounded) until the fleet's snapshot satisfies `done`; returns how long. A
+    /// wait longer than [`PROGRESS_EVERY`] prints the fleet's state at that interval.
     pub async fn wait_for(
         &mut self,
         what: &str,
@@ -510,10 +606,19 @@ impl SimProc {
         done: impl Fn(&Snapshot) -> bool,
     ) -> Result<Duration> {
         let start = Instant::now();
+        let mut next_progress = start + PROGRESS_EVERY;
         loop {
             let snap = self.latest();
             if done(&snap) {
                 return Ok(start.elapsed());
+            }
+            if Instant::now() >= next_progress {
+                println!(
+                    "    waiting for {what} ({} s): {}",
+                    start.elapsed().as_secs(),
+                    snap.line().trim_start()
+                );
+                next_progress += PROGRESS_EVERY;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 bail!("agent-sim exited ({status}) while waiting for {what}");
