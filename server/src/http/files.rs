@@ -47,7 +47,9 @@ pub(crate) fn byte_range(header: Option<&str>, size: u64) -> ByteRange {
         (StartPosition::Index(first), EndPosition::Index(last)) if first > last => {
             return ByteRange::Whole;
         }
-        (StartPosition::FromLast(_), _) if size == 0 => return ByteRange::Unsatisfiable,
+        // An empty file has no byte to serve: every range is unsatisfiable (RFC 9110
+        // §14.1.1, first-pos at or past the length).
+        _ if size == 0 => return ByteRange::Unsatisfiable,
         (StartPosition::FromLast(n), _) if n >= size => return ByteRange::Part(0..=size - 1),
         _ => {}
     }
@@ -134,6 +136,9 @@ mod tests {
         assert_eq!(r("items=0-1"), ByteRange::Whole);
         assert_eq!(byte_range(None, 100), ByteRange::Whole);
         assert_eq!(byte_range(Some("bytes=-5"), 0), ByteRange::Unsatisfiable);
+        // Found by the `range` fuzz target: byte 0 of an empty file was served.
+        assert_eq!(byte_range(Some("bytes=0-9"), 0), ByteRange::Unsatisfiable);
+        assert_eq!(byte_range(Some("bytes=0-"), 0), ByteRange::Unsatisfiable);
     }
 
     fn headers(name: header::HeaderName, value: &'static str) -> HeaderMap {
