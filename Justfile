@@ -18,7 +18,7 @@ test: lint
     just chart-lint
     just workflow-lint
     just e2e-local
-    just fuzz all 10
+    just fuzz all 10 dev
 
 # Validates the OpenAPI document of a live server (openapi-spec-validator) and runs
 # schemathesis against it with an admin token and seeded resources: no 5xx, every
@@ -128,8 +128,11 @@ workflow-lint:
 # each for 10 s; longer runs: `just fuzz token 3600`. A crash is saved under
 # fuzz/artifacts/<target>/; replay it with
 # `cd fuzz && cargo +nightly fuzz run <target> artifacts/<target>/<file>`.
+# `profile=dev` builds without optimisation: a few times faster to build, slower to run,
+# which suits the smoke run of `just test` (it proves the targets build and that no seed
+# crashes them); long runs keep the optimised default.
 # Fuzz every target (or one) for `seconds` each.
-fuzz target="all" seconds="20":
+fuzz target="all" seconds="20" profile="release":
     #!/usr/bin/env bash
     set -euo pipefail
     command -v cargo-fuzz >/dev/null || { echo "just fuzz needs cargo-fuzz: cargo install cargo-fuzz --locked" >&2; exit 2; }
@@ -138,13 +141,18 @@ fuzz target="all" seconds="20":
     cargo +nightly metadata --locked --format-version 1 >/dev/null || { echo "fuzz/Cargo.lock is out of date: run \`cargo +nightly update --workspace\` in fuzz/ and commit it" >&2; exit 2; }
     targets="{{target}}"
     if [ "$targets" = all ]; then targets="$(cargo +nightly fuzz list)"; fi
+    case "{{profile}}" in
+        release) build=() ;;
+        dev) build=(--dev) ;;
+        *) echo "just fuzz: profile is release or dev, not '{{profile}}'" >&2; exit 64 ;;
+    esac
     started=$(date +%s)
-    if [ "{{target}}" = all ]; then cargo +nightly fuzz build; else cargo +nightly fuzz build "{{target}}"; fi
+    if [ "{{target}}" = all ]; then cargo +nightly fuzz build "${build[@]}"; else cargo +nightly fuzz build "${build[@]}" "{{target}}"; fi
     echo "==> fuzz targets built in $(( $(date +%s) - started )) s"
     for t in $targets; do
         echo "==> fuzz $t for {{seconds}} s"
         mkdir -p "corpus/$t"
-        cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time={{seconds}} -max_len=65536 -print_final_stats=1
+        cargo +nightly fuzz run "${build[@]}" "$t" "corpus/$t" -- -max_total_time={{seconds}} -max_len=65536 -print_final_stats=1
     done
     echo "==> fuzzing done in $(( $(date +%s) - started )) s"
 
