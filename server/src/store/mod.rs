@@ -682,17 +682,19 @@ mod tests {
     }
 
     /// The store's sources, each checked for transactions that begin another way.
-    const SOURCES: [(&str, &str); 15] = [
+    const SOURCES: [(&str, &str); 17] = [
         ("mod.rs", include_str!("mod.rs")),
         ("agents.rs", include_str!("agents.rs")),
         ("api_tokens.rs", include_str!("api_tokens.rs")),
         ("audit.rs", include_str!("audit.rs")),
+        ("batch.rs", include_str!("batch.rs")),
         ("binaries.rs", include_str!("binaries.rs")),
         ("commands.rs", include_str!("commands.rs")),
         ("enroll_secrets.rs", include_str!("enroll_secrets.rs")),
         ("inventory.rs", include_str!("inventory.rs")),
         ("jobs.rs", include_str!("jobs.rs")),
         ("liveness.rs", include_str!("liveness.rs")),
+        ("reader.rs", include_str!("reader.rs")),
         ("rollouts.rs", include_str!("rollouts.rs")),
         ("schema.rs", include_str!("schema.rs")),
         ("sets.rs", include_str!("sets.rs")),
