@@ -11,8 +11,10 @@ use serde_json::json;
 use crate::helpers::*;
 use crate::procs::PrivatePostgres;
 
-/// DATABASE_OUTAGE_TIMEOUT's default (2 s) plus scheduling slack on a loaded machine.
-const OUTAGE_BOUND: Duration = Duration::from_millis(3000);
+/// DATABASE_OUTAGE_TIMEOUT's default (2 s) plus scheduling slack for a machine that runs
+/// the whole test suite at once (2.0 s is what a quiet run measures); far below the
+/// statement timeout (10 s), which is what a caller waited before the outage probe.
+const OUTAGE_BOUND: Duration = Duration::from_millis(4000);
 
 /// How the test takes the database away.
 #[derive(Clone, Copy, Debug)]
