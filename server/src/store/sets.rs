@@ -134,13 +134,20 @@ fn disconnect_sql(dollar: bool, n: usize) -> String {
     )
 }
 
+/// Rows whose facts are unchanged are left alone: an agent says the same `hello` on every
+/// connection, and a write would cost a new row version (and its WAL) per reconnection.
 fn hello_sql(dollar: bool, n: usize) -> String {
+    // The null-safe "differs": PostgreSQL's standard form, SQLite's own.
+    let differs = if dollar { "IS DISTINCT FROM" } else { "IS NOT" };
     format!(
         "WITH v (v_id, v_epoch, v_version, v_hostname, v_os, v_arch) AS (VALUES {}) \
          UPDATE agents SET version = COALESCE(v_version, version), \
          hostname = COALESCE(v_hostname, hostname), os = COALESCE(v_os, os), \
          arch = COALESCE(v_arch, arch) FROM v \
-         WHERE id = v_id AND epoch = v_epoch",
+         WHERE id = v_id AND epoch = v_epoch \
+         AND (version {differs} COALESCE(v_version, version) \
+         OR hostname {differs} COALESCE(v_hostname, hostname) \
+         OR os {differs} COALESCE(v_os, os) OR arch {differs} COALESCE(v_arch, arch))",
         values(dollar, n, 6)
     )
 }
