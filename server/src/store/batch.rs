@@ -5,11 +5,26 @@
 //! bound, and no waiting when the queue is empty, so an idle replica adds no latency),
 //! and hands the batch to its apply function, which answers every job. One thread
 //! collects at a time; the others apply their batches meanwhile.
+//!
+//! A thread keeps its pooled connection (its [`Lease`]) from one batch to the next while
+//! batches keep coming, and gives it back after [`KEEP_IDLE`] without one or after any
+//! failure. The pool checks a connection with `SELECT 1` when it hands it out; a busy
+//! thread therefore pays that round trip (a transaction of its own, in PostgreSQL's
+//! counts) once per busy spell instead of once per batch, and a connection that sat
+//! idle, or failed, is checked again before it is used.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
-use super::DbPool;
+use diesel::r2d2::{ConnectionManager, PooledConnection};
+use diesel::{PgConnection, SqliteConnection};
+use parking_lot::Mutex;
+
+use super::{DbPool, StoreError};
+
+/// How long a thread keeps its connection with no batch to apply.
+const KEEP_IDLE: Duration = Duration::from_millis(100);
 
 /// The way to a group of threads, and how many jobs they have yet to answer.
 pub(crate) struct Queue<J> {
@@ -38,9 +53,64 @@ pub(crate) struct Plan<J> {
     pub(crate) max_batch: usize,
     /// Puts a batch in the order it is applied in.
     pub(crate) order: fn(&mut [J]),
-    /// Applies a batch and answers each of its jobs.
-    pub(crate) apply: fn(&DbPool, Vec<J>),
+    /// Applies a batch on the lease's connection and answers each of its jobs; releases
+    /// the lease after a failure.
+    pub(crate) apply: fn(&mut Lease<'_>, Vec<J>),
 }
+
+/// A connection a store thread holds between batches, checked out of the pool when first
+/// needed.
+pub(crate) struct Lease<'a> {
+    pool: &'a DbPool,
+    held: Option<Held>,
+}
+
+/// A checked-out connection of either backend.
+pub(crate) enum Held {
+    Postgres(PooledConnection<ConnectionManager<PgConnection>>),
+    Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
+}
+
+impl<'a> Lease<'a> {
+    fn new(pool: &'a DbPool) -> Self {
+        Lease { pool, held: None }
+    }
+
+    /// The held connection, checked out (and checked by the pool) if none is held.
+    pub(crate) fn conn(&mut self) -> Result<&mut Held, StoreError> {
+        if self.held.is_none() {
+            self.held = Some(match self.pool {
+                DbPool::Postgres(pool) => Held::Postgres(pool.get()?),
+                DbPool::Sqlite(pool) => Held::Sqlite(pool.get()?),
+            });
+        }
+        Ok(self.held.as_mut().expect("checked out above"))
+    }
+
+    /// Gives the connection back: the pool drops it if it is broken, and checks the
+    /// next one it hands out.
+    pub(crate) fn release(&mut self) {
+        self.held = None;
+    }
+}
+
+/// Runs `$body` with `$conn` bound to the `&mut` connection of the lease `$lease`
+/// (checked out if none is held), of whichever backend; as `with_conn!`.
+macro_rules! with_lease {
+    ($lease:expr, $conn:ident => $body:expr) => {
+        match $lease.conn()? {
+            $crate::store::batch::Held::Postgres(guard) => {
+                let $conn = &mut **guard;
+                $body
+            }
+            $crate::store::batch::Held::Sqlite(guard) => {
+                let $conn = &mut **guard;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_lease;
 
 impl<J: Send + 'static> Queue<J> {
     /// Starts the threads of `plan`. They stop when every sender is gone (the last
@@ -55,11 +125,18 @@ impl<J: Send + 'static> Queue<J> {
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-{n}", plan.name))
                 .spawn(move || {
-                    while let Some(mut batch) = next_batch(&rx, max_batch) {
-                        let len = batch.len();
-                        order(&mut batch);
-                        apply(&pool, batch);
-                        in_flight.fetch_sub(len, Ordering::SeqCst);
+                    let mut lease = Lease::new(&pool);
+                    loop {
+                        match next_batch(&rx, max_batch, lease.held.is_some()) {
+                            Next::Batch(mut batch) => {
+                                let len = batch.len();
+                                order(&mut batch);
+                                apply(&mut lease, batch);
+                                in_flight.fetch_sub(len, Ordering::SeqCst);
+                            }
+                            Next::Idle => lease.release(),
+                            Next::Closed => break,
+                        }
                     }
                 });
             if let Err(e) = spawned {
@@ -89,16 +166,42 @@ impl<J: Send + 'static> Queue<J> {
     }
 }
 
+/// What a thread does next.
+enum Next<J> {
+    Batch(Vec<J>),
+    /// Nothing came within [`KEEP_IDLE`]: give the connection back, then wait on.
+    Idle,
+    /// Every sender is gone.
+    Closed,
+}
+
 /// The next batch: the first job to arrive, then whatever else is queued (at most
-/// `max`); `None` once every sender is gone. One thread collects at a time.
-fn next_batch<J>(rx: &Mutex<mpsc::Receiver<J>>, max: usize) -> Option<Vec<J>> {
-    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-    let mut batch = vec![rx.recv().ok()?];
+/// `max`). One thread collects at a time. A thread that holds a connection waits at most
+/// [`KEEP_IDLE`], for its turn and then for the first job.
+fn next_batch<J>(rx: &Mutex<mpsc::Receiver<J>>, max: usize, holding: bool) -> Next<J> {
+    let first = if holding {
+        let Some(rx) = rx.try_lock_for(KEEP_IDLE) else {
+            return Next::Idle;
+        };
+        match rx.recv_timeout(KEEP_IDLE) {
+            Ok(job) => (job, rx),
+            Err(mpsc::RecvTimeoutError::Timeout) => return Next::Idle,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Next::Closed,
+        }
+    } else {
+        let rx = rx.lock();
+        match rx.recv() {
+            Ok(job) => (job, rx),
+            Err(_) => return Next::Closed,
+        }
+    };
+    let (job, rx) = first;
+    let mut batch = vec![job];
     while batch.len() < max {
         match rx.try_recv() {
             Ok(job) => batch.push(job),
             Err(_) => break,
         }
     }
-    Some(batch)
+    Next::Batch(batch)
 }

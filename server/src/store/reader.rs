@@ -21,7 +21,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
 use tokio::sync::oneshot;
 
-use super::batch::{Plan, Queue};
+use super::batch::{Held, Lease, Plan, Queue};
 use super::commands::CommandRow;
 use super::{DbPool, StoreError};
 
@@ -66,10 +66,14 @@ pub(crate) fn spawn(pool: Arc<DbPool>) -> Readers {
 }
 
 /// Reads for every request of `batch`, [`CHUNK`] at a time, and answers each.
-fn answer(pool: &DbPool, mut batch: Vec<Read>) {
+fn answer(lease: &mut Lease<'_>, mut batch: Vec<Read>) {
     while !batch.is_empty() {
         let rest = batch.split_off(batch.len().min(CHUNK));
-        match read(pool, &batch) {
+        let pages = read(lease, &batch);
+        if pages.is_err() {
+            lease.release();
+        }
+        match pages {
             Ok(pages) => {
                 for (read, page) in batch.drain(..).zip(pages) {
                     let _ = read.reply.send(Ok(page));
@@ -114,12 +118,10 @@ macro_rules! load_ranked {
 }
 
 /// One page per request of `reads`, in their order.
-fn read(pool: &DbPool, reads: &[Read]) -> Result<Vec<Vec<CommandRow>>, StoreError> {
-    let rows = match pool {
-        DbPool::Postgres(pool) => load_ranked!(&mut *pool.get()?, diesel::pg::Pg, true, reads),
-        DbPool::Sqlite(pool) => {
-            load_ranked!(&mut *pool.get()?, diesel::sqlite::Sqlite, false, reads)
-        }
+fn read(lease: &mut Lease<'_>, reads: &[Read]) -> Result<Vec<Vec<CommandRow>>, StoreError> {
+    let rows = match lease.conn()? {
+        Held::Postgres(c) => load_ranked!(&mut **c, diesel::pg::Pg, true, reads),
+        Held::Sqlite(c) => load_ranked!(&mut **c, diesel::sqlite::Sqlite, false, reads),
     };
     let mut pages: Vec<Vec<CommandRow>> = reads.iter().map(|_| Vec::new()).collect();
     for ranked in rows {

@@ -37,13 +37,13 @@ use diesel::prelude::*;
 use tokio::sync::oneshot;
 
 use super::api_tokens::{CredentialState, load_credential_states};
-use super::batch::{Plan, Queue};
+use super::batch::{Lease, Plan, Queue, with_lease};
 use super::commands::OPEN;
 use super::schema::{agents, audit_log, commands};
 use super::sets::{ConnectRow, DisconnectRow, HelloRow, ResultRow, SetStatements};
 use super::{
     CommandStatus, DbPool, Hello, NewAuditRow, NewCommand, ResultOutcome, StoreError,
-    WriteTransaction, with_conn,
+    WriteTransaction,
 };
 
 /// Most writes applied in one transaction. Large enough that a storm's connects share a
@@ -173,10 +173,15 @@ fn lock_order(w: &Write) -> (u8, &str, &str) {
 
 /// Applies `batch` in one transaction and answers every job; on a query failure, applies
 /// each job alone.
-fn commit(pool: &DbPool, batch: Vec<Job>) {
+fn commit(lease: &mut Lease<'_>, batch: Vec<Job>) {
     let (writes, replies): (Vec<Write>, Vec<_>) =
         batch.into_iter().map(|j| (j.write, j.reply)).unzip();
-    match apply(pool, &writes) {
+    let applied = apply(lease, &writes);
+    if applied.is_err() {
+        // Whatever failed, the next transaction starts on a connection the pool checked.
+        lease.release();
+    }
+    match applied {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
@@ -185,7 +190,11 @@ fn commit(pool: &DbPool, batch: Vec<Job>) {
         Err(StoreError::Query(_)) if writes.len() > 1 => {
             for (write, reply) in writes.into_iter().zip(replies) {
                 let one = std::slice::from_ref(&write);
-                let _ = reply.send(apply(pool, one).map(|mut o| o.remove(0)));
+                let alone = apply(lease, one);
+                if alone.is_err() {
+                    lease.release();
+                }
+                let _ = reply.send(alone.map(|mut o| o.remove(0)));
             }
         }
         Err(e) => {
@@ -233,8 +242,8 @@ pub(super) fn again(e: &StoreError) -> StoreError {
 /// its write before it makes the next, so the writes are concurrent: applying them in
 /// this order instead of their arrival order is an order they could have arrived in, and
 /// each caller learns the outcome its own row had in it.
-fn apply(pool: &DbPool, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
-    with_conn!(pool, c => c.write_transaction::<_, StoreError, _>(|c| {
+fn apply(lease: &mut Lease<'_>, writes: &[Write]) -> Result<Vec<Outcome>, StoreError> {
+    with_lease!(lease, c => c.write_transaction::<_, StoreError, _>(|c| {
         let mut out: Vec<Option<Outcome>> = vec![None; writes.len()];
         let of_kind = |kind: u8| -> Vec<usize> {
             (0..writes.len()).filter(|&i| lock_order(&writes[i]).0 == kind).collect()
