@@ -196,6 +196,7 @@ pub(crate) async fn serve_with_tls(
     stop: CancellationToken,
 ) -> TaskTracker {
     let connections = TaskTracker::new();
+    let mut spare = SpareDescriptor::open();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -203,9 +204,13 @@ pub(crate) async fn serve_with_tls(
         };
         let (stream, peer) = match accepted {
             Ok(conn) => conn,
+            Err(e) if out_of_descriptors(&e) => {
+                spare.shed(&listener).await;
+                continue;
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning; the condition is
-                // usually transient (sessions closing free descriptors).
+                // Back off instead of spinning; such failures are transient (ENOBUFS,
+                // ENOMEM, a connection reset while queued).
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -242,6 +247,71 @@ pub(crate) async fn serve_with_tls(
     }
     connections.close();
     connections
+}
+
+/// Whether `accept` failed because the process (EMFILE) or the system (ENFILE) has no
+/// file descriptor left.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// A file descriptor held in reserve for the moment the process has none left.
+///
+/// Without a descriptor the kernel keeps completed connections in the listen backlog,
+/// their requests unread. A client waits there until its connect timeout, gives up and
+/// connects elsewhere; when descriptors free up, its abandoned upgrade is accepted after
+/// all and takes over as the agent's newest connection, closing the live one with 4001
+/// (replaced). So the spare is closed, the waiting connection accepted and closed at
+/// once (its unread request makes the kernel reset it): the client fails fast and tries
+/// another replica, and the backlog holds no stale requests. The same trick as libuv's
+/// and nginx's reserve descriptor.
+struct SpareDescriptor {
+    file: Option<std::fs::File>,
+    /// Connections closed since the last warning, and when that was.
+    shed: u64,
+    warned: Option<std::time::Instant>,
+}
+
+/// At most one warning per interval while connections are being shed.
+const SHED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+impl SpareDescriptor {
+    fn open() -> Self {
+        SpareDescriptor {
+            file: std::fs::File::open("/dev/null").ok(),
+            shed: 0,
+            warned: None,
+        }
+    }
+
+    /// Closes one waiting connection (using the spare descriptor for it), then takes the
+    /// spare back; without a spare, waits briefly for sessions to free descriptors.
+    async fn shed(&mut self, listener: &TcpListener) {
+        if self.file.take().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.file = std::fs::File::open("/dev/null").ok();
+            return;
+        }
+        // The connection that failed to be accepted is still queued: this takes it.
+        if let Ok(Ok((stream, _))) =
+            tokio::time::timeout(Duration::from_millis(100), listener.accept()).await
+        {
+            drop(stream);
+            self.shed += 1;
+        }
+        self.file = std::fs::File::open("/dev/null").ok();
+        let due = self
+            .warned
+            .is_none_or(|at| at.elapsed() >= SHED_WARNING_INTERVAL);
+        if due && self.shed > 0 {
+            tracing::warn!(
+                closed = self.shed,
+                "out of file descriptors: closing new connections at once so that their clients try another replica; raise the open-files limit (LimitNOFILE, ulimit -n) or add replicas"
+            );
+            self.shed = 0;
+            self.warned = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// One HTTP/1.1 connection, with upgrades, until it ends or `stop` asks it to finish.

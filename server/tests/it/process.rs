@@ -202,3 +202,92 @@ async fn process_metrics_count_the_servers_own_file_descriptors() {
     );
     server.sigterm_and_wait().await;
 }
+
+/// Sends `GET /health` on `stream` and reads until the server answers or closes; the
+/// first line of the answer, or `None` when the connection was closed (EOF or reset)
+/// without one.
+async fn health_on(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = vec![0u8; 1024];
+    match stream.read(&mut buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .map(String::from),
+    }
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_new_connections_are_closed_at_once_not_left_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(
+        dir.path(),
+        &[
+            ("SERVER_PORT", "0"),
+            ("SERVER_HOST", "127.0.0.1"),
+            ("SECRET_KEY", SECRET),
+        ],
+    )
+    .await;
+    // Room for a few connections more than the server holds open now.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .unwrap()
+        .count();
+    let limit = open + 16;
+    let set = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", server.pid()))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(set.success(), "prlimit failed");
+
+    // Fill every descriptor with kept-alive connections the server answered.
+    let addr = format!("127.0.0.1:{}", server.port);
+    let mut held = Vec::new();
+    let refused_at = loop {
+        assert!(
+            held.len() <= 64,
+            "{} connections and none refused",
+            held.len()
+        );
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // A connection left waiting in the backlog never answers: the bound fails it.
+        match tokio::time::timeout(Duration::from_secs(5), health_on(&mut stream)).await {
+            Ok(Some(line)) => {
+                assert!(line.contains("200"), "{line}");
+                held.push(stream);
+            }
+            Ok(None) => break held.len(),
+            Err(_) => panic!(
+                "connection {} waited 5 s without an answer or a close",
+                held.len() + 1
+            ),
+        }
+    };
+    assert!(refused_at >= 4, "only {refused_at} connections were served");
+    // While the server is full, each new connection is closed at once.
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), health_on(&mut stream))
+            .await
+            .expect("closed at once, not left waiting");
+        assert_eq!(answer, None);
+    }
+    // Descriptors freed: served again.
+    drop(held);
+    eventually(Duration::from_secs(10), "served again", async || {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(&addr).await else {
+            return false;
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(2), health_on(&mut stream)).await;
+        matches!(answer, Ok(Some(line)) if line.contains("200"))
+    })
+    .await;
+    let (_, log) = server.sigterm_and_wait().await;
+    assert!(log.contains("out of file descriptors"), "{log}");
+}

@@ -96,6 +96,11 @@ impl ServerProcess {
         }
     }
 
+    /// The process id, for `/proc` and `prlimit`.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the server is running")
+    }
+
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
