@@ -342,6 +342,71 @@ async fn connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch(ap
     }
 }
 
+/// The row version (`xmin`) of an agent's row: a new one for every write to the row.
+fn row_version(database_url: &str, id: &str) -> String {
+    use diesel::{Connection, RunQueryDsl};
+    #[derive(diesel::QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        v: String,
+    }
+    let mut c = diesel::PgConnection::establish(database_url).unwrap();
+    diesel::sql_query("SELECT xmin::text AS v FROM agents WHERE id = $1")
+        .bind::<diesel::sql_types::Text, _>(id)
+        .get_result::<Version>(&mut c)
+        .unwrap()
+        .v
+}
+
+async fn a_hello_that_changes_nothing_writes_nothing(app: TestApp) {
+    let store = &app.state.store;
+    let epoch = connect(store, "same").await;
+    let facts = |version: &str| Hello {
+        version: Some(version.into()),
+        hostname: Some("host".into()),
+        os: Some("linux".into()),
+        arch: Some("x86_64".into()),
+    };
+    let say = |hello: Hello| store.agent_hello("same".into(), epoch, hello);
+    say(facts("1.0")).await.unwrap();
+    let stored = row_version(&app.database_url, "same");
+    // The same facts again (as on every reconnection), or none at all: no new row version.
+    say(facts("1.0")).await.unwrap();
+    say(Hello {
+        version: None,
+        hostname: None,
+        os: None,
+        arch: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(row_version(&app.database_url, "same"), stored);
+    // A fact that changed is written, and the others kept.
+    say(facts("1.1")).await.unwrap();
+    assert_ne!(row_version(&app.database_url, "same"), stored);
+    let (row, _) = store.get_agent("same".into()).await.unwrap().unwrap();
+    assert_eq!(row.version.as_deref(), Some("1.1"));
+    assert_eq!(row.os.as_deref(), Some("linux"));
+}
+
+/// Store threads keep their connection only while batches keep coming.
+async fn store_threads_give_their_connections_back_when_idle(app: TestApp) {
+    let store = &app.state.store;
+    let agents: Vec<String> = (0..50).map(|i| format!("idle-{i:02}")).collect();
+    join_all(agents.iter().map(|a| connect(store, a))).await;
+    join_all(
+        agents
+            .iter()
+            .map(|a| store.commands_to_send(a.clone(), true, None, now_ms(), 10)),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    assert!(
+        store.settle(deadline).await,
+        "every pooled connection idle again within 2 s"
+    );
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Op {
     Epoch(i64),
@@ -356,4 +421,15 @@ on_both_backends! {
     a_new_connection_learns_whether_commands_wait_for_it;
     reads_of_many_sessions_in_one_batch_each_get_their_own_commands;
     connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch;
+    store_threads_give_their_connections_back_when_idle;
+}
+
+// Row versions are PostgreSQL's.
+mod a_hello_that_changes_nothing_writes_nothing {
+    crate::helpers::scenario_test!(
+        postgres,
+        Postgres,
+        super::a_hello_that_changes_nothing_writes_nothing,
+        []
+    );
 }
