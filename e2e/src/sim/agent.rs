@@ -66,6 +66,7 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) {
         .min(cfg.servers.len() - 1);
     let mut attempt = 0u32;
     let mut inventory_sent = false;
+    let mut replaced_in_a_row = 0u32;
     loop {
         if shared.stop.is_cancelled() {
             return;
@@ -87,6 +88,9 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) {
                 inventory_sent |= send_inventory;
                 shared.stats.disconnected(index as usize, server);
                 attempt = 0;
+                if !matches!(end, End::Closed(c) if CloseCode::from(c) == CloseCode::Replaced) {
+                    replaced_in_a_row = 0;
+                }
                 match end {
                     End::Stopped => return,
                     End::Churned => {
@@ -96,11 +100,24 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) {
                     End::Closed(code) => {
                         shared.stats.closed_by_server(code);
                         match CloseCode::from(code).policy() {
-                            // Another process uses this id, or an operator deleted the
-                            // agent: the protocol says not to reconnect in a loop.
-                            Reconnect::Stop | Reconnect::AnotherHost => {
+                            // An operator deleted the agent: only an operator can fix it.
+                            Reconnect::Stop => {
                                 shared.stats.gave_up.fetch_add(1, RELAXED);
                                 return;
+                            }
+                            // Replaced once may be our own earlier connection (an upgrade
+                            // the server took from its backlog after we had given up on
+                            // it): back off and reconnect, as the host agent does. Twice
+                            // in a row means another process uses this id; the host agent
+                            // then waits minutes, the simulator stops.
+                            Reconnect::AnotherHost => {
+                                replaced_in_a_row += 1;
+                                if replaced_in_a_row >= 2 {
+                                    shared.stats.gave_up.fetch_add(1, RELAXED);
+                                    return;
+                                }
+                                attempt = 1;
+                                cfg.backoff.delay(0)
                             }
                             // Restarting or rebalancing: a short random delay, then
                             // any replica, as a load balancer spreads reconnections
