@@ -1,6 +1,6 @@
-//! Benchmark 3: command latency at 1,000 commands per second, from the API's 202 to the agent
-//! receiving the command, for agents on the replica that took the request (same pod)
-//! and on the other one (cross pod: Redis pub/sub wake-up).
+//! Benchmark 3: command latency from the API's 202 to the agent receiving the command, and
+//! the commands accepted and delivered per second, for agents on the replica that took the
+//! request (same pod) and on the other one (cross pod: Redis pub/sub wake-up).
 //!
 //! The agents run in this process so that one monotonic clock times both ends. Requests
 //! are sent open-loop on a fixed schedule (a slow answer does not delay the next
@@ -23,6 +23,9 @@ use crate::{Ctx, percentile, post_command, thousands};
 
 const BENCH: &str = "3 latency";
 
+/// The highest rate the latency targets (p50 2 ms, p99 10 ms, p99.9 50 ms) apply at.
+const LATENCY_TARGET_RATE: u32 = 2_000;
+
 /// One command as the API client saw it.
 struct Sent {
     id: String,
@@ -39,12 +42,12 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
     env.push(("REBALANCE", "false".into()));
     let stack = ctx.stack(2, true, &env).await?;
     let per_pod = ctx.size(1000, 100);
-    // The issue's rate, and a lower one that shows where the figures stand when the
-    // database is not the bottleneck.
+    // Issue 16's rates: the latency targets at 2,000 per second, the throughput target
+    // at 5,000.
     let rates: Vec<u32> = match ctx.rate {
         Some(r) => vec![r],
         None if ctx.smoke => vec![200],
-        None => vec![200, 1000],
+        None => vec![LATENCY_TARGET_RATE, 5_000],
     };
     let len = ctx.window(30, 2);
 
@@ -208,6 +211,27 @@ fn report(
             None => lost += 1,
         }
     }
+    // Throughput while the schedule ran, past its first second (connections warming):
+    // commands the API accepted, and commands agents received, per second of that
+    // span. A server that keeps up shows the offered rate in both; one that falls
+    // behind shows less, however long its queue may grow after the window.
+    let start = sent.iter().map(|s| s.sent).min();
+    let (accepted_rate, delivered_rate) = match start {
+        Some(start) => {
+            let from = start + Duration::from_secs(1);
+            let until = start + len;
+            let span = (until - from).as_secs_f64().max(1e-3);
+            let within = |t: &Instant| *t >= from && *t < until;
+            let accepted = sent.iter().filter(|s| within(&s.accepted)).count();
+            let delivered = sent
+                .iter()
+                .filter_map(|s| got.get(&s.id))
+                .filter(|t| within(t))
+                .count();
+            (accepted as f64 / span, delivered as f64 / span)
+        }
+        None => (0.0, 0.0),
+    };
     drop(got);
     for v in [&mut from_202, &mut from_post, &mut api] {
         v.sort_by(f64::total_cmp);
@@ -229,28 +253,33 @@ fn report(
     );
     let bench = BENCH;
     let case = format!("{case} at {rate}/s");
+    // Sustained: both rates within 2 % of the offered one.
+    let kept_up =
+        accepted_rate >= 0.98 * f64::from(rate) && delivered_rate >= 0.98 * f64::from(rate);
+    ctx.figure(
+        bench,
+        format!("{case}: accepted / delivered per s"),
+        format!("{accepted_rate:.0} / {delivered_rate:.0}"),
+        format!(">= {rate}"),
+        Some(kept_up),
+    );
+    // The latency targets hold up to 2,000 per second (issue 16); above it the
+    // figures are printed for what they show.
+    let judged = rate <= LATENCY_TARGET_RATE;
     let (p50, p99, p999) = (p(&from_202, 0.5), p(&from_202, 0.99), p(&from_202, 0.999));
-    ctx.figure(
-        bench,
-        format!("{case}: 202 -> agent p50"),
-        format!("{p50:.2} ms"),
-        "<= 2 ms",
-        Some(p50 <= 2.0),
-    );
-    ctx.figure(
-        bench,
-        format!("{case}: 202 -> agent p99"),
-        format!("{p99:.2} ms"),
-        "<= 10 ms",
-        Some(p99 <= 10.0),
-    );
-    ctx.figure(
-        bench,
-        format!("{case}: 202 -> agent p99.9"),
-        format!("{p999:.2} ms"),
-        "<= 50 ms",
-        Some(p999 <= 50.0),
-    );
+    for (what, value, target) in [("p50", p50, 2.0), ("p99", p99, 10.0), ("p99.9", p999, 50.0)] {
+        ctx.figure(
+            bench,
+            format!("{case}: 202 -> agent {what}"),
+            format!("{value:.2} ms"),
+            if judged {
+                format!("<= {target} ms")
+            } else {
+                "-".into()
+            },
+            judged.then_some(value <= target),
+        );
+    }
     ctx.figure(
         bench,
         format!("{case}: commands lost / API errors"),

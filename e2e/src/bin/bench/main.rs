@@ -40,7 +40,7 @@ struct Args {
     /// Agents for the selected benchmark instead of its default.
     #[arg(long, global = true)]
     agents: Option<u32>,
-    /// Commands per second for the latency benchmark instead of 200 and 1,000, and for
+    /// Commands per second for the latency benchmark instead of 2,000 and 5,000, and for
     /// the scale benchmark's rolling restart instead of 200.
     #[arg(long, global = true)]
     rate: Option<u32>,
