@@ -215,6 +215,13 @@ if [ ${#manual[@]} -gt 0 ]; then
   exit 1
 fi
 
+# A Helm that sets itself up on first use (the offline one beside the repository installs
+# its engine into a venv) does so now, once: the chart tests run in parallel and would
+# race to create it.
+if have helm; then
+  step "helm: $(helm version 2>&1 | tail -n 1)"
+fi
+
 if $setup_only; then
   step "set-up complete (--setup-only: not running the tests)"
   exit 0
