@@ -7,8 +7,8 @@
 //! collects at a time; the others apply their batches meanwhile.
 //!
 //! A thread keeps its pooled connection (its [`Lease`]) from one batch to the next while
-//! batches keep coming, and gives it back after [`KEEP_IDLE`] without one or after any
-//! failure. The pool checks a connection with `SELECT 1` when it hands it out; a busy
+//! batches keep coming, and gives it back after [`KEEP_IDLE`] without one, after any
+//! failure, and whenever the pool has no connection left to hand out. The pool checks a connection with `SELECT 1` when it hands it out; a busy
 //! thread therefore pays that round trip (a transaction of its own, in PostgreSQL's
 //! counts) once per busy spell instead of once per batch, and a connection that sat
 //! idle, or failed, is checked again before it is used.
@@ -92,6 +92,20 @@ impl<'a> Lease<'a> {
     pub(crate) fn release(&mut self) {
         self.held = None;
     }
+
+    /// Gives the connection back when the pool has none left to hand out, so that a
+    /// small pool (DATABASE_POOL_SIZE below the store's threads plus the API's needs)
+    /// serves everyone in turn, as before threads kept theirs.
+    fn release_if_pool_is_short(&mut self) {
+        let state = match self.pool {
+            DbPool::Postgres(pool) => (pool.state(), pool.max_size()),
+            DbPool::Sqlite(pool) => (pool.state(), pool.max_size()),
+        };
+        let (state, max) = state;
+        if state.idle_connections == 0 && state.connections >= max {
+            self.release();
+        }
+    }
 }
 
 /// Runs `$body` with `$conn` bound to the `&mut` connection of the lease `$lease`
@@ -132,6 +146,7 @@ impl<J: Send + 'static> Queue<J> {
                                 let len = batch.len();
                                 order(&mut batch);
                                 apply(&mut lease, batch);
+                                lease.release_if_pool_is_short();
                                 in_flight.fetch_sub(len, Ordering::SeqCst);
                             }
                             Next::Idle => lease.release(),

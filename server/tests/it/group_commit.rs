@@ -407,6 +407,31 @@ async fn store_threads_give_their_connections_back_when_idle(app: TestApp) {
     );
 }
 
+/// Threads keep their connection only while the pool has more to hand out: with fewer
+/// connections than store threads, writes, group reads and the API's own reads all get
+/// their turn.
+async fn a_pool_smaller_than_the_store_threads_serves_everyone(app: TestApp) {
+    let store = &app.state.store;
+    let agents: Vec<String> = (0..40).map(|i| format!("small-{i:02}")).collect();
+    let work = async {
+        for _ in 0..3 {
+            let connects = join_all(agents.iter().map(|a| connect(store, a)));
+            let reads = join_all(
+                agents
+                    .iter()
+                    .map(|a| store.commands_to_send(a.clone(), true, None, now_ms(), 10)),
+            );
+            let lookups = join_all(agents.iter().map(|a| store.get_agent(a.clone())));
+            let (_, reads, lookups) = tokio::join!(connects, reads, lookups);
+            assert!(reads.iter().all(Result::is_ok), "{reads:?}");
+            assert!(lookups.iter().all(Result::is_ok));
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), work)
+        .await
+        .expect("every call answered within 20 s");
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Op {
     Epoch(i64),
@@ -422,6 +447,7 @@ on_both_backends! {
     reads_of_many_sessions_in_one_batch_each_get_their_own_commands;
     connects_hellos_and_disconnects_in_one_batch_each_follow_their_epoch;
     store_threads_give_their_connections_back_when_idle;
+    a_pool_smaller_than_the_store_threads_serves_everyone with ["DATABASE_POOL_SIZE" = "2"];
 }
 
 // Row versions are PostgreSQL's.
