@@ -29,10 +29,11 @@ test: lint
 contract *ARGS:
     bash scripts/contract.sh {{ARGS}}
 
-# rustfmt and clippy, warnings are errors.
+# rustfmt and clippy, warnings are errors; the fuzz workspace's lock file up to date.
 lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
+    @cargo metadata --locked --manifest-path fuzz/Cargo.toml --format-version 1 >/dev/null || { echo "fuzz/Cargo.lock is out of date: run \`cargo +nightly update --workspace\` in fuzz/ and commit it" >&2; exit 2; }
 
 # Needs chromium and chromedriver; screenshots land in target/ui-artifacts/.
 # The web UI in headless Chromium, with the real agent.
