@@ -97,11 +97,10 @@ impl<'a> Lease<'a> {
     /// small pool (DATABASE_POOL_SIZE below the store's threads plus the API's needs)
     /// serves everyone in turn, as before threads kept theirs.
     fn release_if_pool_is_short(&mut self) {
-        let state = match self.pool {
+        let (state, max) = match self.pool {
             DbPool::Postgres(pool) => (pool.state(), pool.max_size()),
             DbPool::Sqlite(pool) => (pool.state(), pool.max_size()),
         };
-        let (state, max) = state;
         if state.idle_connections == 0 && state.connections >= max {
             self.release();
         }
