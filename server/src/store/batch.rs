@@ -89,8 +89,17 @@ impl<'a> Lease<'a> {
 
     /// Gives the connection back: the pool drops it if it is broken, and checks the
     /// next one it hands out.
-    pub(crate) fn release(&mut self) {
+    fn release(&mut self) {
         self.held = None;
+    }
+
+    /// `result` of work on this lease's connection, releasing the connection when the
+    /// work failed, whatever the failure: the next work starts on a checked one.
+    pub(crate) fn checked<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.is_err() {
+            self.release();
+        }
+        result
     }
 
     /// Gives the connection back when the pool has none left to hand out, so that a
@@ -107,11 +116,12 @@ impl<'a> Lease<'a> {
     }
 }
 
-/// Runs `$body` with `$conn` bound to the `&mut` connection of the lease `$lease`
-/// (checked out if none is held), of whichever backend; as `with_conn!`.
+/// Runs `$body` (a `Result<_, StoreError>`) with `$conn` bound to the `&mut` connection
+/// of the lease `$lease` (checked out if none is held), of whichever backend, as
+/// `with_conn!`; a failed body releases the connection ([`Lease::checked`]).
 macro_rules! with_lease {
-    ($lease:expr, $conn:ident => $body:expr) => {
-        match $lease.conn()? {
+    ($lease:expr, $conn:ident => $body:expr) => {{
+        let result = match $lease.conn()? {
             $crate::store::batch::Held::Postgres(guard) => {
                 let $conn = &mut **guard;
                 $body
@@ -120,8 +130,9 @@ macro_rules! with_lease {
                 let $conn = &mut **guard;
                 $body
             }
-        }
-    };
+        };
+        $lease.checked(result)
+    }};
 }
 pub(crate) use with_lease;
 
@@ -218,4 +229,25 @@ fn next_batch<J>(rx: &Mutex<mpsc::Receiver<J>>, max: usize, holding: bool) -> Ne
         }
     }
     Next::Batch(batch)
+}
+
+/// A copy of `e` for another caller of the same failed batch: the same kind of failure
+/// (an outage stays an outage), with the database's message. diesel's errors are not
+/// `Clone`, so a database error is rebuilt from its kind and message.
+pub(crate) fn again(e: &StoreError) -> StoreError {
+    use diesel::result::Error;
+    let copy = |d: &Error| match d {
+        Error::DatabaseError(kind, info) => {
+            Error::DatabaseError(*kind, Box::new(info.message().to_string()))
+        }
+        other => Error::QueryBuilderError(other.to_string().into()),
+    };
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::ConnectionLost(d) => StoreError::ConnectionLost(copy(d)),
+        StoreError::TimedOut(d) => StoreError::TimedOut(copy(d)),
+        StoreError::NoAnswer(bound) => StoreError::NoAnswer(*bound),
+        StoreError::NotResponding(bound) => StoreError::NotResponding(*bound),
+        _ => StoreError::Task,
+    }
 }

@@ -21,7 +21,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
 use tokio::sync::oneshot;
 
-use super::batch::{Held, Lease, Plan, Queue};
+use super::batch::{Held, Lease, Plan, Queue, again};
 use super::commands::CommandRow;
 use super::{DbPool, StoreError};
 
@@ -70,10 +70,7 @@ fn answer(lease: &mut Lease<'_>, mut batch: Vec<Read>) {
     while !batch.is_empty() {
         let rest = batch.split_off(batch.len().min(CHUNK));
         let pages = read(lease, &batch);
-        if pages.is_err() {
-            lease.release();
-        }
-        match pages {
+        match lease.checked(pages) {
             Ok(pages) => {
                 for (read, page) in batch.drain(..).zip(pages) {
                     let _ = read.reply.send(Ok(page));
@@ -82,7 +79,7 @@ fn answer(lease: &mut Lease<'_>, mut batch: Vec<Read>) {
             Err(e) => {
                 // Every caller gets the failure's kind (an outage stays an outage).
                 for read in batch.drain(..) {
-                    let _ = read.reply.send(Err(super::writer::again(&e)));
+                    let _ = read.reply.send(Err(again(&e)));
                 }
             }
         }

@@ -37,7 +37,7 @@ use diesel::prelude::*;
 use tokio::sync::oneshot;
 
 use super::api_tokens::{CredentialState, load_credential_states};
-use super::batch::{Lease, Plan, Queue, with_lease};
+use super::batch::{Lease, Plan, Queue, again, with_lease};
 use super::commands::OPEN;
 use super::schema::{agents, audit_log, commands};
 use super::sets::{ConnectRow, DisconnectRow, HelloRow, ResultRow, SetStatements};
@@ -176,12 +176,7 @@ fn lock_order(w: &Write) -> (u8, &str, &str) {
 fn commit(lease: &mut Lease<'_>, batch: Vec<Job>) {
     let (writes, replies): (Vec<Write>, Vec<_>) =
         batch.into_iter().map(|j| (j.write, j.reply)).unzip();
-    let applied = apply(lease, &writes);
-    if applied.is_err() {
-        // Whatever failed, the next transaction starts on a connection the pool checked.
-        lease.release();
-    }
-    match applied {
+    match apply(lease, &writes) {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
@@ -190,11 +185,7 @@ fn commit(lease: &mut Lease<'_>, batch: Vec<Job>) {
         Err(StoreError::Query(_)) if writes.len() > 1 => {
             for (write, reply) in writes.into_iter().zip(replies) {
                 let one = std::slice::from_ref(&write);
-                let alone = apply(lease, one);
-                if alone.is_err() {
-                    lease.release();
-                }
-                let _ = reply.send(alone.map(|mut o| o.remove(0)));
+                let _ = reply.send(apply(lease, one).map(|mut o| o.remove(0)));
             }
         }
         Err(e) => {
@@ -209,27 +200,6 @@ fn commit(lease: &mut Lease<'_>, batch: Vec<Job>) {
                 let _ = first.send(Err(e));
             }
         }
-    }
-}
-
-/// A copy of `e` for another caller of the same failed batch: the same kind of failure
-/// (an outage stays an outage), with the database's message. diesel's errors are not
-/// `Clone`, so a database error is rebuilt from its kind and message.
-pub(super) fn again(e: &StoreError) -> StoreError {
-    use diesel::result::Error;
-    let copy = |d: &Error| match d {
-        Error::DatabaseError(kind, info) => {
-            Error::DatabaseError(*kind, Box::new(info.message().to_string()))
-        }
-        other => Error::QueryBuilderError(other.to_string().into()),
-    };
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::ConnectionLost(d) => StoreError::ConnectionLost(copy(d)),
-        StoreError::TimedOut(d) => StoreError::TimedOut(copy(d)),
-        StoreError::NoAnswer(bound) => StoreError::NoAnswer(*bound),
-        StoreError::NotResponding(bound) => StoreError::NotResponding(*bound),
-        _ => StoreError::Task,
     }
 }
 
