@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::procfs::{CpuMeter, loadavg};
-use crate::services::SimProc;
+use crate::services::{SimProc, pg_stat_statements_available};
 use crate::{Ctx, percentile, thousands};
 
 const BENCH: &str = "7 jobs";
@@ -91,7 +91,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         .await
         .context("connecting to the benchmark's database")?;
     tokio::spawn(connection);
-    let statements = Statements::available(&db).await;
+    let statements = pg_stat_statements_available(&db).await;
     if !statements {
         println!(
             "  statements per command: not counted (this PostgreSQL does not preload pg_stat_statements)"
@@ -171,18 +171,6 @@ fn case_name(max_in_flight: Option<u32>) -> String {
 struct Statements;
 
 impl Statements {
-    /// Whether pg_stat_statements answers here (the extension is created in the
-    /// benchmark's database; it counts only when the server preloads it).
-    async fn available(db: &tokio_postgres::Client) -> bool {
-        db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .await
-            .is_ok()
-            && db
-                .query_one("/* bench */ SELECT count(*) FROM pg_stat_statements", &[])
-                .await
-                .is_ok()
-    }
-
     /// Clears this database's statement counts, when available.
     async fn reset(db: &tokio_postgres::Client, available: bool) -> Result<()> {
         if available {

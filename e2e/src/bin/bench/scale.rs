@@ -24,7 +24,7 @@ use rand::Rng;
 
 use crate::kernel::{self, Load};
 use crate::procfs::{CpuMeter, clk_tck, loadavg, max_open_files, open_fds, pss_kib, rss_kib};
-use crate::services::{PROGRESS_EVERY, Redis, ServerProc, SimProc};
+use crate::services::{PROGRESS_EVERY, Redis, ServerProc, SimProc, pg_stat_statements_available};
 use crate::{Ctx, Stack, post_command, thousands};
 
 const BENCH: &str = "9 scale";
@@ -131,7 +131,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<()> {
         .await
         .context("connecting to the benchmark's database")?;
     tokio::spawn(connection);
-    let statements = statements_available(&db).await;
+    let statements = pg_stat_statements_available(&db).await;
 
     // Two heartbeat intervals with the fleet idle: every agent must stay connected and hear
     // from its replica.
@@ -555,23 +555,13 @@ impl DbStats {
     }
 }
 
-/// Whether pg_stat_statements can be read here (the server must preload it).
-async fn statements_available(db: &tokio_postgres::Client) -> bool {
-    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        .await
-        .is_ok()
-        && db
-            .query_one("SELECT count(*) FROM pg_stat_statements", &[])
-            .await
-            .is_ok()
-}
-
 /// Calls per statement on this database, the statement's first words as its name.
 async fn statement_calls(db: &tokio_postgres::Client) -> Result<BTreeMap<String, i64>> {
     let rows = db
         .query(
-            "SELECT query, calls FROM pg_stat_statements \
-             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            "/* bench */ SELECT query, calls FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND query NOT LIKE '/* bench */%'",
             &[],
         )
         .await?;

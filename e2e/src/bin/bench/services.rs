@@ -126,6 +126,19 @@ fn backend_pids(server: &str, db: &str) -> Vec<u32> {
     .unwrap_or_default()
 }
 
+/// Whether pg_stat_statements answers on this database: the extension is created here,
+/// and it counts only when the PostgreSQL server preloads it. The query starts with
+/// `/* bench */`, as every statement the benchmarks send, so counts can leave it out.
+pub async fn pg_stat_statements_available(db: &tokio_postgres::Client) -> bool {
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await
+        .is_ok()
+        && db
+            .query_one("/* bench */ SELECT count(*) FROM pg_stat_statements", &[])
+            .await
+            .is_ok()
+}
+
 pub fn psql(url: &str, sql: &str) -> Result<String> {
     let out = std::process::Command::new("psql")
         .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
