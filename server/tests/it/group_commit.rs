@@ -2,7 +2,9 @@
 //! transaction, and each caller still learns the outcome of its own write, exactly as if
 //! it had been alone. Group reads (`store/reader.rs`): the commands to send to many
 //! sessions are read in one statement, and each session gets exactly its own. Every
-//! write or read here is issued at once, so they land in the same batches.
+//! write or read here is issued at once, so they land in the same batch or, on
+//! PostgreSQL's several writers, in concurrent ones: each test checks only what holds in
+//! every order those allow.
 
 use agent_server::store::{CommandStatus, Hello, NewCommand, ResultOutcome, Store, now_ms};
 use futures_util::future::join_all;
