@@ -115,7 +115,30 @@ pub enum ResultOutcome {
     AlreadyFinal(CommandStatus),
 }
 
+/// The statuses of a command that waits for its result.
 pub(super) const OPEN: [&str; 2] = ["pending", "delivered"];
+
+/// Which of an agent's commands are sent to it: released (a job's pacer no longer holds
+/// it), open (of `statuses`: [`OPEN`], or only `pending`) and not expired at `now` (ms).
+/// The partial index `commands_open` (agent, held, status) serves it. The group readers'
+/// raw statement spells the same rule as [`SENDABLE_SQL`].
+#[diesel::dsl::auto_type(no_type_alias)]
+pub(super) fn sendable<'a>(statuses: &'a [&'a str], now: i64) -> _ {
+    commands::held
+        .eq(false)
+        .and(commands::status.eq_any(statuses))
+        .and(
+            commands::expires_at
+                .is_null()
+                .or(commands::expires_at.gt(now)),
+        )
+}
+
+/// [`sendable`] in SQL, for the group readers (`reader.rs`): over commands `c`, with each
+/// request's `v_delivered` (whether `delivered` ones count) and `v_now` (ms).
+pub(super) const SENDABLE_SQL: &str = "c.held = FALSE AND c.status IN ('pending', 'delivered') \
+     AND (v_delivered OR c.status = 'pending') \
+     AND (c.expires_at IS NULL OR c.expires_at > v_now)";
 
 impl Store {
     /// Stores a queued command and its audit entry in one transaction, if the agent
@@ -188,13 +211,9 @@ impl Store {
         self.run(move |pool| {
             with_conn!(pool, c => {
                 let statuses: &[&str] = if include_delivered { &OPEN } else { &OPEN[..1] };
-                // A job's command waits, held, until the job's pacer releases it
-                // (`commands_open` covers agent, held and status).
                 let mut q = commands::table
                     .filter(commands::agent_id.eq(&agent_id))
-                    .filter(commands::held.eq(false))
-                    .filter(commands::status.eq_any(statuses))
-                    .filter(commands::expires_at.is_null().or(commands::expires_at.gt(now)))
+                    .filter(sendable(statuses, now))
                     .into_boxed();
                 if let Some((at, id)) = &after {
                     q = q.filter(

@@ -22,7 +22,7 @@ use diesel::sql_types::{BigInt, Bool, Text};
 use tokio::sync::oneshot;
 
 use super::batch::{Held, Lease, Plan, Queue, again};
-use super::commands::CommandRow;
+use super::commands::{CommandRow, SENDABLE_SQL};
 use super::{DbPool, StoreError};
 
 /// Most reads taken in one batch.
@@ -134,9 +134,8 @@ fn read(lease: &mut Lease<'_>, reads: &[Read]) -> Result<Vec<Vec<CommandRow>>, S
 
 /// The statement for `n` requests (`VALUES` of bound parameters, numbered `$1` on
 /// PostgreSQL and `?1` on SQLite, as in `sets.rs`): the sendable commands of each
-/// request's agent (released, open, not expired at its `now`; pending only unless it
-/// asks for delivered ones too), oldest first, at most its `limit`, ordered by request.
-/// The partial index `commands_open` (agent, held, status) finds each agent's rows.
+/// request's agent ([`SENDABLE_SQL`]), oldest first, at most its `limit`, ordered by
+/// request.
 fn sendable_sql(dollar: bool, n: usize) -> String {
     format!(
         "WITH v (v_i, v_agent, v_delivered, v_limit, v_now) AS (VALUES {}) \
@@ -146,9 +145,7 @@ fn sendable_sql(dollar: bool, n: usize) -> String {
            c.created_at, c.delivered_at, c.completed_at, c.expires_at, c.attempts, c.job_id, \
            row_number() OVER (PARTITION BY v_i ORDER BY c.created_at, c.id) AS place \
            FROM v JOIN commands c ON c.agent_id = v_agent \
-           WHERE c.held = FALSE AND c.status IN ('pending', 'delivered') \
-           AND (v_delivered OR c.status = 'pending') \
-           AND (c.expires_at IS NULL OR c.expires_at > v_now) \
+           WHERE {SENDABLE_SQL} \
          ) ranked WHERE place <= v_limit ORDER BY v_i, created_at, id",
         super::sets::values(dollar, n, 5)
     )

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 
 use super::api_tokens::{CredentialState, load_credential_states};
 use super::batch::{Lease, Plan, Queue, again, with_lease};
-use super::commands::OPEN;
+use super::commands::{OPEN, sendable};
 use super::schema::{agents, audit_log, commands};
 use super::sets::{ConnectRow, DisconnectRow, HelloRow, ResultRow, SetStatements};
 use super::{
@@ -247,9 +247,9 @@ fn apply(lease: &mut Lease<'_>, writes: &[Write]) -> Result<Vec<Outcome>, StoreE
         }
 
         // Connect-time checks: one read.
-        let sendable = of_kind(1);
-        if !sendable.is_empty() {
-            let wanted: Vec<(usize, &str, i64)> = sendable
+        let checks = of_kind(1);
+        if !checks.is_empty() {
+            let wanted: Vec<(usize, &str, i64)> = checks
                 .iter()
                 .filter_map(|&i| match &writes[i] {
                     Write::Sendable { agent_id, now } => Some((i, agent_id.as_str(), *now)),
@@ -263,9 +263,7 @@ fn apply(lease: &mut Lease<'_>, writes: &[Write]) -> Result<Vec<Outcome>, StoreE
                 with_commands.extend(
                     commands::table
                         .filter(commands::agent_id.eq_any(ids))
-                        .filter(commands::held.eq(false))
-                        .filter(commands::status.eq_any(OPEN))
-                        .filter(commands::expires_at.is_null().or(commands::expires_at.gt(now)))
+                        .filter(sendable(&OPEN, now))
                         .select(commands::agent_id)
                         .distinct()
                         .load::<String>(c)?,
