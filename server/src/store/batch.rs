@@ -48,7 +48,9 @@ impl<J> Clone for Queue<J> {
 pub(crate) struct Plan<J> {
     /// Thread names are `{name}-{n}`.
     pub(crate) name: &'static str,
-    pub(crate) threads: usize,
+    /// Threads on PostgreSQL, where one applies a batch while another waits for a round
+    /// trip or a commit. SQLite takes one writer at a time, so it gets one thread.
+    pub(crate) postgres_threads: usize,
     /// Most jobs in one batch.
     pub(crate) max_batch: usize,
     /// Puts a batch in the order it is applied in.
@@ -143,7 +145,11 @@ impl<J: Send + 'static> Queue<J> {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel::<J>();
         let rx = Arc::new(Mutex::new(rx));
-        for n in 0..plan.threads {
+        let threads = match &*pool {
+            DbPool::Postgres(_) => plan.postgres_threads,
+            DbPool::Sqlite(_) => 1,
+        };
+        for n in 0..threads {
             let (pool, rx, in_flight) = (pool.clone(), rx.clone(), in_flight.clone());
             let (max_batch, order, apply) = (plan.max_batch, plan.order, plan.apply);
             let spawned = std::thread::Builder::new()

@@ -49,15 +49,11 @@ pub(crate) type Readers = Queue<Read>;
 
 /// Starts the reader threads.
 pub(crate) fn spawn(pool: Arc<DbPool>) -> Readers {
-    let threads = match &*pool {
-        DbPool::Postgres(_) => POSTGRES_READERS,
-        DbPool::Sqlite(_) => 1,
-    };
     Queue::spawn(
         pool,
         Plan {
             name: "store-reader",
-            threads,
+            postgres_threads: POSTGRES_READERS,
             max_batch: MAX_BATCH,
             order: |_| {},
             apply: answer,

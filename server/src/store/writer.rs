@@ -126,15 +126,11 @@ pub(crate) type Writers = Queue<Job>;
 /// Starts the writer threads (`batch.rs`): each batch is put in [`lock_order`] and
 /// committed in one transaction.
 pub(crate) fn spawn(pool: Arc<DbPool>) -> Writers {
-    let threads = match &*pool {
-        DbPool::Postgres(_) => POSTGRES_WRITERS,
-        DbPool::Sqlite(_) => 1,
-    };
     Queue::spawn(
         pool,
         Plan {
             name: "store-writer",
-            threads,
+            postgres_threads: POSTGRES_WRITERS,
             max_batch: MAX_BATCH,
             order: sort_batch,
             apply: commit,
