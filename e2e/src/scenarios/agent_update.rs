@@ -323,8 +323,17 @@ async fn all_on(
             let mut by_pod = std::collections::BTreeMap::new();
             let mut behind = Vec::new();
             for id in ids {
-                match api.get(&format!("/api/v1/agents/{id}")).await {
-                    Ok(a) if a["online"] == true && a["version"] == version => {
+                // The list, not the agent: an agent is unknown (404) until it connects.
+                let found = api
+                    .get(&format!("/api/v1/agents?q={id}"))
+                    .await
+                    .ok()
+                    .and_then(|list| {
+                        let agents = list["agents"].as_array()?.clone();
+                        agents.into_iter().find(|a| a["id"] == id.as_str())
+                    });
+                match found {
+                    Some(a) if a["online"] == true && a["version"] == version => {
                         *by_pod
                             .entry(a["pod"].as_str().unwrap_or("?").to_string())
                             .or_insert(0) += 1;
