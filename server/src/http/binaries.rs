@@ -178,8 +178,13 @@ impl UploadMeta {
         let header = headers
             .get(CHECKSUM_HEADER)
             .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
-        let sha256 =
-            header.or_else(|| param(params, "sha256").map(|v| v.trim().to_ascii_lowercase()));
+        // Present but empty is refused, not taken as absent: `sha256=$(…)` whose command
+        // failed must not upload unchecked.
+        let query = params
+            .iter()
+            .find(|(k, _)| k == "sha256")
+            .map(|(_, v)| v.to_ascii_lowercase());
+        let sha256 = header.or(query);
         if let Some(sum) = &sha256
             && !is_sha256(sum)
         {

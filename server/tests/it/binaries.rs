@@ -321,6 +321,11 @@ async fn invalid_upload_requests_get_clear_errors(app: TestApp) {
             "name=a&version=1&os=linux&arch=x86_64&sha256=abc",
             "64 hex digits",
         ),
+        // Empty is not absent: the upload is not taken unchecked.
+        (
+            "name=a&version=1&os=linux&arch=x86_64&sha256=",
+            "64 hex digits",
+        ),
     ] {
         let (status, body) = app.upload(query, b"x".to_vec()).await;
         assert_eq!(status, 400, "{query}: {body}");
