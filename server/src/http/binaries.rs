@@ -38,11 +38,15 @@ pub(crate) const CHECKSUM_HEADER: &str = "x-checksum-sha256";
 
 /// A query parameter, if present and not empty.
 fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    given(params, key).filter(|v| !v.is_empty())
+}
+
+/// The first value of `key`, empty or not.
+fn given<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
     params
         .iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
-        .filter(|v| !v.is_empty())
 }
 
 /// A stored binary's metadata.
@@ -180,11 +184,7 @@ impl UploadMeta {
             .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
         // Present but empty is refused, not taken as absent: `sha256=$(…)` whose command
         // failed must not upload unchecked.
-        let query = params
-            .iter()
-            .find(|(k, _)| k == "sha256")
-            .map(|(_, v)| v.to_ascii_lowercase());
-        let sha256 = header.or(query);
+        let sha256 = header.or_else(|| given(params, "sha256").map(str::to_ascii_lowercase));
         if let Some(sum) = &sha256
             && !is_sha256(sum)
         {
