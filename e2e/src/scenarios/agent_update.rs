@@ -329,8 +329,8 @@ async fn all_on(
                     .await
                     .ok()
                     .and_then(|list| {
-                        let agents = list["agents"].as_array()?.clone();
-                        agents.into_iter().find(|a| a["id"] == id.as_str())
+                        let agents = list["agents"].as_array()?;
+                        agents.iter().find(|a| a["id"] == id.as_str()).cloned()
                     });
                 match found {
                     Some(a) if a["online"] == true && a["version"] == version => {

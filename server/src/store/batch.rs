@@ -8,10 +8,11 @@
 //!
 //! A thread keeps its pooled connection (its [`Lease`]) from one batch to the next while
 //! batches keep coming, and gives it back after [`KEEP_IDLE`] without one, after any
-//! failure, and whenever the pool has no connection left to hand out. The pool checks a connection with `SELECT 1` when it hands it out; a busy
-//! thread therefore pays that round trip (a transaction of its own, in PostgreSQL's
-//! counts) once per busy spell instead of once per batch, and a connection that sat
-//! idle, or failed, is checked again before it is used.
+//! failure, and whenever the pool has no connection left to hand out. The pool checks a
+//! connection with `SELECT 1` when it hands it out; a busy thread therefore pays that
+//! round trip (a transaction of its own, in PostgreSQL's counts) once per busy spell
+//! instead of once per batch, and a connection that sat idle, or failed, is checked
+//! again before it is used.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
