@@ -234,10 +234,23 @@ async fn out_of_file_descriptors_new_connections_are_closed_at_once_not_left_wai
         ],
     )
     .await;
-    // Room for a few connections more than the server holds open now.
-    let open = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
-        .unwrap()
-        .count();
+    // Room for a few connections more than the server holds open once started: the
+    // database pool opens its connections in the background, so the count is taken when
+    // it has stood still for a second.
+    let open_now = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .unwrap()
+            .count()
+    };
+    let mut open = open_now();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = open_now();
+        if now == open {
+            break;
+        }
+        open = now;
+    }
     let limit = open + 16;
     let set = std::process::Command::new("prlimit")
         .arg(format!("--pid={}", server.pid()))
